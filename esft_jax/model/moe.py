@@ -1,0 +1,136 @@
+"""The MoE layer: router (softmax/sigmoid, top-k, group limits, score-correction bias), routed experts,
+shared experts, and the load-balancing losses.
+
+The router returns, per token, the K chosen expert ids, the weights that multiply their outputs (the
+"gate values" ESFT scores), and the router probabilities over all experts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from esft_jax.config import ModelConfig
+from esft_jax.model.experts import expert_ffn
+from esft_jax.model.layers import Linear, SwiGLU, logical_param
+
+Dtype = jnp.dtype
+
+
+class Routing(NamedTuple):
+  """One MoE layer's routing for a [B, L] batch."""
+  expert_ids: jax.Array  # [B, L, K] int32
+  weights: jax.Array  # [B, L, K] fp32: the factor applied to each chosen expert's output
+  probs: jax.Array  # [B, L, E] fp32: softmax (or sigmoid) scores before any bias
+
+
+def route(logits_TxE: jax.Array, cfg: ModelConfig, correction_bias_E: jax.Array | None = None):
+  """Chooses K experts per token. Returns (ids [T, K], weights [T, K], probs [T, E])."""
+  k, n_group = cfg.num_experts_per_tok, cfg.n_group
+  probs = jax.nn.sigmoid(logits_TxE) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits_TxE, axis=-1)
+  t, e = probs.shape
+  if cfg.topk_method == "greedy":
+    weights, ids = jax.lax.top_k(probs, k)
+  elif cfg.topk_method == "group_limited_greedy":  # DeepSeek-V2: keep the topk_group groups with the best expert
+    group_best = probs.reshape(t, n_group, e // n_group).max(axis=-1)
+    keep = _top_groups(group_best, cfg.topk_group, e // n_group)
+    weights, ids = jax.lax.top_k(jnp.where(keep, probs, 0.0), k)
+  elif cfg.topk_method == "noaux_tc":  # DeepSeek-V3: choose on biased scores, weigh with unbiased ones
+    choice = probs + (0.0 if correction_bias_E is None else correction_bias_E)
+    group_score = jax.lax.top_k(choice.reshape(t, n_group, e // n_group), 2)[0].sum(axis=-1)
+    keep = _top_groups(group_score, cfg.topk_group, e // n_group)
+    _, ids = jax.lax.top_k(jnp.where(keep, choice, -jnp.inf), k)
+    weights = jnp.take_along_axis(probs, ids, axis=-1)
+  else:
+    raise ValueError(f"topk_method {cfg.topk_method!r} is unknown")
+  if cfg.norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return ids.astype(jnp.int32), weights * cfg.routed_scaling_factor, probs
+
+
+def _top_groups(group_score_TxG: jax.Array, topk_group: int, group_size: int) -> jax.Array:
+  _, best = jax.lax.top_k(group_score_TxG, topk_group)
+  group_keep = jnp.zeros_like(group_score_TxG, dtype=bool).at[jnp.arange(best.shape[0])[:, None], best].set(True)
+  return jnp.repeat(group_keep, group_size, axis=-1)
+
+
+def sequence_aux_loss(routing: Routing, num_experts: int) -> jax.Array:
+  """DeepSeek's sequence-level balance loss, before alpha: mean over sequences of sum_i f_i * P_i with
+  f_i = E / (K * L) * #(tokens of the sequence routed to i) and P_i the sequence's mean probability.
+  L is the full length, padding included, as in DeepSeek's code."""
+  b, length, k = routing.expert_ids.shape
+  counts_BxE = jax.vmap(lambda ids: jnp.bincount(ids.reshape(-1), length=num_experts))(routing.expert_ids)
+  f = jax.lax.stop_gradient(counts_BxE * num_experts / (k * length))
+  return jnp.mean(jnp.sum(f * routing.probs.mean(axis=1), axis=-1))
+
+
+def batch_aux_loss(routing: Routing, num_experts: int) -> jax.Array:
+  """DeepSeek's balance loss without `seq_aux`: the same product over the whole batch, before alpha."""
+  ids = routing.expert_ids.reshape(-1)
+  f = jax.lax.stop_gradient(jnp.bincount(ids, length=num_experts) / ids.shape[0] * num_experts)
+  return jnp.sum(f * routing.probs.reshape(-1, num_experts).mean(axis=0))
+
+
+def global_balance_loss(routings: list[Routing], num_experts: int, token_mask_BxL: jax.Array) -> jax.Array:
+  """Mixtral/OLMoE/Qwen load-balancing loss (Switch style) over all layers and non-padding tokens, before its
+  coefficient: E * sum_i (assignments to i / rows) * (mean probability of i)."""
+  mask = token_mask_BxL.astype(jnp.float32)
+  counts = sum(jnp.zeros(num_experts).at[r.expert_ids].add(mask[..., None]) for r in routings)
+  prob_sum = sum(jnp.sum(r.probs * mask[..., None], axis=(0, 1)) for r in routings)
+  rows = mask.sum() * len(routings)
+  return num_experts * jnp.sum(jax.lax.stop_gradient(counts / rows) * prob_sum / rows)
+
+
+class StackedExperts(nn.Module):
+  """One MoE layer's routed experts as three stacked tensors (the layout ESFT slices trainable experts from)."""
+  num_experts: int
+  hidden: int
+  width: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> dict[str, jax.Array]:
+    e, d, f = self.num_experts, self.hidden, self.width
+    return {
+        "gate_proj": logical_param(self, "gate_proj", (e, d, f), ("experts", "embed", "mlp"), self.param_dtype),
+        "up_proj": logical_param(self, "up_proj", (e, d, f), ("experts", "embed", "mlp"), self.param_dtype),
+        "down_proj": logical_param(self, "down_proj", (e, f, d), ("experts", "mlp", "embed"), self.param_dtype),
+    }
+
+
+class MoEBlock(nn.Module):
+  """Routed experts (stacked [E, D, F]) plus shared experts (one fused SwiGLU, optionally sigmoid-gated)."""
+  config: ModelConfig
+  expert_impl: str = "grouped"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Routing]:
+    cfg = self.config
+    b, length, d = x_BxLxD.shape
+    e, f = cfg.num_experts, cfg.moe_intermediate_size
+    x_TxD = x_BxLxD.reshape(-1, d)
+    # The router always runs in fp32 (transformers keeps `gate.weight` in fp32 too).
+    router = Linear(e, ("embed", None), dtype=jnp.float32, param_dtype=jnp.float32, name="gate")
+    bias = None
+    if cfg.topk_method == "noaux_tc":
+      bias = logical_param(self, "e_score_correction_bias", (e,), (None,), jnp.float32, nn.initializers.zeros)
+    ids, weights, probs = route(router(x_TxD.astype(jnp.float32)), cfg, bias)
+
+    experts = StackedExperts(e, d, f, self.param_dtype, name="experts")()
+    experts = {k: v.astype(self.dtype) for k, v in experts.items()}
+    out = expert_ffn(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl)
+
+    if cfg.shared_intermediate_size:
+      shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_TxD)
+      if cfg.shared_expert_gate:
+        gate = Linear(1, ("embed", None), dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="shared_expert_gate")(x_TxD)
+        shared = jax.nn.sigmoid(gate) * shared
+      out = out + shared
+    routing = Routing(ids.reshape(b, length, -1), weights.reshape(b, length, -1), probs.reshape(b, length, e))
+    return out.reshape(b, length, d).astype(x_BxLxD.dtype), routing

@@ -1,0 +1,109 @@
+"""The decoder: (params, tokens) -> logits, each MoE layer's routing, and the balance loss, in one pass.
+
+Used functionally: `Transformer(config).apply({"params": params}, tokens)` is a pure function, so `jax.jit`,
+`jax.grad`, optax, orbax and shardings act on the plain parameter pytree.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from esft_jax.config import ModelConfig
+from esft_jax.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from esft_jax.model.layers import Linear, RMSNorm, SwiGLU, logical_param, rope_angles
+from esft_jax.model.moe import MoEBlock, Routing, batch_aux_loss, global_balance_loss, sequence_aux_loss
+
+Dtype = jnp.dtype
+
+
+class ModelOutput(NamedTuple):
+  logits: jax.Array  # [B, L, V] fp32
+  routing: tuple[Routing, ...]  # one per MoE layer, in `config.moe_layer_ids` order
+  aux_loss: jax.Array  # scalar, already multiplied by its coefficient (0 where the config has none)
+
+
+class DecoderLayer(nn.Module):
+  config: ModelConfig
+  layer: int
+  expert_impl: str = "grouped"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL) -> tuple[jax.Array, Routing | None]:
+    cfg = self.config
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
+    h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="input_layernorm")(x_BxLxD)
+    x_BxLxD = x_BxLxD + attention_cls(cfg, self.layer, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL)
+    h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
+    routing = None
+    if cfg.moe_layers[self.layer]:
+      y, routing = MoEBlock(cfg, self.expert_impl, name="mlp", **kw)(h)
+    else:
+      y = SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
+    x_BxLxD = nn.with_logical_constraint(x_BxLxD + y, ("batch", "length", "embed"))
+    return x_BxLxD, routing
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+  expert_impl: str = "grouped"
+  dtype: Dtype = jnp.float32  # activations and matmuls
+  param_dtype: Dtype = jnp.float32  # parameters created by `init` (loaded checkpoints keep their own)
+
+  @nn.compact
+  def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
+               positions_BxL: jax.Array | None = None) -> ModelOutput:
+    """`segment_ids`: 0 marks padding; packed documents carry distinct ids and never attend to each other.
+    `positions` default to 0..L-1 (pass per-document positions for packed batches)."""
+    cfg = self.config
+    b, length = tokens_BxL.shape
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, length), jnp.int32)
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(length), (b, length))
+    embedding = logical_param(self, "embed_tokens", (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                              self.param_dtype)
+    x = nn.with_logical_constraint(embedding[tokens_BxL].astype(self.dtype), ("batch", "length", "embed"))
+    cos, sin = rope_angles(cfg, positions_BxL)
+    routings = []
+    for i in range(cfg.num_layers):
+      x, routing = DecoderLayer(cfg, i, self.expert_impl, self.dtype, self.param_dtype, name=f"layers_{i}")(
+          x, cos, sin, segment_ids_BxL)
+      if routing is not None:
+        routings.append(routing)
+    x = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="norm")(x)
+    if cfg.tie_word_embeddings:
+      logits = jnp.dot(x, embedding.astype(self.dtype).T)
+    else:
+      logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="lm_head")(x)
+    logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+    return ModelOutput(logits, tuple(routings), self._aux_loss(routings, segment_ids_BxL))
+
+  def _aux_loss(self, routings: list[Routing], segment_ids_BxL: jax.Array) -> jax.Array:
+    cfg = self.config
+    if not routings or not cfg.aux_loss_kind or not cfg.aux_loss_coef:
+      return jnp.zeros((), jnp.float32)
+    if cfg.aux_loss_kind == "global":
+      return cfg.aux_loss_coef * global_balance_loss(routings, cfg.num_experts, segment_ids_BxL != 0)
+    per_layer = sequence_aux_loss if cfg.aux_loss_kind == "seq" else batch_aux_loss
+    return cfg.aux_loss_coef * sum(per_layer(r, cfg.num_experts) for r in routings)
+
+
+def init_params(config: ModelConfig, rng: jax.Array, param_dtype=jnp.float32, boxed: bool = False):
+  """Random parameters (normal(0.02), norms at 1). `boxed=True` keeps Flax's logical-axis metadata."""
+  model = Transformer(config, param_dtype=param_dtype)
+  variables = model.init(rng, jnp.zeros((1, 2), jnp.int32))
+  return variables["params"] if boxed else nn.unbox(variables["params"])
+
+
+def logical_axes(config: ModelConfig):
+  """The logical axis names of every parameter (a pytree of PartitionSpecs), without allocating parameters."""
+  boxed = jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=True))
+  return nn.get_partition_spec(boxed)
