@@ -152,6 +152,10 @@ def _read_entry(reader: CheckpointReader, entry: Entry, shape: tuple[int, ...]) 
   return out
 
 
+def _is_router(path: tuple[str, ...]) -> bool:
+  return path[-2:] == ("gate", "kernel") or path[-1] == "e_score_correction_bias"
+
+
 @dataclasses.dataclass
 class LoadedModel:
   config: ModelConfig
@@ -162,7 +166,7 @@ class LoadedModel:
 
 def load_hf_model(model_dir: str | Path, dtype: Any = None) -> LoadedModel:
   """Reads an HF model directory. `dtype` casts every parameter except the router (kept fp32, as transformers
-  keeps it); None keeps the checkpoint's dtypes."""
+  keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32)."""
   model_dir = Path(model_dir)
   hf_config = read_hf_config(model_dir)
   config = config_from_hf(hf_config, str(model_dir / "config.json"))
@@ -175,8 +179,7 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None) -> LoadedModel:
   params: dict = {}
   for entry in tensor_table(config):
     array = _read_entry(reader, entry, shapes[entry.path])
-    keep_fp32 = entry.path[-2:] == ("gate", "kernel") or entry.path[-1] == "e_score_correction_bias"
-    target = jnp.float32 if keep_fp32 else dtype
+    target = jnp.float32 if dtype is not None and _is_router(entry.path) else dtype
     node = params
     for key in entry.path[:-1]:
       node = node.setdefault(key, {})
@@ -191,7 +194,7 @@ def hf_tensors(config: ModelConfig, params: Any, dtype: Any = None) -> Iterator[
     for key in entry.path:
       value = value[key]
     array = np.asarray(jax.device_get(value))
-    if dtype is not None and entry.path[-2:] != ("gate", "kernel") and entry.path[-1] != "e_score_correction_bias":
+    if dtype is not None and not _is_router(entry.path):
       array = array.astype(dtype)
     if entry.kind == "copy":
       yield entry.hf_names[0], array

@@ -107,3 +107,22 @@ def logical_axes(config: ModelConfig):
   """The logical axis names of every parameter (a pytree of PartitionSpecs), without allocating parameters."""
   boxed = jax.eval_shape(lambda: init_params(config, jax.random.key(0), boxed=True))
   return nn.get_partition_spec(boxed)
+
+
+class ParameterCounts(NamedTuple):
+  total: int
+  active_per_token: int  # excludes the input-embedding lookup and the experts a token does not use
+  routed_experts: int  # all routed-expert weights
+  per_expert: int  # one routed expert (gate, up, down)
+
+
+def parameter_counts(config: ModelConfig) -> ParameterCounts:
+  """Counted from the parameter shapes (no allocation); active counts K routed experts per MoE layer."""
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  total = sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes))
+  per_expert = 3 * config.hidden_size * config.moe_intermediate_size
+  n_moe = len(config.moe_layer_ids)
+  routed = n_moe * config.num_experts * per_expert
+  idle = n_moe * (config.num_experts - config.num_experts_per_tok) * per_expert
+  embedding = config.vocab_size * config.hidden_size
+  return ParameterCounts(total, total - idle - embedding, routed, per_expert)

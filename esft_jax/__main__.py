@@ -1,0 +1,3 @@
+from esft_jax.cli import main
+
+main()
