@@ -104,13 +104,14 @@ def prepare_tfds(jsonl: str | Path, name: str, data_dir: str | Path, *, config: 
   _check_name("name", name, str(jsonl))
   if config is not None:
     _check_name("config", config, str(jsonl))
-  builder = JsonlBuilder(name=name, records=read_jsonl(jsonl), split=split, config=config, data_dir=data_dir)
+  records = read_jsonl(jsonl)
+  builder = JsonlBuilder(name=name, records=records, split=split, config=config, data_dir=data_dir)
   folder = Path(builder.data_dir)
   if builder.is_prepared():
     if not overwrite:
       raise FileExistsError(f"{folder}: the TFDS dataset {name} is already built; delete it or pass overwrite")
     shutil.rmtree(folder)
-    builder = JsonlBuilder(name=name, records=builder._records, split=split, config=config, data_dir=data_dir)
+    builder = JsonlBuilder(name=name, records=records, split=split, config=config, data_dir=data_dir)
   builder.download_and_prepare(download_dir=str(Path(data_dir) / "downloads"))
   return folder
 
