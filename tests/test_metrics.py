@@ -39,9 +39,8 @@ def test_intent_eval_references_score_themselves(esft_reference):
   assert wrong == [339]  # "name": "去年在成团夜唱的bang bang"
 
 
-INTENT_ITEM = {"raw_answers": ['{"intent": "Alarm-Update", "slots": {"datetime_date": ["17号", "18号"], '
-                               '"notes": "买 眼镜"}}']}
-INTENT_ANSWER = '{"intent": "Alarm-Update", "slots": {"datetime_date": ["17号", "18号"], "notes": "买 眼镜"}}'
+INTENT_ANSWER = '{"intent": "Alarm-Update", "slots": {"datetime_date": ["17号", "18号"], "notes": "买眼镜"}}'
+INTENT_ITEM = {"raw_answers": [INTENT_ANSWER], "answers": [INTENT_ANSWER]}
 
 
 @pytest.mark.parametrize("prediction, expected", [
@@ -54,12 +53,12 @@ INTENT_ANSWER = '{"intent": "Alarm-Update", "slots": {"datetime_date": ["17号",
     ("Here it is:\n```json\n" + INTENT_ANSWER + "\n```\nDone.", 1.0),
     ("```json\n" + INTENT_ANSWER, 0.0),  # unclosed fence -> "{}"
     (INTENT_ANSWER.replace('["17号", "18号"]', '["18号", "17号"]'), 1.0),  # list values are sets
-    (INTENT_ANSWER.replace('"买 眼镜"', '"买眼镜"'), 0.0),  # spaces are kept in the reference ...
-    (INTENT_ANSWER.replace('["17号", "18号"]', '["17 号", "18号"]'), 1.0),  # ... removed in predicted lists
+    (INTENT_ANSWER.replace('"买眼镜"', '"买 眼 镜"'), 1.0),  # spaces are removed from predicted values
+    (INTENT_ANSWER.replace('["17号", "18号"]', '["17 号", "18号"]'), 1.0),  # ... and predicted list items
     (INTENT_ANSWER.replace('"Alarm-Update"', '"Alarm-Query"'), 0.0),
-    (INTENT_ANSWER.replace(', "notes": "买 眼镜"', ""), 0.0),  # missing slot
+    (INTENT_ANSWER.replace(', "notes": "买眼镜"', ""), 0.0),  # missing slot
     (INTENT_ANSWER.replace('}}', ', "city": "北京"}}'), 0.0),  # extra slot
-    (INTENT_ANSWER.replace('"买 眼镜"', "5"), 0.0),  # non-string value
+    (INTENT_ANSWER.replace('"买眼镜"', "5"), 0.0),  # non-string value
     ('{"intent": "Alarm-Update", "slots": []}', 0.0),
     ('["Alarm-Update"]', 0.0),
     ("{'intent': 'Alarm-Update'}", 0.0),  # not JSON
@@ -70,10 +69,15 @@ def test_intent_edge_cases(prediction, expected):
   assert intent_exact_match(prediction, INTENT_ITEM) == expected
 
 
-def test_intent_spaces_removed_from_predicted_string_values():
-  item = {"raw_answers": ['{"intent": "Music-Play", "slots": {"song": "青花瓷"}}']}
-  assert intent_exact_match('{"intent": "Music-Play", "slots": {"song": "青 花 瓷"}}。', item) == 1.0
-  assert intent_exact_match('{"intent": "Music-Play"}', {"raw_answers": ['{"intent": "Music-Play", "slots": {}}']}) == 1.0
+def test_intent_spaces_are_kept_in_reference_values():
+  item = {"raw_answers": ['{"intent": "Music-Play", "slots": {"song": "bang bang"}}']}
+  assert intent_exact_match('{"intent": "Music-Play", "slots": {"song": "bang bang"}}', item) == 0.0
+  assert intent_exact_match('{"intent": "Music-Play", "slots": {"song": "bangbang"}}', item) == 0.0
+
+
+def test_intent_missing_slots_are_no_slots():
+  no_slots = {"raw_answers": ['{"intent": "Music-Play", "slots": {}}']}
+  assert intent_exact_match('{"intent": "Music-Play"}', no_slots) == 1.0
 
 
 def test_intent_post_processing_steps():
@@ -116,8 +120,10 @@ def test_extract_math_answer(text, expected):
     ("The answer is 0.75.", "\\frac{3}{4}", 1.0),
     ("\\boxed{3/4}", "0.75", 1.0),
     ("\\boxed{\\dfrac{3}{4}}", "\\frac{3}{4}", 1.0),
-    ("\\boxed{0.3333}", "1/3", 1.0),
-    ("\\boxed{0.33}", "1/3", 0.0),
+    ("\\boxed{0.33333}", "1/3", 1.0),
+    ("\\boxed{0.333}", "1/3", 0.0),
+    ("The answer is 1 3/4.", "3.25", 0.0),  # a mixed number, not 13/4
+    ("The answer is 1234.5.", "1234.7", 0.0),
     ("\\boxed{25\\%}", "25", 1.0),
     ("\\boxed{x^2 + 1}", "x^2+1", 1.0),
     ("The answer is 17.", "18", 0.0),
@@ -164,14 +170,16 @@ def test_code_network_is_blocked():
   assert code_pass_at_1("import _socket\n_socket.socket()", {"tests": "pass"}) == 0.0
 
 
-def test_code_runs_in_a_scratch_cwd_with_a_minimal_env():
+def test_code_runs_in_a_scratch_cwd_with_a_minimal_env(monkeypatch):
+  monkeypatch.setenv("ESFT_SECRET", "1")
   tests = "import os, tempfile\nassert os.getcwd() == os.path.realpath(tempfile.gettempdir())\n" \
           "assert 'ESFT_SECRET' not in os.environ"
   assert code_pass_at_1("", {"tests": tests}) == 1.0
 
 
 def test_code_prefix_for_completion_style_generations():
-  item = {"code_prefix": "def add(a, b):\n", "tests": "def check(candidate):\n  assert candidate(2, 2) == 4\n\ncheck(add)"}
+  humaneval_test = "def check(candidate):\n  assert candidate(2, 2) == 4\n\ncheck(add)"
+  item = {"code_prefix": "def add(a, b):\n", "tests": humaneval_test}
   assert code_pass_at_1("  return a + b\n", item) == 1.0
 
 

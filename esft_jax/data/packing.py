@@ -40,13 +40,16 @@ class PackedRows:
     return {"inputs": self.inputs_NxL[i], "targets": self.targets_NxL[i], "loss_mask": self.loss_mask_NxL[i],
             "segment_ids": self.segment_ids_NxL[i], "positions": self.positions_NxL[i]}
 
+  def _arrays(self) -> list[np.ndarray]:
+    return [getattr(self, field.name) for field in dataclasses.fields(self)]  # astuple would deep-copy them
+
   def take(self, indices: np.ndarray) -> PackedRows:
-    return PackedRows(*(field[indices] for field in dataclasses.astuple(self)))
+    return PackedRows(*(a[indices] for a in self._arrays()))
 
   def padded_to(self, n: int) -> PackedRows:
     """The same rows followed by empty ones (all padding, no loss) up to n rows."""
     extra = n - len(self)
-    return PackedRows(*(np.concatenate([f, np.zeros((extra, f.shape[1]), f.dtype)]) for f in dataclasses.astuple(self)))
+    return PackedRows(*(np.concatenate([a, np.zeros((extra, a.shape[1]), a.dtype)]) for a in self._arrays()))
 
 
 class _Piece(NamedTuple):
@@ -94,8 +97,9 @@ def pack_esft(examples: Sequence[Example], seq_length: int, *, random_concat_rat
   then, for a sample that follows another in its row, `random.Random(seed)` drops its first token with
   probability `random_concat_ratio` (one draw per such sample, after the cut, as the official code does). The
   last row is right-padded (the official code also appends an all-padding row when the data end exactly on a
-  row boundary; that row has no targets and is left out here). Documents share one segment and positions run 0..L-1 across them. With
-  `predict_bos`, a document's BOS is a target after the previous document's EOS, as in the official labels.
+  row boundary; that row has no targets and is left out here). Documents share one segment and positions run
+  0..L-1 across them. With `predict_bos`, a document's BOS is a target after the previous document's EOS, as in
+  the official labels.
   """
   _check(examples, seq_length)
   if not 0.0 <= random_concat_ratio <= 1.0:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -75,10 +75,12 @@ class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     super().__init__(data_dir=str(data_dir), config=builder_config, file_format="array_record")
 
   def _info(self) -> tfds.core.DatasetInfo:
-    features = CONVERSATION_FEATURES if isinstance(self._records[0], Conversation) else EVAL_FEATURES
+    if isinstance(self._records[0], Conversation):
+      features, description = CONVERSATION_FEATURES, "ESFT training conversations"
+    else:
+      features, description = EVAL_FEATURES, "ESFT evaluation items"
     return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
-                                 disable_shuffling=True,
-                                 description=f"ESFT records from {self._records[0].source.rsplit(':', 1)[0]}")
+                                 disable_shuffling=True, description=description)
 
   def _split_generators(self, dl_manager):
     return {self._split: self._generate_examples()}
@@ -88,9 +90,9 @@ class JsonlBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
       yield key, _encode(record)
 
 
-def _check_name(what: str, value: str, spec: str) -> None:
+def _check_name(what: str, value: str, context: str) -> None:
   if not _NAME.fullmatch(value):
-    raise ValueError(f"{spec}: {what} {value!r} must be snake_case (a-z, 0-9, _; starting with a letter), "
+    raise ValueError(f"{context}: {what} {value!r} must be snake_case (a-z, 0-9, _; starting with a letter), "
                      "as TFDS names are")
 
 
@@ -112,7 +114,7 @@ def prepare_tfds(jsonl: str | Path, name: str, data_dir: str | Path, *, config: 
       raise FileExistsError(f"{folder}: the TFDS dataset {name} is already built; delete it or pass overwrite")
     shutil.rmtree(folder)
     builder = JsonlBuilder(name=name, records=records, split=split, config=config, data_dir=data_dir)
-  builder.download_and_prepare(download_dir=str(Path(data_dir) / "downloads"))
+  builder.download_and_prepare()
   return folder
 
 
@@ -126,12 +128,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
   return name, split
 
 
-def open_source(spec: str, data_dir: str | Path | None = None) -> Any:
+def open_source(spec: str, data_dir: str | Path | None = None) -> Sequence[dict[str, Any]]:
   """The random-access TFDS data source (len, [i]) for "tfds:NAME[/CONFIG]:SPLIT"; records as TFDS decodes
   them (see `decode_record`). data_dir None means TFDS's default folder."""
   name, split = parse_spec(spec)
   try:
     return tfds.data_source(name, split=split, data_dir=None if data_dir is None else str(data_dir))
-  except (tfds.core.registered.DatasetNotFoundError, FileNotFoundError) as e:
-    raise FileNotFoundError(f"{spec}: no prepared TFDS dataset in {data_dir or 'the default TFDS folder'}; "
-                            f"build it with prepare_tfds ({type(e).__name__}: {e})") from None
+  except tfds.core.registered.DatasetNotFoundError:
+    raise FileNotFoundError(f"{spec}: no TFDS dataset {name} in {data_dir or 'the default TFDS folder'}; "
+                            "build it with prepare_tfds or pass the folder it was built in as data_dir") from None
+  except ValueError as e:  # an unknown split or a malformed slice
+    raise ValueError(f"{spec}: {e}") from None

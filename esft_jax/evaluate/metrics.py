@@ -73,7 +73,7 @@ def intent_exact_match(prediction: str, item: dict) -> float:
 
   List values compare as sorted tuples of strings; spaces are removed from predicted values only (ESFT's
   asymmetry, kept because the released scores depend on it). A prediction that is not JSON, not an object,
-  or has non-object slots or values other than strings and lists scores 0, as in ESFT.
+  or has non-object slots or values other than strings and lists scores 0 (ESFT scores 0 or raises).
   """
   reference_text = references(item)[0]
   try:
@@ -117,8 +117,9 @@ _THOUSANDS_COMMA = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 _LATEX_FRACTION = re.compile(r"(-?)\\frac\{(-?\d+(?:\.\d+)?)\}\{(-?\d+(?:\.\d+)?)\}")
 _PLAIN_FRACTION = re.compile(r"(-?\d+(?:\.\d+)?)/(-?\d+(?:\.\d+)?)")
 _DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+_SPACED_DIGITS = re.compile(r"\d\s+[\d\\]")  # "1 3/4", "1 \frac{3}{4}": mixed numbers, not 13/4
 _MATH_NOISE = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\$", "$", "\\%", "%", "^{\\circ}", "^\\circ", " ")
-# A relative tolerance that accepts rounded decimals of the reference (0.3333 for 1/3) but not coarser ones.
+# Numeric answers match within this relative tolerance: 0.33333 is 1/3, 0.333 is not; 1234.5 is not 1234.7.
 MATH_REL_TOL = 1e-4
 
 
@@ -167,6 +168,8 @@ def _normalize_math(answer: str) -> str:
 
 def _as_number(answer: str) -> float | None:
   """The value of an answer that is a number, a/b or \\frac{a}{b}; None otherwise."""
+  if _SPACED_DIGITS.search(answer):
+    return None
   text = _THOUSANDS_COMMA.sub("", _normalize_math(answer))
   fraction = _LATEX_FRACTION.fullmatch(text)
   if fraction:
@@ -198,10 +201,11 @@ def math_answers_equal(predicted: str, reference: str) -> bool:
 def math_accuracy(prediction: str, item: dict) -> float:
   """1.0 iff the generation's final answer equals one of the references. A reference may be a bare answer
   ("18", "\\frac{3}{4}") or a whole solution (GSM8K's "... #### 18", MATH's "... \\boxed{18}")."""
+  wanted = references(item)
   predicted = extract_math_answer(prediction)
   if predicted is None:
     return 0.0
-  for reference in references(item):
+  for reference in wanted:
     if "####" in reference or _BOXED.search(reference):
       reference = extract_math_answer(reference) or reference
     if math_answers_equal(predicted, reference):
@@ -534,6 +538,8 @@ def llm_judge(prediction: str, item: dict, endpoint: str, rubric: JudgeRubric | 
   any, as a Bearer token. ESFT's settings are the defaults: its judge model name, 80 tokens, 5 tries 10 s
   apart. Unlike ESFT, which scores 0 when every try fails, this raises: an outage is not a score.
   """
+  if retries < 1:
+    raise ValueError(f"retries must be at least 1, got {retries}")
   url = endpoint.rstrip("/") + "/chat/completions"
   body = json.dumps({
       "model": model,

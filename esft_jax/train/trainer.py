@@ -1,0 +1,219 @@
+"""The one training loop. FFT, LoRA and ESFT differ only in their `TrainPlan` (what is trainable).
+
+A step: merge the trainable tree into the frozen parameters, run the model, take the masked next-token loss
+plus the model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average
+gradients over `grad_accum` micro-batches with `lax.scan`, and apply the multi-transform optimizer. Only the
+trainable tree has gradients and optimizer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from esft_jax.config import ModelConfig
+from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, merge_trainable, tree_bytes
+from esft_jax.model.transformer import Transformer
+from esft_jax.train.loss import masked_mean_loss
+from esft_jax.train.metrics import MetricsWriter, progress
+from esft_jax.train.optimizer import learning_rate_schedule, make_optimizer
+
+Batch = dict[str, np.ndarray]  # inputs, targets, loss_mask, segment_ids, positions: [B, L]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 500
+  lr: float = 1e-5
+  schedule: str = "constant"
+  warmup_steps: int = 0
+  weight_decay: float = 0.1
+  max_grad_norm: float = 1.0
+  grad_accum: int = 1
+  eval_every: int = 100
+  save_every: int = 100
+  log_every: int = 10
+  seed: int = 0
+  compute_dtype: str = "bfloat16"
+  expert_impl: str = "grouped"
+  max_checkpoints: int = 2
+
+
+class TrainState(NamedTuple):
+  step: jax.Array
+  trainable: Any
+  opt_state: Any
+
+
+def _loss_fn(model: Transformer, plan: TrainPlan):
+  def loss(trainable, frozen, batch):
+    params = merge_trainable(plan, frozen, trainable)
+    out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+    lm_loss = masked_mean_loss(out.logits, batch["targets"], batch["loss_mask"])
+    valid = (batch["segment_ids"] != 0).astype(jnp.float32)
+    loads = [_load_imbalance(r.expert_ids, valid, model.config.num_experts) for r in out.routing]
+    load = jnp.mean(jnp.stack(loads)) if loads else jnp.zeros(())
+    return lm_loss + out.aux_loss, {"loss": lm_loss, "aux_loss": out.aux_loss, "expert_load_max": load}
+  return loss
+
+
+def _load_imbalance(ids_BxLxK, valid_BxL, num_experts):
+  """max_i(share of assignments to expert i) * E: 1.0 is perfectly balanced."""
+  counts = jnp.zeros(num_experts).at[ids_BxLxK].add(valid_BxL[..., None])
+  return jnp.max(counts) / jnp.maximum(counts.sum(), 1.0) * num_experts
+
+
+def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
+                    schedule: optax.Schedule) -> Callable:
+  """(state, frozen, batch [A, B, L]) -> (state, metrics); A micro-batches are averaged equally."""
+  grad_fn = jax.grad(_loss_fn(model, plan), has_aux=True)
+
+  def step(state: TrainState, frozen, batch):
+    def micro(acc, micro_batch):
+      grads, metrics = grad_fn(state.trainable, frozen, micro_batch)
+      return jax.tree_util.tree_map(jnp.add, acc, (grads, metrics)), None
+
+    zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.trainable),
+             {"loss": 0.0, "aux_loss": 0.0, "expert_load_max": 0.0})
+    zeros = jax.tree_util.tree_map(jnp.asarray, zeros)
+    (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
+    n = batch["inputs"].shape[0]
+    grads, metrics = jax.tree_util.tree_map(lambda x: x / n, (grads, metrics))
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
+    return TrainState(state.step + 1, trainable, opt_state), metrics
+
+  return jax.jit(step, donate_argnums=(0,))
+
+
+def make_eval_step(model: Transformer, plan: TrainPlan) -> Callable:
+  loss = _loss_fn(model, plan)
+
+  def step(trainable, frozen, batch):
+    _, metrics = loss(trainable, frozen, batch)
+    return metrics["loss"]
+
+  return jax.jit(step)
+
+
+def _stack_micro_batches(batches: list[Batch]) -> Batch:
+  return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
+
+
+def evaluate_loss(eval_step: Callable, trainable, frozen, batches: list[Batch]) -> float:
+  """Token-weighted mean validation loss."""
+  total, weight = 0.0, 0.0
+  for batch in batches:
+    n = float(batch["loss_mask"].sum())
+    total += float(eval_step(trainable, frozen, batch)) * n
+    weight += n
+  return total / max(weight, 1.0)
+
+
+class Checkpoints:
+  """Orbax CheckpointManager over (step, trainable, optimizer state) plus a JSON record of the data position,
+  the best validation loss, the expert config and the run's arguments."""
+
+  def __init__(self, directory: Path, max_to_keep: int):
+    self.manager = ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True))
+
+  def save(self, state: TrainState, record: dict) -> None:
+    self.manager.save(int(state.step), args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state._asdict()), record=ocp.args.JsonSave(record)), force=True)
+    self.manager.wait_until_finished()
+
+  def latest(self) -> int | None:
+    return self.manager.latest_step()
+
+  def restore(self, like: TrainState) -> tuple[TrainState, dict]:
+    step = self.manager.latest_step()
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like._asdict())
+    restored = self.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+    return TrainState(**restored.state), restored.record
+
+
+@dataclasses.dataclass
+class TrainResult:
+  trainable: Any
+  best_val_loss: float | None
+  steps: int
+  trainable_params: int
+  optimizer_state_bytes: int
+  wall_seconds: float
+
+
+def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batches: Iterator[Batch],
+          val_batches: list[Batch], out_dir: Path, cfg: TrainConfig, resume: bool = False,
+          on_best: Callable[[Any], None] | None = None, run_record: dict | None = None,
+          data_state: Callable[[], Any] | None = None, restore_data: Callable[[Any], None] | None = None
+          ) -> TrainResult:
+  """Trains `plan`'s parameters. `on_best(trainable)` is called whenever validation loss improves (the caller
+  writes the adapter). With `resume`, continues from the latest checkpoint in `out_dir/checkpoints`,
+  restoring the data position through `restore_data`."""
+  out_dir = Path(out_dir)
+  model = Transformer(model_config, expert_impl=cfg.expert_impl, dtype=jnp.dtype(cfg.compute_dtype))
+  schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
+  trainable = init_trainable(plan, frozen_params, jax.random.key(cfg.seed))
+  optimizer = make_optimizer(trainable, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  checkpoints = Checkpoints(out_dir / "checkpoints", cfg.max_checkpoints)
+  best = None
+  if resume and checkpoints.latest() is not None:
+    state, record = checkpoints.restore(state)
+    best = record.get("best_val_loss")
+    if restore_data is not None:
+      restore_data(record["data_state"])
+  n_trainable = count_parameters(state.trainable)
+  opt_bytes = tree_bytes(state.opt_state)
+  writer = MetricsWriter(out_dir)
+  writer.text("run", json.dumps({"trainable_params": n_trainable, "optimizer_state_bytes": opt_bytes,
+                                 **(run_record or {})}, indent=1))
+  print(f"trainable parameters: {n_trainable:,}; optimizer state: {opt_bytes / 2**20:.1f} MiB")
+
+  train_step = make_train_step(model, plan, optimizer, schedule)
+  eval_step = make_eval_step(model, plan)
+  start = time.time()
+  tokens_since, time_since = 0, time.time()
+  first_step = int(state.step)
+  bar = progress(total=cfg.steps, initial=first_step, desc=f"train {plan.method}")
+  while int(state.step) < cfg.steps:
+    micro = [next(train_batches) for _ in range(cfg.grad_accum)]
+    batch = _stack_micro_batches(micro)
+    state, metrics = train_step(state, frozen_params, batch)
+    step = int(state.step)
+    tokens_since += int(batch["loss_mask"].size)
+    bar.update(1)
+    if step % cfg.log_every == 0 or step == cfg.steps:
+      metrics = {k: float(v) for k, v in metrics.items()}
+      metrics["tokens_per_s"] = tokens_since / max(time.time() - time_since, 1e-9)
+      metrics["optimizer_state_bytes"] = opt_bytes
+      tokens_since, time_since = 0, time.time()
+      writer.scalars(step, metrics)
+      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+    if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+      val_loss = evaluate_loss(eval_step, state.trainable, frozen_params, val_batches)
+      writer.scalars(step, {"val_loss": val_loss})
+      if best is None or val_loss < best:
+        best = val_loss
+        if on_best is not None:
+          on_best(state.trainable)
+    if step % cfg.save_every == 0 or step == cfg.steps:
+      checkpoints.save(state, {"best_val_loss": best, "data_state": data_state() if data_state else None,
+                               **(run_record or {})})
+  bar.close()
+  writer.close()
+  if not val_batches and on_best is not None:
+    on_best(state.trainable)
+  return TrainResult(state.trainable, best, int(state.step), n_trainable, opt_bytes, time.time() - start)

@@ -1,0 +1,234 @@
+"""The training machinery: what each method trains, frozen parameters untouched, slice gradients, optimizer
+memory, resume, and adapters that transformers and esft-jax both read."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from esft_jax.config import config_from_hf, load_config
+from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, merge_trainable,
+                                     plan_from_expert_config, tree_bytes)
+from esft_jax.interop.adapter import load_adapter, save_adapter
+from esft_jax.interop.hf import load_hf_model, save_hf_model
+from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
+from esft_jax.model.transformer import Transformer, init_params, parameter_counts
+from esft_jax.paths import leaves_by_path
+from esft_jax.train.optimizer import make_optimizer
+from esft_jax.train.trainer import TrainConfig, _loss_fn, train
+from tests.hf_models import ARCHITECTURES, save_hf_model_dir
+
+EXPERTS = {"1": [3, 0], "2": [5]}
+
+
+def _setup():
+  hf = ARCHITECTURES["deepseek_v2"]().to_dict()
+  cfg = config_from_hf(hf)
+  return cfg, init_params(cfg, jax.random.key(0)), hf
+
+
+def _batches(cfg, n, seed=0, b=2, length=12):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    tokens = rng.integers(3, cfg.vocab_size, size=(b, length + 1))
+    mask = (rng.random((b, length)) < 0.7).astype(np.float32)
+    out.append({"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+                "loss_mask": mask, "segment_ids": np.ones((b, length), np.int32),
+                "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (b, length)).copy()})
+  return out
+
+
+def _esft_plan(shared=False, non_expert=False):
+  return plan_from_expert_config({"experts": EXPERTS, "shared_experts": shared, "non_expert_modules": non_expert})
+
+
+def test_trainable_counts_for_each_method_and_flag():
+  cfg, params, _ = _setup()
+  counts = parameter_counts(cfg)
+  per_expert = counts.per_expert
+  shared = sum(v.size for p, v in leaves_by_path(params).items() if "/shared_experts/" in p)
+  routed = sum(v.size for p, v in leaves_by_path(params).items() if "/mlp/experts/" in p)
+  assert count_parameters(init_trainable(_esft_plan(), params)) == 3 * per_expert
+  assert count_parameters(init_trainable(_esft_plan(shared=True), params)) == 3 * per_expert + shared
+  assert count_parameters(init_trainable(_esft_plan(non_expert=True), params)) == \
+      counts.total - routed - shared + 3 * per_expert
+  assert count_parameters(init_trainable(_esft_plan(True, True), params)) == counts.total - routed + 3 * per_expert
+  assert count_parameters(init_trainable(TrainPlan("fft"), params)) == counts.total
+  lora = init_trainable(TrainPlan("lora", lora_rank=4), params)
+  expected = 0
+  for path, leaf in leaves_by_path(params).items():
+    if path.startswith(("embed_tokens", "lm_head")) or "/mlp/gate/" in path:
+      continue
+    if path.endswith("/kernel") or "/mlp/experts/" in path:
+      *lead, fan_in, fan_out = leaf.shape
+      expected += int(np.prod(lead, dtype=int)) * 4 * (fan_in + fan_out)
+  assert count_parameters(lora) == expected
+
+
+@pytest.mark.parametrize("method", ["esft", "fft", "lora"])
+def test_merge_of_fresh_trainable_is_identity(method):
+  cfg, params, _ = _setup()
+  plan = _esft_plan(shared=True) if method == "esft" else TrainPlan(method)
+  merged = merge_trainable(plan, params, init_trainable(plan, params))
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged)
+
+
+def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero():
+  cfg, params, _ = _setup()
+  model = Transformer(cfg)
+  batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1, b=1, length=2)[0])
+  used = np.unique(np.asarray(model.apply({"params": params}, batch["inputs"]).routing[1].expert_ids))
+  idle = int(np.setdiff1d(np.arange(cfg.num_experts), used)[0])  # layer 2 sends no token to this expert
+  plan = plan_from_expert_config({"experts": {"1": [3, 0], "2": [int(used[0]), idle]}})
+  fft = TrainPlan("fft")
+  slice_grads, _ = jax.grad(_loss_fn(model, plan), has_aux=True)(init_trainable(plan, params), params, batch)
+  full_grads, _ = jax.grad(_loss_fn(model, fft), has_aux=True)(init_trainable(fft, params), params, batch)
+  for layer, ids in plan.experts:
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+      got = slice_grads[f"layers_{layer}"]["mlp"]["experts"][proj]
+      want = full_grads[f"layers_{layer}"]["mlp"]["experts"][proj][jnp.asarray(ids)]
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  for proj in ("gate_proj", "up_proj", "down_proj"):
+    assert float(jnp.abs(slice_grads["layers_2"]["mlp"]["experts"][proj][1]).max()) == 0.0
+    assert float(jnp.abs(slice_grads["layers_2"]["mlp"]["experts"][proj][0]).max()) > 0.0
+
+
+def test_optimizer_state_is_proportional_to_selected_experts():
+  cfg = load_config("deepseek-v2-lite")
+  abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), param_dtype=jnp.bfloat16))
+  five = {"experts": {str(l): [0, 1, 2, 3, 4] for l in cfg.moe_layer_ids}}
+
+  def state_bytes(plan):
+    trainable = jax.eval_shape(lambda p: init_trainable(plan, p), abstract)
+    opt = make_optimizer(trainable, lambda step: 1e-5)
+    return tree_bytes(jax.eval_shape(opt.init, trainable)), count_parameters(trainable)
+
+  esft_bytes, esft_params = state_bytes(plan_from_expert_config(five))
+  fft_bytes, fft_params = state_bytes(TrainPlan("fft"))
+  assert esft_params == 26 * 5 * parameter_counts(cfg).per_expert
+  # Adam's two fp32 moments per trained parameter, nothing for the frozen ones (plus step counters).
+  assert abs(esft_bytes - 8 * esft_params) < 64 and abs(fft_bytes - 8 * fft_params) < 64
+  ratio = fft_bytes / esft_bytes
+  assert 12 <= ratio <= 15, ratio  # 15.7B / 1.12B: about a twelfth to a fourteenth
+
+
+def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None):
+  position = {"i": 0}
+
+  def stream():
+    while True:
+      position["i"] += 1
+      yield batches[(position["i"] - 1) % len(batches)]
+
+  def restore(state):
+    position["i"] = state["i"]
+
+  train_cfg = TrainConfig(steps=steps, lr=1e-2, eval_every=2, save_every=2, log_every=1, compute_dtype="float32")
+  return train(cfg, params, plan, stream(), val or [], out_dir, train_cfg, resume=resume,
+               data_state=lambda: dict(position), restore_data=restore)
+
+
+def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path):
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  result = _run(cfg, params, plan, tmp_path, 3, _batches(cfg, 4), val=_batches(cfg, 1, seed=9))
+  merged = merge_trainable(plan, params, result.trainable)
+  for path, before in leaves_by_path(params).items():
+    after = leaves_by_path(merged)[path]
+    if "/mlp/experts/" in path and path.split("/")[0] in ("layers_1", "layers_2"):
+      ids = dict(plan.experts)[int(path.split("/")[0][7:])]
+      others = np.setdiff1d(np.arange(cfg.num_experts), ids)
+      np.testing.assert_array_equal(np.asarray(after)[others], np.asarray(before)[others])
+      assert not np.array_equal(np.asarray(after)[list(ids)], np.asarray(before)[list(ids)])
+    else:
+      np.testing.assert_array_equal(np.asarray(after), np.asarray(before), err_msg=path)
+  lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert {"loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "expert_load_max"} <= set(lines[0])
+  assert any("val_loss" in l for l in lines)
+  assert list((tmp_path / "tensorboard").iterdir())
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+  cfg, params, _ = _setup()
+  plan = _esft_plan(shared=True)
+  batches = _batches(cfg, 5)
+  full = _run(cfg, params, plan, tmp_path / "full", 4, batches)
+  _run(cfg, params, plan, tmp_path / "split", 2, batches)
+  resumed = _run(cfg, params, plan, tmp_path / "split", 4, batches, resume=True)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         full.trainable, resumed.trainable)
+
+
+def test_esft_adapter_loads_into_transformers_and_changes_only_listed_experts(tmp_path):
+  save_hf_model_dir("deepseek_v2", tmp_path / "base")
+  base = load_hf_model(tmp_path / "base")
+  plan = _esft_plan()
+  trainable = jax.tree_util.tree_map(lambda x: x + 0.05, init_trainable(plan, base.params))
+  save_adapter(tmp_path / "adapter", base.config, base.params, plan, trainable)
+  assert json.loads((tmp_path / "adapter" / "expert_cfg.json").read_text())["experts"] == EXPERTS
+  adapter = CheckpointReader(tmp_path / "adapter")
+  expected = {f"model.layers.{l}.mlp.experts.{e}.{p}.weight" for l, ids in EXPERTS.items() for e in ids
+              for p in ("gate_proj", "up_proj", "down_proj")}
+  assert set(adapter.keys()) == expected
+
+  # Apply the adapter the way the official code does: overwrite those tensors of the base checkpoint.
+  tensors = {k: np.asarray(CheckpointReader(tmp_path / "base").get(k)) for k in
+             CheckpointReader(tmp_path / "base").keys()}
+  tensors.update({k: np.asarray(adapter.get(k)) for k in adapter.keys()})
+  merged_dir = tmp_path / "merged"
+  merged_dir.mkdir()
+  (merged_dir / "config.json").write_text((tmp_path / "base" / "config.json").read_text())
+  write_safetensors(merged_dir / "model.safetensors", tensors)
+  hf_base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+  hf_tuned = transformers.AutoModelForCausalLM.from_pretrained(merged_dir, attn_implementation="eager").eval()
+  changed = set()
+  for (name, a), (_, b) in zip(hf_base.state_dict().items(), hf_tuned.state_dict().items()):
+    if "experts" in name:
+      for e in range(a.shape[0]):
+        if not torch.equal(a[e], b[e]):
+          changed.add((name.split(".")[2], e))
+    else:
+      assert torch.equal(a, b), name
+  assert changed == {(l, e) for l, ids in EXPERTS.items() for e in ids}
+
+  ours = load_adapter(tmp_path / "adapter", base.config, base.params)
+  tokens = np.random.default_rng(0).integers(3, 90, size=(1, 10))
+  with torch.no_grad():
+    expected_logits = hf_tuned(torch.tensor(tokens)).logits.numpy()
+  got = Transformer(base.config).apply({"params": ours}, jnp.asarray(tokens)).logits
+  np.testing.assert_allclose(np.asarray(got), expected_logits, atol=1e-4)
+
+
+def test_legacy_adapter_keys_without_model_prefix_load(tmp_path):
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  trainable = jax.tree_util.tree_map(lambda x: x * 2, init_trainable(plan, params))
+  save_adapter(tmp_path / "new", cfg, params, plan, trainable)
+  reader = CheckpointReader(tmp_path / "new")
+  (tmp_path / "legacy").mkdir()
+  write_safetensors(tmp_path / "legacy" / "model-00001-of-000001.safetensors",
+                    {k.removeprefix("model."): np.asarray(reader.get(k)) for k in reader.keys()})
+  a = load_adapter(tmp_path / "new", cfg, params)
+  b = load_adapter(tmp_path / "legacy", cfg, params)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  np.testing.assert_array_equal(np.asarray(a["layers_2"]["mlp"]["experts"]["up_proj"][5]),
+                                2 * np.asarray(params["layers_2"]["mlp"]["experts"]["up_proj"][5]))
+
+
+def test_lora_adapter_round_trip(tmp_path):
+  cfg, params, _ = _setup()
+  plan = TrainPlan("lora", lora_rank=4)
+  factors = jax.tree_util.tree_map(lambda x: x + 0.01, init_trainable(plan, params))
+  save_adapter(tmp_path, cfg, params, plan, factors)
+  settings = json.loads((tmp_path / "adapter_config.json").read_text())
+  assert settings["r"] == 4 and settings["lora_alpha"] == 8.0
+  expected = merge_trainable(plan, params, factors)
+  got = load_adapter(tmp_path, cfg, params)
+  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6),
+                         expected, got)
