@@ -58,6 +58,108 @@ def cmd_init(args: argparse.Namespace) -> None:
   print(f"wrote a random-weight {cfg.model_type} model to {args.out}")
 
 
+def cmd_score(args: argparse.Namespace) -> None:
+  from esft_jax.esft.scores import summary_from_logs, write_summary
+
+  args.out.mkdir(parents=True, exist_ok=True)
+  if args.from_logs:
+    summary = summary_from_logs(args.from_logs)
+  else:
+    if not (args.model and args.data and args.n_tokens):
+      raise ValueError("scoring a model needs --model, --data and --n-tokens (or import logs with --from-logs)")
+    import jax.numpy as jnp
+
+    from esft_jax.data.pipeline import format_records
+    from esft_jax.data.sources import open_examples
+    from esft_jax.esft.routing_pass import sample_until, score_examples
+    from esft_jax.interop.hf import load_hf_model
+    from esft_jax.interop.tokenizer import load_tokenizer
+
+    loaded = load_hf_model(args.model, dtype=jnp.dtype(args.dtype))
+    examples = format_records(open_examples(args.data, args.data_dir), load_tokenizer(args.model))
+    chosen = sample_until(examples, args.n_tokens, args.seed)
+    summary = score_examples(loaded.config, loaded.params, chosen, args.batch_size, dtype=jnp.dtype(args.dtype),
+                             log_dir=args.out if args.write_logs else None)
+    print(f"scored {len(chosen)} samples, {sum(len(e) for e in chosen):,} tokens")
+  write_summary(args.out / "summary.json", summary)
+  print(f"wrote {args.out / 'summary.json'}")
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+  import json
+
+  from esft_jax.esft.selection import load_expert_config, random_like, select_experts, write_expert_config
+
+  if args.random:
+    if not args.like:
+      raise ValueError("--random needs --like CONFIG (the expert config whose per-layer counts to copy)")
+    if args.num_experts is None:
+      raise ValueError("--random needs --num-experts (routed experts per layer, 64 for DeepSeek-V2-Lite)")
+    config = random_like(load_expert_config(args.like, args.num_experts), args.num_experts, args.seed)
+  else:
+    if not args.scores:
+      raise ValueError("select needs --scores summary.json (from `esft-jax score`)")
+    try:
+      summary = json.loads(Path(args.scores).read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{args.scores}: not valid JSON ({e})") from None
+    config = select_experts(summary, args.method, args.top_p, train_shared_experts=args.train_shared_experts,
+                            train_non_expert_modules=args.train_non_expert_modules)
+  write_expert_config(args.out, config)
+  counts = [len(v) for v in config["experts"].values()]
+  print(f"wrote {args.out}: {sum(counts)} experts over {len(counts)} layers "
+        f"({sum(counts) / len(counts):.2f} per layer)")
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+  from esft_jax.data.pipeline import DataConfig
+  from esft_jax.train.optimizer import DEFAULT_LR
+  from esft_jax.train.run import finetune
+  from esft_jax.train.trainer import TrainConfig
+
+  train_config = TrainConfig(
+      steps=args.steps, lr=args.lr or DEFAULT_LR[args.method], schedule=args.schedule,
+      warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+      eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
+      compute_dtype=args.compute_dtype)
+  data_config = DataConfig(seq_length=args.seq_length, packing=args.packing)
+  result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
+                    args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype)
+  best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
+  print(f"trained {result.trainable_params:,} parameters for {result.steps} steps in {result.wall_seconds:.0f}s; "
+        f"best validation loss {best}; adapter in {args.out / 'adapter'}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+  from esft_jax.train.run import export_merged
+
+  export_merged(args.model, args.adapter, args.out)
+  print(f"wrote the merged model to {args.out}")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+  import json
+
+  from esft_jax.evaluate.metrics import score_completions
+  from esft_jax.files import atomic_write_text
+
+  if not args.completions:
+    raise ValueError("this release scores saved generations: pass --completions FILE (generation from --model "
+                     "lands with the generation issue)")
+  mean, per_item = score_completions(args.completions, args.metric)
+  print(f"{args.metric}: {mean:.4f} over {len(per_item)} items")
+  if args.out:
+    atomic_write_text(args.out, json.dumps({"metric": args.metric, "mean": mean, "scores": per_item}))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+  from esft_jax.data.tfds_builder import prepare_tfds
+
+  path = prepare_tfds(args.jsonl, args.name, args.data_dir, config=args.config, split=args.split,
+                      overwrite=args.overwrite)
+  print(f"built TFDS dataset {args.name} at {path}; read it with --data tfds:{args.name}:{args.split}")
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +179,100 @@ def build_parser() -> argparse.ArgumentParser:
   init.add_argument("--seed", type=int, default=0)
   init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   init.set_defaults(func=cmd_init)
+
+  score = sub.add_parser("score", help="routing statistics of a task (ESFT's expert relevance scores)",
+                         description="Run the model over a seeded sample of the task's training data and write "
+                                     "ESFT's summary.json: per MoE layer and routed expert, the token-selection "
+                                     "ratio (token score) and the mean gate value (gate score). Or import routing "
+                                     "logs of the official PyTorch scorer with --from-logs.")
+  score.add_argument("--model", help="HF model directory")
+  score.add_argument("--data", help="training JSONL (ESFT messages format) or tfds:NAME[/CONFIG]:SPLIT")
+  score.add_argument("--data-dir", help="TFDS data directory for tfds: data")
+  score.add_argument("--n-tokens", type=int, help="token budget of the sample (the paper uses 131072)")
+  score.add_argument("--seed", type=int, default=5934875, help="shuffle seed (ESFT's default)")
+  score.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (each unpacked)")
+  score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  score.add_argument("--write-logs", action="store_true", help="also write expert_weights_{layer}.txt logs")
+  score.add_argument("--from-logs", type=Path, help="directory of official routing logs to import instead")
+  score.add_argument("--out", required=True, type=Path, help="output directory for summary.json (and logs)")
+  score.set_defaults(func=cmd_score)
+
+  select = sub.add_parser("select", help="choose the experts to train from scores (top-p per layer)",
+                          description="Per layer, sort experts by score and take them until the cumulative score "
+                                      "reaches p (the crossing expert included). Paper defaults: token p=0.2, "
+                                      "gate p=0.1. Writes ESFT's expert-config JSON.")
+  select.add_argument("--scores", type=Path, help="summary.json from `esft-jax score`")
+  select.add_argument("--method", default="token", help="token | gate")
+  select.add_argument("--top-p", type=float, help="cumulative threshold in (0, 1] (default: the paper's)")
+  select.add_argument("--train-shared-experts", action="store_true", help="also train the shared experts")
+  select.add_argument("--train-non-expert-modules", action="store_true",
+                      help="also train attention, norms, routers, embeddings and the head")
+  select.add_argument("--random", action="store_true", help="random experts, as many per layer as --like has")
+  select.add_argument("--like", type=Path, help="expert config whose counts --random copies")
+  select.add_argument("--num-experts", type=int, help="routed experts per layer (for --random)")
+  select.add_argument("--seed", type=int, default=0, help="seed of --random")
+  select.add_argument("--out", required=True, type=Path, help="expert_config.json to write")
+  select.set_defaults(func=cmd_select)
+
+  tr = sub.add_parser("train", help="fine-tune with ESFT, full fine-tuning or LoRA",
+                      description="One training loop; the methods differ only in what trains. ESFT trains the "
+                                  "experts of --expert-config; fft everything; lora rank-r adapters on every "
+                                  "linear map. Writes OUT/adapter (best validation loss), OUT/checkpoints "
+                                  "(orbax; --resume continues), OUT/metrics.jsonl and OUT/tensorboard.")
+  tr.add_argument("--model", required=True, help="HF model directory (with tokenizer.json)")
+  tr.add_argument("--data", required=True, help="training JSONL or tfds:NAME[/CONFIG]:SPLIT")
+  tr.add_argument("--data-dir", help="TFDS data directory")
+  tr.add_argument("--method", required=True, choices=["esft", "fft", "lora"])
+  tr.add_argument("--expert-config", type=Path, help="expert config from `esft-jax select` (esft only)")
+  tr.add_argument("--out", required=True, type=Path)
+  tr.add_argument("--steps", type=int, default=500)
+  tr.add_argument("--seq-length", type=int, default=4096)
+  tr.add_argument("--packing", default="esft", choices=["esft", "documents", "unpacked"],
+                  help="esft: ESFT's greedy packing; documents: whole samples with segment ids")
+  tr.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+  tr.add_argument("--grad-accum", type=int, default=16, help="micro-batches per step (ESFT: 16)")
+  tr.add_argument("--lr", type=float, help="learning rate (default: esft 1e-5, fft 3e-5, lora 1e-4)")
+  tr.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
+  tr.add_argument("--warmup-steps", type=int, default=0)
+  tr.add_argument("--weight-decay", type=float, default=0.1)
+  tr.add_argument("--lora-rank", type=int, default=8)
+  tr.add_argument("--eval-every", type=int, default=100)
+  tr.add_argument("--save-every", type=int, default=100)
+  tr.add_argument("--log-every", type=int, default=10)
+  tr.add_argument("--seed", type=int, default=0)
+  tr.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  tr.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                  help="dtype of the frozen weights (trainable ones are fp32 master copies)")
+  tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+  tr.set_defaults(func=cmd_train)
+
+  export = sub.add_parser("export", help="merge an adapter into its base model (an HF directory)",
+                          description="Write base model + adapter (ESFT, FFT or LoRA) as a full Hugging Face "
+                                      "directory that transformers loads.")
+  export.add_argument("--model", required=True, help="base HF model directory")
+  export.add_argument("--adapter", required=True, type=Path, help="adapter directory")
+  export.add_argument("--out", required=True, type=Path)
+  export.set_defaults(func=cmd_export)
+
+  ev = sub.add_parser("eval", help="score generations with the paper's metrics",
+                      description="Re-score saved generations (ESFT's completions JSONL or ours) with a metric: "
+                                  "intent, math, code, translation, summary, law.")
+  ev.add_argument("--completions", type=Path, help="completions JSONL to re-score")
+  ev.add_argument("--metric", required=True)
+  ev.add_argument("--out", type=Path, help="results JSON with per-item scores")
+  ev.set_defaults(func=cmd_eval)
+
+  data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+  prep = data.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) from a JSONL file",
+                         description="Build a tensorflow-datasets dataset from ESFT-format JSONL, readable as "
+                                     "--data tfds:NAME:SPLIT by every command. No TensorFlow needed.")
+  prep.add_argument("--jsonl", required=True, type=Path)
+  prep.add_argument("--name", required=True)
+  prep.add_argument("--data-dir", required=True, type=Path)
+  prep.add_argument("--config", help="builder config name")
+  prep.add_argument("--split", default="train")
+  prep.add_argument("--overwrite", action="store_true")
+  prep.set_defaults(func=cmd_data_prepare)
   return parser
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -11,16 +10,11 @@ import tokenizers
 
 from esft_jax.data.formatting import answer_piece, user_piece
 from esft_jax.data.jsonl import Conversation, Record
+from esft_jax.files import atomic_write_text
 from esft_jax.interop.tokenizer import Tokenizer, load_tokenizer
 
 BOS, EOS, PAD = "<bos>", "<eos>", "<pad>"
 _BYTES = len(tokenizers.pre_tokenizers.ByteLevel.alphabet())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text, encoding="utf-8")
-  os.replace(tmp, path)
 
 
 def corpus_texts(records: Iterable[Record]) -> Iterator[str]:
@@ -55,7 +49,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str | Pa
       single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, backend.token_to_id(BOS))])
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
-  _write_atomic(out_dir / "tokenizer.json", backend.to_str())
+  atomic_write_text(out_dir / "tokenizer.json", backend.to_str())
   config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
-  _write_atomic(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
+  atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(config, indent=2))
   return load_tokenizer(out_dir)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
@@ -19,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esft_jax.files import atomic_write_text
 from esft_jax.model.moe import Routing
 
 LOG_NAME = re.compile(r"expert_weights_(\d+)\.txt")
@@ -88,9 +88,7 @@ def write_summary(path: str | Path, summary: dict[str, dict]):
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   text = json.dumps({name: dict(sorted(layers.items())) for name, layers in summary.items()})
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  atomic_write_text(path, text)
 
 
 def read_routing_logs(directory: str | Path, top_k: int | None = None,
@@ -174,10 +172,7 @@ def write_routing_logs(directory: str | Path, layer_ids: Sequence[int],
       lines[layer].append(f"{id_text}\t\t{weight_text}\n")
   directory.mkdir(parents=True, exist_ok=True)
   for layer, layer_lines in lines.items():
-    path = directory / f"expert_weights_{layer}.txt"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(layer_lines))
-    os.replace(tmp, path)
+    atomic_write_text(directory / f"expert_weights_{layer}.txt", "".join(layer_lines))
 
 
 def _parse_log(file: Path) -> list[tuple[Path, int, np.ndarray, np.ndarray]]:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from esft_jax.files import atomic_write_text
 
 METHODS = ("token", "gate")
 PAPER_TOP_P = {"token": 0.2, "gate": 0.1}  # the paper's thresholds, chosen on its Math sweep
@@ -73,9 +74,7 @@ def write_expert_config(path: str | Path, config: dict[str, Any]):
   _check_config(config, str(path))
   text = json.dumps({**config, "experts": dict(sorted((str(layer), ids) for layer, ids in config["experts"].items()))})
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  atomic_write_text(path, text)
 
 
 def load_expert_config(path: str | Path, num_experts: int | None = None,

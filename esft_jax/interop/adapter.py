@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import numpy as np
 
 from esft_jax.config import ModelConfig
 from esft_jax.esft.trainable import TrainPlan, param_role
+from esft_jax.files import atomic_write_text
 from esft_jax.interop.hf import hf_tensors, tensor_table
 from esft_jax.interop.safetensors_io import SafetensorsFile, write_safetensors
 from esft_jax.paths import get_path, leaves_by_path, set_path
@@ -33,9 +33,7 @@ PEFT_PREFIX = "base_model.model."
 
 
 def _write_json(path: Path, payload: Any) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(payload))
-  os.replace(tmp, path)
+  atomic_write_text(path, json.dumps(payload))
 
 
 def trained_tensor_names(config: ModelConfig, plan: TrainPlan) -> set[str]:

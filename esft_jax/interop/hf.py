@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from esft_jax.config import ModelConfig, config_from_hf, read_hf_config
+from esft_jax.files import atomic_write_text
 from esft_jax.interop.safetensors_io import CheckpointReader, write_checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
@@ -213,9 +213,7 @@ def save_hf_model(out_dir: str | Path, config: ModelConfig, params: Any, hf_conf
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   write_checkpoint(out_dir, hf_tensors(config, params, dtype), max_shard_bytes)
-  tmp = out_dir / "config.json.tmp"
-  tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-  os.replace(tmp, out_dir / "config.json")
+  atomic_write_text(out_dir / "config.json", json.dumps(hf_config, indent=2, sort_keys=True))
   if tokenizer_dir is not None and Path(tokenizer_dir).resolve() != out_dir.resolve():
     for name in TOKENIZER_FILES:
       if (Path(tokenizer_dir) / name).exists():

@@ -8,13 +8,14 @@ copying the file, and so every error can name the file and the tensor.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
+
+from esft_jax.files import atomic_open, atomic_write_text
 
 DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
@@ -135,13 +136,11 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, np.ndarray], metad
     arrays[name] = array
   blob = json.dumps(header, separators=(",", ":")).encode()
   blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
-  tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:
+  with atomic_open(path, "wb") as f:
     f.write(struct.pack("<Q", len(blob)))
     f.write(blob)
     for array in arrays.values():
       f.write(array.tobytes())
-  os.replace(tmp, path)
 
 
 def write_checkpoint(model_dir: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
@@ -165,7 +164,5 @@ def write_checkpoint(model_dir: str | Path, tensors: Iterable[tuple[str, np.ndar
     write_safetensors(model_dir / name, shard)
   index = {"metadata": {"total_size": sum(sizes)},
            "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
-  tmp = model_dir / (INDEX_FILE + ".tmp")
-  tmp.write_text(json.dumps(index, indent=2))
-  os.replace(tmp, model_dir / INDEX_FILE)
+  atomic_write_text(model_dir / INDEX_FILE, json.dumps(index, indent=2))
   return [model_dir / n for n in names]

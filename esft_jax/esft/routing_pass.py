@@ -1,0 +1,85 @@
+"""ESFT's scoring run: a seeded sample of the task's training data, one jitted forward pass per batch, routing
+totals accumulated on the device.
+
+Like the official scorer, samples are shuffled with Python's `random` under a seed and taken until the token
+budget is reached (the last sample overshoots), and each sample is scored unpacked: batches are padded rows,
+and padding is never counted. Row lengths are padded to a few bucket sizes so that the pass compiles a handful
+of times, not once per batch.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esft_jax.config import ModelConfig
+from esft_jax.data.formatting import Example
+from esft_jax.esft.scores import RoutingTotals, accumulate, summary_from_totals, write_routing_logs
+from esft_jax.model.transformer import Transformer
+from esft_jax.train.metrics import progress
+
+OFFICIAL_SEED = 5934875
+
+
+def sample_until(examples: Sequence[Example], n_tokens: int, seed: int = OFFICIAL_SEED) -> list[Example]:
+  """A seeded shuffle of the examples, taken in order until at least `n_tokens` tokens."""
+  if n_tokens <= 0:
+    raise ValueError(f"--n-tokens must be positive, got {n_tokens}")
+  order = list(range(len(examples)))
+  random.Random(seed).shuffle(order)
+  chosen, total = [], 0
+  for i in order:
+    if total >= n_tokens:
+      break
+    chosen.append(examples[i])
+    total += len(examples[i])
+  return chosen
+
+
+def _bucket(length: int) -> int:
+  return max(16, 1 << (length - 1).bit_length())
+
+
+def make_scoring_step(config: ModelConfig, expert_impl: str = "grouped", dtype=jnp.float32, with_routing=False):
+  model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
+
+  def step(params, totals: RoutingTotals, tokens_BxL, segment_ids_BxL):
+    out = model.apply({"params": params}, tokens_BxL, segment_ids_BxL)
+    totals = accumulate(totals, out.routing, segment_ids_BxL)
+    routing = [(r.expert_ids, r.weights) for r in out.routing] if with_routing else None
+    return totals, routing
+
+  return jax.jit(step, donate_argnums=(1,))
+
+
+def score_examples(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
+                   expert_impl: str = "grouped", dtype=jnp.float32, log_dir: Path | None = None) -> dict:
+  """ESFT's summary.json for these examples; with `log_dir`, also the official routing logs (one line per
+  sample), which needs the per-token routing on the host."""
+  step = make_scoring_step(config, expert_impl, dtype, with_routing=log_dir is not None)
+  totals = RoutingTotals.zeros(len(config.moe_layer_ids), config.num_experts)
+  samples: list[list[tuple[np.ndarray, np.ndarray]]] = []
+  bar = progress(total=len(examples), desc="score")
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    # Scoring routes every token of a sample (BOS through EOS); short final batches keep the batch shape.
+    tokens = np.zeros((batch_size, _bucket(max(len(e) for e in chunk))), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, example in enumerate(chunk):
+      tokens[i, :len(example)] = example.ids_L
+      segments[i, :len(example)] = 1
+    totals, routing = step(params, totals, jnp.asarray(tokens), jnp.asarray(segments))
+    if routing is not None:
+      host = jax.device_get(routing)
+      for i, example in enumerate(chunk):
+        samples.append([(ids[i, :len(example)], weights[i, :len(example)]) for ids, weights in host])
+    bar.update(len(chunk))
+  bar.close()
+  if log_dir is not None:
+    write_routing_logs(log_dir, list(config.moe_layer_ids), samples)
+  return summary_from_totals(jax.device_get(totals), config.num_experts_per_tok, config.moe_layer_ids)

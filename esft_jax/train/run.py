@@ -1,0 +1,64 @@
+"""`esft-jax train` as a function: model directory + data + method -> out_dir with adapter/, checkpoints,
+metrics.jsonl and TensorBoard logs. The demo and the ablations call it too."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from esft_jax.data.pipeline import DataConfig, build_datasets
+from esft_jax.esft.selection import load_expert_config
+from esft_jax.esft.trainable import TrainPlan, plan_from_expert_config, validate_plan
+from esft_jax.files import atomic_write_text
+from esft_jax.interop.adapter import load_adapter, save_adapter
+from esft_jax.interop.hf import load_hf_model
+from esft_jax.interop.tokenizer import load_tokenizer
+from esft_jax.train.trainer import TrainConfig, TrainResult, train
+
+
+def make_plan(method: str, config, expert_config_path: str | Path | None, lora_rank: int = 8,
+              lora_scale: float = 2.0) -> tuple[TrainPlan, dict | None]:
+  if method == "esft":
+    if expert_config_path is None:
+      raise ValueError("--method esft needs --expert-config (written by `esft-jax select`)")
+    expert_config = load_expert_config(expert_config_path, config.num_experts, config.moe_layer_ids)
+    plan = plan_from_expert_config(expert_config)
+    validate_plan(plan, config, str(expert_config_path))
+    return plan, expert_config
+  return TrainPlan(method, lora_rank=lora_rank, lora_scale=lora_scale), None
+
+
+def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path, train_config: TrainConfig,
+             data_config: DataConfig, batch_size: int, expert_config_path: str | Path | None = None,
+             resume: bool = False, data_dir: str | Path | None = None, lora_rank: int = 8,
+             param_dtype: str = "bfloat16") -> TrainResult:
+  out_dir = Path(out_dir)
+  loaded = load_hf_model(model_dir, dtype=jnp.dtype(param_dtype))
+  plan, expert_config = make_plan(method, loaded.config, expert_config_path, lora_rank)
+  tokenizer = load_tokenizer(model_dir)
+  datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
+  train_iter = iter(datasets.train)
+  val_batches = list(datasets.validation)
+  record = {"args": {"model": str(model_dir), "data": str(data), "method": method, "batch_size": batch_size,
+                     "train": dataclasses.asdict(train_config), "data_config": dataclasses.asdict(data_config)},
+            "expert_config": expert_config}
+  out_dir.mkdir(parents=True, exist_ok=True)
+  atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2))
+
+  def on_best(trainable):
+    save_adapter(out_dir / "adapter", loaded.config, loaded.params, plan, trainable, expert_config)
+
+  return train(loaded.config, loaded.params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
+               on_best=on_best, run_record=record, data_state=train_iter.get_state,
+               restore_data=train_iter.set_state)
+
+
+def export_merged(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
+  """Base model + adapter -> a full HF directory (tokenizer copied) that transformers loads."""
+  from esft_jax.interop.hf import save_hf_model
+  loaded = load_hf_model(model_dir)
+  merged = load_adapter(adapter_dir, loaded.config, loaded.params)
+  return save_hf_model(out_dir, loaded.config, merged, loaded.hf_config, tokenizer_dir=model_dir)

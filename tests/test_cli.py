@@ -1,0 +1,80 @@
+"""The command line end to end on a tiny model: score -> select -> train -> export, plus eval and errors."""
+
+import json
+
+import numpy as np
+import pytest
+import transformers
+
+from esft_jax.cli import main
+from esft_jax.data.tokenizer_training import train_bpe_tokenizer
+from tests.data_helpers import TEXTS, chat, write_jsonl
+
+
+def _cli(*args):
+  main([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+  root = tmp_path_factory.mktemp("cli")
+  _cli("init", "--model", "tiny-deepseek", "--out", root / "model", "--seed", "1")
+  train_bpe_tokenizer(TEXTS, 400, root / "model")
+  rng = np.random.default_rng(0)
+  records = [chat(f"what is {a} plus {b}?", f"{a + b}") for a, b in rng.integers(0, 50, size=(80, 2))]
+  write_jsonl(root / "train.jsonl", records)
+  return root
+
+
+def test_score_select_train_export(workspace, capsys):
+  root = workspace
+  _cli("score", "--model", root / "model", "--data", root / "train.jsonl", "--n-tokens", 400, "--batch-size", 4,
+       "--write-logs", "--out", root / "scores")
+  summary = json.loads((root / "scores" / "summary.json").read_text())
+  assert sorted(summary["token_scores"], key=int) == ["1", "2", "3"]
+  for layer in summary["token_scores"].values():
+    assert abs(sum(layer.values()) - 1.0) < 2e-3  # token scores sum to 1 per layer (at 4 decimals)
+
+  # The routing logs written alongside give the same summary when imported the official way.
+  _cli("score", "--from-logs", root / "scores", "--out", root / "imported")
+  imported = json.loads((root / "imported" / "summary.json").read_text())
+  assert imported["token_scores"] == summary["token_scores"]
+  for layer, experts in summary["gate_scores"].items():
+    for expert, value in experts.items():
+      assert abs(imported["gate_scores"][layer][expert] - value) <= 2e-4
+
+  _cli("select", "--scores", root / "scores" / "summary.json", "--method", "token", "--top-p", 0.3,
+       "--out", root / "experts.json")
+  experts = json.loads((root / "experts.json").read_text())
+  assert set(experts["experts"]) == {"1", "2", "3"}
+
+  _cli("train", "--model", root / "model", "--data", root / "train.jsonl", "--method", "esft", "--expert-config",
+       root / "experts.json", "--out", root / "run", "--steps", 4, "--seq-length", 64, "--batch-size", 2,
+       "--grad-accum", 1, "--eval-every", 2, "--save-every", 2, "--log-every", 1, "--lr", 1e-3,
+       "--compute-dtype", "float32", "--param-dtype", "float32")
+  out = capsys.readouterr().out
+  assert "trained" in out and "optimizer state" in out
+  assert json.loads((root / "run" / "adapter" / "expert_cfg.json").read_text())["experts"] == experts["experts"]
+  assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) >= 4
+
+  _cli("export", "--model", root / "model", "--adapter", root / "run" / "adapter", "--out", root / "merged")
+  model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
+  assert type(model).__name__ == "DeepseekV2ForCausalLM"
+  assert (root / "merged" / "tokenizer.json").exists()
+
+
+def test_bad_select_input_exits_cleanly_and_writes_nothing(workspace, tmp_path, capsys):
+  summary = tmp_path / "summary.json"
+  summary.write_text(json.dumps({"token_scores": {"1": {"0": 0.5, "1": 0.5}}, "gate_scores": {}}))
+  with pytest.raises(SystemExit) as exit_info:
+    _cli("select", "--scores", summary, "--top-p", 1.5, "--out", tmp_path / "cfg.json")
+  assert exit_info.value.code == 2
+  assert "1.5" in capsys.readouterr().err
+  assert not (tmp_path / "cfg.json").exists()
+
+
+def test_eval_rescoring_reproduces_released_intent_scores(esft_reference, tmp_path, capsys):
+  _cli("eval", "--completions", esft_reference / "intent" / "completions_gate.jsonl", "--metric", "intent",
+       "--out", tmp_path / "results.json")
+  assert "intent: 0.8000 over 500 items" in capsys.readouterr().out
+  assert json.loads((tmp_path / "results.json").read_text())["mean"] == pytest.approx(0.8)
