@@ -10,8 +10,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from typing import NamedTuple
+
 from esft_jax.config import ModelConfig
-from esft_jax.model.layers import Linear, RMSNorm, apply_rope
+from esft_jax.model.layers import Linear, RMSNorm, apply_rope, logical_param
 
 Dtype = jnp.dtype
 MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
@@ -27,6 +29,37 @@ def attention_mask(segment_ids_BxL: jax.Array, window: int | None) -> jax.Array:
   same_segment = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
   allowed = allowed[None] & same_segment & (segment_ids_BxL[:, None, :] != 0)
   return allowed[:, None, None]
+
+
+class LayerCache(NamedTuple):
+  """One layer's decoding cache over S slots. GQA: rotated keys [B, S, G, D] and values [B, S, G, V].
+  MLA: the normalised latent [B, S, kv_lora_rank] and the rotated shared key [B, S, rope_dim], never the
+  expanded per-head keys and values."""
+  first: jax.Array
+  second: jax.Array
+
+
+class CacheView(NamedTuple):
+  """What a layer needs to read and write its cache: the slot of the first new token, and which slots hold
+  real tokens (padding excluded), already including the new ones."""
+  layer: LayerCache
+  index: jax.Array
+  valid_BxS: jax.Array
+
+
+def cached_mask(view: CacheView, q_len: int, window: int | None) -> jax.Array:
+  """[B, 1, 1, Q, S]: a new token at slot index+i sees filled, non-padding slots up to its own."""
+  q_slot = view.index + jnp.arange(q_len)
+  k_slot = jnp.arange(view.valid_BxS.shape[1])
+  allowed = k_slot[None, :] <= q_slot[:, None]
+  if window is not None:
+    allowed &= k_slot[None, :] > q_slot[:, None] - window
+  return (allowed[None] & view.valid_BxS[:, None, :])[:, None, None]
+
+
+def _write(cache_BxSx: jax.Array, new_BxLx: jax.Array, index: jax.Array) -> jax.Array:
+  start = (0, index) + (0,) * (cache_BxSx.ndim - 2)
+  return jax.lax.dynamic_update_slice(cache_BxSx, new_BxLx.astype(cache_BxSx.dtype), start)
 
 
 def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, mask: jax.Array,
@@ -48,7 +81,8 @@ class GroupedQueryAttention(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
+               cache: CacheView | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg = self.config
     b, length, _ = x_BxLxD.shape
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -69,20 +103,32 @@ class GroupedQueryAttention(nn.Module):
     q = apply_rope(q, cos, sin, cfg.rope.interleaved)
     k = apply_rope(k, cos, sin, cfg.rope.interleaved)
     q = nn.with_logical_constraint(q, ("batch", "length", "heads", "head_dim"))
-    mask = attention_mask(segment_ids_BxL, cfg.sliding_window(self.layer))
+    window = cfg.sliding_window(self.layer)
+    new_cache = None
+    if cache is None:
+      mask = attention_mask(segment_ids_BxL, window)
+    else:
+      new_cache = LayerCache(_write(cache.layer.first, k, cache.index), _write(cache.layer.second, v, cache.index))
+      k, v = new_cache.first.astype(q.dtype), new_cache.second.astype(q.dtype)
+      mask = cached_mask(cache, length, window)
     out = dot_product_attention(q, k, v, mask, cfg.softmax_scale()).reshape(b, length, -1)
-    return Linear(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj", **kw)(out)
+    return Linear(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj", **kw)(out), new_cache
 
 
 class MultiHeadLatentAttention(nn.Module):
-  """DeepSeek MLA: keys and values come from a compressed latent (kv_lora_rank) plus one shared rotary key."""
+  """DeepSeek MLA: keys and values come from a compressed latent (kv_lora_rank) plus one shared rotary key.
+
+  Training expands the latent into per-head keys and values. Decoding caches only the latent and the rotary
+  key and absorbs kv_b_proj into the query and the output (scores = q_nope W_uk . latent + q_rope . k_rope),
+  which computes the same attention without ever materialising the heads."""
   config: ModelConfig
   layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array) -> jax.Array:
+  def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
+               cache: CacheView | None = None) -> tuple[jax.Array, LayerCache | None]:
     cfg = self.config
     b, length, _ = x_BxLxD.shape
     h, nope, rope, v_dim = cfg.num_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -101,14 +147,42 @@ class MultiHeadLatentAttention(nn.Module):
     latent, k_rope = compressed[..., :cfg.kv_lora_rank], compressed[..., cfg.kv_lora_rank:]
     latent = RMSNorm(1e-6, "kv_lora", self.param_dtype, name="kv_a_layernorm")(latent)
     q_rope = apply_rope(q_rope, cos, sin, cfg.rope.interleaved)
-    k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope.interleaved)
+    k_rope = apply_rope(k_rope[:, :, None, :], cos, sin, cfg.rope.interleaved)[:, :, 0]
+    w_kv = KvUpProjection(cfg.kv_lora_rank, h * (nope + v_dim), self.param_dtype, name="kv_b_proj")()
+    w_kv = w_kv.astype(self.dtype).reshape(cfg.kv_lora_rank, h, nope + v_dim)
+    window = cfg.sliding_window(self.layer)
 
-    kv = Linear(h * (nope + v_dim), ("kv_lora", "heads"), name="kv_b_proj", **kw)(latent)
-    kv = kv.reshape(b, length, h, nope + v_dim)
-    k_nope, v = kv[..., :nope], kv[..., nope:]
-    k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope, (b, length, h, rope))], axis=-1)
-    q = nn.with_logical_constraint(jnp.concatenate([q_nope, q_rope], axis=-1),
-                                   ("batch", "length", "heads", "head_dim"))
-    mask = attention_mask(segment_ids_BxL, cfg.sliding_window(self.layer))
-    out = dot_product_attention(q, k, v, mask, cfg.softmax_scale()).reshape(b, length, h * v_dim)
-    return Linear(cfg.hidden_size, ("heads", "embed"), cfg.mla_bias, name="o_proj", **kw)(out)
+    if cache is None:
+      kv = jnp.einsum("blc,chd->blhd", latent, w_kv)
+      k_nope, v = kv[..., :nope], kv[..., nope:]
+      k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (b, length, h, rope))], axis=-1)
+      q = nn.with_logical_constraint(jnp.concatenate([q_nope, q_rope], axis=-1),
+                                     ("batch", "length", "heads", "head_dim"))
+      mask = attention_mask(segment_ids_BxL, window)
+      out = dot_product_attention(q, k, v, mask, cfg.softmax_scale())
+      new_cache = None
+    else:
+      new_cache = LayerCache(_write(cache.layer.first, latent, cache.index),
+                             _write(cache.layer.second, k_rope, cache.index))
+      latent_all, k_rope_all = new_cache.first.astype(q.dtype), new_cache.second.astype(q.dtype)
+      q_latent = jnp.einsum("blhn,chn->blhc", q_nope, w_kv[..., :nope])
+      scores = (jnp.einsum("blhc,bsc->bhls", q_latent, latent_all)
+                + jnp.einsum("blhr,bsr->bhls", q_rope, k_rope_all)).astype(jnp.float32) * cfg.softmax_scale()
+      mask = cached_mask(cache, length, window)[:, 0]
+      probs = jax.nn.softmax(jnp.where(mask, scores, MASKED), axis=-1).astype(latent_all.dtype)
+      out_latent = jnp.einsum("bhls,bsc->blhc", probs, latent_all)
+      out = jnp.einsum("blhc,chv->blhv", out_latent, w_kv[..., nope:])
+    out = out.reshape(b, length, h * v_dim)
+    return Linear(cfg.hidden_size, ("heads", "embed"), cfg.mla_bias, name="o_proj", **kw)(out), new_cache
+
+
+class KvUpProjection(nn.Module):
+  """kv_b_proj's kernel [kv_lora_rank, heads * (nope + v)], used both expanded and absorbed."""
+  in_features: int
+  out_features: int
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    return logical_param(self, "kernel", (self.in_features, self.out_features), ("kv_lora", "heads"),
+                         self.param_dtype)

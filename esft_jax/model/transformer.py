@@ -13,17 +13,35 @@ import jax
 import jax.numpy as jnp
 
 from esft_jax.config import ModelConfig
-from esft_jax.model.attention import GroupedQueryAttention, MultiHeadLatentAttention
+from esft_jax.model.attention import CacheView, GroupedQueryAttention, LayerCache, MultiHeadLatentAttention
 from esft_jax.model.layers import Linear, RMSNorm, SwiGLU, logical_param, rope_angles
 from esft_jax.model.moe import MoEBlock, Routing, batch_aux_loss, global_balance_loss, sequence_aux_loss
 
 Dtype = jnp.dtype
 
 
+class Cache(NamedTuple):
+  """The decoding cache of the whole model over S slots."""
+  layers: tuple[LayerCache, ...]
+  index: jax.Array  # int32 scalar: slots filled so far
+  valid_BxS: jax.Array  # bool: slots holding real (non-padding) tokens
+
+
 class ModelOutput(NamedTuple):
   logits: jax.Array  # [B, L, V] fp32
   routing: tuple[Routing, ...]  # one per MoE layer, in `config.moe_layer_ids` order
   aux_loss: jax.Array  # scalar, already multiplied by its coefficient (0 where the config has none)
+  cache: Cache | None = None  # the updated cache when one was passed in
+
+
+def init_cache(config: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -> Cache:
+  if config.attention == "mla":
+    shapes = ((batch, slots, config.kv_lora_rank), (batch, slots, config.qk_rope_head_dim))
+  else:
+    shapes = ((batch, slots, config.num_kv_heads, config.head_dim),) * 2
+  layers = tuple(LayerCache(jnp.zeros(shapes[0], dtype), jnp.zeros(shapes[1], dtype))
+                 for _ in range(config.num_layers))
+  return Cache(layers, jnp.zeros((), jnp.int32), jnp.zeros((batch, slots), bool))
 
 
 class DecoderLayer(nn.Module):
@@ -34,12 +52,14 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL) -> tuple[jax.Array, Routing | None]:
+  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
+               ) -> tuple[jax.Array, Routing | None, LayerCache | None]:
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="input_layernorm")(x_BxLxD)
-    x_BxLxD = x_BxLxD + attention_cls(cfg, self.layer, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL)
+    attn, new_cache = attention_cls(cfg, self.layer, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL, cache)
+    x_BxLxD = x_BxLxD + attn
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None
     if cfg.moe_layers[self.layer]:
@@ -47,7 +67,7 @@ class DecoderLayer(nn.Module):
     else:
       y = SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + y, ("batch", "length", "embed"))
-    return x_BxLxD, routing
+    return x_BxLxD, routing, new_cache
 
 
 class Transformer(nn.Module):
@@ -58,9 +78,10 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               positions_BxL: jax.Array | None = None) -> ModelOutput:
+               positions_BxL: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
     """`segment_ids`: 0 marks padding; packed documents carry distinct ids and never attend to each other.
-    `positions` default to 0..L-1 (pass per-document positions for packed batches)."""
+    `positions` default to 0..L-1 (pass per-document positions for packed batches). With a `cache`, the
+    tokens fill its next L slots and attend to every earlier non-padding slot (decoding)."""
     cfg = self.config
     b, length = tokens_BxL.shape
     if segment_ids_BxL is None:
@@ -71,10 +92,15 @@ class Transformer(nn.Module):
                               self.param_dtype)
     x = nn.with_logical_constraint(embedding[tokens_BxL].astype(self.dtype), ("batch", "length", "embed"))
     cos, sin = rope_angles(cfg, positions_BxL)
-    routings = []
+    routings, new_layers = [], []
+    valid = None
+    if cache is not None:
+      valid = jax.lax.dynamic_update_slice(cache.valid_BxS, segment_ids_BxL != 0, (0, cache.index))
     for i in range(cfg.num_layers):
-      x, routing = DecoderLayer(cfg, i, self.expert_impl, self.dtype, self.param_dtype, name=f"layers_{i}")(
-          x, cos, sin, segment_ids_BxL)
+      view = None if cache is None else CacheView(cache.layers[i], cache.index, valid)
+      x, routing, layer_cache = DecoderLayer(cfg, i, self.expert_impl, self.dtype, self.param_dtype,
+                                             name=f"layers_{i}")(x, cos, sin, segment_ids_BxL, view)
+      new_layers.append(layer_cache)
       if routing is not None:
         routings.append(routing)
     x = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="norm")(x)
@@ -84,7 +110,8 @@ class Transformer(nn.Module):
       logits = Linear(cfg.vocab_size, ("embed", "vocab"), dtype=self.dtype, param_dtype=self.param_dtype,
                       name="lm_head")(x)
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-    return ModelOutput(logits, tuple(routings), self._aux_loss(routings, segment_ids_BxL))
+    new_cache = None if cache is None else Cache(tuple(new_layers), cache.index + length, valid)
+    return ModelOutput(logits, tuple(routings), self._aux_loss(routings, segment_ids_BxL), new_cache)
 
   def _aux_loss(self, routings: list[Routing], segment_ids_BxL: jax.Array) -> jax.Array:
     cfg = self.config
