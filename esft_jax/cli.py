@@ -58,6 +58,18 @@ def cmd_init(args: argparse.Namespace) -> None:
   print(f"wrote a random-weight {cfg.model_type} model to {args.out}")
 
 
+def _load_model(model_dir, adapter_dir, dtype: str):
+  """A model directory's config and parameters, with an adapter (ESFT, FFT or LoRA) applied if given."""
+  import jax.numpy as jnp
+
+  from esft_jax.interop.adapter import load_adapter
+  from esft_jax.interop.hf import load_hf_model
+
+  loaded = load_hf_model(model_dir, dtype=jnp.dtype(dtype))
+  params = load_adapter(adapter_dir, loaded.config, loaded.params) if adapter_dir else loaded.params
+  return loaded.config, params
+
+
 def cmd_score(args: argparse.Namespace) -> None:
   from esft_jax.esft.scores import summary_from_logs, write_summary
 
@@ -72,13 +84,12 @@ def cmd_score(args: argparse.Namespace) -> None:
     from esft_jax.data.pipeline import format_records
     from esft_jax.data.sources import open_examples
     from esft_jax.esft.routing_pass import sample_until, score_examples
-    from esft_jax.interop.hf import load_hf_model
     from esft_jax.interop.tokenizer import load_tokenizer
 
-    loaded = load_hf_model(args.model, dtype=jnp.dtype(args.dtype))
+    config, params = _load_model(args.model, args.adapter, args.dtype)
     examples = format_records(open_examples(args.data, args.data_dir), load_tokenizer(args.model))
     chosen = sample_until(examples, args.n_tokens, args.seed)
-    summary = score_examples(loaded.config, loaded.params, chosen, args.batch_size, dtype=jnp.dtype(args.dtype),
+    summary = score_examples(config, params, chosen, args.batch_size, dtype=jnp.dtype(args.dtype),
                              log_dir=args.out if args.write_logs else None)
     print(f"scored {len(chosen)} samples, {sum(len(e) for e in chosen):,} tokens")
   write_summary(args.out / "summary.json", summary)
@@ -140,16 +151,29 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
   import json
 
-  from esft_jax.evaluate.metrics import score_completions
   from esft_jax.files import atomic_write_text
 
-  if not args.completions:
-    raise ValueError("this release scores saved generations: pass --completions FILE (generation from --model "
-                     "lands with the generation issue)")
-  mean, per_item = score_completions(args.completions, args.metric)
-  print(f"{args.metric}: {mean:.4f} over {len(per_item)} items")
+  if args.completions:
+    from esft_jax.evaluate.metrics import score_completions
+    mean, per_item = score_completions(args.completions, args.metric)
+    results = {"metric": args.metric, "mean": mean, "scores": per_item}
+    print(f"{args.metric}: {mean:.4f} over {len(per_item)} items")
+  else:
+    if not (args.model and args.data):
+      raise ValueError("eval needs --model and --data (or --completions FILE to re-score saved generations)")
+    import jax.numpy as jnp
+
+    from esft_jax.evaluate.runner import run_evaluation
+    from esft_jax.interop.tokenizer import load_tokenizer
+
+    config, params = _load_model(args.model, args.adapter, args.dtype)
+    results = run_evaluation(config, params, load_tokenizer(args.model), args.data, args.metric,
+                             args.max_new_tokens, args.batch_size, jnp.dtype(args.dtype))
+    print(f"{args.metric}: {results['mean']:.4f}" + (f" over {len(results['items'])} items" if "items" in results
+                                                      else f" over {results.get('tokens', 0)} tokens"))
   if args.out:
-    atomic_write_text(args.out, json.dumps({"metric": args.metric, "mean": mean, "scores": per_item}))
+    atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=1))
+    print(f"wrote {args.out}")
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -186,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "ratio (token score) and the mean gate value (gate score). Or import routing "
                                      "logs of the official PyTorch scorer with --from-logs.")
   score.add_argument("--model", help="HF model directory")
+  score.add_argument("--adapter", type=Path, help="adapter directory to apply first")
   score.add_argument("--data", help="training JSONL (ESFT messages format) or tfds:NAME[/CONFIG]:SPLIT")
   score.add_argument("--data-dir", help="TFDS data directory for tfds: data")
   score.add_argument("--n-tokens", type=int, help="token budget of the sample (the paper uses 131072)")
@@ -254,11 +279,21 @@ def build_parser() -> argparse.ArgumentParser:
   export.add_argument("--out", required=True, type=Path)
   export.set_defaults(func=cmd_export)
 
-  ev = sub.add_parser("eval", help="score generations with the paper's metrics",
-                      description="Re-score saved generations (ESFT's completions JSONL or ours) with a metric: "
-                                  "intent, math, code, translation, summary, law.")
-  ev.add_argument("--completions", type=Path, help="completions JSONL to re-score")
-  ev.add_argument("--metric", required=True)
+  ev = sub.add_parser("eval", help="evaluate a model (or saved generations) with the paper's metrics",
+                      description="Generate greedily for ESFT-format evaluation items (prompt, answers) and score "
+                                  "them: intent, math, code, translation, summary, law. `--metric loss` gives "
+                                  "held-out loss on training-format JSONL; `--metric choice` multiple-choice "
+                                  "accuracy on {question, choices, answer} JSONL. Or re-score saved "
+                                  "generations with --completions.")
+  ev.add_argument("--model", help="HF model directory")
+  ev.add_argument("--adapter", type=Path, help="adapter directory to apply (ESFT, FFT or LoRA)")
+  ev.add_argument("--data", type=Path, help="evaluation JSONL")
+  ev.add_argument("--completions", type=Path, help="completions JSONL to re-score instead of generating")
+  ev.add_argument("--metric", required=True,
+                  help="intent | math | code | translation | summary | law | loss | choice")
+  ev.add_argument("--max-new-tokens", type=int, default=128)
+  ev.add_argument("--batch-size", type=int, default=8)
+  ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ev.add_argument("--out", type=Path, help="results JSON with per-item scores")
   ev.set_defaults(func=cmd_eval)
 

@@ -78,3 +78,27 @@ def test_eval_rescoring_reproduces_released_intent_scores(esft_reference, tmp_pa
        "--out", tmp_path / "results.json")
   assert "intent: 0.8000 over 500 items" in capsys.readouterr().out
   assert json.loads((tmp_path / "results.json").read_text())["mean"] == pytest.approx(0.8)
+
+
+def test_eval_a_model_generation_loss_and_choice(workspace, tmp_path, capsys):
+  root = workspace
+  items = [{"prompt": f"User: what is {a} plus {b}?\n\nAssistant:", "answers": [str(a + b)]}
+           for a, b in [(1, 2), (3, 4), (10, 5)]]
+  write_jsonl(tmp_path / "eval.jsonl", items)
+  _cli("eval", "--model", root / "model", "--data", tmp_path / "eval.jsonl", "--metric", "math",
+       "--max-new-tokens", 6, "--batch-size", 2, "--out", tmp_path / "gen.json")
+  gen = json.loads((tmp_path / "gen.json").read_text())
+  assert len(gen["items"]) == 3 and all(r["score"] in (0.0, 1.0) for r in gen["items"])
+  assert gen["items"][0]["example"]["raw_answers"] == ["3"]
+
+  _cli("eval", "--model", root / "model", "--data", root / "train.jsonl", "--metric", "loss", "--out",
+       tmp_path / "loss.json")
+  loss = json.loads((tmp_path / "loss.json").read_text())
+  assert 3.0 < loss["mean"] < 9.0 and loss["tokens"] > 80  # near log(vocab) for random weights
+
+  write_jsonl(tmp_path / "mc.jsonl", [{"question": "2 plus 2 is", "choices": ["4", "five", "22"], "answer": 0}] * 2)
+  _cli("eval", "--model", root / "model", "--adapter", root / "run" / "adapter", "--data", tmp_path / "mc.jsonl",
+       "--metric", "choice", "--out", tmp_path / "mc.json")
+  mc = json.loads((tmp_path / "mc.json").read_text())
+  assert len(mc["items"]) == 2 and len(mc["items"][0]["logliks"]) == 3
+  assert mc["items"][0]["logliks"] == mc["items"][1]["logliks"]

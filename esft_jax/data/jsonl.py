@@ -28,11 +28,18 @@ class Conversation:
 
 @dataclasses.dataclass(frozen=True)
 class EvalItem:
-  """A prompt that is already formatted ("User: ...\\n\\nAssistant:") and its reference answers."""
+  """A prompt that is already formatted ("User: ...\\n\\nAssistant:") and its reference answers; `extra` keeps
+  the record's other fields (e.g. a code task's `tests`) for the metric."""
   prompt: str
   answers: tuple[str, ...]
   raw_answers: tuple[str, ...]
   source: str
+  extra: dict = dataclasses.field(default_factory=dict, compare=False)
+
+  def metric_item(self) -> dict:
+    """The dict the metrics in esft_jax.evaluate.metrics read."""
+    answers = {k: list(v) for k, v in (("answers", self.answers), ("raw_answers", self.raw_answers)) if v}
+    return {**self.extra, **answers}
 
 
 Record = Conversation | EvalItem
@@ -72,11 +79,12 @@ def parse_eval_item(obj: Any, source: str) -> EvalItem:
                      '{"prompt": "User: ...\\n\\nAssistant:", "answers": [...], "raw_answers": [...]}')
   lists = {}
   for key in ("answers", "raw_answers"):
-    value = obj.get(key)
+    value = obj.get(key, [])
     if not isinstance(value, list) or not all(isinstance(a, str) for a in value):
       raise ValueError(f"{source}: '{key}' must be a list of strings, got {value!r:.80}")
     lists[key] = tuple(value)
-  return EvalItem(obj["prompt"], lists["answers"], lists["raw_answers"], source)
+  extra = {k: v for k, v in obj.items() if k not in ("prompt", "answers", "raw_answers")}
+  return EvalItem(obj["prompt"], lists["answers"], lists["raw_answers"], source, extra)
 
 
 def read_jsonl(path: str | Path) -> list[Record]:

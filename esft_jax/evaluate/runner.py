@@ -1,0 +1,164 @@
+"""Running a model on the paper's evaluations: generation scored by a task metric, held-out loss, and
+multiple-choice log-likelihood (MMLU/ARC/HellaSwag style).
+
+Generation follows ESFT's evaluator: the prompt (already formatted, few-shot) is encoded with BOS in front,
+decoded greedily, and the metric reads the completion; translation is cut at the first blank line.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esft_jax.config import ModelConfig
+from esft_jax.data.formatting import Example, format_conversation
+from esft_jax.data.jsonl import Conversation, EvalItem, read_jsonl
+from esft_jax.evaluate.metrics import METRICS, multiple_choice_accuracy
+from esft_jax.generate import SamplingConfig, bucket, generate
+from esft_jax.interop.tokenizer import Tokenizer
+from esft_jax.model.transformer import Transformer
+from esft_jax.train.loss import token_cross_entropy
+from esft_jax.train.metrics import progress
+
+STOP_STRINGS = {"translation": ("\n\n",)}
+NON_GENERATIVE = ("loss", "choice")
+
+
+def _with_bos(tokenizer: Tokenizer, text: str) -> list[int]:
+  return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
+
+
+def evaluate_generation(config: ModelConfig, params, tokenizer: Tokenizer, items: Sequence[EvalItem], metric: str,
+                        max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32) -> dict:
+  if metric not in METRICS:
+    raise ValueError(f"metric {metric!r} is unknown; use one of {sorted(METRICS) + list(NON_GENERATIVE)}")
+  sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS.get(metric, ()))
+  prompts = [_with_bos(tokenizer, item.prompt) for item in items]
+  outputs = generate(config, params, prompts, sampling, tokenizer.eos_id, tokenizer, batch_size, dtype=dtype)
+  records = []
+  for item, output in zip(items, outputs):
+    fields = item.metric_item()
+    records.append({"example": {"prompt": item.prompt, "raw_prediction": output["text"],
+                                "raw_answers": fields.get("raw_answers", fields.get("answers", []))},
+                    "score": METRICS[metric](output["text"], fields), "source": item.source})
+  return {"metric": metric, "mean": float(np.mean([r["score"] for r in records])) if records else 0.0,
+          "items": records}
+
+
+def _loss_step(model: Transformer):
+  @jax.jit
+  def step(params, inputs, targets, mask, segments):
+    logits = model.apply({"params": params}, inputs, segments).logits
+    return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
+  return step
+
+
+def _rows(examples: Sequence[Example], batch_size: int):
+  """Batches of unpacked rows: inputs, shifted targets, loss mask on targets, segment ids."""
+  for start in range(0, len(examples), batch_size):
+    chunk = examples[start:start + batch_size]
+    length = bucket(max(len(e) for e in chunk))
+    inputs = np.zeros((batch_size, length), np.int32)
+    targets, mask, segments = np.zeros_like(inputs), np.zeros(inputs.shape, np.float32), np.zeros_like(inputs)
+    for i, e in enumerate(chunk):
+      n = len(e)
+      inputs[i, :n] = e.ids_L
+      targets[i, :n - 1] = e.ids_L[1:]
+      mask[i, :n - 1] = e.loss_mask_L[1:]
+      segments[i, :n] = 1
+    yield inputs, targets, mask, segments
+
+
+def heldout_loss(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
+                 dtype=jnp.float32) -> dict:
+  """Mean next-token loss over the loss-masked tokens (answers and EOS) of unpacked samples, and perplexity."""
+  step = _loss_step(Transformer(config, dtype=dtype))
+  total, count = 0.0, 0.0
+  for inputs, targets, mask, segments in _rows(list(examples), batch_size):
+    loss_sum, n = step(params, inputs, targets, mask, segments)
+    total, count = total + float(loss_sum), count + float(n)
+  mean = total / max(count, 1.0)
+  return {"metric": "loss", "mean": mean, "perplexity": float(np.exp(mean)), "tokens": int(count)}
+
+
+def _read_choice_items(path: Path) -> list[dict]:
+  items = []
+  for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      item = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{number}: not valid JSON ({e.msg})") from None
+    choices, answer = item.get("choices"), item.get("answer")
+    if not isinstance(item.get("question"), str) or not isinstance(choices, list) or not choices or \
+        not isinstance(answer, int) or not 0 <= answer < len(choices):
+      raise ValueError(f"{path}:{number}: multiple-choice records look like "
+                       '{"question": "...", "choices": ["...", ...], "answer": <index>}')
+    items.append(item)
+  if not items:
+    raise ValueError(f"{path}: the file has no records")
+  return items
+
+
+def multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer, path: Path, batch_size: int = 8,
+                    dtype=jnp.float32) -> dict:
+  """Accuracy by summed log-likelihood of each choice (continuation " choice") after the question, plus the
+  length-normalised accuracy (per byte, as lm-evaluation-harness's acc_norm)."""
+  items = _read_choice_items(path)
+  examples = []
+  for item in items:
+    context = _with_bos(tokenizer, item["question"])
+    for choice in item["choices"]:
+      continuation = tokenizer.encode(" " + choice.strip())
+      ids = np.asarray(context + continuation, np.int32)
+      mask = np.zeros(len(ids), bool)
+      mask[len(context):] = True
+      examples.append(Example(ids, mask, item["question"][:40]))
+  step = _per_row_loglik(Transformer(config, dtype=dtype))
+  logliks: list[float] = []
+  bar = progress(total=len(examples), desc="choices")
+  for inputs, targets, mask, segments in _rows(examples, batch_size):
+    logliks.extend(np.asarray(step(params, inputs, targets, mask, segments)).tolist())
+    bar.update(len(inputs))
+  bar.close()
+  records, pos = [], 0
+  for item in items:
+    n = len(item["choices"])
+    ll = logliks[pos:pos + n]
+    pos += n
+    lengths = [len((" " + c.strip()).encode()) for c in item["choices"]]
+    records.append({"question": item["question"], "logliks": ll, "answer": item["answer"],
+                    "score": multiple_choice_accuracy(ll, item["answer"]),
+                    "score_norm": multiple_choice_accuracy(ll, item["answer"], lengths)})
+  return {"metric": "choice", "mean": float(np.mean([r["score"] for r in records])),
+          "mean_norm": float(np.mean([r["score_norm"] for r in records])), "items": records}
+
+
+def _per_row_loglik(model: Transformer):
+  @jax.jit
+  def step(params, inputs, targets, mask, segments):
+    logits = model.apply({"params": params}, inputs, segments).logits
+    return -jnp.sum(token_cross_entropy(logits, targets) * mask, axis=-1)
+  return step
+
+
+def run_evaluation(config: ModelConfig, params, tokenizer: Tokenizer, data: Path, metric: str,
+                   max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32) -> dict:
+  """The `esft-jax eval --model` dispatcher: "loss" reads training-format JSONL, "choice" multiple-choice
+  JSONL, every other metric ESFT's evaluation format."""
+  if metric == "choice":
+    return multiple_choice(config, params, tokenizer, data, batch_size, dtype)
+  records = read_jsonl(data)
+  if metric == "loss":
+    if not isinstance(records[0], Conversation):
+      raise ValueError(f"{data}: the loss metric reads training-format records ({{\"messages\": [...]}})")
+    return heldout_loss(config, params, [format_conversation(r, tokenizer) for r in records], batch_size, dtype)
+  if not isinstance(records[0], EvalItem):
+    raise ValueError(f"{data}: metric {metric!r} reads evaluation records ({{\"prompt\", \"answers\"}})")
+  return evaluate_generation(config, params, tokenizer, records, metric, max_new_tokens, batch_size, dtype)
