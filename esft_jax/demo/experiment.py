@@ -148,7 +148,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
         expert_config = None
         if kind == "esft":
           expert_config = out / "scores" / name / f"experts_{SELECTION[method][0]}.json"
-        train_cfg = TrainConfig(steps=preset.finetune_steps, lr=preset.lr[method], eval_every=preset.finetune_steps // 3,
+        train_cfg = TrainConfig(steps=preset.finetune_steps, lr=preset.lr[method], eval_every=max(1, preset.finetune_steps // 3),
                                 save_every=preset.finetune_steps, log_every=10, compute_dtype="float32")
         data_cfg = DataConfig(seq_length=preset.finetune_seq_length, validation_fraction=0.05)
         result = finetune(base_dir, str(data / f"{name}_train.jsonl"), kind, run_dir, train_cfg, data_cfg,
