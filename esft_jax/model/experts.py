@@ -9,6 +9,9 @@ Each token's output is the sum over its K chosen experts of weight * expert(x), 
   kept as the oracle that the fast paths are tested against.
 - "grouped": sort the T*K (token, expert) assignments by expert and run one grouped matmul per projection
   (`jax.lax.ragged_dot`); no capacity, so no token is ever dropped.
+- "gpu": the same grouping on Mosaic GPU grouped-matmul kernels for Hopper (`esft_jax.model.kernels`), with
+  their own gradients; rows are padded per expert to whole tiles, still dropless.
+- "auto": "gpu" on a Hopper GPU, else "grouped".
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-EXPERT_IMPLS = ("reference", "grouped")
+from esft_jax.model.kernels import hopper_available
+
+EXPERT_IMPLS = ("reference", "grouped", "gpu", "auto")
 
 
 def _swiglu(x, w_gate, w_up, w_down):
@@ -54,4 +59,10 @@ def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], im
     return reference_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
   if impl == "grouped":
     return grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
+  if impl == "gpu":
+    from esft_jax.model.kernels.ffn import gpu_expert_ffn  # imports Pallas' Mosaic GPU backend
+
+    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
+  if impl == "auto":
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, "gpu" if hopper_available() else "grouped")
   raise ValueError(f"expert implementation {impl!r} is unknown; use one of {EXPERT_IMPLS}")

@@ -1,0 +1,286 @@
+"""Grouped matmul over expert-aligned row tiles: our own Mosaic GPU kernels for Hopper, with their VJP.
+
+    tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G) -> out_PxN
+
+Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
+each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) come out as zeros.
+
+- forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
+  multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
+  while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
+- weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
+  runs zero steps and gets an exact zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+ALIGN = 128  # every group's row count is a multiple of this
+_SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
+_MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
+_INTERPRET_SMS = 2  # blocks in interpret mode (CPU tests)
+
+
+@dataclasses.dataclass(frozen=True)
+class TileConfig:
+  """A block's output tile: two compute warpgroups of tile_m x tile_n each, stacked along `split` ("m" or "n")."""
+
+  tile_m: int
+  tile_n: int
+  split: str
+  tile_k: int = 64
+  max_stages: int = 4
+  grid_tile_width: int = 4
+  delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
+
+  @property
+  def block_m(self) -> int:
+    return self.tile_m * (2 if self.split == "m" else 1)
+
+  @property
+  def block_n(self) -> int:
+    return self.tile_n * (2 if self.split == "n" else 1)
+
+  def stages(self, itemsize: int) -> int:
+    """Pipeline depth that fits shared memory beside the output staging buffer."""
+    stage_bytes = (self.block_m + self.block_n) * self.tile_k * itemsize
+    out_bytes = 2 * self.tile_m * self.tile_n * itemsize
+    return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
+
+
+def forward_config(n: int) -> TileConfig:
+  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows, else
+  128 x 128. (BENCHMARKS.md: the sweep later found TileConfig(64, 256, "m") faster for n % 256 == 0.)"""
+  return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
+
+
+def weight_grad_config(k: int, n: int) -> TileConfig:
+  """Tiles of the weight-gradient kernel for a [k, n] weight: 128 x 256 or 256 x 128 blocks where they divide it."""
+  if n % 256 == 0:
+    return TileConfig(128, 128, "n", grid_tile_width=1)
+  if k % 256 == 0:
+    return TileConfig(128, 128, "m", grid_tile_width=1)
+  return TileConfig(64, 128, "m")
+
+
+def supported(k: int, n: int, dtype) -> bool:
+  """Whether tiled_matmul runs a [*, k] x [k, n] product (forward and both gradients) on its own kernels."""
+  return k % 128 == 0 and n % 128 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+
+
+def _swizzled(minor_elems: int, dtype) -> tuple:
+  bits = jnp.dtype(dtype).itemsize * 8
+  swizzle = plgpu.find_swizzle(minor_elems * bits)
+  return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _launch(body, out_type, interpret: bool):
+  if interpret:
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name yet
+
+    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams()
+  else:
+    num_sms, mode = jax.devices()[0].core_count, None
+  return plgpu.kernel(
+    body,
+    out_type=out_type,
+    grid=(num_sms,),
+    grid_names=("sm",),
+    num_threads=3,
+    thread_name="wg",
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    interpret=mode,
+  )
+
+
+def _wg_slice(cfg: TileConfig, wg, dim: str):
+  """The part of the block's tile (along `dim`) that compute warpgroup `wg` owns."""
+  size = cfg.tile_m if dim == "m" else cfg.tile_n
+  return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
+
+
+def _tile_runner(cfg: TileConfig, dtype, make_specs, mma):
+  """Returns run(steps, offset, a_src, b_src, out_dst, out_smem, allocations), which accumulates one block's
+  output tile over `steps` operand blocks (from block `offset` on) and stores it to out_dst, and the
+  allocations that run needs for operands shaped like (a_src, b_src)."""
+  stages = cfg.stages(jnp.dtype(dtype).itemsize)
+
+  def build(body, context, steps, offset):
+    return plgpu.emit_pipeline_warp_specialized(
+      body,
+      grid=(steps,),
+      memory_registers=_MEMORY_REGISTERS,
+      in_specs=make_specs(offset),
+      wg_axis="wg",
+      num_compute_wgs=2,
+      max_concurrent_steps=stages,
+      compute_context=context,
+    )
+
+  def run(steps, offset, a_src, b_src, out_dst, out_smem, allocations):
+    wg = lax.axis_index("wg")
+
+    def context(pipeline):
+      @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
+      def _(acc_ref):
+        pipeline(acc_ref)
+        acc = acc_ref[...].astype(dtype)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
+        out_smem[wg] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")])
+
+    def body(_, a_smem, b_smem, acc_ref):
+      plgpu.wgmma(acc_ref, *mma(wg, a_smem, b_smem))
+      plgpu.wgmma_wait(cfg.delay_release)
+      return acc_ref
+
+    build(body, context, steps, offset)(a_src, b_src, allocations=allocations)
+
+  def ignore(*_, **__):
+    return None
+
+  def allocations(a_src, b_src):
+    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(a_src, b_src)
+
+  return run, allocations
+
+
+def _out_smem(cfg: TileConfig, dtype):
+  return plgpu.SMEM((2, cfg.tile_m, cfg.tile_n), dtype, transforms=_swizzled(cfg.tile_n, dtype))
+
+
+def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False):
+  """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs)."""
+  p, k = lhs_PxK.shape
+  g, n = rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
+  dtype = lhs_PxK.dtype
+  m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
+  tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
+  tile_M = jnp.arange(m_iters, dtype=jnp.int32)
+  tile_group_M = jnp.minimum(jnp.searchsorted(tile_ends_G, tile_M, side="right"), g - 1).astype(jnp.int32)
+  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, 0).astype(jnp.int32)
+  transforms = _swizzled(cfg.tile_k, dtype)
+
+  def make_specs(_):
+    spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
+    a_spec = spec((cfg.block_m, cfg.tile_k), lambda kk: (0, kk))
+    if transpose_rhs:
+      return [a_spec, spec((cfg.block_n, cfg.tile_k), lambda kk: (0, kk))]
+    return [a_spec, spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0))]
+
+  def mma(wg, a_smem, b_smem):
+    if transpose_rhs:
+      b = b_smem.at[_wg_slice(cfg, wg, "n"), :].transpose((1, 0))
+    else:
+      b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
+    return a_smem.at[_wg_slice(cfg, wg, "m")], b
+
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
+
+  def body(tile_group_gmem, tile_steps_gmem, a_gmem, b_gmem, out_gmem):
+    @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=allocations(a_gmem, b_gmem.at[0]),
+      out_smem=_out_smem(cfg, dtype),
+      collective_axes="wg",
+    )
+    def _(pipeline_allocs, out_smem):
+      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+      def _(info):
+        mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
+        rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
+        weights = b_gmem.at[tile_group_gmem[mi]]
+        b_src = weights.at[cols, :] if transpose_rhs else weights.at[:, cols]
+        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_src, out_gmem.at[rows, cols], out_smem, pipeline_allocs)
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_type = jax.ShapeDtypeStruct((p, n), dtype)
+  return _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, rhs)
+
+
+def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, interpret: bool = False):
+  """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N]; zero for an expert with no rows."""
+  p, k = lhs_PxK.shape
+  n = rhs_PxN.shape[1]
+  g = group_sizes_G.shape[0]
+  dtype = lhs_PxK.dtype
+  m_iters, n_iters = k // cfg.block_m, n // cfg.block_n
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
+  steps_G = sizes_G // cfg.tile_k
+  transforms = _swizzled(cfg.tile_k, dtype)
+
+  def make_specs(offset):
+    spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
+    return [spec((cfg.tile_k, cfg.block_m), lambda kk: (offset + kk, 0)), spec((cfg.tile_k, cfg.block_n), lambda kk: (offset + kk, 0))]
+
+  def mma(wg, a_smem, b_smem):
+    a = a_smem.at[:, _wg_slice(cfg, wg, "m")].transpose((1, 0))
+    return a, b_smem.at[:, _wg_slice(cfg, wg, "n")]
+
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
+
+  def body(start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
+    @functools.partial(
+      pl.run_scoped,
+      pipeline_allocs=allocations(a_gmem, b_gmem),
+      out_smem=_out_smem(cfg, dtype),
+      collective_axes="wg",
+    )
+    def _(pipeline_allocs, out_smem):
+      @plgpu.nd_loop((g, m_iters * n_iters), collective_axes="sm")
+      def _(info):
+        gi = info.index[0]
+        mi, ni = plgpu.planar_snake(info.index[1], (m_iters, n_iters), 1, cfg.grid_tile_width)
+        rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
+        run(
+          steps_gmem[gi],
+          start_blocks_gmem[gi],
+          a_gmem.at[:, rows],
+          b_gmem.at[:, cols],
+          out_gmem.at[gi, rows, cols],
+          out_smem,
+          pipeline_allocs,
+        )
+
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  out_type = jax.ShapeDtypeStruct((g, k, n), dtype)
+  return _launch(body, out_type, interpret)(start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False):
+  """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them."""
+  n = rhs_GxKxN.shape[2]
+  return grouped_forward(
+    lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(n), interpret=interpret
+  )
+
+
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret):
+  return tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret), (lhs_PxK, rhs_GxKxN, group_sizes_G)
+
+
+def _tiled_matmul_bwd(interpret, residuals, dout_PxN):
+  lhs_PxK, rhs_GxKxN, group_sizes_G = residuals
+  _, k, n = rhs_GxKxN.shape
+  dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
+  dlhs_PxK = grouped_forward(
+    dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
+  )
+  drhs_GxKxN = grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n), interpret=interpret)
+  return dlhs_PxK, drhs_GxKxN, None
+
+
+tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)

@@ -1,0 +1,348 @@
+"""Routed-expert SwiGLU, forward and forward+backward: the JAX paths and PyTorch's grouped GEMM, in one process.
+
+    python experiments/bench_moe.py           # GPU: 64 experts, 2048 -> 1408 -> 2048, 16k-64k rows, bf16
+    python experiments/bench_moe.py --tiny    # a few seconds on CPU (CI keeps it working)
+    python experiments/bench_moe.py --sweep   # GPU: times tile configurations of the "tiled" kernels
+
+Ops: "swiglu" is the three grouped matmuls on rows already grouped by expert (padded per expert for "tiled");
+"moe" is the whole `expert_ffn(x, ids, weights, experts)` (dispatch, matmuls, weighted combine).
+Paths: grouped (`jax.lax.ragged_dot`), ragged (jax's Mosaic GPU ragged-dot kernels), tiled (our Mosaic GPU
+kernels), torch (`torch._grouped_mm`, PyTorch's reference). FLOPs count the matmuls on the real rows only:
+6*rows*d*f forward, 18*rows*d*f forward+backward. Time: median of --iters runs after --warmup, each ended by
+block_until_ready / torch.cuda.synchronize. Peak: memory beyond the inputs, from XLA's memory analysis of the
+compiled step (temporaries + outputs) and from torch.cuda.max_memory_allocated.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from esft_jax.model.experts import expert_ffn
+from esft_jax.model.kernels import hopper_available
+from esft_jax.model.kernels.layout import expert_layout
+
+PATHS = ("grouped", "ragged", "tiled", "torch")
+GIB = 2.0**30
+
+
+def routing(tokens: int, k: int, experts: int, skewed: bool, rng: np.random.Generator) -> np.ndarray:
+  """Top-k expert ids [tokens, k], distinct per token: round-robin (even), or expert popularity ~ Dirichlet(0.5)."""
+  if not skewed:
+    return (np.arange(tokens * k) % experts).reshape(tokens, k).astype(np.int32)
+  popularity = rng.dirichlet(np.full(experts, 0.5))
+  gumbel_TxE = np.log(popularity + 1e-30) - np.log(-np.log(rng.random((tokens, experts))))
+  return np.argsort(-gumbel_TxE, axis=1)[:, :k].astype(np.int32)
+
+
+def swiglu_jax(matmul: Callable) -> Callable:
+  def swiglu(x_PxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E):
+    h_PxF = jax.nn.silu(matmul(x_PxD, w_gate_ExDxF, group_sizes_E)) * matmul(x_PxD, w_up_ExDxF, group_sizes_E)
+    return matmul(h_PxF, w_down_ExFxD, group_sizes_E)
+
+  return swiglu
+
+
+def with_backward(fn: Callable, num_diff: int) -> Callable:
+  """fn's output and the gradients of <output, cotangent> with respect to its first num_diff arguments."""
+
+  def step(cotangent, *args):
+    out, vjp = jax.vjp(lambda *diff: fn(*diff, *args[num_diff:]), *args[:num_diff])
+    return out, vjp(cotangent.astype(out.dtype))
+
+  return step
+
+
+def time_jax(fn: Callable, args: tuple, warmup: int, iters: int) -> tuple[float, float]:
+  """Median ms and peak GiB beyond the inputs of jit(fn)(*args)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  memory = compiled.memory_analysis()
+  peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / GIB if memory is not None else float("nan")
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3, peak
+
+
+def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float]:
+  import torch
+
+  for _ in range(warmup):
+    fn()
+  torch.cuda.synchronize()
+  base = torch.cuda.memory_allocated()
+  torch.cuda.reset_peak_memory_stats()
+  fn()
+  torch.cuda.synchronize()
+  peak = (torch.cuda.max_memory_allocated() - base) / GIB
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3, peak
+
+
+class TorchCase:
+  """The same op in PyTorch on the GPU: torch._grouped_mm on weights stored [E, out, in] (as transformers does)."""
+
+  def __init__(self, x_TxD, ids_TxK, weights_TxK, experts, cotangent_TxD):
+    import torch
+
+    self.torch = torch
+    dev = "cuda"
+    bf16 = lambda a, grad=True: torch.from_numpy(np.asarray(a, np.float32)).to(dev, torch.bfloat16).requires_grad_(grad)
+    self.x_TxD = bf16(x_TxD)
+    self.ids_TxK = torch.from_numpy(np.asarray(ids_TxK)).to(dev, torch.int64)
+    self.weights_TxK = bf16(weights_TxK)
+    self.w_out_in = {n: bf16(np.swapaxes(np.asarray(w, np.float32), 1, 2)) for n, w in experts.items()}
+    self.cotangent_TxD = bf16(cotangent_TxD, grad=False)
+    flat = self.ids_TxK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    self.offsets = torch.cumsum(torch.bincount(flat, minlength=experts["gate_proj"].shape[0]), 0).to(torch.int32)
+    self.x_sorted = self.x_TxD.detach()[order // ids_TxK.shape[1]].requires_grad_(True)
+    self.cotangent_sorted = torch.randn_like(self.x_sorted, requires_grad=False)
+
+  def _swiglu(self, x_sorted, offsets):
+    mm = lambda a, name: self.torch._grouped_mm(a, self.w_out_in[name].transpose(-2, -1), offs=offsets)
+    return mm(self.torch.nn.functional.silu(mm(x_sorted, "gate_proj")) * mm(x_sorted, "up_proj"), "down_proj")
+
+  def _moe(self):
+    torch = self.torch
+    t, k = self.ids_TxK.shape
+    flat = self.ids_TxK.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offsets = torch.cumsum(torch.bincount(flat, minlength=self.offsets.shape[0]), 0).to(torch.int32)
+    y_sorted = self._swiglu(self.x_TxD[order // k], offsets)
+    y_TxKxD = torch.empty_like(y_sorted).index_copy(0, order, y_sorted).view(t, k, -1)
+    return (y_TxKxD * self.weights_TxK[..., None]).sum(1)
+
+  def step(self, op: str, backward: bool) -> Callable:
+    leaves = [self.x_TxD, self.x_sorted, self.weights_TxK, *self.w_out_in.values()]
+
+    def run():
+      out = self._swiglu(self.x_sorted, self.offsets) if op == "swiglu" else self._moe()
+      if backward:
+        out.backward(self.cotangent_sorted if op == "swiglu" else self.cotangent_TxD)
+        for leaf in leaves:
+          leaf.grad = None
+      return out
+
+    if not backward:
+      return lambda: self.torch.no_grad()(run)()
+    return run
+
+
+def torch_unavailable() -> str | None:
+  """Why the torch column is empty, or None."""
+  try:
+    import torch
+  except ImportError:
+    return "torch is not installed"
+  if not torch.cuda.is_available():
+    return "no CUDA device for torch (torch._grouped_mm needs one)"
+  if not hasattr(torch, "_grouped_mm"):
+    return f"torch {torch.__version__} has no torch._grouped_mm"
+  return None
+
+
+def jax_unavailable(path: str) -> str | None:
+  if path in ("ragged", "tiled") and not hopper_available():
+    return f"the {path} kernels need a Hopper GPU (found {jax.devices()[0].platform})"
+  return None
+
+
+def jax_step(path: str, op: str, backward: bool, data: dict) -> tuple[Callable, tuple]:
+  """The function to jit and its arguments for one path, op and pass."""
+  e = data["experts"]
+  weights = (e["gate_proj"], e["up_proj"], e["down_proj"])
+  if op == "moe":
+    from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+    def fn(x_TxD, weights_TxK, w_gate, w_up, w_down):
+      experts = {"gate_proj": w_gate, "up_proj": w_up, "down_proj": w_down}
+      if path == "grouped":
+        return expert_ffn(x_TxD, data["ids"], weights_TxK, experts, "grouped")
+      return gpu_expert_ffn(x_TxD, data["ids"], weights_TxK, experts, path)
+
+    args, num_diff, cotangent = (data["x"], data["weights"], *weights), 5, data["cotangent"]
+  else:
+    from esft_jax.model.kernels.ffn import kernel_matmul
+
+    matmul, align = (jax.lax.ragged_dot, 1) if path == "grouped" else kernel_matmul(path)
+    source_P = data["layouts"][align].source_P
+    rows = lambda a: jnp.take(a, source_P, axis=0, mode="fill", fill_value=0)
+    fn = swiglu_jax(matmul)
+    args, num_diff = (rows(data["x"]), *weights, data["layouts"][align].group_sizes_G), 4
+    cotangent = rows(data["cotangent"])
+  return (with_backward(fn, num_diff), (cotangent, *args)) if backward else (fn, args)
+
+
+def make_data(rows: int, k: int, experts: int, d: int, f: int, skewed: bool, seed: int) -> dict:
+  rng = np.random.default_rng(seed)
+  tokens = max(8, round(rows / k / 8) * 8)
+  ids = routing(tokens, k, experts, skewed, rng)
+  normal = lambda *shape: rng.standard_normal(shape, np.float32)
+  expert_weights = {
+    "gate_proj": normal(experts, d, f) / np.sqrt(d),
+    "up_proj": normal(experts, d, f) / np.sqrt(d),
+    "down_proj": normal(experts, f, d) / np.sqrt(f),
+  }
+  gates = rng.random((tokens, k), np.float32)
+  host = dict(x=normal(tokens, d), ids=ids, weights=gates / gates.sum(1, keepdims=True), cotangent=normal(tokens, d))
+  bf16 = lambda a: jnp.asarray(a, jnp.bfloat16)
+  ids_jax = jnp.asarray(ids)
+  return dict(
+    host=dict(host, experts=expert_weights),
+    x=bf16(host["x"]),
+    ids=ids_jax,
+    weights=jnp.asarray(host["weights"]),
+    cotangent=bf16(host["cotangent"]),
+    experts={n: bf16(w) for n, w in expert_weights.items()},
+    layouts={align: expert_layout(ids_jax, experts, align) for align in (1, 128)},
+    rows=tokens * k,
+  )
+
+
+def run_table(args) -> dict[str, str | None]:
+  """Prints the table a row at a time; returns why paths were not measured."""
+  rows_list = [int(r) for r in args.rows.split(",")]
+  notes = {p: jax_unavailable(p) for p in PATHS if p != "torch"} | {"torch": torch_unavailable()}
+  print_row(["op", "pass", "rows", "routing", "path", "ms", "TFLOP/s", "peak GiB", "vs torch"])
+  print("|" + "---|" * 9, flush=True)
+  for rows in rows_list:
+    for skewed in (False, True):
+      data = make_data(rows, args.top_k, args.experts, args.d, args.f, skewed, seed=rows + skewed)
+      torch_case = None
+      if notes["torch"] is None:
+        h = data["host"]
+        torch_case = TorchCase(h["x"], h["ids"], h["weights"], h["experts"], h["cotangent"])
+      for op in ("swiglu", "moe"):
+        for backward in (False, True):
+          flops = (18 if backward else 6) * data["rows"] * args.d * args.f
+          results = {}
+          for path in PATHS:
+            if notes[path] is not None:
+              continue
+            try:
+              if path == "torch":
+                results[path] = time_torch(torch_case.step(op, backward), args.warmup, args.iters)
+              else:
+                fn, fn_args = jax_step(path, op, backward, data)
+                results[path] = time_jax(fn, fn_args, args.warmup, args.iters)
+            except Exception as err:  # a path that fails to build or run is reported, not fatal
+              notes[path] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+              print(f"# {path} failed on {op} rows={rows}: {notes[path]}", file=sys.stderr, flush=True)
+          torch_ms = results.get("torch", (None,))[0]
+          for path, (ms, peak) in results.items():
+            print_row([
+              op, "fwd+bwd" if backward else "fwd", f"{data['rows']}", "skewed" if skewed else "even", path,
+              f"{ms:.3f}", f"{flops / ms / 1e9:.1f}", f"{peak:.2f}",
+              f"{torch_ms / ms:.2f}" if torch_ms else "-",
+            ])
+  return notes
+
+
+def print_row(cells: list[str]) -> None:
+  print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def sweep(args) -> None:
+  """Times each tile configuration of the "tiled" kernels on the benchmark widths (even routing, first --rows)."""
+  from esft_jax.model.kernels import ragged, tiled
+  from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
+
+  data = make_data(int(args.rows.split(",")[0]), args.top_k, args.experts, args.d, args.f, False, seed=0)
+  layout = data["layouts"][tiled.ALIGN]
+  rng = np.random.default_rng(1)
+  rows = []
+  for k, n in ((args.d, args.f), (args.f, args.d)):
+    lhs = jnp.asarray(rng.standard_normal((layout.source_P.shape[0], k)), jnp.bfloat16)
+    lhs = jnp.where((layout.source_P < data["x"].shape[0])[:, None], lhs, 0)
+    dout = jnp.asarray(rng.standard_normal((lhs.shape[0], n)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((args.experts, k, n)) / np.sqrt(k), jnp.bfloat16)
+    gs = layout.group_sizes_G
+    flops = 2 * data["rows"] * k * n
+    cases = []
+    for cfg in sweep_configs(n):
+      cases.append((f"fwd {k}->{n}", cfg, lambda a, b, g, cfg=cfg: tiled.grouped_forward(a, b, g, transpose_rhs=False, cfg=cfg), (lhs, w, gs)))
+    for cfg in sweep_configs(k):
+      cases.append((f"dX {n}->{k}", cfg, lambda a, b, g, cfg=cfg: tiled.grouped_forward(a, b, g, transpose_rhs=True, cfg=cfg), (dout, w, gs)))
+    for cfg in sweep_configs(n, k):
+      cases.append((f"dW {k}x{n}", cfg, lambda a, b, g, cfg=cfg: tiled.grouped_weight_grad(a, b, g, cfg=cfg), (lhs, dout, gs)))
+    cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS), (lhs, dout, gs)))
+    for name, cfg, fn, fn_args in cases:
+      try:
+        ms, _ = time_jax(fn, fn_args, args.warmup, args.iters)
+        rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
+      except Exception as err:
+        rows.append([name, str(cfg), "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"])
+      print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+  print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows")
+  print_row(["kernel", "config", "ms", "TFLOP/s"])
+  print("|" + "---|" * 4)
+  for row in rows:
+    print_row(row)
+
+
+def sweep_configs(n: int, k: int | None = None) -> list:
+  """Candidate tiles for a forward-style kernel of output width n, or (with k) a weight gradient [k, n]."""
+  from esft_jax.model.kernels.tiled import TileConfig
+
+  if k is None:
+    candidates = [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
+                  TileConfig(64, 256, "m")]
+  else:
+    candidates = [TileConfig(128, 128, "n", grid_tile_width=1), TileConfig(128, 128, "m", grid_tile_width=1),
+                  TileConfig(64, 128, "m"), TileConfig(64, 256, "m", grid_tile_width=1)]
+  return [c for c in candidates if n % c.block_n == 0 and (k is None or k % c.block_m == 0)]
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
+  parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
+  parser.add_argument("--rows", default="16384,32768,65536", help="tokens x top-k, comma-separated")
+  parser.add_argument("--top-k", type=int, default=6)
+  parser.add_argument("--experts", type=int, default=64)
+  parser.add_argument("--d", type=int, default=2048)
+  parser.add_argument("--f", type=int, default=1408)
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--iters", type=int, default=10)
+  args = parser.parse_args()
+  if args.tiny:
+    args.rows, args.top_k, args.experts, args.d, args.f, args.warmup, args.iters = "96", 2, 4, 128, 128, 1, 2
+  print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; experts={args.experts} d={args.d} f={args.f} "
+        f"top_k={args.top_k} bf16", flush=True)
+  if args.sweep:
+    sweep(args)
+    return
+  try:
+    import torch
+
+    print(f"# torch {torch.__version__}")
+  except ImportError:
+    pass
+  notes = run_table(args)
+  for path, note in notes.items():
+    if note is not None:
+      print(f"- {path}: not measured: {note}")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,174 @@
+"""The GPU expert kernels against the reference path, forward and gradients, at bf16 tolerance on random inputs.
+
+The kernels need a Hopper GPU: those tests skip elsewhere. On CPU run the row layout, the tiled forward kernel in
+Pallas' GPU interpreter, "auto" choosing "grouped", and the benchmark's tiny smoke run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from esft_jax.model.experts import expert_ffn
+from esft_jax.model.kernels import hopper_available
+from esft_jax.model.kernels.layout import expert_layout, padded_rows
+
+REPO = Path(__file__).resolve().parents[1]
+needs_hopper = pytest.mark.skipif(
+  not hopper_available(), reason=f"the Mosaic GPU kernels need a Hopper GPU; the default device is {jax.devices()[0]}"
+)
+
+
+def rel_err(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def routing(rng, tokens: int, k: int, experts: int, skewed: bool) -> np.ndarray:
+  """Distinct top-k ids; skewed: popularity ~ Dirichlet(0.5) over all but the last two experts (which get none)."""
+  if not skewed:
+    return np.stack([rng.choice(experts, k, replace=False) for _ in range(tokens)]).astype(np.int32)
+  popularity = rng.dirichlet(np.full(experts - 2, 0.5))
+  return np.stack([rng.choice(experts - 2, k, replace=False, p=popularity) for _ in range(tokens)]).astype(np.int32)
+
+
+def moe_inputs(rng, tokens: int, k: int, experts: int, d: int, f: int, skewed: bool):
+  normal = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  x = jnp.asarray(normal(tokens, d), jnp.bfloat16)
+  ids = jnp.asarray(routing(rng, tokens, k, experts, skewed))
+  gates = rng.random((tokens, k)).astype(np.float32)
+  weights = jnp.asarray(gates / gates.sum(1, keepdims=True))
+  experts_ = {
+    "gate_proj": jnp.asarray(normal(experts, d, f) / np.sqrt(d), jnp.bfloat16),
+    "up_proj": jnp.asarray(normal(experts, d, f) / np.sqrt(d), jnp.bfloat16),
+    "down_proj": jnp.asarray(normal(experts, f, d) / np.sqrt(f), jnp.bfloat16),
+  }
+  return x, ids, weights, experts_
+
+
+@pytest.mark.parametrize("align", [1, 128])
+def test_layout_puts_each_assignment_in_its_experts_aligned_group(align):
+  rng = np.random.default_rng(0)
+  tokens, k, experts = 37, 3, 5
+  ids = routing(rng, tokens, k, experts, skewed=True)
+  layout = expert_layout(jnp.asarray(ids), experts, align)
+  sizes = np.asarray(layout.group_sizes_G)
+  counts = np.bincount(ids.reshape(-1), minlength=experts)
+  assert np.all(sizes % align == 0) and np.all(sizes >= counts) and np.all(sizes - counts < align)
+  assert layout.source_P.shape == (padded_rows(tokens * k, experts, align),) and sizes.sum() <= len(layout.source_P)
+  starts = np.cumsum(sizes) - sizes
+  dest, source = np.asarray(layout.dest_TxK), np.asarray(layout.source_P)
+  assert len(np.unique(dest)) == tokens * k
+  assert np.all(dest >= starts[ids]) and np.all(dest < starts[ids] + sizes[ids])
+  np.testing.assert_array_equal(source[dest], np.repeat(np.arange(tokens), k).reshape(tokens, k))
+  assert np.sum(source == tokens) == len(source) - tokens * k
+
+
+def test_tiled_forward_kernel_interpreted():
+  """The forward kernel in Pallas' GPU interpreter (CPU): an empty group, and tiles past the last group."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(1)
+  sizes = jnp.asarray([128, 0, 256], jnp.int32)
+  lhs_PxK = jnp.asarray(rng.standard_normal((640, 128)), jnp.bfloat16)
+  rhs_GxKxN = jnp.asarray(rng.standard_normal((3, 128, 128)) / 11, jnp.bfloat16)
+  out = tiled.grouped_forward(
+    lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(128), interpret=True
+  )
+  want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  assert rel_err(out[:384], want[:384]) < 1e-2
+  assert np.all(np.asarray(out[384:]) == 0)
+
+
+@pytest.mark.skipif(hopper_available(), reason="checks the choice made off Hopper GPUs")
+def test_auto_is_grouped_off_hopper():
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(2), 20, 2, 4, 16, 8, skewed=False)
+  np.testing.assert_array_equal(
+    expert_ffn(x, ids, weights, experts, "auto"), expert_ffn(x, ids, weights, experts, "grouped")
+  )
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel", ["tiled", "ragged"])
+@pytest.mark.parametrize("k, n", [(256, 384), (384, 256)])
+def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
+  """Odd row count, an empty group and a one-row group; output, input and weight gradients."""
+  from esft_jax.model.kernels.ffn import kernel_matmul
+
+  rng = np.random.default_rng(3)
+  experts, tokens = 6, 333
+  ids = jnp.asarray(np.concatenate([rng.choice([0, 2, 3, 5], tokens - 1), [1]]).reshape(-1, 1).astype(np.int32))
+  matmul, align = kernel_matmul(kernel)
+  layout = expert_layout(ids, experts, align)
+  real_P = jnp.asarray(layout.source_P < tokens)[:, None]
+  lhs = jnp.where(real_P, jnp.asarray(rng.standard_normal((len(layout.source_P), k)), jnp.bfloat16), 0)
+  rhs = jnp.asarray(rng.standard_normal((experts, k, n)) / np.sqrt(k), jnp.bfloat16)
+  dout = jnp.where(real_P, jnp.asarray(rng.standard_normal((len(layout.source_P), n)), jnp.bfloat16), 0)
+  sizes = layout.group_sizes_G
+
+  out, vjp = jax.vjp(lambda a, b: matmul(a, b, sizes), lhs, rhs)
+  dlhs, drhs = vjp(dout)
+  f32 = lambda a: a.astype(jnp.float32)
+  want, want_vjp = jax.vjp(lambda a, b: jax.lax.ragged_dot(a, b, sizes), f32(lhs), f32(rhs))
+  want_dlhs, want_drhs = want_vjp(f32(dout))
+  used = int(jnp.sum(sizes))
+  assert rel_err(out[:used], want[:used]) < 1e-2
+  assert rel_err(dlhs[:used], want_dlhs[:used]) < 1e-2
+  assert rel_err(drhs, want_drhs) < 1e-2
+  assert np.all(np.asarray(out[used:]) == 0) and np.all(np.asarray(dlhs[used:]) == 0)
+  assert np.all(np.asarray(drhs[4]) == 0)  # expert 4 got no rows: an exact zero
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel", ["tiled", "ragged"])
+@pytest.mark.parametrize("skewed", [False, True], ids=["even", "skewed"])
+def test_gpu_expert_ffn_matches_reference(kernel, skewed):
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  rng = np.random.default_rng(4)
+  x, ids, weights, experts = moe_inputs(rng, 300, 4, 16, 256, 384, skewed)
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+  def loss(fn):
+    return lambda x_, w_, e_: jnp.sum(fn(x_, ids, w_, e_).astype(jnp.float32) * cotangent)
+
+  reference = lambda *a: expert_ffn(*a, impl="reference")
+  gpu = jax.jit(lambda *a: gpu_expert_ffn(*a, kernel=kernel))
+  assert rel_err(gpu(x, ids, weights, experts), reference(x, ids, weights, experts)) < 2e-2
+  grads = jax.jit(jax.grad(loss(gpu), argnums=(0, 1, 2)))(x, weights, experts)
+  want = jax.grad(loss(reference), argnums=(0, 1, 2))(x, weights, experts)
+  for got_leaf, want_leaf in zip(jax.tree.leaves(grads), jax.tree.leaves(want)):
+    assert rel_err(got_leaf, want_leaf) < 2e-2
+  unused = np.setdiff1d(np.arange(16), np.asarray(ids))
+  assert len(unused) == (2 if skewed else 0)
+  for name in experts:
+    assert np.all(np.asarray(grads[2][name][unused]) == 0)
+
+
+@needs_hopper
+def test_auto_is_gpu_on_hopper():
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(5), 64, 2, 8, 128, 128, skewed=False)
+  np.testing.assert_array_equal(
+    expert_ffn(x, ids, weights, experts, "auto"), gpu_expert_ffn(x, ids, weights, experts)
+  )
+
+
+def test_bench_moe_tiny_prints_a_table():
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  proc = subprocess.run(
+    [sys.executable, str(REPO / "experiments" / "bench_moe.py"), "--tiny"],
+    capture_output=True, text=True, timeout=300, env=env, check=True,
+  )
+  lines = proc.stdout.splitlines()
+  header = lines.index("| op | pass | rows | routing | path | ms | TFLOP/s | peak GiB | vs torch |")
+  body = [line for line in lines[header + 2:] if line.startswith("| ")]
+  assert {line.split(" | ")[4] for line in body} >= {"grouped"}
+  assert len(body) >= 8
