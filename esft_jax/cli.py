@@ -71,8 +71,12 @@ def _load_model(model_dir, adapter_dir, dtype: str):
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-  from esft_jax.esft.scores import summary_from_logs, write_summary
+  import jax
 
+  from esft_jax.esft.scores import summary_from_logs, write_summary
+  from esft_jax.sharding import mesh_from_flags
+
+  mesh = mesh_from_flags(args.mesh, args.distributed)
   args.out.mkdir(parents=True, exist_ok=True)
   if args.from_logs:
     summary = summary_from_logs(args.from_logs)
@@ -90,10 +94,11 @@ def cmd_score(args: argparse.Namespace) -> None:
     examples = format_records(open_examples(args.data, args.data_dir), load_tokenizer(args.model))
     chosen = sample_until(examples, args.n_tokens, args.seed)
     summary = score_examples(config, params, chosen, args.batch_size, dtype=jnp.dtype(args.dtype),
-                             log_dir=args.out if args.write_logs else None)
+                             log_dir=args.out if args.write_logs else None, mesh=mesh)
     print(f"scored {len(chosen)} samples, {sum(len(e) for e in chosen):,} tokens")
-  write_summary(args.out / "summary.json", summary)
-  print(f"wrote {args.out / 'summary.json'}")
+  if jax.process_index() == 0:  # every process holds the same summary
+    write_summary(args.out / "summary.json", summary)
+    print(f"wrote {args.out / 'summary.json'}")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -124,6 +129,7 @@ def cmd_select(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
   from esft_jax.data.pipeline import DataConfig
+  from esft_jax.sharding import mesh_from_flags
   from esft_jax.train.optimizer import DEFAULT_LR
   from esft_jax.train.run import finetune
   from esft_jax.train.trainer import TrainConfig
@@ -134,8 +140,9 @@ def cmd_train(args: argparse.Namespace) -> None:
       eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
       compute_dtype=args.compute_dtype)
   data_config = DataConfig(seq_length=args.seq_length, packing=args.packing)
+  mesh = mesh_from_flags(args.mesh, args.distributed)
   result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
-                    args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype)
+                    args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype, mesh)
   best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
   print(f"trained {result.trainable_params:,} parameters for {result.steps} steps in {result.wall_seconds:.0f}s; "
         f"best validation loss {best}; adapter in {args.out / 'adapter'}")
@@ -184,6 +191,40 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
   print(f"built TFDS dataset {args.name} at {path}; read it with --data tfds:{args.name}:{args.split}")
 
 
+def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--mesh", help="device mesh over the axes data, fsdp, expert, tensor, e.g. data=2,fsdp=4 "
+                                     "(sizes multiply to the device count; one may be -1). Default: one device")
+  parser.add_argument("--distributed", action="store_true",
+                      help="join the other processes first (jax.distributed.initialize: TPU pod slices, SLURM, "
+                           "Open MPI); each process reads its own share of the data")
+
+
+def cmd_figures(args: argparse.Namespace) -> None:
+  from esft_jax.analysis.figures import plot_routing_figures
+  from esft_jax.analysis.routing import FIGURES_JSON, routing_figures_from_logs
+
+  logs: dict[str, Path] = {}
+  for spec in args.logs:
+    task, sep, directory = spec.partition("=")
+    if not (sep and task and directory):
+      raise ValueError(f"--logs {spec!r}: expected TASK=DIR, e.g. intent=runs/intent/routing_logs")
+    if task in logs:
+      raise ValueError(f"--logs: task {task!r} is given twice")
+    logs[task] = Path(directory)
+  figures = routing_figures_from_logs(logs, args.out, args.top_k, args.num_experts)
+  paths = plot_routing_figures(figures, args.out)
+  diagonal = ", ".join(f"{task} {figures['overlap'][task][task]:.2f}" for task in logs)
+  print(f"shared top-{figures['top_k']} experts between the two halves of each task: {diagonal}")
+  for path in [args.out / FIGURES_JSON, *paths]:
+    print(f"wrote {path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+  from esft_jax.demo.experiment import run_demo
+
+  run_demo(args.out, args.preset, args.cache)
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -220,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
   score.add_argument("--write-logs", action="store_true", help="also write expert_weights_{layer}.txt logs")
   score.add_argument("--from-logs", type=Path, help="directory of official routing logs to import instead")
   score.add_argument("--out", required=True, type=Path, help="output directory for summary.json (and logs)")
+  _add_mesh_flags(score)
   score.set_defaults(func=cmd_score)
 
   select = sub.add_parser("select", help="choose the experts to train from scores (top-p per layer)",
@@ -269,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                   help="dtype of the frozen weights (trainable ones are fp32 master copies)")
   tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+  _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)
 
   export = sub.add_parser("export", help="merge an adapter into its base model (an HF directory)",
@@ -296,6 +339,32 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
   ev.add_argument("--out", type=Path, help="results JSON with per-item scores")
   ev.set_defaults(func=cmd_eval)
+
+  figs = sub.add_parser("figures", help="the paper's routing figures (its Figs. 2 and 3) from routing logs",
+                        description="Read ESFT-format routing logs (expert_weights_{layer}.txt, one line per "
+                                    "sample) of one or more tasks and write Figure 2 (share of gate mass by expert "
+                                    "rank, mean and spread over layers), Figure 3 (shared top-K experts between "
+                                    "the even lines of one task and the odd lines of another, mean over layers) "
+                                    "and routing_figures.json.")
+  figs.add_argument("--logs", required=True, nargs="+", metavar="TASK=DIR",
+                    help="a task's name and its folder of expert_weights_*.txt logs (from `esft-jax score "
+                         "--write-logs` or the official scorer)")
+  figs.add_argument("--top-k", type=int, help="experts per token (default: inferred from the logs)")
+  figs.add_argument("--num-experts", type=int, help="routed experts per layer (default: largest logged id + 1)")
+  figs.add_argument("--out", required=True, type=Path, help="output directory")
+  figs.set_defaults(func=cmd_figures)
+
+  demo = sub.add_parser("demo", help="the paper's experiment in miniature, offline (the README's main job)",
+                        description="Generate six tasks and a general corpus, pretrain a small DeepSeekMoE-style "
+                                    "base (cached), score routing, select experts, fine-tune FFT, LoRA, ESFT-Token "
+                                    "and ESFT-Gate on every task, evaluate every model on every task and on "
+                                    "held-out text, and write REPORT.md, results.json and figures. Interrupted "
+                                    "runs resume from what OUT already holds.")
+  demo.add_argument("--preset", default="tiny", choices=["tiny", "small"],
+                    help="tiny: a laptop CPU; small: one GPU (64 experts top-6, 8 layers)")
+  demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
+  demo.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  demo.set_defaults(func=cmd_demo)
 
   data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
   prep = data.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) from a JSONL file",

@@ -102,3 +102,17 @@ def test_eval_a_model_generation_loss_and_choice(workspace, tmp_path, capsys):
   mc = json.loads((tmp_path / "mc.json").read_text())
   assert len(mc["items"]) == 2 and len(mc["items"][0]["logliks"]) == 3
   assert mc["items"][0]["logliks"] == mc["items"][1]["logliks"]
+
+
+def test_figures_from_the_official_intent_logs(esft_reference, tmp_path, capsys):
+  _cli("figures", "--logs", f"intent={esft_reference / 'intent' / 'routing_logs'}", "--out", tmp_path)
+  assert "intent 5.81" in capsys.readouterr().out
+  figures = json.loads((tmp_path / "routing_figures.json").read_text())
+  assert abs(sum(figures["concentration"]["intent"]) - 1.0) < 1e-6
+  assert (tmp_path / "figure3_overlap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_figures_rejects_a_bad_task_spec(tmp_path, capsys):
+  with pytest.raises(SystemExit):
+    _cli("figures", "--logs", "no-equals-sign", "--out", tmp_path)
+  assert "expected TASK=DIR" in capsys.readouterr().err

@@ -5,6 +5,10 @@ Like the official scorer, samples are shuffled with Python's `random` under a se
 budget is reached (the last sample overshoots), and each sample is scored unpacked: batches are padded rows,
 and padding is never counted. Row lengths are padded to a few bucket sizes so that the pass compiles a handful
 of times, not once per batch.
+
+On a mesh, each batch is split over the batch axes and the totals come out replicated: the partial counts of
+every device are summed inside the jitted step. Counts are integers in float32, so they equal one device's
+exactly; every process builds the same batches and gets the same totals, and process 0 writes the logs.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from esft_jax import sharding
 from esft_jax.config import ModelConfig
 from esft_jax.data.formatting import Example
 from esft_jax.esft.scores import RoutingTotals, accumulate, summary_from_totals, write_routing_logs
@@ -45,24 +51,36 @@ def _bucket(length: int) -> int:
   return max(16, 1 << (length - 1).bit_length())
 
 
-def make_scoring_step(config: ModelConfig, expert_impl: str = "grouped", dtype=jnp.float32, with_routing=False):
+def make_scoring_step(config: ModelConfig, expert_impl: str = "grouped", dtype=jnp.float32, with_routing=False,
+                      mesh: Mesh | None = None):
+  """(params, totals, tokens [B, L], segment ids [B, L]) -> (totals, routing or None), on `mesh` (default:
+  one device); totals and routing come back replicated."""
+  mesh = mesh or sharding.single_device_mesh()
   model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
 
   def step(params, totals: RoutingTotals, tokens_BxL, segment_ids_BxL):
-    out = model.apply({"params": params}, tokens_BxL, segment_ids_BxL)
+    with sharding.logical_rules(mesh):
+      out = model.apply({"params": params}, tokens_BxL, segment_ids_BxL)
     totals = accumulate(totals, out.routing, segment_ids_BxL)
     routing = [(r.expert_ids, r.weights) for r in out.routing] if with_routing else None
     return totals, routing
 
-  return jax.jit(step, donate_argnums=(1,))
+  rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(sharding.param_shardings(config, mesh), whole, rows, rows),
+                 out_shardings=whole, donate_argnums=(1,))
 
 
 def score_examples(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
-                   expert_impl: str = "grouped", dtype=jnp.float32, log_dir: Path | None = None) -> dict:
+                   expert_impl: str = "grouped", dtype=jnp.float32, log_dir: Path | None = None,
+                   mesh: Mesh | None = None) -> dict:
   """ESFT's summary.json for these examples; with `log_dir`, also the official routing logs (one line per
-  sample), which needs the per-token routing on the host."""
-  step = make_scoring_step(config, expert_impl, dtype, with_routing=log_dir is not None)
-  totals = RoutingTotals.zeros(len(config.moe_layer_ids), config.num_experts)
+  sample), which needs the per-token routing on the host. `batch_size` is the global batch on `mesh`."""
+  mesh = mesh or sharding.single_device_mesh()
+  sharding.check_batch_size(batch_size, mesh)
+  step = make_scoring_step(config, expert_impl, dtype, with_routing=log_dir is not None, mesh=mesh)
+  params = sharding.place(params, sharding.param_shardings(config, mesh))
+  rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  totals = sharding.place(RoutingTotals.zeros(len(config.moe_layer_ids), config.num_experts), whole)
   samples: list[list[tuple[np.ndarray, np.ndarray]]] = []
   bar = progress(total=len(examples), desc="score")
   for start in range(0, len(examples), batch_size):
@@ -73,13 +91,13 @@ def score_examples(config: ModelConfig, params, examples: Sequence[Example], bat
     for i, example in enumerate(chunk):
       tokens[i, :len(example)] = example.ids_L
       segments[i, :len(example)] = 1
-    totals, routing = step(params, totals, jnp.asarray(tokens), jnp.asarray(segments))
+    totals, routing = step(params, totals, sharding.place(tokens, rows), sharding.place(segments, rows))
     if routing is not None:
       host = jax.device_get(routing)
       for i, example in enumerate(chunk):
         samples.append([(ids[i, :len(example)], weights[i, :len(example)]) for ids, weights in host])
     bar.update(len(chunk))
   bar.close()
-  if log_dir is not None:
+  if log_dir is not None and jax.process_index() == 0:
     write_routing_logs(log_dir, list(config.moe_layer_ids), samples)
   return summary_from_totals(jax.device_get(totals), config.num_experts_per_tok, config.moe_layer_ids)

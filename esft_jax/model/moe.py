@@ -125,12 +125,12 @@ class MoEBlock(nn.Module):
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
     out = expert_ffn(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl)
 
-    if cfg.shared_intermediate_size:
-      shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_TxD)
+    if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
+      shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)
       if cfg.shared_expert_gate:
         gate = Linear(1, ("embed", None), dtype=self.dtype, param_dtype=self.param_dtype,
-                      name="shared_expert_gate")(x_TxD)
+                      name="shared_expert_gate")(x_BxLxD)
         shared = jax.nn.sigmoid(gate) * shared
-      out = out + shared
+      out = out + shared.reshape(-1, d)
     routing = Routing(ids.reshape(b, length, -1), weights.reshape(b, length, -1), probs.reshape(b, length, e))
     return out.reshape(b, length, d).astype(x_BxLxD.dtype), routing

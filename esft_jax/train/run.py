@@ -7,8 +7,12 @@ import dataclasses
 import json
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
+from esft_jax import sharding
 from esft_jax.data.pipeline import DataConfig, build_datasets
 from esft_jax.esft.selection import load_expert_config
 from esft_jax.esft.trainable import TrainPlan, plan_from_expert_config, validate_plan
@@ -16,6 +20,7 @@ from esft_jax.files import atomic_write_text
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
+from esft_jax.paths import leaves_by_path, set_path
 from esft_jax.train.trainer import TrainConfig, TrainResult, train
 
 
@@ -34,10 +39,17 @@ def make_plan(method: str, config, expert_config_path: str | Path | None, lora_r
 def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path, train_config: TrainConfig,
              data_config: DataConfig, batch_size: int, expert_config_path: str | Path | None = None,
              resume: bool = False, data_dir: str | Path | None = None, lora_rank: int = 8,
-             param_dtype: str = "bfloat16") -> TrainResult:
+             param_dtype: str = "bfloat16", mesh: Mesh | None = None) -> TrainResult:
+  """`batch_size` is the global micro-batch; each process reads its own share of the rows."""
   out_dir = Path(out_dir)
+  mesh = mesh or sharding.single_device_mesh()
+  sharding.check_batch_size(batch_size, mesh)
   loaded = load_hf_model(model_dir, dtype=jnp.dtype(param_dtype))
-  plan, expert_config = make_plan(method, loaded.config, expert_config_path, lora_rank)
+  config = loaded.config
+  plan, expert_config = make_plan(method, config, expert_config_path, lora_rank)
+  # Spread the model over the mesh now and drop the loaded copy, so no device holds the whole model in training.
+  params = sharding.place(loaded.params, sharding.param_shardings(config, mesh))
+  del loaded
   tokenizer = load_tokenizer(model_dir)
   datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
   train_iter = iter(datasets.train)
@@ -46,14 +58,36 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
                      "train": dataclasses.asdict(train_config), "data_config": dataclasses.asdict(data_config)},
             "expert_config": expert_config}
   out_dir.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2))
+  if jax.process_index() == 0:
+    atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2))
+  params_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
 
   def on_best(trainable):
-    save_adapter(out_dir / "adapter", loaded.config, loaded.params, plan, trainable, expert_config)
+    save_adapter(out_dir / "adapter", config, _adapter_base(params_like, trainable), plan, trainable,
+                 expert_config)
 
-  return train(loaded.config, loaded.params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
+  return train(config, params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
                on_best=on_best, run_record=record, data_state=train_iter.get_state,
-               restore_data=train_iter.set_state)
+               restore_data=train_iter.set_state, mesh=mesh)
+
+
+def _adapter_base(params_like, trainable) -> dict:
+  """Stands in for the frozen parameters when writing an adapter: save_adapter reads only their shapes and
+  dtypes (an adapter holds just the trained tensors), so process 0 writes it without gathering a sharded
+  model. Zeros on the host: jax arrays on the CPU where ESFT writes expert slices into their stacks (`.at`),
+  free broadcast views elsewhere."""
+  try:
+    host = jax.local_devices(backend="cpu")[0]
+  except RuntimeError:  # JAX_PLATFORMS leaves the CPU out: use this process's first accelerator
+    host = jax.local_devices()[0]
+  trained = leaves_by_path(trainable)
+  base: dict = {}
+  for path, leaf in leaves_by_path(params_like).items():
+    if path in trained and trained[path].shape != leaf.shape:
+      set_path(base, path, jnp.zeros(leaf.shape, leaf.dtype, device=host))
+    else:
+      set_path(base, path, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))
+  return base
 
 
 def export_merged(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:

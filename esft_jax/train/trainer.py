@@ -4,6 +4,11 @@ A step: merge the trainable tree into the frozen parameters, run the model, take
 plus the model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average
 gradients over `grad_accum` micro-batches with `lax.scan`, and apply the multi-transform optimizer. Only the
 trainable tree has gradients and optimizer state.
+
+Every run has a device mesh (one device without --mesh): the steps are jitted with NamedSharding in and out
+shardings from esft_jax.sharding (frozen parameters, trainable tree, optimizer state, batch), each process
+feeds its own rows of the global batch, and only process 0 writes logs and adapters. Orbax writes the
+checkpoint shards of every process and restores them onto whatever mesh the resuming run has.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding
 
+from esft_jax import sharding
 from esft_jax.config import ModelConfig
 from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, merge_trainable, tree_bytes
 from esft_jax.model.transformer import Transformer
@@ -54,6 +61,24 @@ class TrainState(NamedTuple):
   opt_state: Any
 
 
+class StepShardings(NamedTuple):
+  """Where every input and output of the jitted steps lives."""
+  mesh: Mesh
+  frozen: Any
+  state: TrainState
+  batch: NamedSharding  # [A, B, L] micro-batches, split on B
+  eval_batch: NamedSharding  # [B, L]
+
+
+def step_shardings(config: ModelConfig, plan: TrainPlan, mesh: Mesh, state_like: TrainState) -> StepShardings:
+  """All shardings of a run, checked against the model's shapes before anything compiles."""
+  trainable = sharding.trainable_shardings(plan, config, mesh, state_like.trainable)
+  opt_state = sharding.opt_state_shardings(state_like.opt_state, state_like.trainable, trainable, mesh)
+  state = TrainState(sharding.replicated(mesh), trainable, opt_state)
+  return StepShardings(mesh, sharding.param_shardings(config, mesh), state, sharding.batch_sharding(mesh, 1),
+                       sharding.batch_sharding(mesh))
+
+
 def _loss_fn(model: Transformer, plan: TrainPlan):
   def loss(trainable, frozen, batch):
     params = merge_trainable(plan, frozen, trainable)
@@ -73,7 +98,7 @@ def _load_imbalance(ids_BxLxK, valid_BxL, num_experts):
 
 
 def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule) -> Callable:
+                    schedule: optax.Schedule, shardings: StepShardings) -> Callable:
   """(state, frozen, batch [A, B, L]) -> (state, metrics); A micro-batches are averaged equally."""
   grad_fn = jax.grad(_loss_fn(model, plan), has_aux=True)
 
@@ -85,7 +110,8 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
     zeros = (jax.tree_util.tree_map(jnp.zeros_like, state.trainable),
              {"loss": 0.0, "aux_loss": 0.0, "expert_load_max": 0.0})
     zeros = jax.tree_util.tree_map(jnp.asarray, zeros)
-    (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
+    with sharding.logical_rules(shardings.mesh):
+      (grads, metrics), _ = jax.lax.scan(micro, zeros, batch)
     n = batch["inputs"].shape[0]
     grads, metrics = jax.tree_util.tree_map(lambda x: x / n, (grads, metrics))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
@@ -93,36 +119,51 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return TrainState(state.step + 1, trainable, opt_state), metrics
 
-  return jax.jit(step, donate_argnums=(0,))
+  return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+                 out_shardings=(shardings.state, sharding.replicated(shardings.mesh)), donate_argnums=(0,))
 
 
-def make_eval_step(model: Transformer, plan: TrainPlan) -> Callable:
+def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings) -> Callable:
+  """(trainable, frozen, batch [B, L]) -> (mean loss, loss tokens) over the global batch."""
   loss = _loss_fn(model, plan)
 
   def step(trainable, frozen, batch):
-    _, metrics = loss(trainable, frozen, batch)
-    return metrics["loss"]
+    with sharding.logical_rules(shardings.mesh):
+      _, metrics = loss(trainable, frozen, batch)
+    return metrics["loss"], jnp.sum(batch["loss_mask"])
 
-  return jax.jit(step)
+  return jax.jit(step, in_shardings=(shardings.state.trainable, shardings.frozen, shardings.eval_batch),
+                 out_shardings=sharding.replicated(shardings.mesh))
+
+
+def _init_state(plan: TrainPlan, optimizer: optax.GradientTransformation, seed: int) -> Callable:
+  """frozen -> the step-0 state: the trainable tree and its optimizer state."""
+  def init(frozen) -> TrainState:
+    trainable = init_trainable(plan, frozen, jax.random.key(seed))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+  return init
 
 
 def _stack_micro_batches(batches: list[Batch]) -> Batch:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def evaluate_loss(eval_step: Callable, trainable, frozen, batches: list[Batch]) -> float:
-  """Token-weighted mean validation loss."""
+def evaluate_loss(eval_step: Callable, trainable, frozen, batches: list[Batch], batch_sharding: NamedSharding
+                  ) -> float:
+  """Token-weighted mean validation loss over the global batches (each process passes its own rows)."""
   total, weight = 0.0, 0.0
   for batch in batches:
-    n = float(batch["loss_mask"].sum())
-    total += float(eval_step(trainable, frozen, batch)) * n
-    weight += n
+    loss, n = eval_step(trainable, frozen, sharding.global_batch(batch, batch_sharding))
+    total += float(loss) * float(n)
+    weight += float(n)
   return total / max(weight, 1.0)
 
 
 class Checkpoints:
   """Orbax CheckpointManager over (step, trainable, optimizer state) plus a JSON record of the data position,
-  the best validation loss, the expert config and the run's arguments."""
+  the best validation loss, the expert config and the run's arguments. Each process writes its own shards;
+  `restore` lays them out on the shardings of `like`, so a run may resume on another mesh."""
 
   def __init__(self, directory: Path, max_to_keep: int):
     self.manager = ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(
@@ -157,17 +198,23 @@ class TrainResult:
 def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batches: Iterator[Batch],
           val_batches: list[Batch], out_dir: Path, cfg: TrainConfig, resume: bool = False,
           on_best: Callable[[Any], None] | None = None, run_record: dict | None = None,
-          data_state: Callable[[], Any] | None = None, restore_data: Callable[[Any], None] | None = None
-          ) -> TrainResult:
-  """Trains `plan`'s parameters. `on_best(trainable)` is called whenever validation loss improves (the caller
-  writes the adapter). With `resume`, continues from the latest checkpoint in `out_dir/checkpoints`,
-  restoring the data position through `restore_data`."""
+          data_state: Callable[[], Any] | None = None, restore_data: Callable[[Any], None] | None = None,
+          mesh: Mesh | None = None) -> TrainResult:
+  """Trains `plan`'s parameters on `mesh` (default: one device). `on_best(trainable)` is called on process 0,
+  with host arrays, whenever validation loss improves (the caller writes the adapter). With `resume`,
+  continues from the latest checkpoint in `out_dir/checkpoints`, whichever mesh wrote it, restoring the data
+  position through `restore_data`. `train_batches` and `val_batches` yield this process's rows."""
   out_dir = Path(out_dir)
+  mesh = mesh or sharding.single_device_mesh()
+  is_main = jax.process_index() == 0
   model = Transformer(model_config, expert_impl=cfg.expert_impl, dtype=jnp.dtype(cfg.compute_dtype))
   schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
-  trainable = init_trainable(plan, frozen_params, jax.random.key(cfg.seed))
-  optimizer = make_optimizer(trainable, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), frozen_params)
+  optimizer = make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+  init = _init_state(plan, optimizer, cfg.seed)
+  shardings = step_shardings(model_config, plan, mesh, jax.eval_shape(init, frozen_params))
+  frozen_params = sharding.place(frozen_params, shardings.frozen)
+  state = jax.jit(init, out_shardings=shardings.state)(frozen_params)
   checkpoints = Checkpoints(out_dir / "checkpoints", cfg.max_checkpoints)
   best = None
   if resume and checkpoints.latest() is not None:
@@ -177,25 +224,34 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
       restore_data(record["data_state"])
   n_trainable = count_parameters(state.trainable)
   opt_bytes = tree_bytes(state.opt_state)
-  writer = MetricsWriter(out_dir)
-  writer.text("run", json.dumps({"trainable_params": n_trainable, "optimizer_state_bytes": opt_bytes,
-                                 **(run_record or {})}, indent=1))
-  print(f"trainable parameters: {n_trainable:,}; optimizer state: {opt_bytes / 2**20:.1f} MiB")
+  writer = MetricsWriter(out_dir) if is_main else None
+  if writer:
+    writer.text("run", json.dumps({"trainable_params": n_trainable, "optimizer_state_bytes": opt_bytes,
+                                   "mesh": sharding.describe(mesh), **(run_record or {})}, indent=1))
+    print(f"trainable parameters: {n_trainable:,}; optimizer state: {opt_bytes / 2**20:.1f} MiB; "
+          f"mesh {sharding.describe(mesh)}")
 
-  train_step = make_train_step(model, plan, optimizer, schedule)
-  eval_step = make_eval_step(model, plan)
+  def best_so_far(trainable) -> None:
+    if on_best is None:
+      return
+    host = sharding.to_host(trainable)  # every process takes part in the gather; process 0 writes
+    if is_main:
+      on_best(host)
+
+  train_step = make_train_step(model, plan, optimizer, schedule, shardings)
+  eval_step = make_eval_step(model, plan, shardings)
   start = time.time()
   tokens_since, time_since = 0, time.time()
   first_step = int(state.step)
   bar = progress(total=cfg.steps, initial=first_step, desc=f"train {plan.method}")
   while int(state.step) < cfg.steps:
     micro = [next(train_batches) for _ in range(cfg.grad_accum)]
-    batch = _stack_micro_batches(micro)
+    batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
     state, metrics = train_step(state, frozen_params, batch)
     step = int(state.step)
     tokens_since += int(batch["loss_mask"].size)
     bar.update(1)
-    if step % cfg.log_every == 0 or step == cfg.steps:
+    if writer and (step % cfg.log_every == 0 or step == cfg.steps):
       metrics = {k: float(v) for k, v in metrics.items()}
       metrics["tokens_per_s"] = tokens_since / max(time.time() - time_since, 1e-9)
       metrics["optimizer_state_bytes"] = opt_bytes
@@ -203,17 +259,18 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
       writer.scalars(step, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-      val_loss = evaluate_loss(eval_step, state.trainable, frozen_params, val_batches)
-      writer.scalars(step, {"val_loss": val_loss})
+      val_loss = evaluate_loss(eval_step, state.trainable, frozen_params, val_batches, shardings.eval_batch)
+      if writer:
+        writer.scalars(step, {"val_loss": val_loss})
       if best is None or val_loss < best:
         best = val_loss
-        if on_best is not None:
-          on_best(state.trainable)
+        best_so_far(state.trainable)
     if step % cfg.save_every == 0 or step == cfg.steps:
       checkpoints.save(state, {"best_val_loss": best, "data_state": data_state() if data_state else None,
                                **(run_record or {})})
   bar.close()
-  writer.close()
-  if not val_batches and on_best is not None:
-    on_best(state.trainable)
+  if writer:
+    writer.close()
+  if not val_batches:
+    best_so_far(state.trainable)
   return TrainResult(state.trainable, best, int(state.step), n_trainable, opt_bytes, time.time() - start)

@@ -1,0 +1,220 @@
+"""Meshes, the rules table, and sharded ESFT training and scoring against one device.
+
+The 8-device scenarios run in subprocesses side by side (tests/sharding_scenarios.py): the simulated device
+count is fixed when JAX starts, and this test session runs on one device. Two of them form one distributed
+run of two processes with 4 devices each, as two hosts would. The rest runs here on abstract meshes, which
+need no devices.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+
+from esft_jax import sharding
+from esft_jax.cli import main
+from esft_jax.config import load_config
+from esft_jax.interop.safetensors_io import CheckpointReader
+from esft_jax.paths import leaves_by_path
+
+REPO = Path(__file__).resolve().parents[1]
+MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "data=2,tensor=4")
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def scenarios(tmp_path_factory) -> dict:
+  """Runs the scenario groups side by side; returns their findings, with `runs` mapping each training run
+  to its findings and `dir` (trainable.npz, adapter/, metrics.jsonl)."""
+  root = tmp_path_factory.mktemp("sharding")
+  # A shared compilation cache: the groups compile some identical programs (the one-device steps).
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  port = str(_free_port())
+  commands = {"training": ["training", "training"], "others": ["others", "others"],
+              "process0": ["multiprocess", "multiprocess", "0", port],
+              "process1": ["multiprocess", "multiprocess", "1", port]}
+  started = {}
+  for name, (group, work, *process) in commands.items():
+    (root / work).mkdir(exist_ok=True)
+    with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:
+      started[name] = subprocess.Popen([sys.executable, "-m", "tests.sharding_scenarios", group, str(root / work),
+                                        *process], cwd=REPO, env=env, stdout=out, stderr=err)
+  results: dict = {"runs": {}}
+  for name, process in started.items():
+    if process.wait(timeout=900):
+      pytest.fail(f"{name} scenarios exited with {process.returncode}:\n"
+                  f"{(root / f'{name}.err').read_text()[-5000:]}")
+    found = json.loads((root / f"{name}.out").read_text().strip().splitlines()[-1])
+    assert found.pop("devices") == 8
+    for run, finding in found.pop("runs", {}).items():
+      results["runs"][run] = {**finding, "dir": root / commands[name][1] / run.removesuffix(" first")}
+    if name.startswith("process"):
+      found[name]["run"]["dir"] = root / "multiprocess" / "two_processes"
+    results.update(found)
+  return results
+
+
+def _trainable(run: dict) -> dict[str, np.ndarray]:
+  return dict(np.load(run["dir"] / "trainable.npz"))
+
+
+def _metrics(run: dict) -> list[dict]:
+  return [json.loads(line) for line in (run["dir"] / "metrics.jsonl").read_text().splitlines()]
+
+
+def _adapter(run: dict) -> dict[str, np.ndarray]:
+  reader = CheckpointReader(run["dir"] / "adapter")
+  return {name: np.asarray(reader.get(name)) for name in reader.keys()}
+
+
+def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+  assert sorted(a) == sorted(b)
+  return max(float(np.abs(a[k] - b[k]).max()) for k in a)
+
+
+def _metric_diff(a: list[dict], b: list[dict]) -> float:
+  assert [(line["step"], sorted(line)) for line in a] == [(line["step"], sorted(line)) for line in b]
+  return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "val_loss", "aux_loss") if k in x)
+
+
+def _same_as_one_device(scenarios: dict, run: dict) -> None:
+  """Three ESFT steps of two micro-batches, each followed by a validation pass, as on one device."""
+  single = scenarios["runs"]["single"]
+  assert run["steps"] == 3
+  # Loss, balance loss, gradient norm and validation loss agree to fp32 rounding (values near 6).
+  assert _metric_diff(_metrics(single), _metrics(run)) < 1e-5
+  # Adam divides by the gradient's running RMS, which magnifies rounding where a gradient nearly cancels
+  # between steps; the bound is a tenth of one step's update (lr 1e-3), far below any sharding bug.
+  assert _max_diff(_trainable(single), _trainable(run)) < 1e-4
+  assert _max_diff(_adapter(single), _adapter(run)) < 1e-4
+
+
+def _abstract_mesh(**sizes: int) -> AbstractMesh:
+  axes = {**dict.fromkeys(sharding.MESH_AXES, 1), **sizes}
+  return AbstractMesh(tuple(axes.values()), tuple(axes), axis_types=(AxisType.Auto,) * len(axes))
+
+
+def test_parse_mesh():
+  assert sharding.parse_mesh("data=2,fsdp=4") == {"data": 2, "fsdp": 4, "expert": 1, "tensor": 1}
+  assert sharding.parse_mesh(" expert=2 , fsdp=-1 ") == {"data": 1, "fsdp": -1, "expert": 2, "tensor": 1}
+  assert sharding.parse_mesh("") == dict.fromkeys(sharding.MESH_AXES, 1)
+  for spec, message in [("pipe=2", "unknown axis 'pipe'"), ("data=2,data=4", "given twice"),
+                        ("data=two", "integer size"), ("data=0", "data=0"), ("data=-1,fsdp=-1", "at most one")]:
+    with pytest.raises(ValueError, match=message):
+      sharding.parse_mesh(spec)
+
+
+def test_rules_table_separates_parameters_from_activations():
+  # Parameters: FSDP on embed (or on the MLA rank where there is no embed), experts on expert, widths on tensor.
+  assert sharding.mesh_axes(P("experts", "embed", "mlp")) == P("expert", "fsdp", "tensor")
+  assert sharding.mesh_axes(P("vocab", "embed")) == P("tensor", "fsdp")
+  assert sharding.mesh_axes(P("kv_lora", "heads")) == P("fsdp", "tensor")
+  assert sharding.mesh_axes(P("embed", "kv_lora")) == P("fsdp", None)
+  # Activations: batch over every data-like axis, so embed (fsdp already taken) stays whole.
+  assert sharding.mesh_axes(P("batch", "length", "embed")) == P(sharding.BATCH_AXES, None, None)
+  assert sharding.mesh_axes(P("batch", "length", "heads", "head_dim")) == P(sharding.BATCH_AXES, None, "tensor",
+                                                                              None)
+
+
+def test_deepseek_v2_lite_shards_every_matrix_on_fsdp_for_a_pod_mesh():
+  shardings = sharding.param_shardings(load_config("deepseek-v2-lite"), _abstract_mesh(data=2, fsdp=16, expert=8,
+                                                                                        tensor=4))
+  for path, named in leaves_by_path(shardings).items():
+    if path.endswith("/kernel") or "/experts/" in path or path == "embed_tokens":
+      assert "fsdp" in named.spec, path
+    if "/mlp/experts/" in path:
+      assert named.spec[0] == "expert", path
+
+
+def test_indivisible_dimension_names_parameter_dimension_and_axis():
+  with pytest.raises(ValueError, match=r"layers_1/mlp/experts/\w+: dimension 0 \(experts, size 16\) is split over "
+                                       r"mesh axis expert of size 32"):
+    sharding.param_shardings(load_config("tiny-deepseek"), _abstract_mesh(expert=32))
+
+
+def test_cli_rejects_a_mesh_that_does_not_fit_the_devices(tmp_path, capsys):
+  for command in (["score", "--model", tmp_path, "--data", tmp_path / "x.jsonl", "--n-tokens", 10],
+                  ["train", "--model", tmp_path, "--data", tmp_path / "x.jsonl", "--method", "fft"]):
+    with pytest.raises(SystemExit) as exit_info:
+      main([str(a) for a in command] + ["--out", str(tmp_path / "out"), "--mesh", "data=2,fsdp=3"])
+    assert exit_info.value.code == 2
+    assert "mesh data=2,fsdp=3,expert=1,tensor=1 needs 6 devices, but there are" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_esft_steps_equal_one_device(scenarios, mesh):
+  _same_as_one_device(scenarios, scenarios["runs"][mesh])
+
+
+def test_trainable_expert_slice_is_sharded_on_its_width(scenarios):
+  for mesh in MESHES:
+    run = scenarios["runs"][mesh]
+    assert run["slice_spec"] == "P(None, 'fsdp', 'tensor')"  # [n_selected, D, F]: never on n_selected
+    assert run["shared_spec"] == "P('fsdp', 'tensor')"
+
+
+def test_adapter_written_without_the_frozen_model_is_identical(scenarios):
+  stand_in = scenarios["stand_in_adapter"]
+  assert stand_in["same_names"] and stand_in["diff"] == 0.0 and stand_in["tensors"] == 9  # 2 experts + shared
+
+
+def test_training_on_8_devices_resumes_on_1(scenarios):
+  # data=2,fsdp=2,expert=2 took two steps on 8 devices and the third on one device from its checkpoint;
+  # test_sharded_esft_steps_equal_one_device compares the result with three steps on one device.
+  first, resumed = scenarios["runs"]["data=2,fsdp=2,expert=2 first"], scenarios["runs"]["data=2,fsdp=2,expert=2"]
+  assert (first["steps"], first["devices"]) == (2, 8)
+  assert (resumed["steps"], resumed["devices"]) == (3, 1)
+  assert scenarios["runs"]["data=8"]["devices"] == 8
+
+
+@pytest.mark.parametrize("direction", ["1_to_8", "8_to_1"])
+def test_checkpoint_restores_exactly_onto_another_mesh(scenarios, direction):
+  result = scenarios["checkpoints"][direction]
+  assert result["diff"] == 0.0 and result["layout"] and result["record"] == direction
+
+
+@pytest.mark.parametrize("mesh", MESHES)
+def test_sharded_scoring_equals_one_device(scenarios, mesh):
+  result = scenarios["scoring"][mesh]
+  assert result["counts_equal"] and result["replicated"]
+  assert result["gate_diff"] < 1e-5  # float sums in another order
+
+
+def test_sharded_score_summary_is_identical(scenarios):
+  assert scenarios["scoring"]["summary_equal"]
+
+
+def test_two_processes_train_and_score_like_one_device(scenarios):
+  for process in ("process0", "process1"):
+    assert scenarios[process]["processes"] == 2
+    assert scenarios[process]["summary"] == scenarios["scoring"]["summary"]  # every process holds it
+  _same_as_one_device(scenarios, scenarios["process0"]["run"])  # artifacts written by process 0
+
+
+@pytest.mark.parametrize("case, message", [
+    ("product", "mesh data=2,fsdp=2,expert=1,tensor=1 needs 4 devices, but there are 8"),
+    ("minus_one", "8 devices do not split into groups of 3 for fsdp=-1"),
+    ("experts", "layers_1/mlp/experts/down_proj: dimension 0 (experts, size 6) is split over mesh axis expert of "
+                "size 4"),
+    ("width", "embed_tokens: dimension 1 (embed, size 100) is split over mesh axis fsdp of size 8"),
+    ("batch", "--batch-size 6 does not split over the mesh's batch axes"),
+    ("train", "dimension 0 (experts, size 6) is split over mesh axis expert of size 4"),
+])
+def test_bad_meshes_fail_before_compiling(scenarios, case, message):
+  result = scenarios["errors"][case]
+  assert result["error"] is not None and message in result["error"], result
+  assert result["compiles"] == 0
