@@ -175,7 +175,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     config, params = _load_model(args.model, args.adapter, args.dtype)
     results = run_evaluation(config, params, load_tokenizer(args.model), args.data, args.metric,
-                             args.max_new_tokens, args.batch_size, jnp.dtype(args.dtype))
+                             args.max_new_tokens, args.batch_size, jnp.dtype(args.dtype), args.data_dir)
     print(f"{args.metric}: {results['mean']:.4f}" + (f" over {len(results['items'])} items" if "items" in results
                                                       else f" over {results.get('tokens', 0)} tokens"))
   if args.out:
@@ -330,7 +330,8 @@ def build_parser() -> argparse.ArgumentParser:
                                   "generations with --completions.")
   ev.add_argument("--model", help="HF model directory")
   ev.add_argument("--adapter", type=Path, help="adapter directory to apply (ESFT, FFT or LoRA)")
-  ev.add_argument("--data", type=Path, help="evaluation JSONL")
+  ev.add_argument("--data", help="evaluation JSONL or tfds:NAME[/CONFIG]:SPLIT")
+  ev.add_argument("--data-dir", help="TFDS data directory for tfds: data")
   ev.add_argument("--completions", type=Path, help="completions JSONL to re-score instead of generating")
   ev.add_argument("--metric", required=True,
                   help="intent | math | code | translation | summary | law | loss | choice")

@@ -8,6 +8,9 @@ import transformers
 
 from esft_jax.cli import main
 from esft_jax.data.tokenizer_training import train_bpe_tokenizer
+from esft_jax.esft.trainable import TrainPlan, init_trainable
+from esft_jax.interop.adapter import save_adapter
+from esft_jax.interop.hf import load_hf_model
 from tests.data_helpers import TEXTS, chat, write_jsonl
 
 
@@ -97,7 +100,10 @@ def test_eval_a_model_generation_loss_and_choice(workspace, tmp_path, capsys):
   assert 3.0 < loss["mean"] < 9.0 and loss["tokens"] > 80  # near log(vocab) for random weights
 
   write_jsonl(tmp_path / "mc.jsonl", [{"question": "2 plus 2 is", "choices": ["4", "five", "22"], "answer": 0}] * 2)
-  _cli("eval", "--model", root / "model", "--adapter", root / "run" / "adapter", "--data", tmp_path / "mc.jsonl",
+  loaded = load_hf_model(root / "model")
+  plan = TrainPlan("lora", lora_rank=2)
+  save_adapter(tmp_path / "lora", loaded.config, loaded.params, plan, init_trainable(plan, loaded.params))
+  _cli("eval", "--model", root / "model", "--adapter", tmp_path / "lora", "--data", tmp_path / "mc.jsonl",
        "--metric", "choice", "--out", tmp_path / "mc.json")
   mc = json.loads((tmp_path / "mc.json").read_text())
   assert len(mc["items"]) == 2 and len(mc["items"][0]["logliks"]) == 3

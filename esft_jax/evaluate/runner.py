@@ -17,7 +17,8 @@ import numpy as np
 
 from esft_jax.config import ModelConfig
 from esft_jax.data.formatting import Example, format_conversation
-from esft_jax.data.jsonl import Conversation, EvalItem, read_jsonl
+from esft_jax.data.jsonl import Conversation, EvalItem
+from esft_jax.data.sources import open_examples
 from esft_jax.evaluate.metrics import METRICS, multiple_choice_accuracy
 from esft_jax.generate import SamplingConfig, bucket, generate
 from esft_jax.interop.tokenizer import Tokenizer
@@ -148,13 +149,15 @@ def _per_row_loglik(model: Transformer):
   return step
 
 
-def run_evaluation(config: ModelConfig, params, tokenizer: Tokenizer, data: Path, metric: str,
-                   max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32) -> dict:
-  """The `esft-jax eval --model` dispatcher: "loss" reads training-format JSONL, "choice" multiple-choice
-  JSONL, every other metric ESFT's evaluation format."""
+def run_evaluation(config: ModelConfig, params, tokenizer: Tokenizer, data: str | Path, metric: str,
+                   max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32,
+                   data_dir: str | Path | None = None) -> dict:
+  """The `esft-jax eval --model` dispatcher: "loss" reads training-format records, "choice" multiple-choice
+  JSONL, every other metric ESFT's evaluation format; JSONL or tfds:NAME[/CONFIG]:SPLIT except for "choice"."""
   if metric == "choice":
-    return multiple_choice(config, params, tokenizer, data, batch_size, dtype)
-  records = read_jsonl(data)
+    return multiple_choice(config, params, tokenizer, Path(data), batch_size, dtype)
+  source = open_examples(data, data_dir)
+  records = [source[i] for i in range(len(source))]
   if metric == "loss":
     if not isinstance(records[0], Conversation):
       raise ValueError(f"{data}: the loss metric reads training-format records ({{\"messages\": [...]}})")
