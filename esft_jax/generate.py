@@ -84,7 +84,7 @@ def _stop_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
              eos_id: int | None, tokenizer: Tokenizer | None = None, batch_size: int = 8, seed: int = 0,
-             dtype=jnp.float32, expert_impl: str = "grouped") -> list[dict]:
+             dtype=jnp.float32, expert_impl: str = "auto") -> list[dict]:
   """Per prompt: {"ids": new token ids (cut before EOS), "text": decoded and cut at the first stop string}
   (text only with a tokenizer). Stop strings need the tokenizer."""
   if sampling.stop_strings and tokenizer is None:

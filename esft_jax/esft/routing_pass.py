@@ -51,7 +51,7 @@ def _bucket(length: int) -> int:
   return max(16, 1 << (length - 1).bit_length())
 
 
-def make_scoring_step(config: ModelConfig, expert_impl: str = "grouped", dtype=jnp.float32, with_routing=False,
+def make_scoring_step(config: ModelConfig, expert_impl: str = "auto", dtype=jnp.float32, with_routing=False,
                       mesh: Mesh | None = None):
   """(params, totals, tokens [B, L], segment ids [B, L]) -> (totals, routing or None), on `mesh` (default:
   one device); totals and routing come back replicated."""
@@ -71,7 +71,7 @@ def make_scoring_step(config: ModelConfig, expert_impl: str = "grouped", dtype=j
 
 
 def score_examples(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
-                   expert_impl: str = "grouped", dtype=jnp.float32, log_dir: Path | None = None,
+                   expert_impl: str = "auto", dtype=jnp.float32, log_dir: Path | None = None,
                    mesh: Mesh | None = None) -> dict:
   """ESFT's summary.json for these examples; with `log_dir`, also the official routing logs (one line per
   sample), which needs the per-token routing on the host. `batch_size` is the global batch on `mesh`."""

@@ -104,7 +104,7 @@ class StackedExperts(nn.Module):
 class MoEBlock(nn.Module):
   """Routed experts (stacked [E, D, F]) plus shared experts (one fused SwiGLU, optionally sigmoid-gated)."""
   config: ModelConfig
-  expert_impl: str = "grouped"
+  expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

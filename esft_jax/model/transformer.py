@@ -47,7 +47,7 @@ def init_cache(config: ModelConfig, batch: int, slots: int, dtype=jnp.float32) -
 class DecoderLayer(nn.Module):
   config: ModelConfig
   layer: int
-  expert_impl: str = "grouped"
+  expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -72,7 +72,7 @@ class DecoderLayer(nn.Module):
 
 class Transformer(nn.Module):
   config: ModelConfig
-  expert_impl: str = "grouped"
+  expert_impl: str = "auto"
   dtype: Dtype = jnp.float32  # activations and matmuls
   param_dtype: Dtype = jnp.float32  # parameters created by `init` (loaded checkpoints keep their own)
 

@@ -51,7 +51,7 @@ class TrainConfig:
   log_every: int = 10
   seed: int = 0
   compute_dtype: str = "bfloat16"
-  expert_impl: str = "grouped"
+  expert_impl: str = "auto"
   max_checkpoints: int = 2
 
 
