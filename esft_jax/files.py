@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import IO, Iterable, Iterator
+from typing import IO, Iterator
 
 
 def temp_path(path: str | Path) -> Path:
@@ -38,13 +38,3 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
   """Writes `text` to `path` atomically."""
   with atomic_open(path, "w", encoding) as f:
     f.write(text)
-
-
-def atomic_write_bytes(path: str | Path, chunks: bytes | Iterable[bytes]) -> None:
-  """Writes `chunks` (one bytes object or an iterable of them, in order) to `path` atomically."""
-  with atomic_open(path, "wb") as f:
-    if isinstance(chunks, (bytes, bytearray, memoryview)):
-      f.write(chunks)
-    else:
-      for chunk in chunks:
-        f.write(chunk)

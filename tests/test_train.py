@@ -1,7 +1,6 @@
 """The training machinery: what each method trains, frozen parameters untouched, slice gradients, optimizer
 memory, resume, and adapters that transformers and esft-jax both read."""
 
-import dataclasses
 import json
 
 import jax
@@ -15,7 +14,7 @@ from esft_jax.config import config_from_hf, load_config
 from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, merge_trainable,
                                      plan_from_expert_config, tree_bytes)
 from esft_jax.interop.adapter import load_adapter, save_adapter
-from esft_jax.interop.hf import load_hf_model, save_hf_model
+from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts
 from esft_jax.paths import leaves_by_path

@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import TrainPlan, param_role
+from esft_jax.esft.trainable import TrainPlan, merge_trainable
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.hf import hf_tensors, tensor_table
 from esft_jax.interop.safetensors_io import SafetensorsFile, write_safetensors
+from esft_jax.lora import apply_lora
 from esft_jax.paths import get_path, leaves_by_path, set_path
 
 EXPERT_CONFIG_FILE = "expert_cfg.json"
@@ -58,7 +59,6 @@ def save_adapter(out_dir: str | Path, config: ModelConfig, params, plan: TrainPl
   if plan.method == "lora":
     _save_lora(out_dir, config, trainable, plan)
     return out_dir
-  from esft_jax.esft.trainable import merge_trainable
   merged = merge_trainable(plan, params, trainable)
   keep = trained_tensor_names(config, plan)
   write_safetensors(out_dir / ADAPTER_FILE, {n: a for n, a in hf_tensors(config, merged) if n in keep})
@@ -125,11 +125,6 @@ def load_adapter(adapter_dir: str | Path, config: ModelConfig, params) -> dict:
   return merged
 
 
-def read_expert_config(adapter_dir: str | Path) -> dict | None:
-  file = Path(adapter_dir) / EXPERT_CONFIG_FILE
-  return json.loads(file.read_text()) if file.exists() else None
-
-
 def _lora_module_names(config: ModelConfig) -> dict[str, list[str]]:
   """Flax kernel path -> HF module name(s) (one per expert for stacked experts)."""
   names = {}
@@ -168,16 +163,5 @@ def _load_lora(adapter_dir: Path, config: ModelConfig, params) -> dict:
         continue
       arrays = [reader.get(k).T for k in keys]
       set_path(factors, f"{kernel_path}/{which}", jnp.asarray(np.stack(arrays) if len(arrays) > 1 else arrays[0]))
-  from esft_jax.lora import apply_lora
   return apply_lora(params, factors, scale)
 
-
-def adapter_role_counts(config: ModelConfig, plan: TrainPlan) -> dict[str, int]:
-  """How many trained tensors of each role an adapter holds (for logs and reports)."""
-  counts: dict[str, int] = {}
-  for entry in tensor_table(config):
-    role = param_role("/".join(entry.path))
-    n = len(set(entry.hf_names) & trained_tensor_names(config, plan))
-    if n:
-      counts[role] = counts.get(role, 0) + n
-  return counts
