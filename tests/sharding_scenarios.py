@@ -41,6 +41,7 @@ from esft_jax.model.transformer import init_params  # noqa: E402
 from esft_jax.paths import leaves_by_path, set_path  # noqa: E402
 from esft_jax.train.optimizer import make_optimizer  # noqa: E402
 from esft_jax.train.run import _adapter_base  # noqa: E402
+from tests.replay import replay  # noqa: E402
 from esft_jax.train.trainer import Checkpoints, TrainConfig, TrainState, step_shardings, train  # noqa: E402
 
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "data=2,tensor=4")
@@ -96,23 +97,15 @@ def run(cfg, params, out_dir: Path, mesh_spec: str | None, steps: int, rows: sli
   model); this process feeds `rows` of every global batch."""
   batches = [{k: v[rows] for k, v in b.items()} for b in _batches(cfg.vocab_size, 6, seed=1)]
   val = [{k: v[rows] for k, v in b.items()} for b in _batches(cfg.vocab_size, 1, seed=2)]
-  position = {"i": 0}
-
-  def stream():
-    while True:
-      position["i"] += 1
-      yield batches[(position["i"] - 1) % len(batches)]
-
-  def restore(state):
-    position["i"] = state["i"]
+  stream, data_state, restore = replay(batches)
 
   def on_best(trainable):
     save_adapter(out_dir / "adapter", cfg, _adapter_base(_like(params), trainable), PLAN, trainable)
 
   config = TrainConfig(steps=steps, lr=1e-3, grad_accum=2, eval_every=1, save_every=2, log_every=1,
                        compute_dtype="float32")
-  result = train(cfg, params, PLAN, stream(), val, out_dir, config, resume=resume, mesh=_mesh(mesh_spec),
-                 on_best=on_best, data_state=lambda: dict(position), restore_data=restore)
+  result = train(cfg, params, PLAN, stream, val, out_dir, config, resume=resume, mesh=_mesh(mesh_spec),
+                 on_best=on_best, data_state=data_state, restore_data=restore)
   trained = sharding.to_host(result.trainable)
   if jax.process_index() == 0:
     np.savez(out_dir / "trainable.npz", **leaves_by_path(trained))

@@ -21,6 +21,7 @@ from esft_jax.paths import leaves_by_path
 from esft_jax.train.optimizer import make_optimizer
 from esft_jax.train.trainer import TrainConfig, _loss_fn, train
 from tests.hf_models import ARCHITECTURES, save_hf_model_dir
+from tests.replay import replay
 
 EXPERTS = {"1": [3, 0], "2": [5]}
 
@@ -118,19 +119,11 @@ def test_optimizer_state_is_proportional_to_selected_experts():
 
 
 def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None):
-  position = {"i": 0}
-
-  def stream():
-    while True:
-      position["i"] += 1
-      yield batches[(position["i"] - 1) % len(batches)]
-
-  def restore(state):
-    position["i"] = state["i"]
+  stream, data_state, restore = replay(batches)
 
   train_cfg = TrainConfig(steps=steps, lr=1e-2, eval_every=2, save_every=2, log_every=1, compute_dtype="float32")
-  return train(cfg, params, plan, stream(), val or [], out_dir, train_cfg, resume=resume,
-               data_state=lambda: dict(position), restore_data=restore)
+  return train(cfg, params, plan, stream, val or [], out_dir, train_cfg, resume=resume,
+               data_state=data_state, restore_data=restore)
 
 
 def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path):
