@@ -1,6 +1,7 @@
 """Routed-expert SwiGLU, forward and forward+backward: the JAX paths and PyTorch's grouped GEMM, in one process.
 
     python experiments/bench_moe.py           # GPU: 64 experts, 2048 -> 1408 -> 2048, 16k-64k rows, bf16
+    python experiments/bench_moe.py --paths tiled,torch   # skip the slow paths
     python experiments/bench_moe.py --tiny    # a few seconds on CPU (CI keeps it working)
     python experiments/bench_moe.py --sweep   # GPU: times tile configurations of the "tiled" kernels
 
@@ -222,21 +223,25 @@ def make_data(rows: int, k: int, experts: int, d: int, f: int, skewed: bool, see
 def run_table(args) -> dict[str, str | None]:
   """Prints the table a row at a time; returns why paths were not measured."""
   rows_list = [int(r) for r in args.rows.split(",")]
-  notes = {p: jax_unavailable(p) for p in PATHS if p != "torch"} | {"torch": torch_unavailable()}
+  paths = args.paths.split(",")
+  unknown = sorted(set(paths) - set(PATHS))
+  if unknown:
+    raise SystemExit(f"--paths: unknown path(s) {unknown}; choose from {list(PATHS)}")
+  notes = {p: torch_unavailable() if p == "torch" else jax_unavailable(p) for p in PATHS if p in paths}
   print_row(["op", "pass", "rows", "routing", "path", "ms", "TFLOP/s", "peak GiB", "vs torch"])
   print("|" + "---|" * 9, flush=True)
   for rows in rows_list:
     for skewed in (False, True):
       data = make_data(rows, args.top_k, args.experts, args.d, args.f, skewed, seed=rows + skewed)
       torch_case = None
-      if notes["torch"] is None:
+      if "torch" in notes and notes["torch"] is None:
         h = data["host"]
         torch_case = TorchCase(h["x"], h["ids"], h["weights"], h["experts"], h["cotangent"])
       for op in ("swiglu", "moe"):
         for backward in (False, True):
           flops = (18 if backward else 6) * data["rows"] * args.d * args.f
           results = {}
-          for path in PATHS:
+          for path in notes:
             if notes[path] is not None:
               continue
             try:
@@ -318,6 +323,7 @@ def main() -> None:
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
   parser.add_argument("--rows", default="16384,32768,65536", help="tokens x top-k, comma-separated")
+  parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
   parser.add_argument("--top-k", type=int, default=6)
   parser.add_argument("--experts", type=int, default=64)
   parser.add_argument("--d", type=int, default=2048)
