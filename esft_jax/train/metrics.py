@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import tqdm
-from tensorboardX import SummaryWriter
 
 
 def progress(total: int, initial: int = 0, desc: str = "") -> tqdm.tqdm:
@@ -20,6 +19,8 @@ class MetricsWriter:
 
   def __init__(self, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
+    from tensorboardX import SummaryWriter  # here, so scoring, decoding and the benchmarks run without it
+
     self._jsonl = open(out_dir / "metrics.jsonl", "a")
     self._tb = SummaryWriter(str(out_dir / "tensorboard"))
 
