@@ -1,34 +1,249 @@
-"""ESFT training-step throughput for each expert path, on a DeepSeek-V2-Lite-shaped model of reduced depth.
+"""ESFT training-step throughput: each JAX expert path and the PyTorch reference, on a DeepSeek-V2-Lite-shaped
+model, in one invocation and one table.
 
-    python experiments/bench_train.py --layers 8 --batch 8 --seq 2048 --experts-per-layer 8   # one GPU
-    python experiments/bench_train.py --tiny                                                  # CPU, seconds
+    python experiments/bench_train.py --layers 8 --batch 8 --seq 2048 --paths torch,auto   # one GPU
+    python experiments/bench_train.py --layers 27 --batch 2 --paths auto                   # the full 15.7B shape
+    python experiments/bench_train.py --tiny                                               # CPU, seconds
 
-Prints one table: expert path, ms per step, tokens/s, peak device memory, the loss of the first step (the paths
-must agree). The PyTorch reference step is not in this script yet (see BENCHMARKS.md).
+Every path runs in its own subprocess, so each peak is that path's alone (JAX: the allocator's
+`peak_bytes_in_use`; PyTorch: `torch.cuda.max_memory_allocated`), both counting everything the process holds:
+frozen bf16 parameters, trainable fp32 masters and AdamW state, activations. JAX paths run with
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 (unless set) so the 27-layer shape may use the whole GPU; the PyTorch
+process never starts a JAX backend.
+
+The step, the same batch on every path: next-token loss on random tokens, backward, AdamW on the first
+--experts-per-layer routed experts of every MoE layer, everything else frozen. JAX: `make_train_step` with
+`--paths` naming the expert implementation (grouped, auto, ...), bf16 frozen parameters, fp32 master copies and
+AdamW state for the trainable expert rows only. torch: transformers' `DeepseekV2ForCausalLM` from the same
+config (random init, bf16, default attention and experts implementations); transformers fuses the experts into
+[E, ...] tensors, so those tensors are the only ones with requires_grad, a gradient hook zeroes the rows of the
+other experts, and AdamW (weight decay 0, so the frozen rows stay put) holds bf16 state for the whole tensors.
+Time: median of --iters steps after the first (which compiles); "first s" is that first step.
+
+Model FLOPs per token, counted analytically from the config (the same number for every path):
+  forward     F = 2 * N_active + L * A
+              N_active: parameters a token uses, without the input embedding (attention, dense or shared MLP,
+              router, its top-k routed experts, norms, LM head); A = 2 * H * (d_qk + d_v) * (S + 1) / 2, the
+              score and value matmuls of causal attention (each query sees (S + 1) / 2 keys on average)
+  backward    activation gradients = F again, with the attention matmuls counted twice (both operands need a
+              gradient), skipping the layers below the first one with a trainable parameter (no gradient
+              reaches them); weight gradients = 2 * (trainable expert weights a token uses), where a token
+              reaches a trainable expert K * n / E times per MoE layer on average (uniform routing)
+MFU = FLOPs/token * tokens/s over the dense bf16 peak: 989 TFLOP/s (H200 spec) and 802 TFLOP/s (a dense
+8192^3 bf16 matmul measured with jax on the H200, ../shared/baselines.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import numpy as np
 
-from esft_jax.config import load_config
-from esft_jax.esft.trainable import count_parameters, init_trainable, plan_from_expert_config
-from esft_jax.model.transformer import Transformer, init_params
-from esft_jax.sharding import single_device_mesh
-from esft_jax.train.optimizer import make_optimizer
-from esft_jax.train.trainer import TrainState, make_train_step, step_shardings
+from esft_jax.config import ModelConfig, config_from_hf, read_hf_config
+
+PEAK_TFLOPS = {"H200": (989.0, 802.0)}  # device name -> (dense bf16 spec, measured dense matmul)
+RESULT = "RESULT "  # prefix of the worker's one result line on stdout
 
 
-def _peak_bytes() -> int | None:
+def hf_config(args) -> dict:
+  hf = read_hf_config("tiny-deepseek" if args.tiny else "deepseek-v2-lite")
+  return dict(hf, num_hidden_layers=args.layers)
+
+
+def model_config(args) -> ModelConfig:
+  return config_from_hf(hf_config(args))
+
+
+def selected_experts(config: ModelConfig, per_layer: int) -> dict[int, list[int]]:
+  return {layer: list(range(per_layer)) for layer in config.moe_layer_ids}
+
+
+def random_batch(args, vocab_size: int) -> dict[str, np.ndarray]:
+  """The step's batch [B, S]: random tokens (never the low special ids), whole rows, positions 0..S-1."""
+  tokens = np.random.default_rng(0).integers(3, vocab_size, size=(args.batch, args.seq + 1))
+  shape = (args.batch, args.seq)
+  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+          "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
+          "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy()}
+
+
+def flops_per_token(config: ModelConfig, seq: int, trainable_per_layer: int) -> dict[str, float]:
+  """The model FLOPs of one training token (see the module docstring), by part."""
+  import jax
+
+  jax.config.update("jax_platforms", "cpu")  # counting shapes must not claim the GPU the workers need
+  from esft_jax.model.transformer import init_params, parameter_counts
+
+  counts = parameter_counts(config)
+  moe = config.moe_layer_ids
+  attention = 2 * config.num_heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim) \
+      * (seq + 1) / 2
+  forward = 2 * counts.active_per_token + config.num_layers * attention
+  # No gradient reaches the layers below the first MoE layer (all frozen): there the backward does nothing.
+  shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+  below = [jax.tree_util.tree_leaves(shapes[f"layers_{layer}"]) for layer in range(moe[0])]
+  below_flops = sum(2 * sum(leaf.size for leaf in leaves) + 2 * attention for leaves in below)
+  activation_grads = forward + config.num_layers * attention - below_flops
+  weight_grads = 2 * len(moe) * config.num_experts_per_tok * trainable_per_layer / config.num_experts \
+      * counts.per_expert
+  return {"forward": forward, "activation_grads": activation_grads, "weight_grads": weight_grads,
+          "total": forward + activation_grads + weight_grads}
+
+
+def run_jax(args, impl: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+
+  from esft_jax.esft.trainable import count_parameters, init_trainable, plan_from_expert_config
+  from esft_jax.model.transformer import Transformer, init_params
+  from esft_jax.sharding import single_device_mesh
+  from esft_jax.train.optimizer import make_optimizer
+  from esft_jax.train.trainer import TrainState, make_train_step, step_shardings
+
+  config = model_config(args)
+  dtype = jnp.float32 if args.tiny else jnp.bfloat16
+  params = init_params(config, jax.random.key(0), param_dtype=dtype)
+  plan = plan_from_expert_config({"experts": {str(l): ids for l, ids in
+                                              selected_experts(config, args.experts_per_layer).items()}})
+  batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
+  model = Transformer(config, expert_impl=impl, dtype=dtype)
+  trainable = init_trainable(plan, params)
+  optimizer = make_optimizer(trainable, lambda step: 1e-5)
+  state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  step = make_train_step(model, plan, optimizer, lambda s: 1e-5,
+                         step_shardings(config, plan, single_device_mesh(), state))
+  start = time.perf_counter()
+  state, metrics = step(state, params, batch)
+  first_loss = float(metrics["loss"])
+  first_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.iters):
+    start = time.perf_counter()
+    state, metrics = step(state, params, batch)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  return {"ms": statistics.median(times) * 1e3, "first_s": first_s, "first_loss": first_loss,
+          "peak_bytes": peak_bytes(impl),
+          "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
+          "trainable_params": count_parameters(state.trainable)}
+
+
+def run_torch(args) -> dict:
+  import torch
+  import transformers
+
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  dtype = torch.float32 if args.tiny else torch.bfloat16
+  hf = transformers.DeepseekV2Config(**hf_config(args))
+  torch.manual_seed(0)
+  with torch.device(device):  # 15.7B parameters: initialise them on the GPU, not on the host
+    model = transformers.AutoModelForCausalLM.from_config(hf, dtype=dtype)
+  model.requires_grad_(False)
+  trainable = []
+  config = model_config(args)
+  for layer, ids in selected_experts(config, args.experts_per_layer).items():
+    experts = model.model.layers[layer].mlp.experts
+    keep = torch.zeros(config.num_experts, 1, 1, device=device, dtype=dtype)
+    keep[ids] = 1
+    for weight in (experts.gate_up_proj, experts.down_proj):  # [E, 2F, D] and [E, D, F]
+      weight.requires_grad_(True)
+      weight.register_hook(lambda grad, keep=keep: grad * keep)
+      trainable.append(weight)
+  optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+  batch = random_batch(args, config.vocab_size)
+  inputs = torch.from_numpy(batch["inputs"]).to(device, torch.long)
+  targets = torch.from_numpy(batch["targets"]).to(device, torch.long)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+  def step() -> torch.Tensor:
+    logits = model(input_ids=inputs, use_cache=False).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+  start = time.perf_counter()
+  first_loss = float(step())
+  first_s = time.perf_counter() - start
+  times = []
+  for _ in range(args.iters):
+    start = time.perf_counter()
+    step()
+    sync()
+    times.append(time.perf_counter() - start)
+  return {"ms": statistics.median(times) * 1e3, "first_s": first_s, "first_loss": first_loss,
+          "peak_bytes": peak_bytes("torch"),
+          "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+          "software": f"torch {torch.__version__}, transformers {transformers.__version__} "
+                      f"(attention {model.config._attn_implementation}, "
+                      f"experts {model.config._experts_implementation})",
+          "trainable_params": sum(int(w.numel()) for w in trainable) * args.experts_per_layer // config.num_experts}
+
+
+def peak_bytes(path: str) -> int | None:
+  """The process's peak device memory so far, or None off GPU."""
+  if path == "torch":
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+  import jax
+
   stats = jax.devices()[0].memory_stats()
   return stats.get("peak_bytes_in_use") if stats else None
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+  text = f"{type(err).__name__} {err}"
+  return "OutOfMemoryError" in text or "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
+
+
+def worker(args) -> None:
+  """Runs one path and prints its result (or why it failed) as one JSON line."""
+  try:
+    result = run_torch(args) if args.worker == "torch" else run_jax(args, args.worker)
+  except Exception as err:  # the row says why; the other paths still run
+    first = (str(err).strip().splitlines() or [""])[0][:300]
+    result = {"error": "out of memory" if is_out_of_memory(err) else f"{type(err).__name__}: {first}"}
+    try:
+      result["peak_bytes"] = peak_bytes(args.worker)
+    except Exception:  # the device itself failed: no peak to report
+      pass
+    print(f"# {args.worker}: {type(err).__name__}: {first}", file=sys.stderr, flush=True)
+  print(RESULT + json.dumps(result), flush=True)
+
+
+def run_path(args, path: str) -> dict:
+  """One path in its own process: its own allocator, so its own peak."""
+  env = dict(os.environ)
+  if path == "torch":
+    env["JAX_PLATFORMS"] = "cpu"
+  else:
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
+         "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
+         "--iters", str(args.iters)] + (["--tiny"] if args.tiny else [])
+  try:
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {args.timeout:.0f} s"}
+  lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
+  if not lines:
+    return {"error": f"exit code {proc.returncode}, no result (see the log above)"}
+  return json.loads(lines[-1][len(RESULT):])
+
+
+def cell(value, fmt: str) -> str:
+  return "-" if value is None else format(value, fmt)
 
 
 def main() -> None:
@@ -38,49 +253,53 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--experts-per-layer", type=int, default=8, help="trainable experts per MoE layer")
   parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--impls", default="grouped,auto")
+  parser.add_argument("--paths", default="grouped,auto,torch",
+                      help="JAX expert implementations (grouped, auto, gpu, ...) and/or torch; torch runs first")
+  parser.add_argument("--timeout", type=float, default=900, help="seconds per path")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
+  parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
-
-  config = load_config("tiny-deepseek" if args.tiny else "deepseek-v2-lite")
   if args.tiny:
     args.layers, args.batch, args.seq, args.iters = 3, 2, 64, 2
-  config = dataclasses.replace(config, num_layers=args.layers, moe_layers=(False,) + (True,) * (args.layers - 1))
-  dtype = jnp.float32 if args.tiny else jnp.bfloat16
-  params = init_params(config, jax.random.key(0), param_dtype=dtype)
-  plan = plan_from_expert_config({"experts": {str(l): list(range(args.experts_per_layer))
-                                              for l in config.moe_layer_ids}})
-  tokens = np.random.default_rng(0).integers(3, config.vocab_size, size=(1, args.batch, args.seq + 1))
-  batch = {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32),
-           "loss_mask": np.ones((1, args.batch, args.seq), np.float32),
-           "segment_ids": np.ones((1, args.batch, args.seq), np.int32),
-           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), (1, args.batch, args.seq)).copy()}
-  mesh = single_device_mesh()
-  rows = []
-  for impl in args.impls.split(","):
-    model = Transformer(config, expert_impl=impl, dtype=dtype)
-    trainable = init_trainable(plan, params)
-    optimizer = make_optimizer(trainable, lambda step: 1e-5)
-    state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-    step = make_train_step(model, plan, optimizer, lambda s: 1e-5, step_shardings(config, plan, mesh, state))
-    state, metrics = step(state, params, batch)
-    first_loss = float(metrics["loss"])
-    times = []
-    for _ in range(args.iters):
-      start = time.perf_counter()
-      state, metrics = step(state, params, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - start)
-    ms = statistics.median(times) * 1e3
-    peak = _peak_bytes()
-    rows.append((impl, ms, args.batch * args.seq / ms * 1e3, "n/a" if peak is None else f"{peak / 2**30:.1f}",
-                 first_loss))
-  print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}; {args.layers} layers, batch {args.batch} x "
-        f"{args.seq}, {args.experts_per_layer} trainable experts per MoE layer "
-        f"({count_parameters(init_trainable(plan, params)):,} trainable parameters)")
-  print(f"{'experts':<10} {'ms/step':>10} {'tokens/s':>12} {'peak GiB':>9} {'first loss':>11}")
-  for impl, ms, tps, peak, loss in rows:
-    print(f"{impl:<10} {ms:>10.1f} {tps:>12,.0f} {peak:>9} {loss:>11.4f}")
+  if args.worker:
+    worker(args)
+    return
+
+  config = model_config(args)
+  flops = flops_per_token(config, args.seq, args.experts_per_layer)
+  paths = args.paths.split(",")
+  paths.sort(key=lambda p: p != "torch")  # torch first, so every JAX row can print its ratio at once
+  tokens = args.batch * args.seq
+  widths = "tiny-deepseek" if args.tiny else "DeepSeek-V2-Lite widths"
+  print(f"# {widths}, {args.layers} layers (layer 0 dense), batch {args.batch} x {args.seq}, "
+        f"{args.experts_per_layer} of {config.num_experts} experts trainable per MoE layer", flush=True)
+  print(f"# model GFLOP per token: {flops['total'] / 1e9:.3f} = forward {flops['forward'] / 1e9:.3f} + "
+        f"activation gradients {flops['activation_grads'] / 1e9:.3f} + expert weight gradients "
+        f"{flops['weight_grads'] / 1e9:.3f} (causal attention at {args.seq}: see the docstring)", flush=True)
+  print("| path | layers | batch x seq | ms/step | tokens/s | peak GiB | first loss | first s | vs torch "
+        "| TFLOP/s | MFU (989) | MFU (802) |")
+  print("|" + "---|" * 12, flush=True)
+  torch_tps = None
+  notes = []
+  for path in paths:
+    r = run_path(args, path)
+    peak = r.get("peak_bytes")
+    peak_gib = None if peak is None else peak / 2**30
+    if "error" in r:
+      cells = [r["error"], "-", cell(peak_gib, ".1f"), "-", "-", "-", "-", "-", "-"]
+    else:
+      tps = tokens / r["ms"] * 1e3
+      if path == "torch":
+        torch_tps = tps
+      tflops = flops["total"] * tps / 1e12
+      spec, measured = next((p for name, p in PEAK_TFLOPS.items() if name in r["device"]), (None, None))
+      cells = [f"{r['ms']:.1f}", f"{tps:,.0f}", cell(peak_gib, ".1f"), f"{r['first_loss']:.4f}",
+               f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
+               cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
+      notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters")
+    print("| " + " | ".join([path, str(args.layers), f"{args.batch} x {args.seq}", *cells]) + " |", flush=True)
+  for note in notes:
+    print(note)
 
 
 if __name__ == "__main__":
