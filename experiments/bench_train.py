@@ -36,7 +36,6 @@ MFU = FLOPs/token * tokens/s over the dense bf16 peak: 989 TFLOP/s (H200 spec) a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -116,11 +115,16 @@ def run_jax(args, impl: str) -> dict:
                                               selected_experts(config, args.experts_per_layer).items()}})
   batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
   model = Transformer(config, expert_impl=impl, dtype=dtype)
-  trainable = init_trainable(plan, params)
-  optimizer = make_optimizer(trainable, lambda step: 1e-5)
-  state = TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
-  step = make_train_step(model, plan, optimizer, lambda s: 1e-5,
-                         step_shardings(config, plan, single_device_mesh(), state))
+  optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
+
+  def init_state(frozen) -> TrainState:
+    trainable = init_trainable(plan, frozen)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+  shardings = step_shardings(config, plan, single_device_mesh(), jax.eval_shape(init_state, params))
+  step = make_train_step(model, plan, optimizer, lambda s: 1e-5, shardings)
+  # Built with the shardings the step returns (as the trainer does), so the second step does not compile again.
+  state = jax.jit(init_state, out_shardings=shardings.state)(params)
   start = time.perf_counter()
   state, metrics = step(state, params, batch)
   first_loss = float(metrics["loss"])

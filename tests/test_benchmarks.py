@@ -10,21 +10,45 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_tiny(script: str) -> list[dict[str, str]]:
-  """The rows of the markdown table that `script --tiny` prints, as {column: cell}."""
+def run_tiny(script: str) -> tuple[str, list[list[dict[str, str]]]]:
+  """The output of `script --tiny`, and each markdown table in it as rows of {column: cell}."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--tiny"], capture_output=True,
                         text=True, timeout=600, env=env, check=True)
-  lines = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-  header = [c.strip() for c in lines[0].strip("|").split("|")]
-  return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[1:]]
+  cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
+  lines = proc.stdout.splitlines()
+  tables = []
+  for i, line in enumerate(lines[:-1]):
+    if line.startswith("| ") and lines[i + 1].startswith("|---"):
+      header, rows = cells(line), []
+      for row in lines[i + 2:]:
+        if not row.startswith("| "):
+          break
+        rows.append(dict(zip(header, cells(row))))
+      tables.append(rows)
+  return proc.stdout, tables
+
+
+def number(cell: str) -> float:
+  return float(cell.replace(",", ""))
 
 
 def test_bench_train_tiny_runs_every_path_and_torch():
-  rows = {row["path"]: row for row in run_tiny("bench_train.py")}
+  _, [table] = run_tiny("bench_train.py")
+  rows = {row["path"]: row for row in table}
   assert list(rows) == ["torch", "grouped", "auto"]
   for row in rows.values():
-    assert float(row["tokens/s"].replace(",", "")) > 0, row
+    assert number(row["tokens/s"]) > 0, row
   assert rows["grouped"]["first loss"] == rows["auto"]["first loss"]  # same weights and batch on both paths
   # torch has its own random weights, but the same loss on the same batch is near ln(vocab) for both.
-  assert abs(float(rows["torch"]["first loss"]) - float(rows["auto"]["first loss"])) < 0.5
+  assert abs(number(rows["torch"]["first loss"]) - number(rows["auto"]["first loss"])) < 0.5
+
+
+def test_bench_infer_tiny_scores_and_generates_like_transformers():
+  out, [scoring, generation] = run_tiny("bench_infer.py")
+  assert [row["pass"] for row in scoring] == ["forward (logits)", "score (routing totals)",
+                                              "score + routing to host (--write-logs)"]
+  assert [row["generator"] for row in generation] == ["esft_jax.generate", "transformers generate"]
+  for row in scoring + generation:
+    assert number(row["tokens/s"]) > 0, row
+  assert "agreement: 3/3 rows identical on the first 8 new tokens" in out  # fp32: greedy choices match exactly
