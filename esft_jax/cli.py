@@ -222,7 +222,13 @@ def cmd_figures(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
-  run_demo(args.out, args.preset, args.cache)
+  run_demo(args.out, args.preset, args.cache, workers=args.workers)
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+  from esft_jax.ablations.runner import run_ablation
+
+  run_ablation(args.config, args.out, args.preset, args.cache)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -365,7 +371,23 @@ def build_parser() -> argparse.ArgumentParser:
                     help="tiny: a laptop CPU; small: one GPU (64 experts top-6, 8 layers)")
   demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
   demo.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  demo.add_argument("--workers", type=int, help="fine-tune-and-evaluate jobs run at once in worker processes "
+                    "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
   demo.set_defaults(func=cmd_demo)
+
+  ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",
+                          description="Run the ablation a config under configs/ablations/ describes (threshold: "
+                                      "Figure 6's sweep of p with LoRA ranks beside it; what_to_train: Table 3; "
+                                      "random_experts: Table 4) in a demo workspace: the tasks, the cached base "
+                                      "and the routing scores are shared with `esft-jax demo --out OUT`. Writes "
+                                      "OUT/ablations/NAME/REPORT.md, results.json and figure.png; resumes.")
+  ablate.add_argument("config", type=Path, help="e.g. configs/ablations/threshold.json")
+  ablate.add_argument("--preset", default="tiny", choices=["tiny", "small"],
+                      help="tiny: a laptop CPU; small: one GPU")
+  ablate.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="the demo workspace (default runs/demo)")
+  ablate.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  ablate.set_defaults(func=cmd_ablate)
 
   data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
   prep = data.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) from a JSONL file",

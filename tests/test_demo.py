@@ -1,7 +1,9 @@
-"""The demo end to end at a micro scale (two tasks, every method): report, results, figures, and resuming."""
+"""The demo end to end at a micro scale (two tasks, every method): report, results, figures, resuming, and
+worker processes."""
 
 import dataclasses
 import json
+import shutil
 
 from esft_jax.demo.experiment import PRESETS, run_demo
 from esft_jax.demo.pretrain import BaseSpec
@@ -34,3 +36,14 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
   logs.clear()
   run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append)
   assert any("reusing the pretrained base model" in line for line in logs)
+
+  # With one run removed, `workers=2` redoes it in a spawned worker; the others come from their caches.
+  run = tmp_path / "runs" / "intent-ESFT-Token"
+  shutil.rmtree(run)
+  logs.clear()
+  again = run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append, workers=2)
+  assert "finished ESFT-Token on intent" in logs
+  assert again["evaluations"]["translation-FFT"] == results["evaluations"]["translation-FFT"]
+  assert again["runs"]["intent"]["ESFT-Token"]["trainable_params"] == esft
+  assert (run / "eval.json").exists()
+

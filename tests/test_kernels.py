@@ -86,9 +86,15 @@ def test_tiled_forward_kernel_interpreted():
   assert np.all(np.asarray(out[384:]) == 0)
 
 
-@pytest.mark.skipif(hopper_available(), reason="checks the choice made off Hopper GPUs")
-def test_auto_is_grouped_off_hopper():
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the choice made on CPUs")
+def test_auto_on_cpu_is_dense_until_the_intermediate_is_large(monkeypatch):
+  from esft_jax.model import experts as experts_module
+
   x, ids, weights, experts = moe_inputs(np.random.default_rng(2), 20, 2, 4, 16, 8, skewed=False)
+  np.testing.assert_array_equal(
+    expert_ffn(x, ids, weights, experts, "auto"), expert_ffn(x, ids, weights, experts, "reference")
+  )
+  monkeypatch.setattr(experts_module, "_CPU_DENSE_LIMIT", 4 * 20 * 8 - 1)
   np.testing.assert_array_equal(
     expert_ffn(x, ids, weights, experts, "auto"), expert_ffn(x, ids, weights, experts, "grouped")
   )

@@ -32,7 +32,7 @@ def plot_concentration(concentration: Mapping[str, list[float]], path: str | Pat
     raise ValueError(f"the tasks' concentration lists have different lengths {sorted(num_experts)}; "
                      "score every task with the same model")
   e = num_experts.pop()
-  fig = _figure(6.4, 4.2)
+  fig = figure(6.4, 4.2)
   ax = fig.add_subplot()
   ranks = np.arange(1, e + 1)
   for task, mean in concentration.items():
@@ -52,7 +52,7 @@ def plot_concentration(concentration: Mapping[str, list[float]], path: str | Pat
   ax.set_title("Figure 2: top expert distribution (mean ± std over layers)")
   ax.grid(True, which="major", alpha=0.3)
   ax.legend(fontsize="small")
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_overlap(overlap: Mapping[str, Mapping[str, float]], top_k: int, path: str | Path) -> Path:
@@ -60,7 +60,7 @@ def plot_overlap(overlap: Mapping[str, Mapping[str, float]], top_k: int, path: s
   second task's odd samples (columns), each cell annotated."""
   tasks = list(overlap)
   values_TxT = np.array([[overlap[a][b] for b in tasks] for a in tasks], np.float64)
-  fig = _figure(3.4 + 0.8 * len(tasks), 2.6 + 0.8 * len(tasks))
+  fig = figure(3.4 + 0.8 * len(tasks), 2.6 + 0.8 * len(tasks))
   ax = fig.add_subplot()
   image = ax.imshow(values_TxT, cmap="Blues", vmin=0, vmax=top_k)
   for i in range(len(tasks)):
@@ -74,7 +74,7 @@ def plot_overlap(overlap: Mapping[str, Mapping[str, float]], top_k: int, path: s
   ax.set_ylabel("first sample (even lines)")
   ax.set_title(f"Figure 3: shared top-{top_k} experts\n(mean over layers)", fontsize="medium")
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_selected_experts(configs: Mapping[tuple[str, str], Mapping[str, Any]], path: str | Path) -> Path:
@@ -82,7 +82,7 @@ def plot_selected_experts(configs: Mapping[tuple[str, str], Mapping[str, Any]], 
   (token solid, gate dashed). `configs` maps (task, method) to an expert config (`{"experts": {layer: ids}}`)."""
   if not configs:
     raise ValueError("no expert configs given; pass {(task, method): expert config}")
-  fig = _figure(7.2, 4.2)
+  fig = figure(7.2, 4.2)
   ax = fig.add_subplot()
   colours: dict[str, str] = {}
   layers: set[int] = set()
@@ -107,7 +107,7 @@ def plot_selected_experts(configs: Mapping[tuple[str, str], Mapping[str, Any]], 
   ax.set_title("Figure 4: experts selected per layer, per task and method")
   ax.grid(True, alpha=0.3)
   ax.legend(fontsize="x-small", ncol=2 if len(configs) > 6 else 1)
-  return _save(fig, path)
+  return save_figure(fig, path)
 
 
 def plot_routing_figures(figures: Mapping[str, Any], out_dir: str | Path) -> list[Path]:
@@ -119,13 +119,13 @@ def plot_routing_figures(figures: Mapping[str, Any], out_dir: str | Path) -> lis
           plot_overlap(figures["overlap"], figures["top_k"], out_dir / OVERLAP_PNG)]
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
   fig = Figure(figsize=(width, height), dpi=120, layout="constrained")
   FigureCanvasAgg(fig)
   return fig
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def save_figure(fig: Figure, path: str | Path) -> Path:
   path = Path(path)
   with atomic_open(path, "wb") as f:  # under files.temp_path(path), then os.replace
     fig.savefig(f, format="png")

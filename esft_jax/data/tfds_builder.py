@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from esft_jax.data.jsonl import Conversation, EvalItem, Record, Turn, read_jsonl
+from esft_jax.data.sources import TFDS_PREFIX
 
 VERSION = "1.0.0"
-TFDS_PREFIX = "tfds:"
 _NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 CONVERSATION_FEATURES = {

@@ -22,6 +22,11 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
   return "\n".join(lines)
 
 
+def _mean_known(values: list) -> float | None:
+  known = [v for v in values if v is not None]
+  return float(np.mean(known)) if known else None
+
+
 def summarize(results: dict) -> dict:
   """The numbers behind the tables: per method, own-task scores, general loss, other-task scores, costs."""
   tasks, methods, evals = results["tasks"], results["methods"], results["evaluations"]
@@ -37,6 +42,8 @@ def summarize(results: dict) -> dict:
         "trainable_params": float(np.mean([results["runs"][t][m]["trainable_params"] for t in tasks])),
         "adapter_bytes": float(np.mean([results["runs"][t][m]["adapter_bytes"] for t in tasks])),
         "optimizer_state_bytes": float(np.mean([results["runs"][t][m]["optimizer_state_bytes"] for t in tasks])),
+        # None where a run resumed from its final checkpoint and compiled no step.
+        "step_peak_bytes": _mean_known([results["runs"][t][m]["step_peak_bytes"] for t in tasks]),
     }
   return summary
 
@@ -86,10 +93,11 @@ def write_report(out: Path, results: dict, preset: str) -> Path:
                   for name, s in [("Base", summary["base"])] + [(m, summary[m]) for m in methods]]
   table2 = _table(["method", "held-out general loss (↓)", "score on tasks not trained on (↑)"], general_rows)
   eff_rows = [[m, f"{summary[m]['seconds']:.1f}", f"{summary[m]['trainable_params']:,.0f}",
-               f"{summary[m]['adapter_bytes'] / 2**20:.2f}", f"{summary[m]['optimizer_state_bytes'] / 2**20:.2f}"]
+               f"{summary[m]['adapter_bytes'] / 2**20:.2f}", f"{summary[m]['optimizer_state_bytes'] / 2**20:.2f}",
+               "–" if summary[m]["step_peak_bytes"] is None else f"{summary[m]['step_peak_bytes'] / 2**20:.1f}"]
               for m in methods]
   table3 = _table(["method", "wall time per run (s)", "trainable parameters", "adapter on disk (MiB)",
-                   "optimizer state (MiB)"], eff_rows)
+                   "optimizer state (MiB)", "peak memory of a train step (MiB)"], eff_rows)
   text = f"""# esft-jax demo: ESFT in miniature
 
 Preset `{preset}`; base model of {results['base_parameters']:,} parameters; total wall time
@@ -112,7 +120,9 @@ mean ± std over the six trained models).
 ## Efficiency
 
 Per run, mean over the six tasks. "Optimizer state" is AdamW's measured moments for the trainable parameters;
-the frozen model is shared by every method.
+the frozen model is shared by every method. "Peak memory" is the compiled training step's peak device memory as
+XLA plans it (frozen and trainable parameters, optimizer state, batch, activations and gradients), the same
+measure on every backend.
 
 {table3}
 

@@ -87,7 +87,8 @@ def init_trainable(plan: TrainPlan, params, rng: jax.Array | None = None, dtype=
   for path, leaf in leaves_by_path(params).items():
     if plan.trains_whole(path):
       set_path(trainable, path, jnp.array(leaf, dtype=dtype, copy=True))  # never alias the frozen tree
-    elif plan.method == "esft" and param_role(path) == "routed_experts" and layer_index(path) in selected:
+    elif plan.method == "esft" and param_role(path) == "routed_experts" and selected.get(layer_index(path)):
+      # Layers with no selected expert get no (zero-size) leaf: nothing to train, and orbax cannot save one.
       ids = jnp.asarray(selected[layer_index(path)], jnp.int32)
       set_path(trainable, path, leaf[ids].astype(dtype))
   return trainable

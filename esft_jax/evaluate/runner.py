@@ -8,6 +8,7 @@ decoded greedily, and the metric reads the completion; translation is cut at the
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -51,12 +52,17 @@ def evaluate_generation(config: ModelConfig, params, tokenizer: Tokenizer, items
           "items": records}
 
 
-def _loss_step(model: Transformer):
-  @jax.jit
-  def step(params, inputs, targets, mask, segments):
-    logits = model.apply({"params": params}, inputs, segments).logits
-    return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
-  return step
+# Module-level jits with the (hashable) model static: repeated evaluations of one model shape compile once.
+@partial(jax.jit, static_argnames="model")
+def _summed_loss(model: Transformer, params, inputs, targets, mask, segments):
+  logits = model.apply({"params": params}, inputs, segments).logits
+  return jnp.sum(token_cross_entropy(logits, targets) * mask), jnp.sum(mask)
+
+
+@partial(jax.jit, static_argnames="model")
+def _per_row_loglik(model: Transformer, params, inputs, targets, mask, segments):
+  logits = model.apply({"params": params}, inputs, segments).logits
+  return -jnp.sum(token_cross_entropy(logits, targets) * mask, axis=-1)
 
 
 def _rows(examples: Sequence[Example], batch_size: int):
@@ -78,10 +84,10 @@ def _rows(examples: Sequence[Example], batch_size: int):
 def heldout_loss(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
                  dtype=jnp.float32) -> dict:
   """Mean next-token loss over the loss-masked tokens (answers and EOS) of unpacked samples, and perplexity."""
-  step = _loss_step(Transformer(config, dtype=dtype))
+  model = Transformer(config, dtype=dtype)
   total, count = 0.0, 0.0
   for inputs, targets, mask, segments in _rows(list(examples), batch_size):
-    loss_sum, n = step(params, inputs, targets, mask, segments)
+    loss_sum, n = _summed_loss(model, params, inputs, targets, mask, segments)
     total, count = total + float(loss_sum), count + float(n)
   mean = total / max(count, 1.0)
   return {"metric": "loss", "mean": mean, "perplexity": float(np.exp(mean)), "tokens": int(count)}
@@ -121,11 +127,11 @@ def multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer, path: Pat
       mask = np.zeros(len(ids), bool)
       mask[len(context):] = True
       examples.append(Example(ids, mask, item["question"][:40]))
-  step = _per_row_loglik(Transformer(config, dtype=dtype))
+  model = Transformer(config, dtype=dtype)
   logliks: list[float] = []
   bar = progress(total=len(examples), desc="choices")
   for inputs, targets, mask, segments in _rows(examples, batch_size):
-    logliks.extend(np.asarray(step(params, inputs, targets, mask, segments)).tolist())
+    logliks.extend(np.asarray(_per_row_loglik(model, params, inputs, targets, mask, segments)).tolist())
     bar.update(len(inputs))
   bar.close()
   records, pos = [], 0
@@ -139,14 +145,6 @@ def multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer, path: Pat
                     "score_norm": multiple_choice_accuracy(ll, item["answer"], lengths)})
   return {"metric": "choice", "mean": float(np.mean([r["score"] for r in records])),
           "mean_norm": float(np.mean([r["score_norm"] for r in records])), "items": records}
-
-
-def _per_row_loglik(model: Transformer):
-  @jax.jit
-  def step(params, inputs, targets, mask, segments):
-    logits = model.apply({"params": params}, inputs, segments).logits
-    return -jnp.sum(token_cross_entropy(logits, targets) * mask, axis=-1)
-  return step
 
 
 def run_evaluation(config: ModelConfig, params, tokenizer: Tokenizer, data: str | Path, metric: str,

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from esft_jax import sharding
 from esft_jax.data.pipeline import DataConfig, build_datasets
 from esft_jax.esft.selection import load_expert_config
-from esft_jax.esft.trainable import TrainPlan, plan_from_expert_config, validate_plan
+from esft_jax.esft.trainable import TrainPlan, param_role, plan_from_expert_config, validate_plan
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
@@ -83,7 +83,7 @@ def _adapter_base(params_like, trainable) -> dict:
   trained = leaves_by_path(trainable)
   base: dict = {}
   for path, leaf in leaves_by_path(params_like).items():
-    if path in trained and trained[path].shape != leaf.shape:
+    if path in trained and param_role(path) == "routed_experts":  # ESFT slices, even a layer's full selection
       set_path(base, path, jnp.zeros(leaf.shape, leaf.dtype, device=host))
     else:
       set_path(base, path, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))
