@@ -3,26 +3,31 @@
 The 8-device scenarios run in subprocesses side by side (tests/sharding_scenarios.py): the simulated device
 count is fixed when JAX starts, and this test session runs on one device. Two of them form one distributed
 run of two processes with 4 devices each, as two hosts would. The rest runs here on abstract meshes, which
-need no devices.
+need no devices, except a check of the GPU expert kernels split over two GPUs, where there are two.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as P
 
 from esft_jax import sharding
 from esft_jax.cli import main
 from esft_jax.config import load_config
 from esft_jax.interop.safetensors_io import CheckpointReader
+from esft_jax.model.kernels import hopper_available
+from esft_jax.model.moe import routed_experts
 from esft_jax.paths import leaves_by_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,3 +223,34 @@ def test_bad_meshes_fail_before_compiling(scenarios, case, message):
   result = scenarios["errors"][case]
   assert result["error"] is not None and message in result["error"], result
   assert result["compiles"] == 0
+
+
+@pytest.mark.skipif(not (hopper_available() and jax.device_count() >= 2), reason="needs two Hopper GPUs")
+@pytest.mark.parametrize("spec", ["data=2", "expert=2"])
+def test_gpu_expert_kernels_on_two_gpus_match_one(spec):
+  """The Pallas expert kernels inside the MoE's shard_map, tokens split over two GPUs and the weights gathered
+  from their shards: values and gradients as on one GPU (bf16)."""
+  rng = np.random.default_rng(0)
+  t, k, e, d, f = 512, 6, 8, 256, 256
+  x = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
+  ids = jnp.asarray(np.argsort(rng.random((t, e)), axis=1)[:, :k], jnp.int32)
+  weights = jnp.asarray(rng.random((t, k)), jnp.float32)
+  experts = {name: jnp.asarray(rng.standard_normal(shape) / 16, jnp.bfloat16)
+             for name, shape in (("gate_proj", (e, d, f)), ("up_proj", (e, d, f)), ("down_proj", (e, f, d)))}
+
+  def value_and_grads(mesh_spec: str):
+    axes = sharding.parse_mesh(mesh_spec)
+    mesh = sharding.make_mesh(axes, jax.devices()[:math.prod(axes.values())])
+    rows, stacks = NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("expert"))
+
+    def loss(x, weights, experts):
+      with sharding.logical_rules(mesh):
+        return jnp.sum(routed_experts(x, ids, weights, experts, "gpu").astype(jnp.float32) ** 2)
+
+    args = (jax.device_put(x, rows), jax.device_put(weights, rows), jax.device_put(experts, stacks))
+    return jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args))
+
+  for split, whole in zip(jax.tree_util.tree_leaves(value_and_grads(spec)),
+                          jax.tree_util.tree_leaves(value_and_grads("data=1"))):
+    split, whole = np.asarray(split, np.float32), np.asarray(whole, np.float32)
+    assert np.abs(split - whole).max() <= 2e-2 * np.abs(whole).max()

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from esft_jax.config import ModelConfig
 from esft_jax.model.experts import expert_ffn
@@ -84,6 +85,39 @@ def global_balance_loss(routings: list[Routing], num_experts: int, token_mask_Bx
   return num_experts * jnp.sum(jax.lax.stop_gradient(counts / rows) * prob_sum / rows)
 
 
+def _split_axes(mesh, logical: str) -> tuple[str, ...]:
+  """The axes of `mesh`, of more than one device, that the active logical rules split `logical` over."""
+  axes = nn.logical_to_mesh_axes((logical,))[0]
+  if axes is None or mesh.empty:
+    return ()
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
+
+
+def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str) -> jax.Array:
+  """`expert_ffn`, with each device on its own tokens where the active mesh (`esft_jax.sharding.logical_rules`)
+  splits the batch. XLA's partitioner can split neither the dispatch (a sort over every token) nor the Pallas
+  kernels: left to it, every device runs the experts on the whole global batch, and data or expert parallelism
+  does not divide the MoE's work. The expert weights come in whole, gathered from their FSDP and expert shards
+  (expert parallelism shards their storage and optimizer state, not this compute), except their width on the
+  tensor axis: each tensor shard computes its part of the hidden width and the partial outputs are summed."""
+  mesh = jax.sharding.get_abstract_mesh()
+  rows, width = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp")
+  if not rows and not width:
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl)
+  tokens = PartitionSpec(rows or None, None)
+  in_width, out_width = PartitionSpec(None, None, width or None), PartitionSpec(None, width or None, None)
+
+  def local(x, ids, weights, gate, up, down):
+    out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl)
+    return jax.lax.psum(out, width) if width else out
+
+  # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
+  # whole expert weights are summed over the devices all the same.
+  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width), out_specs=tokens,
+                       check_vma=False)(x_TxD, ids_TxK, weights_TxK, experts["gate_proj"], experts["up_proj"],
+                                        experts["down_proj"])
+
+
 class StackedExperts(nn.Module):
   """One MoE layer's routed experts as three stacked tensors (the layout ESFT slices trainable experts from)."""
   num_experts: int
@@ -123,7 +157,7 @@ class MoEBlock(nn.Module):
 
     experts = StackedExperts(e, d, f, self.param_dtype, name="experts")()
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
-    out = expert_ffn(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl)
+    out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl)
 
     if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
       shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)
