@@ -10,11 +10,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_tiny(script: str) -> tuple[str, list[list[dict[str, str]]]]:
-  """The output of `script --tiny`, and each markdown table in it as rows of {column: cell}."""
+def run_tiny(script: str, *options: str) -> tuple[str, list[list[dict[str, str]]]]:
+  """The output of `script --tiny [options]`, and each markdown table in it as rows of {column: cell}."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  proc = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--tiny"], capture_output=True,
-                        text=True, timeout=600, env=env, check=True)
+  proc = subprocess.run([sys.executable, str(REPO / "experiments" / script), "--tiny", *options],
+                        capture_output=True, text=True, timeout=600, env=env, check=True)
   cells = lambda line: [c.strip() for c in line.strip().strip("|").split("|")]
   lines = proc.stdout.splitlines()
   tables = []
@@ -52,3 +52,20 @@ def test_bench_infer_tiny_scores_and_generates_like_transformers():
   for row in scoring + generation:
     assert number(row["tokens/s"]) > 0, row
   assert "agreement: 3/3 rows identical on the first 8 new tokens" in out  # fp32: greedy choices match exactly
+
+
+def test_bench_sharded_tiny_splits_the_work_and_starts_from_one_loss():
+  """Each mesh in its own process on 8 simulated CPU devices (the script sets XLA_FLAGS for them). Meshes with the
+  same global batch start from the same loss, and at a fixed per-device batch XLA's FLOPs per device stay those of
+  one device: the "grouped" experts' dispatch (a sort over every token) is split, not run whole on every device."""
+  out, [table] = run_tiny("bench_sharded.py", "--layers", "2", "--iters", "1", "--expert-impl", "grouped",
+                          "--meshes", "data=1", "data=2", "expert=2", "fsdp=2")
+  assert [(row["mesh"], row["devices"], row["global batch×seq"]) for row in table] == [
+      ("data=1", "1", "2×64"), ("data=2", "2", "4×64"), ("expert=2", "2", "4×64"), ("fsdp=2", "2", "4×64")]
+  for row in table:
+    assert number(row["tokens/s"]) > 0, row
+  assert table[0]["scaling"] == "1.00×"
+  for row in table[1:]:
+    assert number(row["XLA TFLOP/dev"]) < 1.05 * number(table[0]["XLA TFLOP/dev"]), row
+  spread = [line for line in out.splitlines() if line.startswith("first loss at global batch 4: 3 rows within ")]
+  assert len(spread) == 1 and float(spread[0].rsplit(" ", 1)[1]) < 1e-5, out

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Issue #7's sharded-training measurements in one device call (bench_sharded.py; pieces as in gpu_suite.sh: each
+# under its own time limit, all under one deadline, DEADLINE seconds, default 550, inside the tool's 600 s):
+#
+#   OUT=/tmp/out bash experiments/gpu_sharded.sh           # on nvidia-h200-x2: the 2-GPU pieces
+#   ONLY=x8_esft bash experiments/gpu_sharded.sh           # on nvidia-h200-x8 (issue #9): one call per x8 piece
+#   ONLY=x8_fft bash experiments/gpu_sharded.sh
+#
+# Pieces, in order; with ONLY unset, a machine of 8 GPUs runs the x8 ones, any other the rest. Guessed times
+# (compiles dominate and were never timed; the tables print "compile s"):
+#   check      ~0.5 min  the Pallas expert kernels split over two GPUs match one GPU (a test)
+#   esft_2     ~3 min    ESFT, 8 layers of DeepSeek-V2-Lite width, 8 trainable experts per MoE layer, 8 x 2048
+#                        tokens per GPU: 1 GPU, data parallel 2, expert parallel 2 (the bar: 2 GPUs >= 1.8x one)
+#   esft_27    ~2 min    ESFT of the full 27 layers (15.7B) at 1 x 2048 per GPU, FSDP 2
+#   fft_27     ~2 min    FFT of the same, FSDP 2, master weights and AdamW state in bf16. In fp32 the state
+#                        alone is 18 bytes per parameter (2 frozen bf16 + 4 master + 8 AdamW + 4 gradients) =
+#                        141 GB per GPU of 2; the step adds the gathered bf16 weights (31 GB), activations
+#                        (~20 GB) and XLA's temporaries: ~190 GB or more against an H200's 150 GB (140 GiB)
+#   fft_27_f32 ~2 min    the fp32 FFT, expected out of memory; runs only if the deadline leaves room
+#   x8_esft    ~8 min    8 GPUs, 27 layers, 1 x 2048 per GPU: 1 GPU, EP 2, EP 8, FSDP 8 (issue #9)
+#   x8_fft     ~5 min    8 GPUs, 27 layers, 1 x 2048 per GPU, fp32 FFT (~35 GB of state per GPU): EP 8, FSDP 8
+#
+# Each piece writes to $OUT/<piece>.txt as it runs; $OUT/suite.txt holds the machine and how each piece ended.
+# A piece stopped at its limit still prints the rows it finished (bench_sharded.py ends the running row on
+# SIGTERM). Compiled programs are cached under build/jax-cache, so a call on a still-warm machine compiles less.
+set -u -o pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-build/gpu_sharded}
+DEADLINE=${DEADLINE:-550}
+PY=${PY:-python3}
+export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-$PWD/build/jax-cache}
+mkdir -p "$OUT"
+GPUS=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [[ -z ${ONLY:-} ]]; then
+  ((GPUS >= 8)) && ONLY=x8_esft,x8_fft || ONLY=check,esft_2,esft_27,fft_27,fft_27_f32
+fi
+
+piece() {  # name limit_s command...: runs if ONLY names it and the deadline leaves a minute
+  local name=$1 limit=$2
+  shift 2
+  [[ ",$ONLY," == *",$name,"* ]] || return 0
+  local left=$((DEADLINE - SECONDS))
+  if ((left < 60)); then
+    echo "$name: skipped, ${left} s left before the deadline" | tee -a "$OUT/suite.txt"
+    return
+  fi
+  ((limit > left)) && limit=$left
+  local start=$SECONDS
+  echo "\$ $*" | tee "$OUT/$name.txt"
+  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
+  local rc=${PIPESTATUS[0]}
+  local how="exit $rc"
+  ((rc == 124 || rc == 137)) && how="stopped at its limit"
+  echo "$name: $how after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/suite.txt"
+}
+
+{
+  date -u
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  timeout 60 $PY -c "import sys, jax; print('python', sys.version.split()[0], '| jax', jax.__version__)"
+} 2>&1 | tee "$OUT/suite.txt"
+
+bench=("$PY" experiments/bench_sharded.py --seq 2048)
+full=(--layers 27 --batch 1 --row-timeout 230)
+piece check 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_sharding.py -k gpu_expert_kernels
+piece esft_2 300 "${bench[@]}" --methods esft --meshes data=1 data=2 expert=2 --layers 8 --batch 8 \
+  --experts-per-layer 8 --row-timeout 120
+piece esft_27 180 "${bench[@]}" --methods esft --meshes fsdp=2 "${full[@]}"
+piece fft_27 240 "${bench[@]}" --methods fft --meshes fsdp=2 --master-dtype bfloat16 "${full[@]}"
+piece fft_27_f32 240 "${bench[@]}" --methods fft --meshes fsdp=2 "${full[@]}"
+piece x8_esft 550 "${bench[@]}" --methods esft --meshes data=1 expert=2 expert=8 fsdp=8 "${full[@]}"
+piece x8_fft 550 "${bench[@]}" --methods fft --meshes expert=8 fsdp=8 "${full[@]}"
+echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"
