@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from esft_jax.analysis.figures import plot_routing_figures, plot_selected_experts
 from esft_jax.analysis.routing import routing_figures_from_logs
@@ -77,7 +78,7 @@ PRESETS = {
         base=BaseSpec(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, routed_experts=64,
                       experts_per_token=6, shared_experts=2, expert_width=128, dense_width=1408, kv_lora_rank=128,
                       seq_length=512, general_chars=1_300_000, held_out_chars=60_000, format_examples_per_task=300,
-                      steps=2000, batch_size=32, lr=1.5e-3),
+                      steps=2000, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16"),
         n_train=2000, n_test=100, score_tokens=32_768, finetune_steps=200, finetune_batch=16,
         finetune_seq_length=512, lr={"FFT": 1e-4, "LoRA": 5e-4, "ESFT-Token": 1e-3, "ESFT-Gate": 1e-3},
         max_new_tokens=64, eval_batch=50, workers=4),
@@ -120,13 +121,18 @@ class Workspace:
   def data(self) -> Path:
     return self.out / "data"
 
+  @property
+  def dtype(self):
+    return jnp.dtype(self.preset.base.compute_dtype)
+
   def fine_tune(self, task: str, kind: str, run_dir: Path, lr: float, expert_config: Path | None = None,
                 lora_rank: int = 8) -> dict:
     """One fine-tuning run (kind fft, lora or esft) on the task's train split; its summary, cached."""
     def compute():
       preset = self.preset
       train_cfg = TrainConfig(steps=preset.finetune_steps, lr=lr, eval_every=max(1, preset.finetune_steps // 2),
-                              save_every=preset.finetune_steps, log_every=10, compute_dtype="float32")
+                              save_every=preset.finetune_steps, log_every=10,
+                              compute_dtype=preset.base.compute_dtype)
       data_cfg = DataConfig(seq_length=preset.finetune_seq_length, validation_fraction=0.05)
       result = finetune(self.base_dir, str(self.data / f"{task}_train.jsonl"), kind, run_dir, train_cfg, data_cfg,
                         preset.finetune_batch, expert_config, resume=True, lora_rank=lora_rank,
@@ -144,9 +150,10 @@ class Workspace:
       for name, task in self.tasks.items():
         items = read_jsonl(self.data / f"{name}_test.jsonl")
         result = evaluate_generation(self.base.config, params, self.tokenizer, items, task.metric,
-                                     self.preset.max_new_tokens, self.preset.eval_batch)
+                                     self.preset.max_new_tokens, self.preset.eval_batch, self.dtype)
         scores[name] = result["mean"]
-      scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch)["mean"]
+      scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
+                                            self.dtype)["mean"]
       return scores
 
     return _cached_json(cache_file, compute)
@@ -185,7 +192,8 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
     def score(name=name, task_dir=task_dir):
       examples = format_records(open_examples(data / f"{name}_train.jsonl"), tokenizer)
       chosen = sample_until(examples, preset.score_tokens)
-      return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir)
+      return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir,
+                            dtype=jnp.dtype(preset.base.compute_dtype))
 
     task_dir.mkdir(parents=True, exist_ok=True)
     summaries[name] = _cached_json(task_dir / "summary.json", score)

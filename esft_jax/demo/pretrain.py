@@ -53,6 +53,7 @@ class BaseSpec:
   batch_size: int
   lr: float
   seed: int = 0
+  compute_dtype: str = "float32"  # also what the demo fine-tunes, scores and evaluates in (bfloat16 on GPUs)
 
   def key(self) -> str:
     return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
@@ -113,7 +114,7 @@ def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=pri
   val = list(eval_dataset(val_rows, spec.batch_size, process_index=0, process_count=1))
   train_cfg = TrainConfig(steps=spec.steps, lr=spec.lr, schedule="cosine", warmup_steps=spec.steps // 20,
                           weight_decay=0.1, eval_every=spec.steps, save_every=spec.steps, log_every=10,
-                          seed=spec.seed, compute_dtype="float32")
+                          seed=spec.seed, compute_dtype=spec.compute_dtype)
   result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg)
   log(f"pretrained in {result.wall_seconds:.0f}s; validation loss {result.best_val_loss:.3f}")
   save_hf_model(work / "model", config, result.trainable, hf, tokenizer_dir=work)
