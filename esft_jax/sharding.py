@@ -235,11 +235,12 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def place(tree, shardings):
   """Puts arrays onto their shardings (a tree like `tree`, or one for every leaf); arrays already there are
-  kept. Where a sharding spans other processes, each process supplies only its own shards of the full
+  kept. "There" means the same sharding object, not an equivalent one: jit keys its compiled programs on the
+  sharding's type, so a single-device array fed where the step returns a NamedSharding would compile twice. Where a sharding spans other processes, each process supplies only its own shards of the full
   values it holds (a loaded model, a scoring batch: the same on every process)."""
 
   def put(x, sharding: NamedSharding):
-    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+    if isinstance(x, jax.Array) and x.sharding == sharding:
       return x
     if sharding.is_fully_addressable:
       return jax.device_put(x, sharding)

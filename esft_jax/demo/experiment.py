@@ -74,12 +74,15 @@ PRESETS = {
                       steps=300, batch_size=16, lr=3e-3),
         n_train=400, n_test=24, score_tokens=6_000, finetune_steps=40, finetune_batch=8, finetune_seq_length=128,
         lr={"FFT": 3e-4, "LoRA": 1e-3, "ESFT-Token": 3e-3, "ESFT-Gate": 3e-3}, max_new_tokens=48, eval_batch=24),
+    # Not yet run to the end. The one H200 try (2026-11-28, 1.3M characters, 2000 steps, 32k scoring tokens per
+    # task) pretrained in 155 s but saw its 779 rows 82 times (validation loss 5.24), and scoring took 270 s
+    # (its step then compiled twice per shape), leaving no time for the runs within a 10-minute call.
     "small": DemoPreset(
         base=BaseSpec(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, routed_experts=64,
                       experts_per_token=6, shared_experts=2, expert_width=128, dense_width=1408, kv_lora_rank=128,
-                      seq_length=512, general_chars=1_300_000, held_out_chars=60_000, format_examples_per_task=300,
-                      steps=2000, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16"),
-        n_train=2000, n_test=100, score_tokens=32_768, finetune_steps=200, finetune_batch=16,
+                      seq_length=512, general_chars=6_000_000, held_out_chars=60_000, format_examples_per_task=300,
+                      steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16"),
+        n_train=2000, n_test=100, score_tokens=8_192, finetune_steps=200, finetune_batch=16,
         finetune_seq_length=512, lr={"FFT": 1e-4, "LoRA": 5e-4, "ESFT-Token": 1e-3, "ESFT-Gate": 1e-3},
         max_new_tokens=64, eval_batch=50, workers=4),
 }
