@@ -288,8 +288,9 @@ def main() -> None:
   info = next((r for r in rows if "device_kind" in r), {})
   print(f"{info.get('device_kind', '?')}, jax {info.get('jax', '?')}; "
         f"{'tiny-deepseek' if args.tiny else 'DeepSeek-V2-Lite'} widths, {args.layers} layers, "
-        f"{args.batch} × {args.seq} tokens per batch shard, ESFT {args.experts_per_layer} experts per MoE layer, "
-        f"{args.master_dtype} master weights and AdamW state, experts {args.expert_impl}")
+        f"{args.batch} × {args.seq} tokens per batch shard, "
+        + (f"ESFT {args.experts_per_layer} experts per MoE layer, " if "esft" in args.methods else "")
+        + f"{args.master_dtype} master weights and AdamW state, experts {args.expert_impl}")
   print("\n".join(table(args, rows) + loss_agreement(rows)))
 
 

@@ -146,14 +146,12 @@ def _init_state(plan: TrainPlan, optimizer: optax.GradientTransformation, seed: 
 
 
 def planned_peak_bytes(compiled: jax.stages.Compiled) -> int | None:
-  """Peak device memory of one call (arguments, outputs and temporaries, less donated buffers), from XLA's
-  memory analysis: comparable across methods on every backend, unlike the process's memory high-water mark."""
+  """Device memory of one call as XLA's buffer plan sizes it: arguments, outputs and temporaries, less donated
+  buffers; comparable across methods on every backend, unlike the process's memory high-water mark. (The
+  analysis' own `peak_memory_in_bytes` leaves temporaries out on CPU.)"""
   stats = compiled.memory_analysis()
   if stats is None:
     return None
-  peak = getattr(stats, "peak_memory_in_bytes", None)
-  if peak:
-    return int(peak)
   return int(stats.argument_size_in_bytes + stats.output_size_in_bytes + stats.temp_size_in_bytes
              - stats.alias_size_in_bytes)
 
