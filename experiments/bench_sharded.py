@@ -72,6 +72,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--master-dtype", default="float32", choices=["float32", "bfloat16"],
                       help="trainable copies and AdamW state (the trainer keeps fp32)")
   parser.add_argument("--expert-impl", default="auto", help="routed-expert path (esft_jax.model.experts)")
+  parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass")
   parser.add_argument("--row-timeout", type=float, default=None, help="seconds before a row is stopped")
   parser.add_argument("--tiny", action="store_true",
                       help=f"tiny-deepseek in fp32 on {TINY_DEVICES} simulated CPU devices, to keep this working")
@@ -150,7 +151,7 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     state = jax.jit(init_state, out_shardings=shardings.state)(params)
     row["trainable"] = count_parameters(state.trainable)
     batch = sharding.global_batch(_batch(global_batch, args.seq, config.vocab_size), shardings.batch)
-    model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype)
+    model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, remat=args.remat)
 
     stage = "compile"
     start = time.perf_counter()
@@ -206,7 +207,8 @@ def run_row(args: argparse.Namespace, method: str, spec: str) -> dict:
   """`measure` in a child process, so that peak memory is this row's and a crash or an OOM stays in it."""
   options = ["--layers", args.layers, "--batch", args.batch, "--seq", args.seq, "--experts-per-layer",
              args.experts_per_layer, "--iters", args.iters, "--master-dtype", args.master_dtype, "--expert-impl",
-             args.expert_impl, "--row", method, spec] + (["--tiny"] if args.tiny else [])
+             args.expert_impl, "--row", method, spec]
+  options += (["--tiny"] if args.tiny else []) + (["--remat"] if args.remat else [])
   command = [sys.executable, os.path.abspath(__file__), *map(str, options)]
   row = {"mesh": spec, "method": method}
   axes = sharding.parse_mesh(spec)
@@ -290,7 +292,8 @@ def main() -> None:
         f"{'tiny-deepseek' if args.tiny else 'DeepSeek-V2-Lite'} widths, {args.layers} layers, "
         f"{args.batch} × {args.seq} tokens per batch shard, "
         + (f"ESFT {args.experts_per_layer} experts per MoE layer, " if "esft" in args.methods else "")
-        + f"{args.master_dtype} master weights and AdamW state, experts {args.expert_impl}")
+        + f"{args.master_dtype} master weights and AdamW state, experts {args.expert_impl}"
+        + (", layers recomputed in the backward pass" if args.remat else ""))
   print("\n".join(table(args, rows) + loss_agreement(rows)))
 
 

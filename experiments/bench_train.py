@@ -114,7 +114,7 @@ def run_jax(args, impl: str) -> dict:
   plan = plan_from_expert_config({"experts": {str(l): ids for l, ids in
                                               selected_experts(config, args.experts_per_layer).items()}})
   batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
-  model = Transformer(config, expert_impl=impl, dtype=dtype)
+  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat)
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
   def init_state(frozen) -> TrainState:
@@ -235,7 +235,7 @@ def run_path(args, path: str) -> dict:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
-         "--iters", str(args.iters)] + (["--tiny"] if args.tiny else [])
+         "--iters", str(args.iters)] + (["--tiny"] if args.tiny else []) + (["--remat"] if args.remat else [])
   try:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
   except subprocess.TimeoutExpired:
@@ -260,6 +260,7 @@ def main() -> None:
   parser.add_argument("--paths", default="grouped,auto,torch",
                       help="JAX expert implementations (grouped, auto, gpu, ...) and/or torch; torch runs first")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per path")
+  parser.add_argument("--remat", action="store_true", help="JAX paths recompute each layer in the backward pass")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()

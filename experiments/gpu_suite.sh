@@ -4,7 +4,7 @@
 # what is least known:
 #
 #   OUT=/tmp/out bash experiments/gpu_suite.sh             # everything
-#   ONLY=moe,train_27_b4 bash experiments/gpu_suite.sh     # some pieces (names below)
+#   ONLY=moe,train_27_remat bash experiments/gpu_suite.sh     # some pieces (names below)
 #
 # Each piece writes its stdout and stderr to $OUT/<piece>.txt as it runs, so a piece cut short keeps the rows
 # it finished; $OUT/suite.txt holds the machine, the versions, and how each piece ended and how long it took.
@@ -18,7 +18,8 @@
 #   infer          ~2.5 min scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
 #   train_27_torch ~1 min   the PyTorch step at 27 layers, batch 2 (out of memory at batch 4 in the baseline)
 #   moe            ~2 min   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch
-#   train_27_b4    ~3 min   27 layers at batch 4 x 2048, auto; runs only if the deadline leaves room
+#   train_27_remat    ~3 min   27 layers at batch 8 x 2048 with --remat (layers recomputed), auto; runs only if
+#                           the deadline leaves room (batch 2 without remat measured 111 GiB)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_suite}
@@ -63,5 +64,5 @@ piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90
 piece moe 150 "$PY" experiments/bench_moe.py --rows 16384,32768,65536 --paths tiled,torch --iters 5 --warmup 2
-piece train_27_b4 240 "${train[@]}" --layers 27 --batch 4 --iters 3 --paths auto --timeout 230
+piece train_27_remat 240 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto --timeout 230
 echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"

@@ -99,6 +99,21 @@ def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero()
     assert float(jnp.abs(slice_grads["layers_2"]["mlp"]["experts"][proj][0]).max()) > 0.0
 
 
+def test_remat_gives_the_same_loss_and_gradients():
+  cfg, params, _ = _setup()
+  batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1)[0])
+  plan = _esft_plan(shared=True)
+  trainable = init_trainable(plan, params)
+  (loss, _), grads = jax.value_and_grad(_loss_fn(Transformer(cfg), plan), has_aux=True)(trainable, params, batch)
+  (loss_r, _), grads_r = jax.value_and_grad(_loss_fn(Transformer(cfg, remat=True), plan), has_aux=True)(
+      trainable, params, batch)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads)
+  forward = lambda model: str(jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["inputs"]).logits)(params))
+  assert forward(Transformer(cfg, remat=True)).count("remat2[") == cfg.num_layers
+  assert "remat2[" not in forward(Transformer(cfg))
+
+
 def test_optimizer_state_is_proportional_to_selected_experts():
   cfg = load_config("deepseek-v2-lite")
   abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), param_dtype=jnp.bfloat16))
