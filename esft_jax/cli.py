@@ -102,9 +102,8 @@ def cmd_score(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-  import json
-
   from esft_jax.esft.selection import load_expert_config, random_like, select_experts, write_expert_config
+  from esft_jax.files import read_json
 
   if args.random:
     if not args.like:
@@ -115,10 +114,7 @@ def cmd_select(args: argparse.Namespace) -> None:
   else:
     if not args.scores:
       raise ValueError("select needs --scores summary.json (from `esft-jax score`)")
-    try:
-      summary = json.loads(Path(args.scores).read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{args.scores}: not valid JSON ({e})") from None
+    summary = read_json(args.scores, "write the scores with `esft-jax score`")
     config = select_experts(summary, args.method, args.top_p, train_shared_experts=args.train_shared_experts,
                             train_non_expert_modules=args.train_non_expert_modules)
   write_expert_config(args.out, config)

@@ -1,4 +1,5 @@
-"""Atomic file writes: write under `<name>.tmp` next to the target, then `os.replace` it into place.
+"""Atomic file writes (write under `<name>.tmp` next to the target, then `os.replace` it into place), and JSON
+files read with errors that name the file.
 
 A reader never sees a half-written file: it finds the old file or the new one. On an error the temporary
 file is removed and the target is left as it was.
@@ -7,6 +8,7 @@ file is removed and the target is left as it was.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 from typing import IO, Iterator
@@ -38,3 +40,15 @@ def atomic_write_text(path: str | Path, text: str, encoding: str = "utf-8") -> N
   """Writes `text` to `path` atomically."""
   with atomic_open(path, "w", encoding) as f:
     f.write(text)
+
+
+def read_json(path: str | Path, missing_hint: str):
+  """The parsed JSON file; a missing file raises FileNotFoundError naming it and `missing_hint` (what to do),
+  malformed JSON a ValueError naming it and the parser's position."""
+  path = Path(path)
+  try:
+    return json.loads(path.read_text())
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: not found; {missing_hint}") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON ({e})") from None

@@ -35,24 +35,7 @@ if [[ -z ${ONLY:-} ]]; then
   ((GPUS >= 8)) && ONLY=x8_esft,x8_fft || ONLY=check,esft_2,esft_27,fft_27,fft_27_f32
 fi
 
-piece() {  # name limit_s command...: runs if ONLY names it and the deadline leaves a minute
-  local name=$1 limit=$2
-  shift 2
-  [[ ",$ONLY," == *",$name,"* ]] || return 0
-  local left=$((DEADLINE - SECONDS))
-  if ((left < 60)); then
-    echo "$name: skipped, ${left} s left before the deadline" | tee -a "$OUT/suite.txt"
-    return
-  fi
-  ((limit > left)) && limit=$left
-  local start=$SECONDS
-  echo "\$ $*" | tee "$OUT/$name.txt"
-  timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$OUT/$name.txt"
-  local rc=${PIPESTATUS[0]}
-  local how="exit $rc"
-  ((rc == 124 || rc == 137)) && how="stopped at its limit"
-  echo "$name: $how after $((SECONDS - start)) s (limit $limit s)" | tee -a "$OUT/suite.txt"
-}
+source experiments/pieces.sh
 
 {
   date -u

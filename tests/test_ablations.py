@@ -56,5 +56,5 @@ def test_bad_ablation_configs_name_the_problem(tmp_path):
   path.write_text(json.dumps({"ablation": "threshold", "tasks": ["poetry"]}))
   with pytest.raises(ValueError, match="unknown: \\['poetry'\\]"):
     load_ablation_config(path)
-  with pytest.raises(FileNotFoundError, match="configs/ablations"):
+  with pytest.raises(FileNotFoundError, match="missing.json: not found; see configs/ablations"):
     load_ablation_config(tmp_path / "missing.json")

@@ -146,7 +146,7 @@ def test_write_rejects_bad_config_and_writes_nothing(tmp_path):
 
 
 def test_load_file_errors(tmp_path):
-  with pytest.raises(FileNotFoundError, match="missing.json: expert config not found"):
+  with pytest.raises(FileNotFoundError, match="missing.json: not found; write an expert config"):
     load_expert_config(tmp_path / "missing.json")
   (tmp_path / "broken.json").write_text("{")
   with pytest.raises(ValueError, match="broken.json: not valid JSON"):

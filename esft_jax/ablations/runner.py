@@ -24,19 +24,13 @@ from esft_jax.ablations.report import write_ablation_report
 from esft_jax.demo.experiment import PRESETS, Workspace, prepare
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
-from esft_jax.files import atomic_write_text
+from esft_jax.files import atomic_write_text, read_json
 
 ABLATIONS = ("threshold", "what_to_train", "random_experts")
 
 
 def load_ablation_config(path: str | Path) -> dict[str, Any]:
-  path = Path(path)
-  try:
-    config = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: ablation config not found; see configs/ablations/ for examples") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  config = read_json(path, "see configs/ablations/ for the ablation configs")
   if config.get("ablation") not in ABLATIONS:
     raise ValueError(f"{path}: 'ablation' must be one of {ABLATIONS}, got {config.get('ablation')!r}")
   unknown = sorted(set(config.get("tasks", [])) - set(TASK_NAMES))

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from esft_jax.files import atomic_write_text
+from esft_jax.files import atomic_write_text, read_json
 
 METHODS = ("token", "gate")
 PAPER_TOP_P = {"token": 0.2, "gate": 0.1}  # the paper's thresholds, chosen on its Math sweep
@@ -81,13 +81,7 @@ def load_expert_config(path: str | Path, num_experts: int | None = None,
                        moe_layer_ids: Sequence[int] | None = None) -> dict[str, Any]:
   """Reads an expert config and checks it against the model: every MoE layer present (the official loader
   needs all of them), no other layer, ids in [0, num_experts), no duplicates."""
-  path = Path(path)
-  try:
-    config = json.loads(path.read_text())
-  except FileNotFoundError:
-    raise FileNotFoundError(f"{path}: expert config not found; write one with select_experts") from None
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path}: not valid JSON ({e})") from None
+  config = read_json(path, "write an expert config with `esft-jax select`")
   _check_config(config, str(path), num_experts, moe_layer_ids)
   return config
 
