@@ -215,6 +215,15 @@ def cmd_figures(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
+  """The demo workspace's options, shared by `demo` and `ablate`."""
+  parser.add_argument("--preset", default="tiny", choices=["tiny", "small"],
+                      help="tiny: a laptop CPU; small: one GPU (64 experts top-6, 8 layers)")
+  parser.add_argument("--out", type=Path, default=Path("runs/demo"),
+                      help="the demo workspace: output directory (default runs/demo)")
+  parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
@@ -366,10 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     "and ESFT-Gate on every task, evaluate every model on every task and on "
                                     "held-out text, and write REPORT.md, results.json and figures. Interrupted "
                                     "runs resume from what OUT already holds.")
-  demo.add_argument("--preset", default="tiny", choices=["tiny", "small"],
-                    help="tiny: a laptop CPU; small: one GPU (64 experts top-6, 8 layers)")
-  demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default runs/demo)")
-  demo.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  _add_workspace_flags(demo)
   demo.add_argument("--workers", type=int, help="fine-tune-and-evaluate jobs run at once in worker processes "
                     "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
   demo.set_defaults(func=cmd_demo)
@@ -381,11 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "and the routing scores are shared with `esft-jax demo --out OUT`. Writes "
                                       "OUT/ablations/NAME/REPORT.md, results.json and figure.png; resumes.")
   ablate.add_argument("config", type=Path, help="e.g. configs/ablations/threshold.json")
-  ablate.add_argument("--preset", default="tiny", choices=["tiny", "small"],
-                      help="tiny: a laptop CPU; small: one GPU")
-  ablate.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="the demo workspace (default runs/demo)")
-  ablate.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  _add_workspace_flags(ablate)
   ablate.set_defaults(func=cmd_ablate)
 
   data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)

@@ -216,6 +216,11 @@ def _worker_job(out: Path, preset: DemoPreset, cache_root: Path | None, task_nam
   return _job(prepare(out, preset, cache_root, lambda _: None, task_names), name, method)
 
 
+def _init_worker() -> None:
+  """Runs in each worker before its JAX backend starts; the parent's environment stays as it was."""
+  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+
+
 def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]], workers: int, log) -> list:
   """(summary, scores) per (task, method) job, in order. On a GPU host most of a short run is compilation, which
   is single-threaded per process: worker processes (spawned, each preparing the cached workspace itself) overlap
@@ -226,9 +231,9 @@ def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]
       log(f"fine-tuning and evaluating {method} on {name}")
       results.append(_job(ws, name, method))
     return results
-  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"  # read by each worker's JAX at its start
   task_names = tuple(ws.tasks)
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                              initializer=_init_worker) as pool:
     futures = [pool.submit(_worker_job, ws.out, ws.preset, cache_root, task_names, name, method)
                for name, method in jobs]
     for future in concurrent.futures.as_completed(futures):
