@@ -70,6 +70,9 @@ class ModelConfig:
   topk_group: int = 1
   norm_topk_prob: bool = False
   routed_scaling_factor: float = 1.0
+  # Coarse experts made of G fine ones (the paper's granularity ablation): the router scores G * num_experts fine
+  # experts, each expert's gate is the mean of its G consecutive fine probabilities. 1 = an ordinary router.
+  router_group_size: int = 1
   # Load balancing: "seq" (DeepSeek's sequence-level aux loss), "batch" (DeepSeek without seq_aux),
   # "global" (Mixtral/OLMoE/Qwen over all layers and tokens), or None.
   aux_loss_kind: str | None = None
@@ -84,6 +87,10 @@ class ModelConfig:
       raise ValueError(f"moe_layers has {len(self.moe_layers)} entries for {self.num_layers} layers")
     if self.num_experts and self.num_experts % self.n_group:
       raise ValueError(f"n_routed_experts={self.num_experts} is not divisible by n_group={self.n_group}")
+    _check_group_size(self.router_group_size)
+    if self.router_group_size > 1 and self.topk_method != "greedy":
+      raise ValueError(f"router_group_size={self.router_group_size} needs topk_method 'greedy', not "
+                       f"{self.topk_method!r}: grouped routing has no expert groups of its own")
 
   @property
   def moe_layer_ids(self) -> tuple[int, ...]:
@@ -104,6 +111,11 @@ class ModelConfig:
       m = yarn_mscale(self.rope.factor, self.rope.mscale_all_dim)
       scale *= m * m
     return scale
+
+
+def _check_group_size(size: Any) -> None:
+  if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+    raise ValueError(f"router_group_size={size!r} must be a positive integer (1: no grouping)")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -142,14 +154,17 @@ def _first_id(value):
 
 def _common(hf: dict[str, Any]) -> dict[str, Any]:
   num_heads = hf["num_attention_heads"]
-  return dict(
+  common = dict(
       model_type=hf["model_type"], vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
       num_layers=hf["num_hidden_layers"], num_heads=num_heads,
       num_kv_heads=hf.get("num_key_value_heads") or num_heads,
       head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
       intermediate_size=hf["intermediate_size"], rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
       tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-      bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")))
+      bos_token_id=_first_id(hf.get("bos_token_id")), eos_token_id=_first_id(hf.get("eos_token_id")),
+      router_group_size=hf.get("router_group_size", 1))
+  _check_group_size(common["router_group_size"])  # before a reader divides by it
+  return common
 
 
 def _deepseek(hf: dict[str, Any]) -> ModelConfig:
@@ -173,7 +188,9 @@ def _deepseek(hf: dict[str, Any]) -> ModelConfig:
       v_head_dim=hf["v_head_dim"], mla_bias=bool(hf.get("attention_bias", False)),
       moe_layers=moe_layers, num_experts=n_experts, num_experts_per_tok=hf["num_experts_per_tok"],
       moe_intermediate_size=hf["moe_intermediate_size"],
-      shared_intermediate_size=hf["moe_intermediate_size"] * (hf.get("n_shared_experts") or 0),
+      # DeepSeek counts shared experts in routed-expert widths; a grouped model's unit is its fine expert.
+      shared_intermediate_size=hf["moe_intermediate_size"] // common["router_group_size"]
+      * (hf.get("n_shared_experts") or 0),
       scoring_func=scoring, topk_method=topk_method, n_group=hf.get("n_group") or 1,
       topk_group=hf.get("topk_group") or 1,
       # transformers' DeepseekV2 router never renormalises top-k weights, whatever norm_topk_prob says; we match it.

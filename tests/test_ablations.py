@@ -13,6 +13,10 @@ CONFIGS = {
     "what_to_train": {"ablation": "what_to_train", "tasks": ["intent"], "score": "token", "p": 0.2},
     "random_experts": {"ablation": "random_experts", "tasks": ["intent"], "score": "token", "p": 0.2,
                        "seeds": [0, 1]},
+    "granularity_groups": {"ablation": "granularity_groups", "tasks": ["intent"], "group_sizes": [1, 2]},
+    # 8 x 16 with a shared width of 16 is the micro base itself; 16 x 8 (two shared of 8) is pretrained.
+    "granularity_scratch": {"ablation": "granularity_scratch", "tasks": ["intent"],
+                            "variants": [{"experts": 8, "shared_width": 16}, {"experts": 16, "shared_width": 16}]},
 }
 
 
@@ -40,6 +44,19 @@ def test_ablation_runs_and_reports(workspace, name):
     params = {k: r["trainable_params"] for k, r in rows.items()}
     assert params["relevant experts"] < params["+ shared experts"] < params["everything (FFT)"]
     assert params["shared experts only"] < params["shared + non-expert"] < params["everything (FFT)"]
+  elif name == "granularity_groups":
+    assert set(rows) == {f"G={g} {m}" for g in (1, 2) for m in ("ESFT-Token", "ESFT-Gate", "FFT")}
+    assert rows["G=1 FFT"]["fine_experts_per_layer"] == rows["G=2 FFT"]["fine_experts_per_layer"] == 8
+    assert rows["G=2 ESFT-Token"]["fine_experts_per_layer"] % 2 == 0
+    assert rows["G=1 FFT"]["trainable_params"] == rows["G=2 FFT"]["trainable_params"]
+    assert sorted(i for g in results["groups"]["2"]["1"] for i in g) == list(range(8))
+  elif name == "granularity_scratch":
+    assert {r["experts"] for r in rows.values()} == {8, 16}
+    assert all(0 < r["concentration"] <= 1 and 0 < r["selected_fraction"] <= 1 for r in rows.values())
+    # Equal parameters: the two bases differ only in the router's width (8 vs 16 outputs per MoE layer).
+    fft = rows["E16-k4-shared16 FFT"]["trainable_params"] - rows["E8-k2-shared16 FFT"]["trainable_params"]
+    assert fft == 8 * MICRO.base.hidden_size * (MICRO.base.num_layers - 1)
+    assert set(results["bases"]) == {"E8-k2-shared16", "E16-k4-shared16"}
   else:
     scored = next(r for k, r in rows.items() if k.startswith("scored"))
     for seed in (0, 1):
@@ -58,3 +75,9 @@ def test_bad_ablation_configs_name_the_problem(tmp_path):
     load_ablation_config(path)
   with pytest.raises(FileNotFoundError, match="missing.json: not found; see configs/ablations"):
     load_ablation_config(tmp_path / "missing.json")
+  path.write_text(json.dumps({"ablation": "granularity_groups", "tasks": ["math"], "group_sizes": [2, 0]}))
+  with pytest.raises(ValueError, match="'group_sizes' must be a non-empty list of positive integers"):
+    load_ablation_config(path)
+  path.write_text(json.dumps({"ablation": "granularity_scratch", "tasks": ["math"], "variants": [{"experts": 4}]}))
+  with pytest.raises(ValueError, match="'variants' must be a non-empty list"):
+    load_ablation_config(path)

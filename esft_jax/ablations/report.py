@@ -26,10 +26,13 @@ def _by_variant(rows: list[dict]) -> dict[str, dict]:
   means = {}
   for variant, group in groups.items():
     mean = lambda key: (float(np.mean([r[key] for r in group])) if group[0][key] is not None else None)
-    means[variant] = {**group[0], "task_score": mean("task_score"), "general_loss": mean("general_loss"),
-                      "other_tasks": mean("other_tasks"), "trainable_params": mean("trainable_params"),
-                      "experts_per_layer": mean("experts_per_layer"), "tasks": [r["task"] for r in group]}
+    means[variant] = {**group[0], **{key: mean(key) for key in _MEANS if key in group[0]},
+                      "tasks": [r["task"] for r in group]}
   return means
+
+
+_MEANS = ("task_score", "general_loss", "other_tasks", "trainable_params", "experts_per_layer",
+          "fine_experts_per_layer", "selected_fraction", "concentration")
 
 
 def _table(variants: dict[str, dict], base: dict, tasks: list[str]) -> str:
@@ -133,17 +136,229 @@ def _plot_bars(variants: dict[str, dict], title: str, path: Path) -> None:
   save_figure(fig, path)
 
 
+METHOD_STYLES = {"ESFT-Token": "o-", "ESFT-Gate": "s--", "FFT": "^:"}
+
+
+def _log2_axis(ax, values: list[int], label: str) -> None:
+  ax.set_xscale("log", base=2)
+  ax.set_xticks(values, [str(v) for v in values])
+  ax.minorticks_off()
+  ax.set_xlabel(label)
+  ax.grid(True, alpha=0.3)
+
+
+def _groups_tables(variants: dict[str, dict], results: dict) -> str:
+  lines = ["| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) | "
+           "general loss (↓) | other tasks (↑) |", "|---|---|---|---|---|---|---|"]
+  tasks = results["config"]["tasks"]
+  for size in results["config"]["group_sizes"]:
+    base = results["bases"][str(size)]
+    lines.append(f"| {size} | base, grouped | – | 0 | {_pct(np.mean([base[t] for t in tasks]))} | "
+                 f"{base['general_loss']:.3f} | – |")
+    for v in (v for v in variants.values() if v["group_size"] == size):
+      lines.append(f"| {size} | {v['method']} | {v['fine_experts_per_layer']:.2f} | {v['trainable_params']:,.0f} | "
+                   f"{_pct(v['task_score'])} | {v['general_loss']:.3f} | {_pct(v['other_tasks'])} |")
+  return "\n".join(lines)
+
+
+def _by_method(variants: dict[str, dict], key: str) -> dict[str, dict]:
+  """method -> {variants' `key` value: variant}."""
+  out: dict[str, dict] = defaultdict(dict)
+  for v in variants.values():
+    out[v["method"]][v[key]] = v
+  return out
+
+
+def _groups_findings(variants: dict[str, dict], results: dict) -> list[str]:
+  sizes = sorted(results["config"]["group_sizes"])
+  fine, coarse = sizes[0], sizes[-1]
+  methods = _by_method(variants, "group_size")
+  drop = {m: by_size[fine]["task_score"] - by_size[coarse]["task_score"] for m, by_size in methods.items()}
+  esft_drop = float(np.mean([drop["ESFT-Token"], drop["ESFT-Gate"]]))
+  trained = {m: (methods[m][fine]["fine_experts_per_layer"], methods[m][coarse]["fine_experts_per_layer"])
+             for m in ("ESFT-Token", "ESFT-Gate")}
+  loss = {m: (by_size[fine]["general_loss"], by_size[coarse]["general_loss"]) for m, by_size in methods.items()}
+  bases = results["bases"]
+  return [
+      f"From G={fine} to G={coarse}, ESFT loses more task score than FFT: ESFT-Token "
+      f"{_pct(methods['ESFT-Token'][fine]['task_score'])} → {_pct(methods['ESFT-Token'][coarse]['task_score'])}, "
+      f"ESFT-Gate {_pct(methods['ESFT-Gate'][fine]['task_score'])} → "
+      f"{_pct(methods['ESFT-Gate'][coarse]['task_score'])} (mean drop {100 * esft_drop:+.1f} points), FFT "
+      f"{_pct(methods['FFT'][fine]['task_score'])} → {_pct(methods['FFT'][coarse]['task_score'])} (drop "
+      f"{100 * drop['FFT']:+.1f}). {_agrees(esft_drop > drop['FFT'])}.",
+      f"Coarser experts make ESFT train more fine experts per layer: ESFT-Token {trained['ESFT-Token'][0]:.2f} → "
+      f"{trained['ESFT-Token'][1]:.2f}, ESFT-Gate {trained['ESFT-Gate'][0]:.2f} → {trained['ESFT-Gate'][1]:.2f} "
+      f"(of {results['num_experts']}). {_agrees(all(b > a for a, b in trained.values()))}.",
+      "General loss (the paper reports none for this ablation): " + ", ".join(
+          f"{m} {a:.3f} → {b:.3f}" for m, (a, b) in loss.items()) + f". Grouping alone changes the base (the "
+      f"grouped gate averages its members' probabilities and runs whole groups): its general loss is "
+      f"{bases[str(fine)]['general_loss']:.3f} at G={fine} and {bases[str(coarse)]['general_loss']:.3f} at "
+      f"G={coarse} before any fine-tuning.",
+  ]
+
+
+def _plot_groups(variants: dict[str, dict], results: dict, path: Path) -> None:
+  sizes = sorted(results["config"]["group_sizes"])
+  tasks = results["config"]["tasks"]
+  fig = figure(13, 4)
+  ax_task, ax_loss, ax_experts = fig.subplots(1, 3)
+  for method, by_size in _by_method(variants, "group_size").items():
+    runs = [by_size[g] for g in sizes]
+    ax_task.plot(sizes, [100 * v["task_score"] for v in runs], METHOD_STYLES[method], label=method)
+    ax_loss.plot(sizes, [v["general_loss"] for v in runs], METHOD_STYLES[method], label=method)
+    ax_experts.plot(sizes, [v["fine_experts_per_layer"] for v in runs], METHOD_STYLES[method], label=method)
+  bases = [results["bases"][str(g)] for g in sizes]
+  ax_task.plot(sizes, [100 * np.mean([b[t] for t in tasks]) for b in bases], "x", color="gray", label="base, grouped")
+  ax_loss.plot(sizes, [b["general_loss"] for b in bases], "x", color="gray", label="base, grouped")
+  ax_experts.set_yscale("log", base=2)
+  ax_task.set_ylabel(f"task score ({', '.join(tasks)})")
+  ax_loss.set_ylabel("held-out general loss")
+  ax_experts.set_ylabel("trained fine experts per layer")
+  for ax in (ax_task, ax_loss, ax_experts):
+    _log2_axis(ax, sizes, "group size G (fine experts per expert)")
+    ax.legend(fontsize="small")
+  fig.suptitle("Figure 7: expert granularity by grouping, ESFT on whole groups")
+  save_figure(fig, path)
+
+
+def _scratch_tables(variants: dict[str, dict], results: dict) -> str:
+  tasks = results["config"]["tasks"]
+  lines = ["| base | experts × width, top-k | shared width | base task score | base general loss | top-k gate "
+           "share | ESFT-Token selects | ESFT-Gate selects |", "|---|---|---|---|---|---|---|---|"]
+  methods = defaultdict(dict)
+  for v in variants.values():
+    methods[v["variant"].rsplit(" ", 1)[0]][v["method"]] = v
+  for name, base in results["bases"].items():
+    runs = methods[name]
+    lines.append(f"| {name} | {base['experts']} × {base['width']}, top-{base['top_k']} | {base['shared_width']} | "
+                 f"{_pct(np.mean([base[t] for t in tasks]))} | {base['general_loss']:.3f} | "
+                 f"{np.mean(list(base['concentration'].values())):.3f} | "
+                 f"{_pct(runs['ESFT-Token']['selected_fraction'])}% | {_pct(runs['ESFT-Gate']['selected_fraction'])}% |")
+  lines += ["", "| base | method | trained experts per layer | trainable parameters | task score (↑) | "
+                "general loss (↓) | other tasks (↑) |", "|---|---|---|---|---|---|---|"]
+  for name, runs in methods.items():
+    for method, v in runs.items():
+      lines.append(f"| {name} | {method} | {v['fine_experts_per_layer']:.2f} | {v['trainable_params']:,.0f} | "
+                   f"{_pct(v['task_score'])} | {v['general_loss']:.3f} | {_pct(v['other_tasks'])} |")
+  return "\n".join(lines)
+
+
+def _families(variants: dict[str, dict]) -> dict[int, dict[str, dict[int, dict]]]:
+  """shared width -> method -> experts -> variant (means over tasks)."""
+  out: dict[int, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+  for v in variants.values():
+    out[v["shared_width"]][v["method"]][v["experts"]] = v
+  return out
+
+
+def _scratch_findings(variants: dict[str, dict], results: dict) -> list[str]:
+  lines = []
+  for shared, methods in sorted(_families(variants).items()):
+    experts = sorted(methods["FFT"])
+    if len(experts) < 2:
+      continue
+    few, many = experts[0], experts[-1]
+    family = f"shared width {shared}" if shared else "no shared expert"
+    token, gate, fft = methods["ESFT-Token"], methods["ESFT-Gate"], methods["FFT"]
+    concentrated = token[many]["concentration"] > token[few]["concentration"]
+    lines.append(
+        f"{family}: routing concentration (gate share of the busiest k experts; uniform is {token[few]['top_k'] / few:.2f}) "
+        f"is {token[few]['concentration']:.3f} at {few} experts and {token[many]['concentration']:.3f} at {many}. "
+        f"The paper's premise is that finer experts specialise more: {_agrees(concentrated)}.")
+    lines.append(
+        f"{family}: ESFT selects {_pct(token[few]['selected_fraction'])}% (token) / "
+        f"{_pct(gate[few]['selected_fraction'])}% (gate) of the experts at {few} experts and "
+        f"{_pct(token[many]['selected_fraction'])}% / {_pct(gate[many]['selected_fraction'])}% at {many} (at least "
+        f"one expert per layer, so at most 1/E is possible).")
+    esft_many = np.mean([token[many]["task_score"], gate[many]["task_score"]])
+    esft_few = np.mean([token[few]["task_score"], gate[few]["task_score"]])
+    gap_few = fft[few]["task_score"] - esft_few
+    gap_many = fft[many]["task_score"] - esft_many
+    keep_few = fft[few]["general_loss"] - np.mean([token[few]["general_loss"], gate[few]["general_loss"]])
+    keep_many = fft[many]["general_loss"] - np.mean([token[many]["general_loss"], gate[many]["general_loss"]])
+    lines.append(
+        f"{family}: ESFT's task score (mean of token and gate) is {_pct(esft_few)} at {few} experts and "
+        f"{_pct(esft_many)} at {many}, against FFT's {_pct(fft[few]['task_score'])} and "
+        f"{_pct(fft[many]['task_score'])} (FFT minus ESFT: {100 * gap_few:+.1f} → {100 * gap_many:+.1f} points); "
+        f"general loss after FFT minus after ESFT: {keep_few:+.3f} at {few} and {keep_many:+.3f} at {many}. The "
+        f"paper finds ESFT needs fine-grained experts to keep up with FFT: {_agrees(gap_many < gap_few)}.")
+  families = _families(variants)
+  if len(families) > 1:
+    shared = sorted(families)
+    common = sorted(set.intersection(*(set(families[s]["FFT"]) for s in shared)))
+    for e in common:
+      loss = ", ".join(f"shared {s}: ESFT-Token {families[s]['ESFT-Token'][e]['general_loss']:.3f}, FFT "
+                       f"{families[s]['FFT'][e]['general_loss']:.3f}" for s in shared)
+      lines.append(f"{e} experts, general loss after fine-tuning with and without the shared expert: {loss}.")
+  return lines
+
+
+def _plot_scratch(variants: dict[str, dict], path: Path) -> None:
+  fig = figure(11, 8)
+  (ax_conc, ax_sel), (ax_task, ax_loss) = fig.subplots(2, 2)
+  experts = sorted({v["experts"] for v in variants.values()})
+  for shared, methods in sorted(_families(variants).items()):
+    tag, color = (f"shared {shared}", "tab:orange") if shared else ("no shared", "tab:blue")
+    xs = sorted(methods["FFT"])
+    ax_conc.plot(xs, [methods["ESFT-Token"][e]["concentration"] for e in xs], "o-", color=color, label=tag)
+    for method, style in METHOD_STYLES.items():
+      label = f"{method}, {tag}"
+      if method != "FFT":
+        ax_sel.plot(xs, [100 * methods[method][e]["selected_fraction"] for e in xs], style, color=color, label=label)
+      ax_task.plot(xs, [100 * methods[method][e]["task_score"] for e in xs], style, color=color, label=label)
+      ax_loss.plot(xs, [methods[method][e]["general_loss"] for e in xs], style, color=color, label=label)
+  uniform = next(iter(variants.values()))
+  ax_conc.axhline(uniform["top_k"] / uniform["experts"], color="gray", linestyle=":", label="uniform routing")
+  ax_conc.set_ylabel("gate share of the busiest k experts")
+  ax_sel.set_ylabel("experts ESFT selects (% of the layer's)")
+  ax_task.set_ylabel("task score after fine-tuning")
+  ax_loss.set_ylabel("held-out general loss after fine-tuning")
+  for ax in (ax_conc, ax_sel, ax_task, ax_loss):
+    _log2_axis(ax, experts, "routed experts (equal total and active parameters)")
+    ax.legend(fontsize="x-small")
+  fig.suptitle("Bases of other granularity, pretrained alike")
+  save_figure(fig, path)
+
+
 _TITLES = {"threshold": "Threshold sweep (the paper's Figure 6)",
            "what_to_train": "What to train (the paper's Table 3)",
-           "random_experts": "Scored against random experts (the paper's Table 4)"}
+           "random_experts": "Scored against random experts (the paper's Table 4)",
+           "granularity_groups": "Expert granularity by grouping (the paper's Figure 7, appendix B)",
+           "granularity_scratch": "Expert granularity from scratch (beyond the paper)"}
+
+
+_INTROS = {
+    "granularity_groups": """
+Per MoE layer, the base's experts are grouped G at a time (greedy, exact: the G-subset of the remaining experts
+with the highest mean pairwise cosine similarity of their co-occurrence rows, counted on the held-out general
+text) and each group becomes one coarse expert: its members' weights side by side, gated by the mean of their
+router probabilities, top-(k/G) groups per token. ESFT selects and trains whole groups at the demo's p (token
+0.2, gate 0.1); "trained fine experts" counts a trained group as G. The grouped base is scored, fine-tuned and
+evaluated through the same code as the demo's base.
+""",
+    "granularity_scratch": """
+Every base splits the same routed parameters (experts × width) and active width (top-k × width) differently,
+with or without a shared expert of the same width across granularities, and is pretrained like the demo's base
+(same text, steps, seed; each with its own tokenizer trained on the same text). Each is scored on the tasks,
+ESFT selects at the demo's p (token 0.2, gate 0.1), and FFT runs beside it. "Top-k gate share" is the share of
+the task's gate mass on its k busiest experts, mean over layers; with k/E fixed, a uniform router scores k/E.
+""",
+}
 
 
 def write_ablation_report(root: Path, results: dict) -> Path:
   name, config = results["ablation"], results["config"]
   variants = _by_variant(results["rows"])
+  table = None
   if name == "threshold":
     finding_lines = _threshold_findings(variants)
     _plot_threshold(variants, root / FIGURE_PNG)
+  elif name == "granularity_groups":
+    finding_lines, table = _groups_findings(variants, results), _groups_tables(variants, results)
+    _plot_groups(variants, results, root / FIGURE_PNG)
+  elif name == "granularity_scratch":
+    finding_lines, table = _scratch_findings(variants, results), _scratch_tables(variants, results)
+    _plot_scratch(variants, root / FIGURE_PNG)
   else:
     finding_lines = (_what_to_train_findings if name == "what_to_train" else _random_findings)(variants)
     _plot_bars(variants, _TITLES[name], root / FIGURE_PNG)
@@ -153,8 +368,8 @@ Preset `{results['preset']}` ({results['num_experts']} routed experts, top-{resu
 {', '.join(config['tasks'])}. Generated with `esft-jax ablate configs/ablations/{name}.json --preset
 {results['preset']}`. Scores are percentages, mean over the tasks; "other tasks" is the mean score on the
 demo's tasks the model was not trained on; general loss is on held-out standard-library text.
-
-{_table(variants, results['base'], config['tasks'])}
+{_INTROS.get(name, '')}
+{table or _table(variants, results['base'], config['tasks'])}
 
 ## Findings
 

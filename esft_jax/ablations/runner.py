@@ -10,23 +10,37 @@ interrupted ablation resumes.
     what_to_train   Table 3: relevant experts only; + shared experts; + non-expert modules; shared only;
                     shared + non-expert; everything (FFT).
     random_experts  Table 4: the scored selection against as many experts per layer drawn at random, per seed.
+    granularity_groups
+                    Figure 7 (appendix B): the base's experts grouped G at a time by how often they are routed
+                    together on general text, each group one coarse expert; ESFT (token and gate) on whole groups
+                    and FFT against G, with the fine experts trained per layer.
+    granularity_scratch
+                    Beyond the paper: bases of equal total and active routed parameters, pretrained alike, from
+                    a few wide experts to many narrow ones, with and without a shared expert; how concentrated
+                    their routing is, what ESFT selects, and task and general scores against granularity.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, greedy_groups, grouped_model,
+                                            scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
-from esft_jax.demo.experiment import PRESETS, Workspace, prepare
+from esft_jax.analysis.routing import rank_shares
+from esft_jax.demo.experiment import PRESETS, SELECTION, Workspace, prepare
+from esft_jax.demo.pretrain import build_base
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
 from esft_jax.files import atomic_write_text, read_json
+from esft_jax.interop.hf import save_hf_model
 
-ABLATIONS = ("threshold", "what_to_train", "random_experts")
+ABLATIONS = ("threshold", "what_to_train", "random_experts", "granularity_groups", "granularity_scratch")
 
 
 def load_ablation_config(path: str | Path) -> dict[str, Any]:
@@ -36,7 +50,24 @@ def load_ablation_config(path: str | Path) -> dict[str, Any]:
   unknown = sorted(set(config.get("tasks", [])) - set(TASK_NAMES))
   if not config.get("tasks") or unknown:
     raise ValueError(f"{path}: 'tasks' must be a non-empty list of {TASK_NAMES}; unknown: {unknown}")
+  if config["ablation"] == "granularity_groups":
+    sizes = config.get("group_sizes")
+    if not isinstance(sizes, list) or not sizes or not all(_positive_int(g) for g in sizes):
+      raise ValueError(f"{path}: 'group_sizes' must be a non-empty list of positive integers (1 is the base "
+                       f"itself), got {sizes!r}")
+  if config["ablation"] == "granularity_scratch":
+    variants = config.get("variants")
+    if not isinstance(variants, list) or not variants or not all(
+        isinstance(v, dict) and set(v) == {"experts", "shared_width"} and _positive_int(v["experts"])
+        and _positive_int(v["shared_width"], zero=True) for v in variants):
+      raise ValueError(f"{path}: 'variants' must be a non-empty list of {{\"experts\": E, \"shared_width\": W}} "
+                       f"(E > 0 routed experts sharing the preset's routed width, W >= 0 shared width), got "
+                       f"{variants!r}")
   return config
+
+
+def _positive_int(value: Any, zero: bool = False) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero else 1)
 
 
 class _Runner:
@@ -46,6 +77,12 @@ class _Runner:
     self.ws, self.log = ws, log
     self.root = ws.out / "ablations" / name
     self.rows: list[dict] = []
+
+  def on(self, ws: Workspace) -> _Runner:
+    """This runner on another base's workspace; rows and folder shared."""
+    other = copy.copy(self)
+    other.ws = ws
+    return other
 
   def expert_config(self, task: str, variant: str, config: dict) -> Path:
     path = self.root / "expert_configs" / f"{task}-{variant}.json"
@@ -117,8 +154,82 @@ def _random_experts(runner: _Runner, config: dict) -> None:
       runner.run(task, f"random seed {seed}", "esft", lr, random_like(selection, num_experts, seed), seed=seed)
 
 
-_ABLATION_RUNS: dict[str, Callable[[_Runner, dict], None]] = {
-    "threshold": _threshold, "what_to_train": _what_to_train, "random_experts": _random_experts}
+def _esft_and_fft(runner: _Runner, task: str, prefix: str, **fields) -> None:
+  """ESFT-Token and ESFT-Gate at the demo's p, and FFT, on the runner's base; `fields` go in every row."""
+  lr = runner.ws.preset.lr
+  config = runner.ws.base.config
+  group = config.router_group_size
+  for method, (score, p) in SELECTION.items():
+    selection = select_experts(runner.ws.summaries[task], score, p)
+    chosen = _experts_per_layer(selection)
+    runner.run(task, f"{prefix} {method}", "esft", lr[method], selection, method=method,
+               fine_experts_per_layer=chosen * group, selected_fraction=chosen / config.num_experts, **fields)
+  runner.run(task, f"{prefix} FFT", "fft", lr["FFT"], method="FFT",
+             fine_experts_per_layer=float(config.num_experts * group), selected_fraction=1.0, **fields)
+
+
+def _granularity_groups(runner: _Runner, config: dict) -> dict:
+  ws = runner.ws
+  counts_path = runner.root / "cooccurrence.json"
+  if not counts_path.exists():
+    runner.log("routing held-out general text for the expert co-occurrence")
+    counts = cooccurrence(ws.base.config, ws.base.params, ws.held_out, ws.preset.eval_batch, ws.dtype)
+    runner.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(counts_path, json.dumps(counts.tolist()))
+  counts_NxExE = np.asarray(json.loads(counts_path.read_text()))
+  layers = ws.base.config.moe_layer_ids
+  bases, groups = {}, {}
+  for size in config["group_sizes"]:
+    groups[size] = {layer: greedy_groups(cosine_similarity(c), size) for layer, c in zip(layers, counts_NxExE)}
+    if size == 1:
+      group_ws = ws  # singleton groups: the base itself, with the demo's scores
+    else:
+      base_dir = runner.root / "bases" / f"group{size}"
+      if not (base_dir / "config.json").exists():
+        coarse = grouped_model(ws.base.config, ws.base.params, ws.base.hf_config, groups[size])
+        work = base_dir.with_name(base_dir.name + ".building")
+        save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
+        work.rename(base_dir)
+      group_ws = ws.for_base(base_dir, runner.root / "scores" / f"group{size}", config["tasks"], runner.log)
+    cache = ws.out / "runs" / "base_eval.json" if size == 1 else runner.root / "runs" / f"base-group{size}_eval.json"
+    bases[str(size)] = group_ws.evaluate(group_ws.base.params, cache)
+    for task in config["tasks"]:
+      _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size)
+  return {"bases": bases, "groups": {str(size): {str(layer): g for layer, g in by_layer.items()}
+                                     for size, by_layer in groups.items()}}
+
+
+def _granularity_scratch(runner: _Runner, config: dict) -> dict:
+  ws = runner.ws
+  bases = {}
+  for variant in config["variants"]:
+    spec = scratch_spec(ws.preset.base, variant["experts"], variant["shared_width"])
+    name = f"E{spec.routed_experts}-k{spec.experts_per_token}-shared{variant['shared_width']}"
+    # Pretrained like the workspace's own base (same text, steps and seed) and cached beside it.
+    base_dir, _ = build_base(spec, ws.tasks, ws.base_dir.parent, runner.log)
+    variant_ws = ws.for_base(base_dir, runner.root / "scores" / name, config["tasks"], runner.log)
+    top_k = variant_ws.base.config.num_experts_per_tok
+    # Top-k share: the part of the task's gate mass on its k busiest experts, mean over layers (k/E = uniform).
+    concentration = {task: float(rank_shares(_gate_table(variant_ws.summaries[task]))[:, :top_k].sum(axis=1).mean())
+                     for task in config["tasks"]}
+    fields = dict(experts=spec.routed_experts, top_k=top_k, width=spec.expert_width,
+                  shared_width=variant["shared_width"])
+    bases[name] = {**fields, "concentration": concentration,
+                   **variant_ws.evaluate(variant_ws.base.params, runner.root / "runs" / f"base-{name}_eval.json")}
+    for task in config["tasks"]:
+      _esft_and_fft(runner.on(variant_ws), task, name, concentration=concentration[task], **fields)
+  return {"bases": bases}
+
+
+def _gate_table(summary: dict) -> np.ndarray:
+  """[N, E] gate scores of a routing summary (layer and expert keys in numeric order)."""
+  table = summary["gate_scores"]
+  return np.array([[table[layer][e] for e in sorted(table[layer], key=int)] for layer in sorted(table, key=int)])
+
+
+_ABLATION_RUNS: dict[str, Callable[[_Runner, dict], dict | None]] = {
+    "threshold": _threshold, "what_to_train": _what_to_train, "random_experts": _random_experts,
+    "granularity_groups": _granularity_groups, "granularity_scratch": _granularity_scratch}
 
 
 def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", cache_root: Path | None = None,
@@ -129,9 +240,10 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   ws = prepare(out, preset, cache_root, log)
   runner = _Runner(ws, config["ablation"], log)
   base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
-  _ABLATION_RUNS[config["ablation"]](runner, config)
+  extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
   results = {"ablation": config["ablation"], "config": config, "preset": preset_name, "rows": runner.rows,
-             "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts}
+             "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts,
+             **extra}
   runner.root.mkdir(parents=True, exist_ok=True)
   atomic_write_text(runner.root / "results.json", json.dumps(results, indent=1))
   report = write_ablation_report(runner.root, results)

@@ -20,7 +20,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -119,6 +119,7 @@ class Workspace:
   tokenizer: Any
   held_out: list
   summaries: dict  # task -> routing summary (ESFT's scores)
+  held_out_texts: list
 
   @property
   def data(self) -> Path:
@@ -164,6 +165,35 @@ class Workspace:
   def evaluate_run(self, run_dir: Path) -> dict:
     return self.evaluate(load_adapter(run_dir / "adapter", self.base.config, self.base.params), run_dir / "eval.json")
 
+  def for_base(self, base_dir: Path, scores_root: Path, task_names: Sequence[str], log=print) -> Workspace:
+    """The same tasks, data and held-out general text on another base model (with its own tokenizer), scored on
+    `task_names` under `scores_root`: the granularity ablations fine-tune and evaluate grouped bases and bases of
+    other shapes through the same code as the demo's own."""
+    tokenizer = load_tokenizer(base_dir)
+    base = load_hf_model(base_dir)
+    held_out = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(self.held_out_texts)]
+    summaries = _score_tasks(base, tokenizer, self.data, task_names, scores_root, self.preset)
+    return dataclasses.replace(self, base_dir=base_dir, base=base, tokenizer=tokenizer, held_out=held_out,
+                               summaries=summaries)
+
+
+def _score_tasks(base, tokenizer, data: Path, task_names: Sequence[str], scores_root: Path,
+                 preset: DemoPreset) -> dict:
+  """Each task's routing summary on `base` (cached), with the official routing logs beside it."""
+  summaries = {}
+  for name in task_names:
+    task_dir = scores_root / name
+
+    def score(name=name, task_dir=task_dir):
+      examples = format_records(open_examples(data / f"{name}_train.jsonl"), tokenizer)
+      chosen = sample_until(examples, preset.score_tokens)
+      return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir,
+                            dtype=jnp.dtype(preset.base.compute_dtype))
+
+    task_dir.mkdir(parents=True, exist_ok=True)
+    summaries[name] = _cached_json(task_dir / "summary.json", score)
+  return summaries
+
 
 def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=print,
             task_names: tuple[str, ...] = TASK_NAMES) -> Workspace:
@@ -188,19 +218,8 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
   base = load_hf_model(base_dir)
   held_out_examples = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(held_out)]
 
-  summaries = {}
-  for name in tasks:
-    task_dir = out / "scores" / name
-
-    def score(name=name, task_dir=task_dir):
-      examples = format_records(open_examples(data / f"{name}_train.jsonl"), tokenizer)
-      chosen = sample_until(examples, preset.score_tokens)
-      return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir,
-                            dtype=jnp.dtype(preset.base.compute_dtype))
-
-    task_dir.mkdir(parents=True, exist_ok=True)
-    summaries[name] = _cached_json(task_dir / "summary.json", score)
-  return Workspace(out, preset, tasks, base_dir, base, tokenizer, held_out_examples, summaries)
+  summaries = _score_tasks(base, tokenizer, data, list(tasks), out / "scores", preset)
+  return Workspace(out, preset, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
 
 
 def _job(ws: Workspace, name: str, method: str) -> tuple[dict, dict]:

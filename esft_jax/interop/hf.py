@@ -90,7 +90,7 @@ def _mlp_entries(cfg: ModelConfig, layer: int) -> Iterator[Entry]:
   for p, hf_p in projs.items():
     names = tuple(f"{hf}.{prefix}.experts.{e}.{hf_p}.weight" for e in range(cfg.num_experts))
     yield Entry((*flax, "experts", p), names, "experts")
-  if shared:
+  if shared and cfg.shared_intermediate_size:  # DeepSeek's n_shared_experts may be 0
     for p in ("gate_proj", "up_proj", "down_proj"):
       yield Entry((*flax, "shared_experts", p, "kernel"), (f"{hf}.mlp.{shared}.{p}.weight",), "linear")
   if cfg.shared_expert_gate:

@@ -2,7 +2,9 @@
 shared experts, and the load-balancing losses.
 
 The router returns, per token, the K chosen expert ids, the weights that multiply their outputs (the
-"gate values" ESFT scores), and the router probabilities over all experts.
+"gate values" ESFT scores), and the router probabilities over all experts. With `router_group_size` G > 1 each
+expert stands for G fine experts (a coarse expert built by grouping them): the router scores the fine experts and
+an expert's probability is the mean of its G fine ones.
 """
 
 from __future__ import annotations
@@ -29,9 +31,12 @@ class Routing(NamedTuple):
 
 
 def route(logits_TxE: jax.Array, cfg: ModelConfig, correction_bias_E: jax.Array | None = None):
-  """Chooses K experts per token. Returns (ids [T, K], weights [T, K], probs [T, E])."""
+  """Chooses K experts per token. Returns (ids [T, K], weights [T, K], probs [T, E]). With router_group_size
+  G, the logits are over the G * E fine experts, expert i's G fine ones consecutive ([T, E * G])."""
   k, n_group = cfg.num_experts_per_tok, cfg.n_group
   probs = jax.nn.sigmoid(logits_TxE) if cfg.scoring_func == "sigmoid" else jax.nn.softmax(logits_TxE, axis=-1)
+  if cfg.router_group_size > 1:
+    probs = probs.reshape(probs.shape[0], -1, cfg.router_group_size).mean(axis=-1)
   t, e = probs.shape
   if cfg.topk_method == "greedy":
     weights, ids = jax.lax.top_k(probs, k)
@@ -149,7 +154,8 @@ class MoEBlock(nn.Module):
     e, f = cfg.num_experts, cfg.moe_intermediate_size
     x_TxD = x_BxLxD.reshape(-1, d)
     # The router always runs in fp32 (transformers keeps `gate.weight` in fp32 too).
-    router = Linear(e, ("embed", None), dtype=jnp.float32, param_dtype=jnp.float32, name="gate")
+    router = Linear(e * cfg.router_group_size, ("embed", None), dtype=jnp.float32, param_dtype=jnp.float32,
+                    name="gate")
     bias = None
     if cfg.topk_method == "noaux_tc":
       bias = logical_param(self, "e_score_correction_bias", (e,), (None,), jnp.float32, nn.initializers.zeros)
