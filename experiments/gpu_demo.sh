@@ -16,7 +16,10 @@ DEADLINE=${DEADLINE:-540}
 WORK=runs/demo-small
 mkdir -p "$OUT" "$WORK"
 if [[ -d .whl ]]; then
-  pip install -q --target /tmp/site .whl/*.whl >/dev/null 2>&1 || echo "installing .whl/ failed" | tee -a "$OUT/demo.txt"
+  # --no-index --no-deps: the machine reaches no index, and the wheels' own needs are on the image already
+  # (resolving them without --no-deps asks the index and fails: the first device call died on `import grain`)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    >"$OUT/pip.txt" 2>&1 || { echo "installing .whl/ failed:"; tail -5 "$OUT/pip.txt"; } | tee -a "$OUT/demo.txt"
   export PYTHONPATH=/tmp/site:$PWD
 fi
 {
