@@ -27,7 +27,7 @@ def _by_variant(rows: list[dict]) -> dict[str, dict]:
   for variant, group in groups.items():
     mean = lambda key: (float(np.mean([r[key] for r in group])) if group[0][key] is not None else None)
     means[variant] = {**group[0], **{key: mean(key) for key in _MEANS if key in group[0]},
-                      "tasks": [r["task"] for r in group]}
+                      "tasks": [r["task"] for r in group], "task_scores": {r["task"]: r["task_score"] for r in group}}
   return means
 
 
@@ -147,17 +147,27 @@ def _log2_axis(ax, values: list[int], label: str) -> None:
   ax.grid(True, alpha=0.3)
 
 
+def _task_columns(tasks: list[str]) -> tuple[str, str]:
+  """Header cells and separators for one score column per task, when there are several."""
+  if len(tasks) < 2:
+    return "", ""
+  return "".join(f" {t} |" for t in tasks), "---|" * len(tasks)
+
+
 def _groups_tables(variants: dict[str, dict], results: dict) -> str:
-  lines = ["| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) | "
-           "general loss (↓) | other tasks (↑) |", "|---|---|---|---|---|---|---|"]
   tasks = results["config"]["tasks"]
+  header, rule = _task_columns(tasks)
+  per_task = lambda scores: "".join(f" {_pct(scores[t])} |" for t in tasks) if header else ""
+  lines = ["| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) |"
+           f"{header} general loss (↓) | other tasks (↑) |", f"|---|---|---|---|---|{rule}---|---|"]
   for size in results["config"]["group_sizes"]:
     base = results["bases"][str(size)]
-    lines.append(f"| {size} | base, grouped | – | 0 | {_pct(np.mean([base[t] for t in tasks]))} | "
+    lines.append(f"| {size} | base, grouped | – | 0 | {_pct(np.mean([base[t] for t in tasks]))} |{per_task(base)} "
                  f"{base['general_loss']:.3f} | – |")
     for v in (v for v in variants.values() if v["group_size"] == size):
       lines.append(f"| {size} | {v['method']} | {v['fine_experts_per_layer']:.2f} | {v['trainable_params']:,.0f} | "
-                   f"{_pct(v['task_score'])} | {v['general_loss']:.3f} | {_pct(v['other_tasks'])} |")
+                   f"{_pct(v['task_score'])} |{per_task(v['task_scores'])} {v['general_loss']:.3f} | "
+                   f"{_pct(v['other_tasks'])} |")
   return "\n".join(lines)
 
 
@@ -178,17 +188,30 @@ def _groups_findings(variants: dict[str, dict], results: dict) -> list[str]:
   trained = {m: (methods[m][fine]["fine_experts_per_layer"], methods[m][coarse]["fine_experts_per_layer"])
              for m in ("ESFT-Token", "ESFT-Gate")}
   loss = {m: (by_size[fine]["general_loss"], by_size[coarse]["general_loss"]) for m, by_size in methods.items()}
+  keep = {g: methods["FFT"][g]["general_loss"]
+          - np.mean([methods[m][g]["general_loss"] for m in ("ESFT-Token", "ESFT-Gate")]) for g in (fine, coarse)}
   bases = results["bases"]
+  cohesion = ", ".join(f"G={g}: {results['group_similarity'][str(g)]:.3f}" for g in sizes if g > 1)
   return [
-      f"From G={fine} to G={coarse}, ESFT loses more task score than FFT: ESFT-Token "
+      f"The grouping puts experts routed together side by side: mean within-group similarity {cohesion or '–'}, "
+      f"against {results['pair_similarity']:.3f} for all pairs of experts.",
+      f"The paper finds that ESFT loses more than FFT as groups grow. Task score from G={fine} to G={coarse}: "
+      f"ESFT-Token "
       f"{_pct(methods['ESFT-Token'][fine]['task_score'])} → {_pct(methods['ESFT-Token'][coarse]['task_score'])}, "
       f"ESFT-Gate {_pct(methods['ESFT-Gate'][fine]['task_score'])} → "
       f"{_pct(methods['ESFT-Gate'][coarse]['task_score'])} (mean drop {100 * esft_drop:+.1f} points), FFT "
       f"{_pct(methods['FFT'][fine]['task_score'])} → {_pct(methods['FFT'][coarse]['task_score'])} (drop "
       f"{100 * drop['FFT']:+.1f}). {_agrees(esft_drop > drop['FFT'])}.",
-      f"Coarser experts make ESFT train more fine experts per layer: ESFT-Token {trained['ESFT-Token'][0]:.2f} → "
+      f"The paper finds that coarser experts make ESFT train more fine experts; per layer here: ESFT-Token "
+      f"{trained['ESFT-Token'][0]:.2f} → "
       f"{trained['ESFT-Token'][1]:.2f}, ESFT-Gate {trained['ESFT-Gate'][0]:.2f} → {trained['ESFT-Gate'][1]:.2f} "
-      f"(of {results['num_experts']}). {_agrees(all(b > a for a, b in trained.values()))}.",
+      f"(of {results['num_experts']}). {_agrees(all(b > a for a, b in trained.values()))}. ESFT-Gate takes "
+      f"groups until their gate scores sum to p = 0.1, an absolute amount (the scores are not renormalised), and "
+      f"a grouped gate is the mean of G probabilities: a token's gate weights sum to "
+      f"{results['gate_mass'][str(fine)]:.3f} at G={fine} and {results['gate_mass'][str(coarse)]:.3f} at "
+      f"G={coarse}, so p covers ever more of the mass as groups grow.",
+      f"ESFT's edge in general ability over FFT (FFT's general loss minus ESFT's, mean of token and gate) is "
+      f"{keep[fine]:+.3f} at G={fine} and {keep[coarse]:+.3f} at G={coarse}.",
       "General loss (the paper reports none for this ablation): " + ", ".join(
           f"{m} {a:.3f} → {b:.3f}" for m, (a, b) in loss.items()) + f". Grouping alone changes the base (the "
       f"grouped gate averages its members' probabilities and runs whole groups): its general loss is "
@@ -198,25 +221,29 @@ def _groups_findings(variants: dict[str, dict], results: dict) -> list[str]:
 
 
 def _plot_groups(variants: dict[str, dict], results: dict, path: Path) -> None:
+  """Like the paper's Figure 7: one task-score panel per task, then general loss and trained experts."""
   sizes = sorted(results["config"]["group_sizes"])
   tasks = results["config"]["tasks"]
-  fig = figure(13, 4)
-  ax_task, ax_loss, ax_experts = fig.subplots(1, 3)
+  fig = figure(4 * (len(tasks) + 2), 4)
+  axes = fig.subplots(1, len(tasks) + 2)
+  ax_loss, ax_experts = axes[-2:]
+  bases = [results["bases"][str(g)] for g in sizes]
   for method, by_size in _by_method(variants, "group_size").items():
     runs = [by_size[g] for g in sizes]
-    ax_task.plot(sizes, [100 * v["task_score"] for v in runs], METHOD_STYLES[method], label=method)
+    for ax, task in zip(axes, tasks):
+      ax.plot(sizes, [100 * v["task_scores"][task] for v in runs], METHOD_STYLES[method], label=method)
     ax_loss.plot(sizes, [v["general_loss"] for v in runs], METHOD_STYLES[method], label=method)
     ax_experts.plot(sizes, [v["fine_experts_per_layer"] for v in runs], METHOD_STYLES[method], label=method)
-  bases = [results["bases"][str(g)] for g in sizes]
-  ax_task.plot(sizes, [100 * np.mean([b[t] for t in tasks]) for b in bases], "x", color="gray", label="base, grouped")
+  for ax, task in zip(axes, tasks):
+    ax.plot(sizes, [100 * b[task] for b in bases], "x", color="gray", label="base, grouped")
+    ax.set_ylabel(f"{task} score")
   ax_loss.plot(sizes, [b["general_loss"] for b in bases], "x", color="gray", label="base, grouped")
-  ax_experts.set_yscale("log", base=2)
-  ax_task.set_ylabel(f"task score ({', '.join(tasks)})")
   ax_loss.set_ylabel("held-out general loss")
+  ax_experts.set_yscale("log", base=2)
   ax_experts.set_ylabel("trained fine experts per layer")
-  for ax in (ax_task, ax_loss, ax_experts):
-    _log2_axis(ax, sizes, "group size G (fine experts per expert)")
-    ax.legend(fontsize="small")
+  for ax in axes:
+    _log2_axis(ax, sizes, "group size G")
+    ax.legend(fontsize="x-small")
   fig.suptitle("Figure 7: expert granularity by grouping, ESFT on whole groups")
   save_figure(fig, path)
 
@@ -233,7 +260,8 @@ def _scratch_tables(variants: dict[str, dict], results: dict) -> str:
     lines.append(f"| {name} | {base['experts']} × {base['width']}, top-{base['top_k']} | {base['shared_width']} | "
                  f"{_pct(np.mean([base[t] for t in tasks]))} | {base['general_loss']:.3f} | "
                  f"{np.mean(list(base['concentration'].values())):.3f} | "
-                 f"{_pct(runs['ESFT-Token']['selected_fraction'])}% | {_pct(runs['ESFT-Gate']['selected_fraction'])}% |")
+                 f"{_pct(runs['ESFT-Token']['selected_fraction'])}% | "
+                 f"{_pct(runs['ESFT-Gate']['selected_fraction'])}% |")
   lines += ["", "| base | method | trained experts per layer | trainable parameters | task score (↑) | "
                 "general loss (↓) | other tasks (↑) |", "|---|---|---|---|---|---|---|"]
   for name, runs in methods.items():
@@ -262,7 +290,8 @@ def _scratch_findings(variants: dict[str, dict], results: dict) -> list[str]:
     token, gate, fft = methods["ESFT-Token"], methods["ESFT-Gate"], methods["FFT"]
     concentrated = token[many]["concentration"] > token[few]["concentration"]
     lines.append(
-        f"{family}: routing concentration (gate share of the busiest k experts; uniform is {token[few]['top_k'] / few:.2f}) "
+        f"{family}: routing concentration (gate share of the busiest k experts; uniform is "
+        f"{token[few]['top_k'] / few:.2f}) "
         f"is {token[few]['concentration']:.3f} at {few} experts and {token[many]['concentration']:.3f} at {many}. "
         f"The paper's premise is that finer experts specialise more: {_agrees(concentrated)}.")
     lines.append(

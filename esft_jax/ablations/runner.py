@@ -178,9 +178,11 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
     atomic_write_text(counts_path, json.dumps(counts.tolist()))
   counts_NxExE = np.asarray(json.loads(counts_path.read_text()))
   layers = ws.base.config.moe_layer_ids
-  bases, groups = {}, {}
+  similarity = {layer: cosine_similarity(c) for layer, c in zip(layers, counts_NxExE)}
+  bases, groups, cohesion, gate_mass = {}, {}, {}, {}
   for size in config["group_sizes"]:
-    groups[size] = {layer: greedy_groups(cosine_similarity(c), size) for layer, c in zip(layers, counts_NxExE)}
+    groups[size] = {layer: greedy_groups(similarity[layer], size) for layer in layers}
+    cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1:
       group_ws = ws  # singleton groups: the base itself, with the demo's scores
     else:
@@ -191,12 +193,24 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
         save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
         work.rename(base_dir)
       group_ws = ws.for_base(base_dir, runner.root / "scores" / f"group{size}", config["tasks"], runner.log)
+    # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
+    gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
+                                          for t in config["tasks"]]))
     cache = ws.out / "runs" / "base_eval.json" if size == 1 else runner.root / "runs" / f"base-group{size}_eval.json"
     bases[str(size)] = group_ws.evaluate(group_ws.base.params, cache)
     for task in config["tasks"]:
       _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size)
+  pairs = [float(m[np.triu_indices(len(m), 1)].mean()) for m in similarity.values()]
   return {"bases": bases, "groups": {str(size): {str(layer): g for layer, g in by_layer.items()}
-                                     for size, by_layer in groups.items()}}
+                                     for size, by_layer in groups.items()},
+          "group_similarity": cohesion, "pair_similarity": float(np.mean(pairs)), "gate_mass": gate_mass}
+
+
+def _mean_group_similarity(similarity: dict, groups: dict) -> float | None:
+  """Mean pairwise similarity within the groups, over groups and layers (None for singletons)."""
+  means = [similarity[layer][np.ix_(g, g)][np.triu_indices(len(g), 1)].mean()
+           for layer, layer_groups in groups.items() for g in layer_groups if len(g) > 1]
+  return float(np.mean(means)) if means else None
 
 
 def _granularity_scratch(runner: _Runner, config: dict) -> dict:
