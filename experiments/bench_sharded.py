@@ -47,7 +47,8 @@ import numpy as np  # noqa: E402
 
 from esft_jax import sharding  # noqa: E402
 from esft_jax.config import config_from_hf, read_hf_config  # noqa: E402
-from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, plan_from_expert_config  # noqa: E402
+from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable,  # noqa: E402
+                                    plan_from_expert_config)
 from esft_jax.model.transformer import Transformer, init_params  # noqa: E402
 from esft_jax.train.optimizer import DEFAULT_LR, learning_rate_schedule, make_optimizer  # noqa: E402
 from esft_jax.train.trainer import TrainState, make_train_step, planned_peak_bytes, step_shardings  # noqa: E402
@@ -151,7 +152,8 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     state = jax.jit(init_state, out_shardings=shardings.state)(params)
     row["trainable"] = count_parameters(state.trainable)
     batch = sharding.global_batch(_batch(global_batch, args.seq, config.vocab_size), shardings.batch)
-    model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, remat=args.remat)
+    model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, remat=args.remat,
+                        expert_weight_grads=expert_weight_grads(plan, config))
 
     stage = "compile"
     start = time.perf_counter()

@@ -102,7 +102,7 @@ def run_jax(args, impl: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from esft_jax.esft.trainable import count_parameters, init_trainable, plan_from_expert_config
+  from esft_jax.esft.trainable import count_parameters, expert_weight_grads, init_trainable, plan_from_expert_config
   from esft_jax.model.transformer import Transformer, init_params
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.optimizer import make_optimizer
@@ -114,7 +114,8 @@ def run_jax(args, impl: str) -> dict:
   plan = plan_from_expert_config({"experts": {str(l): ids for l, ids in
                                               selected_experts(config, args.experts_per_layer).items()}})
   batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
-  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat)
+  weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
+  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads)
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
   def init_state(frozen) -> TrainState:
@@ -233,9 +234,10 @@ def run_path(args, path: str) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
   else:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
+  switches = {"--tiny": args.tiny, "--remat": args.remat, "--all-expert-grads": args.all_expert_grads}
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
-         "--iters", str(args.iters)] + (["--tiny"] if args.tiny else []) + (["--remat"] if args.remat else [])
+         "--iters", str(args.iters)] + [flag for flag, on in switches.items() if on]
   try:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
   except subprocess.TimeoutExpired:
@@ -261,6 +263,9 @@ def main() -> None:
                       help="JAX expert implementations (grouped, auto, gpu, ...) and/or torch; torch runs first")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per path")
   parser.add_argument("--remat", action="store_true", help="JAX paths recompute each layer in the backward pass")
+  parser.add_argument("--all-expert-grads", action="store_true",
+                      help="JAX paths compute every routed expert's weight gradient, not only the trained ones' "
+                           "(what the kernels did before they skipped frozen experts)")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()

@@ -86,6 +86,17 @@ def test_tiled_forward_kernel_interpreted():
   assert np.all(np.asarray(out[384:]) == 0)
 
 
+def test_weight_grad_steps_skip_the_experts_not_named():
+  """The weight-gradient kernel runs each expert's tiles for rows / tile_k steps, and none for an expert whose
+  gradient is not needed (Pallas' interpreter cannot run that kernel here: the Hopper test below runs it)."""
+  from esft_jax.model.kernels import tiled
+
+  sizes = jnp.asarray([128, 0, 256, 128], jnp.int32)
+  np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, None), [2, 0, 4, 2])
+  np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, (0, 1, 3)), [2, 0, 0, 2])
+  np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, ()), [0, 0, 0, 0])
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the choice made on CPUs")
 def test_auto_on_cpu_is_dense_until_the_intermediate_is_large(monkeypatch):
   from esft_jax.model import experts as experts_module
@@ -155,6 +166,30 @@ def test_gpu_expert_ffn_matches_reference(kernel, skewed):
   assert len(unused) == (2 if skewed else 0)
   for name in experts:
     assert np.all(np.asarray(grads[2][name][unused]) == 0)
+
+
+@needs_hopper
+def test_gpu_expert_ffn_weight_grads_only_for_trained_experts():
+  """ESFT's backward on the kernels: input and gate-weight gradients as the reference's, the trained experts' weight
+  gradients too, every frozen expert's an exact zero."""
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  rng = np.random.default_rng(7)
+  x, ids, weights, experts = moe_inputs(rng, 300, 4, 16, 256, 384, skewed=False)
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  trained = (1, 5, 6)
+
+  def loss(fn):
+    return lambda x_, w_, e_: jnp.sum(fn(x_, ids, w_, e_).astype(jnp.float32) * cotangent)
+
+  esft = jax.jit(lambda *a: gpu_expert_ffn(*a, weight_grad_experts=trained))
+  grads = jax.jit(jax.grad(loss(esft), argnums=(0, 1, 2)))(x, weights, experts)
+  want = jax.grad(loss(lambda *a: expert_ffn(*a, impl="reference")), argnums=(0, 1, 2))(x, weights, experts)
+  assert rel_err(grads[0], want[0]) < 2e-2 and rel_err(grads[1], want[1]) < 2e-2
+  frozen = np.setdiff1d(np.arange(16), trained)
+  for name in experts:
+    assert rel_err(grads[2][name][trained,], want[2][name][trained,]) < 2e-2
+    assert np.all(np.asarray(grads[2][name][frozen]) == 0)
 
 
 @needs_hopper

@@ -109,6 +109,15 @@ def merge_trainable(plan: TrainPlan, params, trainable) -> dict:
   return merged
 
 
+def expert_weight_grads(plan: TrainPlan, config: ModelConfig) -> tuple[tuple[int, tuple[int, ...]], ...] | None:
+  """Per MoE layer, the routed experts whose weight gradients a step uses (`Transformer.expert_weight_grads`):
+  ESFT's selected ones, none where a layer has no selection. None (all) for FFT and LoRA."""
+  if plan.method != "esft":
+    return None
+  selected = plan.expert_ids
+  return tuple((layer, selected.get(layer, ())) for layer in config.moe_layer_ids)
+
+
 def validate_plan(plan: TrainPlan, config: ModelConfig, source: str = "expert config") -> None:
   """ESFT plans must name only MoE layers and existing experts."""
   for layer, ids in plan.experts:

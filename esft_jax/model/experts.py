@@ -1,9 +1,11 @@
 """Routed-expert compute behind one interface, dropless on every path.
 
-    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl) -> out_TxD
+    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts=None) -> out_TxD
 
 `experts` holds the stacked SwiGLU weights of one MoE layer: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
 Each token's output is the sum over its K chosen experts of weight * expert(x), as in transformers.
+`weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
+all); "gpu" skips the others' weight-gradient matmuls and returns zeros there, the other paths compute them all.
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
   kept as the oracle that the fast paths are tested against.
@@ -66,7 +68,8 @@ def _auto_impl(num_tokens: int, experts: Mapping[str, jax.Array]) -> str:
   return "grouped"
 
 
-def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped") -> jax.Array:
+def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped",
+               weight_grad_experts: tuple[int, ...] | None = None) -> jax.Array:
   if impl == "reference":
     return reference_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
   if impl == "grouped":
@@ -74,7 +77,8 @@ def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], im
   if impl == "gpu":
     from esft_jax.model.kernels.ffn import gpu_expert_ffn  # imports Pallas' Mosaic GPU backend
 
-    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
+    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts)
   if impl == "auto":
-    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, _auto_impl(x_TxD.shape[0], experts))
+    impl = _auto_impl(x_TxD.shape[0], experts)
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
   raise ValueError(f"expert implementation {impl!r} is unknown; use one of {EXPERT_IMPLS}")

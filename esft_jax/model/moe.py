@@ -98,7 +98,8 @@ def _split_axes(mesh, logical: str) -> tuple[str, ...]:
   return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
 
 
-def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str) -> jax.Array:
+def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str,
+                   weight_grad_experts: tuple[int, ...] | None = None) -> jax.Array:
   """`expert_ffn`, with each device on its own tokens where the active mesh (`esft_jax.sharding.logical_rules`)
   splits the batch. XLA's partitioner can split neither the dispatch (a sort over every token) nor the Pallas
   kernels: left to it, every device runs the experts on the whole global batch, and data or expert parallelism
@@ -108,12 +109,13 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   mesh = jax.sharding.get_abstract_mesh()
   rows, width = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp")
   if not rows and not width:
-    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl)
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
   tokens = PartitionSpec(rows or None, None)
   in_width, out_width = PartitionSpec(None, None, width or None), PartitionSpec(None, width or None, None)
 
   def local(x, ids, weights, gate, up, down):
-    out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl)
+    out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl,
+                     weight_grad_experts)
     return jax.lax.psum(out, width) if width else out
 
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
@@ -146,6 +148,7 @@ class MoEBlock(nn.Module):
   expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Routing]:
@@ -163,7 +166,8 @@ class MoEBlock(nn.Module):
 
     experts = StackedExperts(e, d, f, self.param_dtype, name="experts")()
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
-    out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl)
+    out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl,
+                         self.weight_grad_experts)
 
     if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
       shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)

@@ -50,6 +50,7 @@ class DecoderLayer(nn.Module):
   expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
 
   @nn.compact
   def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
@@ -63,7 +64,8 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None
     if cfg.moe_layers[self.layer]:
-      y, routing = MoEBlock(cfg, self.expert_impl, name="mlp", **kw)(h)
+      y, routing = MoEBlock(cfg, self.expert_impl, weight_grad_experts=self.weight_grad_experts, name="mlp",
+                            **kw)(h)
     else:
       y = SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + y, ("batch", "length", "embed"))
@@ -78,6 +80,9 @@ class Transformer(nn.Module):
   # Recompute each decoder layer in the backward pass (jax.checkpoint), keeping only its input: activation
   # memory of one layer instead of all, for about a third more compute. Training only (no cache).
   remat: bool = False
+  # Per MoE layer, the routed experts whose weight gradients the backward pass must produce (ESFT's trained
+  # ones: `esft_jax.esft.trainable.expert_weight_grads`); the GPU kernels skip the others' work. None: all.
+  expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -100,9 +105,11 @@ class Transformer(nn.Module):
     if cache is not None:
       valid = jax.lax.dynamic_update_slice(cache.valid_BxS, segment_ids_BxL != 0, (0, cache.index))
     layer_cls = nn.remat(DecoderLayer) if self.remat and cache is None else DecoderLayer
+    weight_grads = None if self.expert_weight_grads is None else dict(self.expert_weight_grads)
     for i in range(cfg.num_layers):
       view = None if cache is None else CacheView(cache.layers[i], cache.index, valid)
-      x, routing, layer_cache = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype,
+      layer_grads = None if weight_grads is None else weight_grads.get(i, ())
+      x, routing, layer_cache = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, layer_grads,
                                           name=f"layers_{i}")(x, cos, sin, segment_ids_BxL, view)
       new_layers.append(layer_cache)
       if routing is not None:

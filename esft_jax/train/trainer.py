@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from esft_jax import sharding
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, merge_trainable, tree_bytes
+from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable, merge_trainable,
+                                    tree_bytes)
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.loss import masked_mean_loss
 from esft_jax.train.metrics import MetricsWriter, progress
@@ -221,7 +222,7 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
   model = Transformer(model_config, expert_impl=cfg.expert_impl, dtype=jnp.dtype(cfg.compute_dtype),
-                      remat=cfg.remat)
+                      remat=cfg.remat, expert_weight_grads=expert_weight_grads(plan, model_config))
   schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
   trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), frozen_params)
   optimizer = make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)

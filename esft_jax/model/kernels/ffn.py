@@ -15,19 +15,23 @@ KERNELS = ("tiled", "ragged")
 
 
 def kernel_matmul(kernel: str, interpret: bool = False) -> tuple[Callable, int]:
-  """The grouped matmul (lhs, rhs, group_sizes) -> out of a kernel family, and the row alignment it needs."""
+  """The grouped matmul (lhs, rhs, group_sizes, weight_grad_groups=None) -> out of a kernel family, and the row
+  alignment it needs. `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all);
+  the "tiled" kernels skip the others' (zeros), the rest compute every one."""
   if kernel == "tiled":
-    fast, supported, align = (lambda a, b, g: tiled.tiled_matmul(a, b, g, interpret)), tiled.supported, tiled.ALIGN
+    supported, align = tiled.supported, tiled.ALIGN
+    fast = lambda a, b, g, w: tiled.tiled_matmul(a, b, g, interpret, w)
   elif kernel == "ragged":
     from esft_jax.model.kernels import ragged  # imports jax's kernels, which import jax's test utilities
 
-    fast, supported, align = ragged.ragged_matmul, ragged.supported, 1
+    supported, align = ragged.supported, 1
+    fast = lambda a, b, g, _: ragged.ragged_matmul(a, b, g)
   else:
     raise ValueError(f"GPU kernel {kernel!r} is unknown; use one of {KERNELS}")
 
-  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G):
+  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None):
     if supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype:
-      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G)
+      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups)
     return jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, group_sizes_G)  # widths the kernels don't tile
 
   return matmul, align
@@ -40,17 +44,20 @@ def gpu_expert_ffn(
   experts: Mapping[str, jax.Array],
   kernel: str = "tiled",
   interpret: bool = False,
+  weight_grad_experts: tuple[int, ...] | None = None,
 ) -> jax.Array:
   """Each token's sum over its K experts of weight * SwiGLU_e(x), on the grouped-matmul kernels of `kernel`.
-  `interpret` runs the "tiled" kernels in Pallas' GPU interpreter (CPU tests)."""
+  `interpret` runs the "tiled" kernels in Pallas' GPU interpreter (CPU tests). `weight_grad_experts`: see
+  `esft_jax.model.experts.expert_ffn`."""
   if not (interpret or hopper_available()):
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
   t, k = ids_TxK.shape
   matmul, align = kernel_matmul(kernel, interpret)
   layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], align)
   x_PxD = jnp.take(x_TxD, layout.source_P, axis=0, mode="fill", fill_value=0)
-  gate_PxF = matmul(x_PxD, experts["gate_proj"], layout.group_sizes_G)
-  up_PxF = matmul(x_PxD, experts["up_proj"], layout.group_sizes_G)
-  y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], layout.group_sizes_G)
+  sizes, dw = layout.group_sizes_G, weight_grad_experts
+  gate_PxF = matmul(x_PxD, experts["gate_proj"], sizes, dw)
+  up_PxF = matmul(x_PxD, experts["up_proj"], sizes, dw)
+  y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], sizes, dw)
   y_TxKxD = y_PxD[layout.dest_TxK.reshape(-1)].reshape(t, k, -1)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)

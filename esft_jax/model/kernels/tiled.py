@@ -9,7 +9,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
-  runs zero steps and gets an exact zero.
+  runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
+  gradient is needed, and the others run zero steps too (their gradient comes out as zeros, unread by the caller).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class TileConfig:
 
 def forward_config(n: int) -> TileConfig:
   """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows, else
-  128 x 128. (BENCHMARKS.md: the sweep later found TileConfig(64, 256, "m") faster for n % 256 == 0.)"""
+  128 x 128. (BENCHMARKS.md: the sweep found TileConfig(64, 256, "m") faster for n % 256 == 0 kernel by kernel,
+  but with it the whole SwiGLU measured no faster at 65k rows, 512 vs 516 TFLOP/s fwd+bwd, within run-to-run
+  spread.)"""
   return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
 
 
@@ -208,8 +211,19 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   return _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, rhs)
 
 
-def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, interpret: bool = False):
-  """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N]; zero for an expert with no rows."""
+def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None) -> jax.Array:
+  """Pipeline steps of each expert's weight-gradient tiles: its rows / tile_k, none for experts outside `groups`."""
+  steps_G = group_sizes_G.astype(jnp.int32) // tile_k
+  if groups is None:
+    return steps_G
+  wanted_G = jnp.zeros(steps_G.shape, bool).at[jnp.asarray(groups, jnp.int32)].set(True)
+  return jnp.where(wanted_G, steps_G, 0)
+
+
+def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, interpret: bool = False,
+                        groups: tuple[int, ...] | None = None):
+  """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N], for the experts in `groups` (default: all);
+  zero for the others and for an expert with no rows."""
   p, k = lhs_PxK.shape
   n = rhs_PxN.shape[1]
   g = group_sizes_G.shape[0]
@@ -217,7 +231,7 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   m_iters, n_iters = k // cfg.block_m, n // cfg.block_n
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
-  steps_G = sizes_G // cfg.tile_k
+  steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups)
   transforms = _swizzled(cfg.tile_k, dtype)
 
   def make_specs(offset):
@@ -259,27 +273,33 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   return _launch(body, out_type, interpret)(start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False):
-  """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
+                 weight_grad_groups: tuple[int, ...] | None = None):
+  """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
+  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all), zeros elsewhere."""
   n = rhs_GxKxN.shape[2]
   return grouped_forward(
     lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(n), interpret=interpret
   )
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret):
-  return tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret), (lhs_PxK, rhs_GxKxN, group_sizes_G)
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups):
+  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups)
+  return out, (lhs_PxK, rhs_GxKxN, group_sizes_G)
 
 
-def _tiled_matmul_bwd(interpret, residuals, dout_PxN):
+def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
   lhs_PxK, rhs_GxKxN, group_sizes_G = residuals
   _, k, n = rhs_GxKxN.shape
   dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
   dlhs_PxK = grouped_forward(
     dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
   )
-  drhs_GxKxN = grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n), interpret=interpret)
+  if weight_grad_groups == ():  # nothing trains in this layer
+    return dlhs_PxK, jnp.zeros_like(rhs_GxKxN), None
+  drhs_GxKxN = grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
+                                   interpret=interpret, groups=weight_grad_groups)
   return dlhs_PxK, drhs_GxKxN, None
 
 
