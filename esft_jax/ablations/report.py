@@ -280,49 +280,59 @@ def _families(variants: dict[str, dict]) -> dict[int, dict[str, dict[int, dict]]
 
 
 def _scratch_findings(variants: dict[str, dict], results: dict) -> list[str]:
+  """Per family (shared width), the coarsest base against the finest; then with against without shared."""
+  bases = {(b["experts"], b["shared_width"]): b for b in results["bases"].values()}
+  rise = lambda v: v["general_loss"] - bases[v["experts"], v["shared_width"]]["general_loss"]
+  esft = lambda runs, e, key: float(np.mean([runs[m][e][key] for m in ("ESFT-Token", "ESFT-Gate")]))
+  families = _families(variants)
   lines = []
-  for shared, methods in sorted(_families(variants).items()):
+  for shared, methods in sorted(families.items()):
     experts = sorted(methods["FFT"])
     if len(experts) < 2:
       continue
     few, many = experts[0], experts[-1]
-    family = f"shared width {shared}" if shared else "no shared expert"
+    family = f"With a shared expert of width {shared}" if shared else "Without a shared expert"
     token, gate, fft = methods["ESFT-Token"], methods["ESFT-Gate"], methods["FFT"]
-    concentrated = token[many]["concentration"] > token[few]["concentration"]
-    lines.append(
-        f"{family}: routing concentration (gate share of the busiest k experts; uniform is "
-        f"{token[few]['top_k'] / few:.2f}) "
-        f"is {token[few]['concentration']:.3f} at {few} experts and {token[many]['concentration']:.3f} at {many}. "
-        f"The paper's premise is that finer experts specialise more: {_agrees(concentrated)}.")
-    lines.append(
-        f"{family}: ESFT selects {_pct(token[few]['selected_fraction'])}% (token) / "
-        f"{_pct(gate[few]['selected_fraction'])}% (gate) of the experts at {few} experts and "
-        f"{_pct(token[many]['selected_fraction'])}% / {_pct(gate[many]['selected_fraction'])}% at {many} (at least "
-        f"one expert per layer, so at most 1/E is possible).")
-    esft_many = np.mean([token[many]["task_score"], gate[many]["task_score"]])
-    esft_few = np.mean([token[few]["task_score"], gate[few]["task_score"]])
-    gap_few = fft[few]["task_score"] - esft_few
-    gap_many = fft[many]["task_score"] - esft_many
-    keep_few = fft[few]["general_loss"] - np.mean([token[few]["general_loss"], gate[few]["general_loss"]])
-    keep_many = fft[many]["general_loss"] - np.mean([token[many]["general_loss"], gate[many]["general_loss"]])
-    lines.append(
-        f"{family}: ESFT's task score (mean of token and gate) is {_pct(esft_few)} at {few} experts and "
-        f"{_pct(esft_many)} at {many}, against FFT's {_pct(fft[few]['task_score'])} and "
-        f"{_pct(fft[many]['task_score'])} (FFT minus ESFT: {100 * gap_few:+.1f} → {100 * gap_many:+.1f} points); "
-        f"general loss after FFT minus after ESFT: {keep_few:+.3f} at {few} and {keep_many:+.3f} at {many}. The "
-        f"paper finds ESFT needs fine-grained experts to keep up with FFT: {_agrees(gap_many < gap_few)}.")
-  families = _families(variants)
-  if len(families) > 1:
-    shared = sorted(families)
-    common = sorted(set.intersection(*(set(families[s]["FFT"]) for s in shared)))
-    for e in common:
-      loss = ", ".join(f"shared {s}: ESFT-Token {families[s]['ESFT-Token'][e]['general_loss']:.3f}, FFT "
-                       f"{families[s]['FFT'][e]['general_loss']:.3f}" for s in shared)
-      lines.append(f"{e} experts, general loss after fine-tuning with and without the shared expert: {loss}.")
+    esft_rise = {e: float(np.mean([rise(token[e]), rise(gate[e])])) for e in (few, many)}
+    esft_drop = esft(methods, many, "task_score") - esft(methods, few, "task_score")
+    fft_drop = fft[many]["task_score"] - fft[few]["task_score"]
+    lines += [
+        f"{family}, {few} → {many} experts: the gate share of the task's busiest k experts (uniform "
+        f"{token[few]['top_k'] / few:.2f}) goes {token[few]['concentration']:.3f} → "
+        f"{token[many]['concentration']:.3f}. The paper's premise is that finer experts specialise more: "
+        f"{_agrees(token[many]['concentration'] > token[few]['concentration'])} by this measure.",
+        f"{family}: ESFT selects {_pct(token[few]['selected_fraction'])}% → {_pct(token[many]['selected_fraction'])}%"
+        f" of the experts (token), {_pct(gate[few]['selected_fraction'])}% → {_pct(gate[many]['selected_fraction'])}%"
+        f" (gate), and trains {token[few]['trainable_params']:,.0f} → {token[many]['trainable_params']:,.0f} "
+        f"parameters (token; at least one expert per layer, so never below 1/E).",
+        f"{family}: ESFT's general loss rises over its own base by {esft_rise[few]:+.3f} at {few} experts and "
+        f"{esft_rise[many]:+.3f} at {many} (mean of token and gate; FFT: {rise(fft[few]):+.3f} and "
+        f"{rise(fft[many]):+.3f}). The paper's case for fine-grained experts is that ESFT then trains only what "
+        f"the task uses and keeps general ability: {_agrees(esft_rise[many] < esft_rise[few])}.",
+        f"{family}: task score, ESFT (mean of token and gate) {_pct(esft(methods, few, 'task_score'))} → "
+        f"{_pct(esft(methods, many, 'task_score'))}, FFT {_pct(fft[few]['task_score'])} → "
+        f"{_pct(fft[many]['task_score'])} (bases {_pct(_mean_task(bases[few, shared], results))} → "
+        f"{_pct(_mean_task(bases[many, shared], results))}). The paper finds coarse experts hurt ESFT more than FFT: "
+        f"{_agrees(esft_drop > fft_drop)} (ESFT gains {100 * esft_drop:+.1f} points from the finer experts, FFT "
+        f"{100 * fft_drop:+.1f}).",
+        f"{family}: the bases themselves differ: general loss {bases[few, shared]['general_loss']:.3f} at {few} "
+        f"experts, {bases[many, shared]['general_loss']:.3f} at {many}, after the same pretraining.",
+    ]
+  if len(families) == 2:
+    (bare, shared) = sorted(families)
+    common = sorted(set(families[bare]["FFT"]) & set(families[shared]["FFT"]))
+    pairs = ", ".join(f"{e} experts {rise(families[bare]['ESFT-Token'][e]):+.3f} / "
+                      f"{rise(families[shared]['ESFT-Token'][e]):+.3f}" for e in common)
+    lines.append(f"ESFT-Token's general loss rise over the base without / with the shared expert: {pairs}.")
   return lines
 
 
-def _plot_scratch(variants: dict[str, dict], path: Path) -> None:
+def _mean_task(scores: dict, results: dict) -> float:
+  return float(np.mean([scores[t] for t in results["config"]["tasks"]]))
+
+
+def _plot_scratch(variants: dict[str, dict], results: dict, path: Path) -> None:
+  bases = {(b["experts"], b["shared_width"]): b["general_loss"] for b in results["bases"].values()}
   fig = figure(11, 8)
   (ax_conc, ax_sel), (ax_task, ax_loss) = fig.subplots(2, 2)
   experts = sorted({v["experts"] for v in variants.values()})
@@ -335,13 +345,14 @@ def _plot_scratch(variants: dict[str, dict], path: Path) -> None:
       if method != "FFT":
         ax_sel.plot(xs, [100 * methods[method][e]["selected_fraction"] for e in xs], style, color=color, label=label)
       ax_task.plot(xs, [100 * methods[method][e]["task_score"] for e in xs], style, color=color, label=label)
-      ax_loss.plot(xs, [methods[method][e]["general_loss"] for e in xs], style, color=color, label=label)
+      ax_loss.plot(xs, [methods[method][e]["general_loss"] - bases[e, shared] for e in xs], style, color=color,
+                   label=label)
   uniform = next(iter(variants.values()))
   ax_conc.axhline(uniform["top_k"] / uniform["experts"], color="gray", linestyle=":", label="uniform routing")
   ax_conc.set_ylabel("gate share of the busiest k experts")
   ax_sel.set_ylabel("experts ESFT selects (% of the layer's)")
   ax_task.set_ylabel("task score after fine-tuning")
-  ax_loss.set_ylabel("held-out general loss after fine-tuning")
+  ax_loss.set_ylabel("general loss: fine-tuned minus its base")
   for ax in (ax_conc, ax_sel, ax_task, ax_loss):
     _log2_axis(ax, experts, "routed experts (equal total and active parameters)")
     ax.legend(fontsize="x-small")
@@ -387,7 +398,7 @@ def write_ablation_report(root: Path, results: dict) -> Path:
     _plot_groups(variants, results, root / FIGURE_PNG)
   elif name == "granularity_scratch":
     finding_lines, table = _scratch_findings(variants, results), _scratch_tables(variants, results)
-    _plot_scratch(variants, root / FIGURE_PNG)
+    _plot_scratch(variants, results, root / FIGURE_PNG)
   else:
     finding_lines = (_what_to_train_findings if name == "what_to_train" else _random_findings)(variants)
     _plot_bars(variants, _TITLES[name], root / FIGURE_PNG)
