@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 DESCRIPTION = """\
@@ -224,16 +225,27 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
 
 
+def _timed_log():
+  """Prints each line after the minutes and seconds since the command began: where a long run spends its time."""
+  start = time.monotonic()
+
+  def log(message: str) -> None:
+    minutes, seconds = divmod(int(time.monotonic() - start), 60)
+    print(f"[{minutes:3d}:{seconds:02d}] {message}", flush=True)
+
+  return log
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
-  run_demo(args.out, args.preset, args.cache, workers=args.workers)
+  run_demo(args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
   from esft_jax.ablations.runner import run_ablation
 
-  run_ablation(args.config, args.out, args.preset, args.cache)
+  run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log())
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -84,9 +84,11 @@ def _stop_text(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 
 def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], sampling: SamplingConfig,
              eos_id: int | None, tokenizer: Tokenizer | None = None, batch_size: int = 8, seed: int = 0,
-             dtype=jnp.float32, expert_impl: str = "auto") -> list[dict]:
+             dtype=jnp.float32, expert_impl: str = "auto", prompt_length: int | None = None) -> list[dict]:
   """Per prompt: {"ids": new token ids (cut before EOS), "text": decoded and cut at the first stop string}
-  (text only with a tokenizer). Stop strings need the tokenizer."""
+  (text only with a tokenizer). Stop strings need the tokenizer. `prompt_length` pads every batch's prompts to
+  that many tokens instead of each batch's own bucket: calls on prompts of different lengths then share one
+  compiled prefill and decoding step (each new length compiles both, which on a GPU takes longer than decoding)."""
   if sampling.stop_strings and tokenizer is None:
     raise ValueError("stop strings need a tokenizer to decode the generated text")
   model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
@@ -97,7 +99,10 @@ def generate(config: ModelConfig, params, prompts: Sequence[Sequence[int]], samp
     chunk_prompts = [list(p) for p in prompts[start:start + batch_size]]
     if any(not p for p in chunk_prompts):
       raise ValueError(f"prompt {start + [len(p) for p in chunk_prompts].index(0)} is empty")
-    p_len = bucket(max(len(p) for p in chunk_prompts))
+    longest = max(len(p) for p in chunk_prompts)
+    if prompt_length is not None and longest > prompt_length:
+      raise ValueError(f"a prompt of {longest} tokens is longer than prompt_length={prompt_length}")
+    p_len = prompt_length or bucket(longest)
     tokens = np.zeros((batch_size, p_len), np.int32)
     segments = np.zeros_like(tokens)
     for i, prompt in enumerate(chunk_prompts):  # left padding: every row's last prompt token is at p_len - 1

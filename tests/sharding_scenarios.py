@@ -36,6 +36,7 @@ from esft_jax.esft.routing_pass import make_scoring_step, score_examples  # noqa
 from esft_jax.esft.scores import RoutingTotals  # noqa: E402
 from esft_jax.esft.trainable import init_trainable, plan_from_expert_config  # noqa: E402
 from esft_jax.interop.adapter import save_adapter  # noqa: E402
+from esft_jax.interop.hf import load_hf_model, save_hf_model  # noqa: E402
 from esft_jax.interop.safetensors_io import CheckpointReader  # noqa: E402
 from esft_jax.model.transformer import init_params  # noqa: E402
 from esft_jax.paths import leaves_by_path, set_path  # noqa: E402
@@ -228,6 +229,24 @@ def errors() -> dict:
   return out
 
 
+def loading(cfg, params, work: Path) -> dict:
+  """A checkpoint loaded straight onto a mesh: each tensor on its sharding, each device holding only its shard,
+  the values those of a plain load."""
+  model_dir = save_hf_model(work / "hf", cfg, params, _hf_config())
+  plain = leaves_by_path(load_hf_model(model_dir).params)
+  out = {}
+  for spec in ("fsdp=8", RESUMED):
+    expected = leaves_by_path(sharding.param_shardings(cfg, _mesh(spec)))
+    loaded = leaves_by_path(load_hf_model(model_dir, shardings=sharding.param_shardings(cfg, _mesh(spec))).params)
+    shard_shape = {p: expected[p].shard_shape(plain[p].shape) for p in plain}
+    out[spec] = {
+        "placed": all(loaded[p].sharding == expected[p] for p in plain),
+        "equal": all(np.array_equal(np.asarray(loaded[p]), np.asarray(plain[p])) for p in plain),
+        "shards_only": all(s.data.shape == shard_shape[p] for p in plain for s in loaded[p].addressable_shards),
+        "split": sum(shard_shape[p] != plain[p].shape for p in plain)}
+  return out
+
+
 def multiprocess(cfg, params, work: Path) -> dict:
   """Two processes of 4 devices, as on two hosts: each feeds its own half of every global batch, both score
   the same examples; process 0 alone writes."""
@@ -238,9 +257,13 @@ def multiprocess(cfg, params, work: Path) -> dict:
           "summary": score_examples(cfg, params, _examples(cfg), batch_size=BATCH, mesh=_mesh(mesh_spec))}
 
 
-def _config(**overrides):
+def _hf_config(**overrides) -> dict:
   """tiny-deepseek cut to a dense layer and an MoE layer (compile time grows with depth)."""
-  return config_from_hf({**read_hf_config("tiny-deepseek"), "num_hidden_layers": 2, **overrides})
+  return {**read_hf_config("tiny-deepseek"), "num_hidden_layers": 2, **overrides}
+
+
+def _config(**overrides):
+  return config_from_hf(_hf_config(**overrides))
 
 
 def main(group: str, work: Path, *process: str) -> None:
@@ -258,6 +281,7 @@ def main(group: str, work: Path, *process: str) -> None:
     results["stand_in_adapter"] = stand_in_adapter(cfg, params, work)
   else:
     results = {"errors": errors(), "scoring": scoring(cfg, params), "checkpoints": checkpoints(cfg, params, work),
+               "loading": loading(cfg, params, work),
                "runs": training(cfg, params, work, ("data=2,tensor=4", RESUMED))}
   print(json.dumps({"devices": jax.device_count(), **results}))
 

@@ -37,6 +37,18 @@ def test_greedy_matches_transformers_generate(tmp_path, name):
     assert result["ids"] == expected
 
 
+def test_fixed_prompt_length_decodes_the_same_tokens(tmp_path):
+  """Padding every batch to one prompt length (one compiled prefill and decoding step for all) changes nothing."""
+  save_hf_model_dir("deepseek_v2", tmp_path)
+  loaded = load_hf_model(tmp_path)
+  sampling = SamplingConfig(max_new_tokens=8, chunk=4)
+  bucketed = generate(loaded.config, loaded.params, PROMPTS, sampling, eos_id=None, batch_size=2)
+  fixed = generate(loaded.config, loaded.params, PROMPTS, sampling, eos_id=None, batch_size=2, prompt_length=32)
+  assert [r["ids"] for r in fixed] == [r["ids"] for r in bucketed]
+  with pytest.raises(ValueError, match="a prompt of 7 tokens is longer than prompt_length=4"):
+    generate(loaded.config, loaded.params, PROMPTS, sampling, eos_id=None, prompt_length=4)
+
+
 def test_cached_decoding_equals_full_forward(tmp_path):
   save_hf_model_dir("deepseek_v2", tmp_path)
   loaded = load_hf_model(tmp_path)

@@ -192,6 +192,12 @@ def test_checkpoint_restores_exactly_onto_another_mesh(scenarios, direction):
   assert result["diff"] == 0.0 and result["layout"] and result["record"] == direction
 
 
+@pytest.mark.parametrize("mesh", ["fsdp=8", "data=2,fsdp=2,expert=2"])
+def test_checkpoint_loads_straight_onto_a_mesh(scenarios, mesh):
+  result = scenarios["loading"][mesh]
+  assert result["placed"] and result["equal"] and result["shards_only"] and result["split"] > 0
+
+
 @pytest.mark.parametrize("mesh", MESHES)
 def test_sharded_scoring_equals_one_device(scenarios, mesh):
   result = scenarios["scoring"][mesh]

@@ -36,8 +36,9 @@ from esft_jax.demo.tasks import TASK_NAMES, make_all_tasks
 from esft_jax.esft.routing_pass import sample_until, score_examples
 from esft_jax.esft.selection import select_experts, write_expert_config
 from esft_jax.esft.trainable import count_parameters
-from esft_jax.evaluate.runner import evaluate_generation, heldout_loss
+from esft_jax.evaluate.runner import evaluate_generation, heldout_loss, prompt_ids
 from esft_jax.files import atomic_write_text
+from esft_jax.generate import bucket
 from esft_jax.interop.adapter import load_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
@@ -148,13 +149,16 @@ class Workspace:
     return _cached_json(run_dir / "summary.json", compute)
 
   def evaluate(self, params, cache_file: Path) -> dict:
-    """Every task's test score and the held-out general loss of `params`, cached."""
+    """Every task's test score and the held-out general loss of `params`, cached. Every task's prompts are padded
+    to one length, so all evaluations of a workspace compile generation once."""
     def compute():
+      items = {name: read_jsonl(self.data / f"{name}_test.jsonl") for name in self.tasks}
+      longest = max(len(prompt_ids(self.tokenizer, item.prompt)) for task in items.values() for item in task)
       scores = {}
       for name, task in self.tasks.items():
-        items = read_jsonl(self.data / f"{name}_test.jsonl")
-        result = evaluate_generation(self.base.config, params, self.tokenizer, items, task.metric,
-                                     self.preset.max_new_tokens, self.preset.eval_batch, self.dtype)
+        result = evaluate_generation(self.base.config, params, self.tokenizer, items[name], task.metric,
+                                     self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
+                                     prompt_length=bucket(longest))
         scores[name] = result["mean"]
       scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
                                             self.dtype)["mean"]
@@ -172,19 +176,20 @@ class Workspace:
     tokenizer = load_tokenizer(base_dir)
     base = load_hf_model(base_dir)
     held_out = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(self.held_out_texts)]
-    summaries = _score_tasks(base, tokenizer, self.data, task_names, scores_root, self.preset)
+    summaries = _score_tasks(base, tokenizer, self.data, task_names, scores_root, self.preset, log)
     return dataclasses.replace(self, base_dir=base_dir, base=base, tokenizer=tokenizer, held_out=held_out,
                                summaries=summaries)
 
 
 def _score_tasks(base, tokenizer, data: Path, task_names: Sequence[str], scores_root: Path,
-                 preset: DemoPreset) -> dict:
+                 preset: DemoPreset, log=print) -> dict:
   """Each task's routing summary on `base` (cached), with the official routing logs beside it."""
   summaries = {}
   for name in task_names:
     task_dir = scores_root / name
 
     def score(name=name, task_dir=task_dir):
+      log(f"scoring routing on {name}")
       examples = format_records(open_examples(data / f"{name}_train.jsonl"), tokenizer)
       chosen = sample_until(examples, preset.score_tokens)
       return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir,
@@ -218,7 +223,7 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
   base = load_hf_model(base_dir)
   held_out_examples = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(held_out)]
 
-  summaries = _score_tasks(base, tokenizer, data, list(tasks), out / "scores", preset)
+  summaries = _score_tasks(base, tokenizer, data, list(tasks), out / "scores", preset, log)
   return Workspace(out, preset, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
 
 

@@ -31,17 +31,19 @@ STOP_STRINGS = {"translation": ("\n\n",)}
 NON_GENERATIVE = ("loss", "choice")
 
 
-def _with_bos(tokenizer: Tokenizer, text: str) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
   return ([tokenizer.bos_id] if tokenizer.bos_id is not None else []) + tokenizer.encode(text)
 
 
 def evaluate_generation(config: ModelConfig, params, tokenizer: Tokenizer, items: Sequence[EvalItem], metric: str,
-                        max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32) -> dict:
+                        max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32,
+                        prompt_length: int | None = None) -> dict:
   if metric not in METRICS:
     raise ValueError(f"metric {metric!r} is unknown; use one of {sorted(METRICS) + list(NON_GENERATIVE)}")
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS.get(metric, ()))
-  prompts = [_with_bos(tokenizer, item.prompt) for item in items]
-  outputs = generate(config, params, prompts, sampling, tokenizer.eos_id, tokenizer, batch_size, dtype=dtype)
+  prompts = [prompt_ids(tokenizer, item.prompt) for item in items]
+  outputs = generate(config, params, prompts, sampling, tokenizer.eos_id, tokenizer, batch_size, dtype=dtype,
+                     prompt_length=prompt_length)
   records = []
   for item, output in zip(items, outputs):
     fields = item.metric_item()
@@ -120,7 +122,7 @@ def multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer, path: Pat
   items = _read_choice_items(path)
   examples = []
   for item in items:
-    context = _with_bos(tokenizer, item["question"])
+    context = prompt_ids(tokenizer, item["question"])
     for choice in item["choices"]:
       continuation = tokenizer.encode(" " + choice.strip())
       ids = np.asarray(context + continuation, np.int32)

@@ -21,6 +21,7 @@ import numpy as np
 from esft_jax.config import ModelConfig, config_from_hf, read_hf_config
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.safetensors_io import CheckpointReader, write_checkpoint
+from esft_jax.paths import get_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
 
@@ -164,9 +165,11 @@ class LoadedModel:
   path: Path
 
 
-def load_hf_model(model_dir: str | Path, dtype: Any = None) -> LoadedModel:
+def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = None) -> LoadedModel:
   """Reads an HF model directory. `dtype` casts every parameter except the router (kept fp32, as transformers
-  keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32)."""
+  keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32). `shardings` (a tree
+  like `esft_jax.sharding.param_shardings`) puts each tensor straight onto its devices, each receiving only its
+  own shard: no device ever holds the whole model, and on several hosts each process fills only its devices."""
   model_dir = Path(model_dir)
   hf_config = read_hf_config(model_dir)
   config = config_from_hf(hf_config, str(model_dir / "config.json"))
@@ -183,7 +186,12 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None) -> LoadedModel:
     node = params
     for key in entry.path[:-1]:
       node = node.setdefault(key, {})
-    node[entry.path[-1]] = jnp.asarray(array, dtype=target)
+    if shardings is None:
+      node[entry.path[-1]] = jnp.asarray(array, dtype=target)
+    else:
+      host = array.astype(target or array.dtype, copy=False)
+      node[entry.path[-1]] = jax.make_array_from_callback(host.shape, get_path(shardings, "/".join(entry.path)),
+                                                          lambda index, host=host: host[index])
   return LoadedModel(config, params, hf_config, model_dir)
 
 

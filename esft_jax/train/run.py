@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from esft_jax import sharding
+from esft_jax.config import load_config
 from esft_jax.data.pipeline import DataConfig, build_datasets
 from esft_jax.esft.selection import load_expert_config
 from esft_jax.esft.trainable import TrainPlan, param_role, plan_from_expert_config, validate_plan
@@ -44,12 +45,10 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   sharding.check_batch_size(batch_size, mesh)
-  loaded = load_hf_model(model_dir, dtype=jnp.dtype(param_dtype))
-  config = loaded.config
+  config = load_config(model_dir)
   plan, expert_config = make_plan(method, config, expert_config_path, lora_rank)
-  # Spread the model over the mesh now and drop the loaded copy, so no device holds the whole model in training.
-  params = sharding.place(loaded.params, sharding.param_shardings(config, mesh))
-  del loaded
+  # Each device reads only its shard of the model: none ever holds the whole of it.
+  params = load_hf_model(model_dir, jnp.dtype(param_dtype), sharding.param_shardings(config, mesh)).params
   tokenizer = load_tokenizer(model_dir)
   datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
   train_iter = iter(datasets.train)
