@@ -112,12 +112,16 @@ def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=pri
   params = init_params(config, jax.random.key(spec.seed))
   batches = iter(train_dataset(train_rows, spec.batch_size, seed=spec.seed, process_index=0, process_count=1))
   val = list(eval_dataset(val_rows, spec.batch_size, process_index=0, process_count=1))
+  # Validation every tenth of the run, and the base is the best of those: a corpus this small is seen many times
+  # over, and past some epoch more steps only overfit it.
   train_cfg = TrainConfig(steps=spec.steps, lr=spec.lr, schedule="cosine", warmup_steps=spec.steps // 20,
-                          weight_decay=0.1, eval_every=spec.steps, save_every=spec.steps, log_every=10,
-                          seed=spec.seed, compute_dtype=spec.compute_dtype)
-  result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg)
-  log(f"pretrained in {result.wall_seconds:.0f}s; validation loss {result.best_val_loss:.3f}")
-  save_hf_model(work / "model", config, result.trainable, hf, tokenizer_dir=work)
+                          weight_decay=0.1, eval_every=max(1, spec.steps // 10), save_every=spec.steps,
+                          log_every=10, seed=spec.seed, compute_dtype=spec.compute_dtype)
+  best = {}
+  result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg,
+                 on_best=lambda trainable: best.update(params=trainable))
+  log(f"pretrained in {result.wall_seconds:.0f}s; best validation loss {result.best_val_loss:.3f}")
+  save_hf_model(work / "model", config, best.get("params", result.trainable), hf, tokenizer_dir=work)
   atomic_write_text(work / "model" / "pretraining.json", json.dumps(
       {"spec": dataclasses.asdict(spec), "val_loss": result.best_val_loss, "seconds": result.wall_seconds}))
   work.joinpath("model").rename(model_dir)
