@@ -25,7 +25,7 @@ SPEC = dataclasses.replace(MICRO.base, experts_per_token=4)  # 8 experts top-4: 
 def fine():
   hf = SPEC.hf_config()
   config = config_from_hf(hf)
-  return config, init_params(config, jax.random.key(0)), hf
+  return config, jax.jit(init_params, static_argnums=0)(config, jax.random.key(0)), hf
 
 
 def _routing_counts(ids_TxK, e):
@@ -82,8 +82,8 @@ def test_group_size_one_is_the_fine_model(fine):
   coarse_config, coarse_params, _ = grouped_model(config, params, hf, groups)
   assert coarse_config == config
   tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, 12)), jnp.int32)
-  want = Transformer(config).apply({"params": params}, tokens)
-  got = Transformer(coarse_config).apply({"params": coarse_params}, tokens)
+  want = jax.jit(Transformer(config).apply)({"params": params}, tokens)
+  got = jax.jit(Transformer(coarse_config).apply)({"params": coarse_params}, tokens)
   np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5)
   for r_want, r_got, layer in zip(want.routing, got.routing, config.moe_layer_ids):
     order = np.array([g[0] for g in groups[layer]])
