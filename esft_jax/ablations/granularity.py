@@ -49,6 +49,7 @@ def cooccurrence(config: ModelConfig, params, examples: Sequence[Example], batch
   """[N, E, E] per MoE layer: C[i, j] = tokens whose top-K holds both i and j; padding never counts. The diagonal
   holds each expert's own tokens (it co-occurs with itself), so two experts that are always chosen together get
   the same row, and rows compare by which experts each keeps company with, itself included."""
+  # The scoring pass's own step, so the routing is exactly what ESFT scores; its totals are not needed here.
   step = make_scoring_step(config, dtype=dtype, with_routing=True)
   params = sharding.place(params, sharding.param_shardings(config, sharding.single_device_mesh()))
   e = config.num_experts
@@ -77,7 +78,7 @@ def cosine_similarity(counts_ExE: np.ndarray) -> np.ndarray:
   return unit @ unit.T
 
 
-MAX_SUBSETS = 5_000_000
+MAX_SUBSETS = 5_000_000  # C(E, G) above this takes the exact search more than a few seconds and ~100 MB
 
 
 def greedy_groups(similarity_ExE: np.ndarray, group_size: int) -> list[tuple[int, ...]]:
