@@ -22,9 +22,8 @@ from esft_jax import sharding
 from esft_jax.config import ModelConfig, config_from_hf
 from esft_jax.data.formatting import Example
 from esft_jax.demo.pretrain import BaseSpec
-from esft_jax.esft.routing_pass import make_scoring_step
+from esft_jax.esft.routing_pass import make_scoring_step, padded_batches
 from esft_jax.esft.scores import RoutingTotals
-from esft_jax.generate import bucket
 
 
 def scratch_spec(base: BaseSpec, experts: int, shared_width: int) -> BaseSpec:
@@ -55,13 +54,7 @@ def cooccurrence(config: ModelConfig, params, examples: Sequence[Example], batch
   e = config.num_experts
   totals = RoutingTotals.zeros(len(config.moe_layer_ids), e)
   counts_NxExE = np.zeros((len(config.moe_layer_ids), e, e))
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    tokens = np.zeros((batch_size, bucket(max(len(x) for x in chunk))), np.int32)
-    segments = np.zeros_like(tokens)
-    for i, example in enumerate(chunk):
-      tokens[i, :len(example)] = example.ids_L
-      segments[i, :len(example)] = 1
+  for _, tokens, segments in padded_batches(examples, batch_size):
     totals, routing = step(params, totals, tokens, segments)
     for layer, (ids_BxLxK, _) in enumerate(jax.device_get(routing)):
       ids_TxK = ids_BxLxK[segments != 0]

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ from esft_jax import sharding
 from esft_jax.config import ModelConfig
 from esft_jax.data.formatting import Example
 from esft_jax.esft.scores import RoutingTotals, accumulate, summary_from_totals, write_routing_logs
+from esft_jax.generate import bucket
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.metrics import progress
 
@@ -47,8 +48,19 @@ def sample_until(examples: Sequence[Example], n_tokens: int, seed: int = OFFICIA
   return chosen
 
 
-def _bucket(length: int) -> int:
-  return max(16, 1 << (length - 1).bit_length())
+def padded_batches(examples: Sequence[Example], batch_size: int
+                   ) -> Iterator[tuple[list[Example], np.ndarray, np.ndarray]]:
+  """(samples, tokens [B, L], segment ids [B, L]) per batch of `batch_size` unpacked samples: each row one whole
+  sample (BOS through EOS), padded (segment id 0) to a bucketed length, so that a pass compiles a handful of
+  shapes; a short final batch keeps the batch shape."""
+  for start in range(0, len(examples), batch_size):
+    chunk = list(examples[start:start + batch_size])
+    tokens = np.zeros((batch_size, bucket(max(len(e) for e in chunk))), np.int32)
+    segments = np.zeros_like(tokens)
+    for i, example in enumerate(chunk):
+      tokens[i, :len(example)] = example.ids_L
+      segments[i, :len(example)] = 1
+    yield chunk, tokens, segments
 
 
 def make_scoring_step(config: ModelConfig, expert_impl: str = "auto", dtype=jnp.float32, with_routing=False,
@@ -83,14 +95,7 @@ def score_examples(config: ModelConfig, params, examples: Sequence[Example], bat
   totals = sharding.place(RoutingTotals.zeros(len(config.moe_layer_ids), config.num_experts), whole)
   samples: list[list[tuple[np.ndarray, np.ndarray]]] = []
   bar = progress(total=len(examples), desc="score")
-  for start in range(0, len(examples), batch_size):
-    chunk = list(examples[start:start + batch_size])
-    # Scoring routes every token of a sample (BOS through EOS); short final batches keep the batch shape.
-    tokens = np.zeros((batch_size, _bucket(max(len(e) for e in chunk))), np.int32)
-    segments = np.zeros_like(tokens)
-    for i, example in enumerate(chunk):
-      tokens[i, :len(example)] = example.ids_L
-      segments[i, :len(example)] = 1
+  for chunk, tokens, segments in padded_batches(examples, batch_size):
     totals, routing = step(params, totals, sharding.place(tokens, rows), sharding.place(segments, rows))
     if routing is not None:
       host = jax.device_get(routing)
