@@ -34,7 +34,6 @@ import json
 import math
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -52,6 +51,7 @@ from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_
 from esft_jax.model.transformer import Transformer, init_params  # noqa: E402
 from esft_jax.train.optimizer import DEFAULT_LR, learning_rate_schedule, make_optimizer  # noqa: E402
 from esft_jax.train.trainer import TrainState, make_train_step, planned_peak_bytes, step_shardings  # noqa: E402
+from timing import median_step_ms  # noqa: E402
 
 GIB = 2**30
 FULL = dict(layers=8, batch=8, seq=2048, experts_per_layer=8, iters=5)
@@ -169,13 +169,7 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     stage = "step"
     state, metrics = step(state, params, batch)
     row["first_loss"] = float(metrics["loss"])
-    times = []
-    for _ in range(args.iters):
-      start = time.perf_counter()
-      state, metrics = step(state, params, batch)
-      jax.block_until_ready(metrics["loss"])
-      times.append(time.perf_counter() - start)
-    row["ms"] = statistics.median(times) * 1e3
+    state, row["ms"] = median_step_ms(step, state, params, batch, iters=args.iters)
   except Exception as error:  # an out-of-memory row is a result; anything else is a bug
     if not _is_oom(error):
       raise

@@ -107,6 +107,7 @@ def run_jax(args, impl: str) -> dict:
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.optimizer import make_optimizer
   from esft_jax.train.trainer import TrainState, make_train_step, step_shardings
+  from timing import median_step_ms
 
   config = model_config(args)
   dtype = jnp.float32 if args.tiny else jnp.bfloat16
@@ -130,13 +131,8 @@ def run_jax(args, impl: str) -> dict:
   state, metrics = step(state, params, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
-  times = []
-  for _ in range(args.iters):
-    start = time.perf_counter()
-    state, metrics = step(state, params, batch)
-    jax.block_until_ready(metrics["loss"])
-    times.append(time.perf_counter() - start)
-  return {"ms": statistics.median(times) * 1e3, "first_s": first_s, "first_loss": first_loss,
+  state, ms = median_step_ms(step, state, params, batch, iters=args.iters)
+  return {"ms": ms, "first_s": first_s, "first_loss": first_loss,
           "peak_bytes": peak_bytes(impl),
           "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
           "trainable_params": count_parameters(state.trainable)}

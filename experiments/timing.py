@@ -1,0 +1,20 @@
+"""Step timing shared by the training benchmarks (bench_train.py, bench_sharded.py)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import jax
+
+
+def median_step_ms(step, state, *inputs, iters: int):
+  """Runs `state, metrics = step(state, *inputs)` `iters` times, each until its loss is ready. Returns the last
+  state and the median milliseconds of a step."""
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    state, metrics = step(state, *inputs)
+    jax.block_until_ready(metrics["loss"])
+    times.append(time.perf_counter() - start)
+  return state, statistics.median(times) * 1e3
