@@ -106,8 +106,8 @@ def run_jax(args, impl: str) -> dict:
   from esft_jax.model.transformer import Transformer, init_params
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.optimizer import make_optimizer
-  from esft_jax.train.trainer import TrainState, make_train_step, step_shardings
-  from timing import median_step_ms
+  from esft_jax.train.trainer import TrainState, loss_fn, make_train_step, step_shardings
+  from timing import median_call_ms, median_step_ms
 
   config = model_config(args)
   dtype = jnp.float32 if args.tiny else jnp.bfloat16
@@ -132,10 +132,15 @@ def run_jax(args, impl: str) -> dict:
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
   state, ms = median_step_ms(step, state, params, batch, iters=args.iters)
-  return {"ms": ms, "first_s": first_s, "first_loss": first_loss,
-          "peak_bytes": peak_bytes(impl),
-          "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
-          "trainable_params": count_parameters(state.trainable)}
+  result = {"ms": ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(impl),
+            "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
+            "trainable_params": count_parameters(state.trainable)}
+  if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
+    loss = lambda trainable, frozen, micro: loss_fn(model, plan)(trainable, frozen, micro)[0]
+    micro = {k: v[0] for k, v in batch.items()}
+    result["forward_ms"] = median_call_ms(jax.jit(loss), state.trainable, params, micro, iters=args.iters)
+    result["grad_ms"] = median_call_ms(jax.jit(jax.grad(loss)), state.trainable, params, micro, iters=args.iters)
+  return result
 
 
 def run_torch(args) -> dict:
@@ -230,7 +235,8 @@ def run_path(args, path: str) -> dict:
     env["JAX_PLATFORMS"] = "cpu"
   else:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
-  switches = {"--tiny": args.tiny, "--remat": args.remat, "--all-expert-grads": args.all_expert_grads}
+  switches = {"--tiny": args.tiny, "--remat": args.remat, "--all-expert-grads": args.all_expert_grads,
+              "--breakdown": args.breakdown}
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
          "--iters", str(args.iters)] + [flag for flag, on in switches.items() if on]
@@ -262,6 +268,9 @@ def main() -> None:
   parser.add_argument("--all-expert-grads", action="store_true",
                       help="JAX paths compute every routed expert's weight gradient, not only the trained ones' "
                            "(what the kernels did before they skipped frozen experts)")
+  parser.add_argument("--breakdown", action="store_true",
+                      help="JAX paths also time the loss alone and the loss with its gradients (one line per "
+                           "path after the table): forward, backward, and the optimizer with the rest")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -307,6 +316,10 @@ def main() -> None:
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
       notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters")
+      if "grad_ms" in r:
+        notes.append(f"# {path} breakdown: forward {r['forward_ms']:.1f} ms, backward "
+                     f"{r['grad_ms'] - r['forward_ms']:.1f} ms, optimizer and the rest {r['ms'] - r['grad_ms']:.1f} "
+                     f"ms of the {r['ms']:.1f} ms step")
     print("| " + " | ".join([path, str(args.layers), f"{args.batch} x {args.seq}", *cells]) + " |", flush=True)
   for note in notes:
     print(note)

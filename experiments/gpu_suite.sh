@@ -13,7 +13,8 @@
 #
 # Guessed times on an H200 (compiles dominate and were never timed: the pieces print "first s", the first
 # step including its compile):
-#   train_8        ~2 min   8 layers, batch 8 x 2048, 8 experts/layer: torch then auto
+#   train_8        ~2 min   8 layers, batch 8 x 2048, 8 experts/layer: torch then auto (with the forward /
+#                           backward / optimizer breakdown)
 #   train_8_all_grads ~1.5 min the same, every routed expert's weight gradient computed (before ESFT skipped
 #                           the frozen experts')
 #   train_27       ~3 min   the full 27 layers at batch 2 x 2048, auto (batch 4 needs ~150 GiB by estimate)
@@ -41,7 +42,7 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 } 2>&1 | tee "$OUT/suite.txt"
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
-piece train_8 200 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto --timeout 180
+piece train_8 200 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto --breakdown --timeout 180
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths auto --timeout 230
 piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048 --gen-batch 16 --prompt-len 128 \

@@ -1,4 +1,4 @@
-"""Step timing shared by the training benchmarks (bench_train.py, bench_sharded.py)."""
+"""Timing shared by the training benchmarks (bench_train.py, bench_sharded.py)."""
 
 from __future__ import annotations
 
@@ -18,3 +18,14 @@ def median_step_ms(step, state, *inputs, iters: int):
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
   return state, statistics.median(times) * 1e3
+
+
+def median_call_ms(fn, *args, iters: int) -> float:
+  """The median milliseconds of `fn(*args)` until its outputs are ready, after a first call that compiles it."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times) * 1e3

@@ -3,6 +3,7 @@ compare agrees (the same first loss on every JAX expert path, the same greedy to
 are never asserted."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,11 @@ def number(cell: str) -> float:
 
 
 def test_bench_train_tiny_runs_every_path_and_torch():
-  _, [table] = run_tiny("bench_train.py", "--remat")  # the JAX paths with layers recomputed
+  out, [table] = run_tiny("bench_train.py", "--remat", "--breakdown")  # JAX paths with layers recomputed
   rows = {row["path"]: row for row in table}
+  for path in ("grouped", "auto"):  # the step's time split into forward, backward and the rest
+    assert re.search(rf"# {path} breakdown: forward [\d.]+ ms, backward -?[\d.]+ ms, optimizer and the rest "
+                     rf"-?[\d.]+ ms of the [\d.]+ ms step", out), out
   assert list(rows) == ["torch", "grouped", "auto"]
   for row in rows.values():
     assert number(row["tokens/s"]) > 0, row

@@ -19,7 +19,7 @@ from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts
 from esft_jax.paths import leaves_by_path
 from esft_jax.train.optimizer import make_optimizer
-from esft_jax.train.trainer import TrainConfig, _loss_fn, train
+from esft_jax.train.trainer import TrainConfig, loss_fn, train
 from tests.hf_models import ARCHITECTURES, save_hf_model_dir
 from tests.replay import replay
 
@@ -87,8 +87,8 @@ def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero()
   idle = int(np.setdiff1d(np.arange(cfg.num_experts), used)[0])  # layer 2 sends no token to this expert
   plan = plan_from_expert_config({"experts": {"1": [3, 0], "2": [int(used[0]), idle]}})
   fft = TrainPlan("fft")
-  slice_grads, _ = jax.grad(_loss_fn(model, plan), has_aux=True)(init_trainable(plan, params), params, batch)
-  full_grads, _ = jax.grad(_loss_fn(model, fft), has_aux=True)(init_trainable(fft, params), params, batch)
+  slice_grads, _ = jax.grad(loss_fn(model, plan), has_aux=True)(init_trainable(plan, params), params, batch)
+  full_grads, _ = jax.grad(loss_fn(model, fft), has_aux=True)(init_trainable(fft, params), params, batch)
   for layer, ids in plan.experts:
     for proj in ("gate_proj", "up_proj", "down_proj"):
       got = slice_grads[f"layers_{layer}"]["mlp"]["experts"][proj]
@@ -104,8 +104,8 @@ def test_remat_gives_the_same_loss_and_gradients():
   batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1)[0])
   plan = _esft_plan(shared=True)
   trainable = init_trainable(plan, params)
-  (loss, _), grads = jax.value_and_grad(_loss_fn(Transformer(cfg), plan), has_aux=True)(trainable, params, batch)
-  (loss_r, _), grads_r = jax.value_and_grad(_loss_fn(Transformer(cfg, remat=True), plan), has_aux=True)(
+  (loss, _), grads = jax.value_and_grad(loss_fn(Transformer(cfg), plan), has_aux=True)(trainable, params, batch)
+  (loss_r, _), grads_r = jax.value_and_grad(loss_fn(Transformer(cfg, remat=True), plan), has_aux=True)(
       trainable, params, batch)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads)

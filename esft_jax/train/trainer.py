@@ -81,7 +81,7 @@ def step_shardings(config: ModelConfig, plan: TrainPlan, mesh: Mesh, state_like:
                        sharding.batch_sharding(mesh))
 
 
-def _loss_fn(model: Transformer, plan: TrainPlan):
+def loss_fn(model: Transformer, plan: TrainPlan):
   def loss(trainable, frozen, batch):
     params = merge_trainable(plan, frozen, trainable)
     out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
@@ -102,7 +102,7 @@ def _load_imbalance(ids_BxLxK, valid_BxL, num_experts):
 def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, shardings: StepShardings) -> Callable:
   """(state, frozen, batch [A, B, L]) -> (state, metrics); A micro-batches are averaged equally."""
-  grad_fn = jax.grad(_loss_fn(model, plan), has_aux=True)
+  grad_fn = jax.grad(loss_fn(model, plan), has_aux=True)
 
   def step(state: TrainState, frozen, batch):
     def micro(acc, micro_batch):
@@ -127,7 +127,7 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
 
 def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings) -> Callable:
   """(trainable, frozen, batch [B, L]) -> (mean loss, loss tokens) over the global batch."""
-  loss = _loss_fn(model, plan)
+  loss = loss_fn(model, plan)
 
   def step(trainable, frozen, batch):
     with sharding.logical_rules(shardings.mesh):
