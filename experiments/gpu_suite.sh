@@ -11,18 +11,18 @@
 # Compiled XLA programs are cached under build/jax-cache, so a second call on a still-warm machine skips most
 # compiles.
 #
-# Guessed times on an H200 (compiles dominate and were never timed: the pieces print "first s", the first
-# step including its compile):
-#   train_8        ~2 min   8 layers, batch 8 x 2048, 8 experts/layer: torch then auto (with the forward /
-#                           backward / optimizer breakdown)
-#   train_8_all_grads ~1.5 min the same, every routed expert's weight gradient computed (before ESFT skipped
-#                           the frozen experts')
-#   train_27       ~3 min   the full 27 layers at batch 2 x 2048, auto (batch 4 needs ~150 GiB by estimate)
-#   infer          ~2.5 min scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
-#   train_27_torch ~1 min   the PyTorch step at 27 layers, batch 2 (out of memory at batch 4 in the baseline)
-#   moe            ~2 min   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch
-#   train_27_remat    ~3 min   27 layers at batch 8 x 2048 with --remat (layers recomputed), auto; runs only if
-#                           the deadline leaves room (batch 2 without remat measured 111 GiB)
+# Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
+# compiles dominate: the tables' "first s" is the first step, compile included):
+#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch then auto (plus the forward /
+#                            backward / optimizer breakdown, not yet timed)
+#   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
+#                            the frozen experts')
+#   train_27        ~3 min   the full 27 layers at batch 2 x 2048, auto (first step 176 s in the second session)
+#   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
+#   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
+#   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
+#                            before the 65k skewed rows)
+#   train_27_remat    220 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), auto
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_suite}
