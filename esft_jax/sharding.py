@@ -236,7 +236,8 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def place(tree, shardings):
   """Puts arrays onto their shardings (a tree like `tree`, or one for every leaf); arrays already there are
   kept. "There" means the same sharding object, not an equivalent one: jit keys its compiled programs on the
-  sharding's type, so a single-device array fed where the step returns a NamedSharding would compile twice. Where a sharding spans other processes, each process supplies only its own shards of the full
+  sharding's type, so a single-device array fed where the step returns a NamedSharding would compile twice.
+  Where a sharding spans other processes, each process supplies only its own shards of the full
   values it holds (a loaded model, a scoring batch: the same on every process)."""
 
   def put(x, sharding: NamedSharding):

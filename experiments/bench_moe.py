@@ -32,6 +32,7 @@ import numpy as np
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import expert_layout
+from timing import median_call_ms
 
 PATHS = ("grouped", "ragged", "tiled", "torch")
 GIB = 2.0**30
@@ -69,14 +70,7 @@ def time_jax(fn: Callable, args: tuple, warmup: int, iters: int) -> tuple[float,
   compiled = jax.jit(fn).lower(*args).compile()
   memory = compiled.memory_analysis()
   peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / GIB if memory is not None else float("nan")
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3, peak
+  return median_call_ms(compiled, *args, iters=iters, warmup=warmup), peak
 
 
 def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float]:

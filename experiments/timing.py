@@ -1,4 +1,4 @@
-"""Timing shared by the training benchmarks (bench_train.py, bench_sharded.py)."""
+"""Timing shared by the benchmarks (bench_moe.py, bench_train.py, bench_sharded.py)."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ def median_step_ms(step, state, *inputs, iters: int):
   return state, statistics.median(times) * 1e3
 
 
-def median_call_ms(fn, *args, iters: int) -> float:
-  """The median milliseconds of `fn(*args)` until its outputs are ready, after a first call that compiles it."""
-  jax.block_until_ready(fn(*args))
+def median_call_ms(fn, *args, iters: int, warmup: int = 1) -> float:
+  """The median milliseconds of `fn(*args)` until its outputs are ready, after `warmup` calls (the first
+  compiles it)."""
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
   times = []
   for _ in range(iters):
     start = time.perf_counter()

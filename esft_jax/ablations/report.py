@@ -162,7 +162,7 @@ def _groups_tables(variants: dict[str, dict], results: dict) -> str:
            f"{header} general loss (↓) | other tasks (↑) |", f"|---|---|---|---|---|{rule}---|---|"]
   for size in results["config"]["group_sizes"]:
     base = results["bases"][str(size)]
-    lines.append(f"| {size} | base, grouped | – | 0 | {_pct(np.mean([base[t] for t in tasks]))} |{per_task(base)} "
+    lines.append(f"| {size} | base, grouped | – | 0 | {_pct(_mean_task(base, results))} |{per_task(base)} "
                  f"{base['general_loss']:.3f} | – |")
     for v in (v for v in variants.values() if v["group_size"] == size):
       lines.append(f"| {size} | {v['method']} | {v['fine_experts_per_layer']:.2f} | {v['trainable_params']:,.0f} | "
@@ -249,7 +249,6 @@ def _plot_groups(variants: dict[str, dict], results: dict, path: Path) -> None:
 
 
 def _scratch_tables(variants: dict[str, dict], results: dict) -> str:
-  tasks = results["config"]["tasks"]
   lines = ["| base | experts × width, top-k | shared width | base task score | base general loss | top-k gate "
            "share | ESFT-Token selects | ESFT-Gate selects |", "|---|---|---|---|---|---|---|---|"]
   methods = defaultdict(dict)
@@ -258,7 +257,7 @@ def _scratch_tables(variants: dict[str, dict], results: dict) -> str:
   for name, base in results["bases"].items():
     runs = methods[name]
     lines.append(f"| {name} | {base['experts']} × {base['width']}, top-{base['top_k']} | {base['shared_width']} | "
-                 f"{_pct(np.mean([base[t] for t in tasks]))} | {base['general_loss']:.3f} | "
+                 f"{_pct(_mean_task(base, results))} | {base['general_loss']:.3f} | "
                  f"{np.mean(list(base['concentration'].values())):.3f} | "
                  f"{_pct(runs['ESFT-Token']['selected_fraction'])}% | "
                  f"{_pct(runs['ESFT-Gate']['selected_fraction'])}% |")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -75,9 +76,9 @@ PRESETS = {
                       steps=300, batch_size=16, lr=3e-3),
         n_train=400, n_test=24, score_tokens=6_000, finetune_steps=40, finetune_batch=8, finetune_seq_length=128,
         lr={"FFT": 3e-4, "LoRA": 1e-3, "ESFT-Token": 3e-3, "ESFT-Gate": 3e-3}, max_new_tokens=48, eval_batch=24),
-    # Not yet run to the end. The one H200 try (2026-11-28, 1.3M characters, 2000 steps, 32k scoring tokens per
-    # task) pretrained in 155 s but saw its 779 rows 82 times (validation loss 5.24), and scoring took 270 s
-    # (its step then compiled twice per shape), leaving no time for the runs within a 10-minute call.
+    # Not yet run to the end on an H200: the latest try (2026-11-28, experiments/gpu_demo.sh) pretrained in 128 s
+    # (the corpus holds 779 rows of 512 tokens; validation loss 5.131), scored and evaluated the base, and had 4 of
+    # its 24 fine-tune-and-evaluate jobs running when its 540 s call ended.
     "small": DemoPreset(
         base=BaseSpec(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, routed_experts=64,
                       experts_per_token=6, shared_experts=2, expert_width=128, dense_width=1408, kv_lora_rank=128,
@@ -148,17 +149,25 @@ class Workspace:
 
     return _cached_json(run_dir / "summary.json", compute)
 
+  @functools.cached_property
+  def test_items(self) -> dict[str, list]:
+    return {name: read_jsonl(self.data / f"{name}_test.jsonl") for name in self.tasks}
+
+  @functools.cached_property
+  def prompt_length(self) -> int:
+    """Every task's test prompts are padded to this one length, so all evaluations of a workspace compile
+    generation once."""
+    return bucket(max(len(prompt_ids(self.tokenizer, item.prompt))
+                      for items in self.test_items.values() for item in items))
+
   def evaluate(self, params, cache_file: Path) -> dict:
-    """Every task's test score and the held-out general loss of `params`, cached. Every task's prompts are padded
-    to one length, so all evaluations of a workspace compile generation once."""
+    """Every task's test score and the held-out general loss of `params`, cached."""
     def compute():
-      items = {name: read_jsonl(self.data / f"{name}_test.jsonl") for name in self.tasks}
-      longest = max(len(prompt_ids(self.tokenizer, item.prompt)) for task in items.values() for item in task)
       scores = {}
       for name, task in self.tasks.items():
-        result = evaluate_generation(self.base.config, params, self.tokenizer, items[name], task.metric,
+        result = evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name], task.metric,
                                      self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
-                                     prompt_length=bucket(longest))
+                                     prompt_length=self.prompt_length)
         scores[name] = result["mean"]
       scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
                                             self.dtype)["mean"]
