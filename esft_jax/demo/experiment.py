@@ -76,14 +76,14 @@ PRESETS = {
                       steps=300, batch_size=16, lr=3e-3),
         n_train=400, n_test=24, score_tokens=6_000, finetune_steps=40, finetune_batch=8, finetune_seq_length=128,
         lr={"FFT": 3e-4, "LoRA": 1e-3, "ESFT-Token": 3e-3, "ESFT-Gate": 3e-3}, max_new_tokens=48, eval_batch=24),
-    # Not yet run to the end on an H200: the latest try (2026-11-28, experiments/gpu_demo.sh) pretrained in 128 s
-    # (the corpus holds 779 rows of 512 tokens; validation loss 5.131), scored and evaluated the base, and had 4 of
-    # its 24 fine-tune-and-evaluate jobs running when its 540 s call ended.
+    # Experts computed densely ("reference"): at 64 experts of width 128 that is ~11x the routed FLOPs but a few
+    # ms per step on an H200, while each of the 24 jobs' steps would otherwise compile its own Mosaic GPU kernels
+    # (an earlier try on the kernels had finished 0 of 24 jobs after 540 s).
     "small": DemoPreset(
         base=BaseSpec(vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, routed_experts=64,
                       experts_per_token=6, shared_experts=2, expert_width=128, dense_width=1408, kv_lora_rank=128,
                       seq_length=512, general_chars=6_000_000, held_out_chars=60_000, format_examples_per_task=300,
-                      steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16"),
+                      steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16", expert_impl="reference"),
         n_train=2000, n_test=100, score_tokens=8_192, finetune_steps=200, finetune_batch=16,
         finetune_seq_length=512, lr={"FFT": 1e-4, "LoRA": 5e-4, "ESFT-Token": 1e-3, "ESFT-Gate": 1e-3},
         max_new_tokens=64, eval_batch=50, workers=4),
@@ -138,7 +138,7 @@ class Workspace:
       preset = self.preset
       train_cfg = TrainConfig(steps=preset.finetune_steps, lr=lr, eval_every=max(1, preset.finetune_steps // 2),
                               save_every=preset.finetune_steps, log_every=10,
-                              compute_dtype=preset.base.compute_dtype)
+                              compute_dtype=preset.base.compute_dtype, expert_impl=preset.base.expert_impl)
       data_cfg = DataConfig(seq_length=preset.finetune_seq_length, validation_fraction=0.05)
       result = finetune(self.base_dir, str(self.data / f"{task}_train.jsonl"), kind, run_dir, train_cfg, data_cfg,
                         preset.finetune_batch, expert_config, resume=True, lora_rank=lora_rank,
@@ -167,10 +167,10 @@ class Workspace:
       for name, task in self.tasks.items():
         result = evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name], task.metric,
                                      self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
-                                     prompt_length=self.prompt_length)
+                                     prompt_length=self.prompt_length, expert_impl=self.preset.base.expert_impl)
         scores[name] = result["mean"]
       scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
-                                            self.dtype)["mean"]
+                                            self.dtype, self.preset.base.expert_impl)["mean"]
       return scores
 
     return _cached_json(cache_file, compute)
@@ -202,7 +202,7 @@ def _score_tasks(base, tokenizer, data: Path, task_names: Sequence[str], scores_
       examples = format_records(open_examples(data / f"{name}_train.jsonl"), tokenizer)
       chosen = sample_until(examples, preset.score_tokens)
       return score_examples(base.config, base.params, chosen, batch_size=16, log_dir=task_dir,
-                            dtype=jnp.dtype(preset.base.compute_dtype))
+                            dtype=jnp.dtype(preset.base.compute_dtype), expert_impl=preset.base.expert_impl)
 
     task_dir.mkdir(parents=True, exist_ok=True)
     summaries[name] = _cached_json(task_dir / "summary.json", score)
@@ -236,16 +236,20 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
   return Workspace(out, preset, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
 
 
-def _job(ws: Workspace, name: str, method: str) -> tuple[dict, dict]:
+def _job(ws: Workspace, name: str, method: str) -> tuple[dict, dict, str]:
+  """The run's summary, its scores, and a line on where its time went."""
   kind = {"FFT": "fft", "LoRA": "lora"}.get(method, "esft")
   expert_config = ws.out / "scores" / name / f"experts_{SELECTION[method][0]}.json" if kind == "esft" else None
   run_dir = ws.out / "runs" / f"{name}-{method}"
+  started = time.time()
   summary = ws.fine_tune(name, kind, run_dir, ws.preset.lr[method], expert_config)
-  return summary, ws.evaluate_run(run_dir)
+  tuned = time.time()
+  scores = ws.evaluate_run(run_dir)
+  return summary, scores, f"fine-tuned in {tuned - started:.0f} s, evaluated in {time.time() - tuned:.0f} s"
 
 
 def _worker_job(out: Path, preset: DemoPreset, cache_root: Path | None, task_names: tuple[str, ...], name: str,
-                method: str) -> tuple[dict, dict]:
+                method: str) -> tuple[dict, dict, str]:
   return _job(prepare(out, preset, cache_root, lambda _: None, task_names), name, method)
 
 
@@ -262,18 +266,19 @@ def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]
     results = []
     for name, method in jobs:
       log(f"fine-tuning and evaluating {method} on {name}")
-      results.append(_job(ws, name, method))
+      summary, scores, timing = _job(ws, name, method)
+      log(f"{method} on {name}: {timing}")
+      results.append((summary, scores))
     return results
   task_names = tuple(ws.tasks)
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                               initializer=_init_worker) as pool:
     futures = [pool.submit(_worker_job, ws.out, ws.preset, cache_root, task_names, name, method)
                for name, method in jobs]
-    for future in concurrent.futures.as_completed(futures):
+    for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
       name, method = jobs[futures.index(future)]
-      future.result()  # raises a worker's error here
-      log(f"finished {method} on {name}")
-    return [future.result() for future in futures]
+      log(f"{method} on {name} ({done}/{len(jobs)}): {future.result()[2]}")  # raises a worker's error here
+    return [future.result()[:2] for future in futures]
 
 
 def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = None, log=print,

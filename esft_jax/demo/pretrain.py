@@ -54,9 +54,13 @@ class BaseSpec:
   lr: float
   seed: int = 0
   compute_dtype: str = "float32"  # also what the demo fine-tunes, scores and evaluates in (bfloat16 on GPUs)
+  # How routed experts are computed in every stage (esft_jax.model.experts): how, not what, so not in `key`.
+  expert_impl: str = "auto"
 
   def key(self) -> str:
-    return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+    spec = dataclasses.asdict(self)
+    del spec["expert_impl"]
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
 
   def hf_config(self) -> dict:
     head = self.hidden_size // self.num_heads
@@ -116,7 +120,8 @@ def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=pri
   # over, and past some epoch more steps only overfit it.
   train_cfg = TrainConfig(steps=spec.steps, lr=spec.lr, schedule="cosine", warmup_steps=spec.steps // 20,
                           weight_decay=0.1, eval_every=max(1, spec.steps // 10), save_every=spec.steps,
-                          log_every=10, seed=spec.seed, compute_dtype=spec.compute_dtype)
+                          log_every=10, seed=spec.seed, compute_dtype=spec.compute_dtype,
+                          expert_impl=spec.expert_impl)
   best = {}
   result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg,
                  on_best=lambda trainable: best.update(params=trainable))

@@ -37,13 +37,13 @@ def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
 
 def evaluate_generation(config: ModelConfig, params, tokenizer: Tokenizer, items: Sequence[EvalItem], metric: str,
                         max_new_tokens: int = 128, batch_size: int = 8, dtype=jnp.float32,
-                        prompt_length: int | None = None) -> dict:
+                        prompt_length: int | None = None, expert_impl: str = "auto") -> dict:
   if metric not in METRICS:
     raise ValueError(f"metric {metric!r} is unknown; use one of {sorted(METRICS) + list(NON_GENERATIVE)}")
   sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_strings=STOP_STRINGS.get(metric, ()))
   prompts = [prompt_ids(tokenizer, item.prompt) for item in items]
   outputs = generate(config, params, prompts, sampling, tokenizer.eos_id, tokenizer, batch_size, dtype=dtype,
-                     prompt_length=prompt_length)
+                     expert_impl=expert_impl, prompt_length=prompt_length)
   records = []
   for item, output in zip(items, outputs):
     fields = item.metric_item()
@@ -84,9 +84,9 @@ def _rows(examples: Sequence[Example], batch_size: int):
 
 
 def heldout_loss(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
-                 dtype=jnp.float32) -> dict:
+                 dtype=jnp.float32, expert_impl: str = "auto") -> dict:
   """Mean next-token loss over the loss-masked tokens (answers and EOS) of unpacked samples, and perplexity."""
-  model = Transformer(config, dtype=dtype)
+  model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
   total, count = 0.0, 0.0
   for inputs, targets, mask, segments in _rows(list(examples), batch_size):
     loss_sum, n = _summed_loss(model, params, inputs, targets, mask, segments)
