@@ -5,7 +5,7 @@ starts and the rest of the test session runs on one device. Each group prints on
 case found) and leaves each training run's artifacts in WORK_DIR/<run>/: trainable.npz (the trained tree),
 adapter/ and metrics.jsonl, which the test compares across runs.
 
-    python -m tests.sharding_scenarios training|others WORK_DIR
+    python -m tests.sharding_scenarios training|others|experts WORK_DIR
     python -m tests.sharding_scenarios multiprocess WORK_DIR PROCESS_ID PORT   (two processes of 4 devices)
 """
 
@@ -23,6 +23,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_opt
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -38,6 +40,7 @@ from esft_jax.esft.trainable import init_trainable, plan_from_expert_config  # n
 from esft_jax.interop.adapter import save_adapter  # noqa: E402
 from esft_jax.interop.hf import load_hf_model, save_hf_model  # noqa: E402
 from esft_jax.interop.safetensors_io import CheckpointReader  # noqa: E402
+from esft_jax.model.moe import routed_experts  # noqa: E402
 from esft_jax.model.transformer import init_params  # noqa: E402
 from esft_jax.paths import leaves_by_path, set_path  # noqa: E402
 from esft_jax.train.optimizer import make_optimizer  # noqa: E402
@@ -76,6 +79,12 @@ def _batches(vocab: int, n: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 def _mesh(spec: str | None):
   return None if spec is None else sharding.make_mesh(sharding.parse_mesh(spec))
+
+
+def _mesh_of_first(spec: str):
+  """A mesh over only as many devices as its axes need."""
+  axes = sharding.parse_mesh(spec)
+  return sharding.make_mesh(axes, jax.devices()[:math.prod(axes.values())])
 
 
 def _like(tree):
@@ -257,6 +266,60 @@ def multiprocess(cfg, params, work: Path) -> dict:
           "summary": score_examples(cfg, params, _examples(cfg), batch_size=BATCH, mesh=_mesh(mesh_spec))}
 
 
+EXPERT_MESHES = ("expert=2", "expert=4", "data=2,expert=2", "fsdp=2,expert=2")
+
+
+def expert_parallel() -> dict:
+  """The routed experts on meshes with an expert axis, which moves tokens instead of weights: the largest
+  difference from one device, relative to the largest value, of the output and the gradients of the input, the
+  router and the expert weights (random values, a linear loss so every assignment counts); and the shapes of
+  every all-gather in the compiled gradient."""
+  rng = np.random.default_rng(5)
+  t, k, e, d, f = 32, 3, 8, 16, 12
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]), jnp.float32)
+  x, router, cotangent = normal(t, d), normal(d, e), normal(t, d)
+  experts = {"gate_proj": normal(e, d, f), "up_proj": normal(e, d, f), "down_proj": normal(e, f, d)}
+
+  def out_and_grads(mesh, impl):
+    def loss(x, router, experts):
+      weights, ids = jax.lax.top_k(jax.nn.softmax(x @ router), k)
+      out = routed_experts(x, ids.astype(jnp.int32), weights, experts, impl)
+      return jnp.sum(out * cotangent), out
+
+    def step(*args):
+      if mesh is None:
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*args)
+      with sharding.logical_rules(mesh):
+        return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*args)
+
+    args = (x, router, experts)
+    if mesh is not None:
+      stacks = jax.sharding.NamedSharding(mesh, sharding.mesh_axes(jax.sharding.PartitionSpec("experts", "embed",
+                                                                                              "mlp")))
+      args = (sharding.place(x, sharding.batch_sharding(mesh)), sharding.place(router, sharding.replicated(mesh)),
+              sharding.place(experts, stacks))
+    return jax.jit(step), args
+
+  def largest_diff(a, b) -> float:
+    return max(float(np.max(np.abs(np.asarray(u) - np.asarray(v))) / np.max(np.abs(np.asarray(v))))
+               for u, v in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+
+  diffs: dict = {}
+  for impl in ("reference", "grouped"):
+    step, args = out_and_grads(None, impl)
+    whole = step(*args)
+    for spec in EXPERT_MESHES:
+      step, args = out_and_grads(_mesh_of_first(spec), impl)
+      diffs.setdefault(impl, {})[spec] = largest_diff(step(*args), whole)
+  gathers = {}
+  for spec in ("expert=2", "fsdp=2,expert=2"):
+    step, args = out_and_grads(_mesh_of_first(spec), "grouped")
+    hlo = step.lower(*args).compile().as_text()
+    gathers[spec] = [[int(n) for n in dims.split(",")] for line in hlo.splitlines() if " all-gather" in line
+                     for dims in re.findall(r"\[([\d,]+)\]", line.split(" all-gather")[0])]
+  return {"diffs": diffs, "gathers": gathers}
+
+
 def _hf_config(**overrides) -> dict:
   """tiny-deepseek cut to a dense layer and an MoE layer (compile time grows with depth)."""
   return {**read_hf_config("tiny-deepseek"), "num_hidden_layers": 2, **overrides}
@@ -271,6 +334,9 @@ def main(group: str, work: Path, *process: str) -> None:
   if group == "multiprocess":  # before JAX computes anything
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(f"localhost:{process[1]}", num_processes=2, process_id=int(process[0]))
+  if group == "experts":  # no model
+    print(json.dumps({"devices": jax.device_count(), "expert_parallel": expert_parallel()}))
+    return
   cfg = _config()
   # On the host, like a loaded checkpoint: placing host arrays on a mesh compiles nothing.
   params = jax.device_get(jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(0)))

@@ -70,6 +70,25 @@ def test_layout_puts_each_assignment_in_its_experts_aligned_group(align):
   assert np.sum(source == tokens) == len(source) - tokens * k
 
 
+@pytest.mark.parametrize("align", [1, 128])
+def test_layout_gives_experts_elsewhere_no_row(align):
+  """Expert parallelism: ids outside [0, E) (experts on other devices) get no row, their dest one past the last
+  row; the groups hold exactly the other assignments, so the grouped matmuls skip the rest."""
+  rng = np.random.default_rng(8)
+  tokens, k, experts = 37, 3, 4
+  ids = routing(rng, tokens, k, 2 * experts, skewed=False) - 2  # ids -2 .. 5: 0-3 here
+  layout = expert_layout(jnp.asarray(ids), experts, align)
+  here = (ids >= 0) & (ids < experts)
+  sizes, dest, source = np.asarray(layout.group_sizes_G), np.asarray(layout.dest_TxK), np.asarray(layout.source_P)
+  counts = np.bincount(ids[here], minlength=experts)
+  assert np.all(sizes % align == 0) and np.all(sizes >= counts) and np.all(sizes - counts < align)
+  assert np.all(dest[~here] == len(source)) and np.all(dest[here] < sizes.sum())
+  starts = np.cumsum(sizes) - sizes
+  assert np.all(dest[here] >= starts[ids[here]]) and np.all(dest[here] < (starts + sizes)[ids[here]])
+  np.testing.assert_array_equal(source[dest[here]], np.nonzero(here)[0])
+  assert np.sum(source < tokens) == here.sum()
+
+
 def test_tiled_forward_kernel_interpreted():
   """The forward kernel in Pallas' GPU interpreter (CPU): an empty group, and tiles past the last group."""
   from esft_jax.model.kernels import tiled
@@ -95,6 +114,9 @@ def test_weight_grad_steps_skip_the_experts_not_named():
   np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, None), [2, 0, 4, 2])
   np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, (0, 1, 3)), [2, 0, 0, 2])
   np.testing.assert_array_equal(tiled.weight_grad_steps(sizes, 64, ()), [0, 0, 0, 0])
+  # One device's experts 4-7 (a traced first expert), named by global id.
+  steps = jax.jit(tiled.weight_grad_steps, static_argnums=(1, 2))(sizes, 64, (1, 4, 5, 7, 9), jnp.int32(4))
+  np.testing.assert_array_equal(steps, [2, 0, 0, 2])
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the choice made on CPUs")
@@ -190,6 +212,38 @@ def test_gpu_expert_ffn_weight_grads_only_for_trained_experts():
   for name in experts:
     assert rel_err(grads[2][name][trained,], want[2][name][trained,]) < 2e-2
     assert np.all(np.asarray(grads[2][name][frozen]) == 0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("kernel", ["tiled", "ragged"])
+def test_gpu_expert_ffn_on_one_devices_experts(kernel):
+  """Expert parallelism on one GPU: experts 8-15 of 16 (first_expert traced) with the other experts'
+  assignments skipped, against the reference on the same slice; the weight gradients of ESFT's trained experts
+  (global ids, one of them elsewhere) as the reference's, the frozen ones' exact zeros on "tiled"."""
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  rng = np.random.default_rng(9)
+  x, ids, weights, experts = moe_inputs(rng, 300, 4, 16, 256, 384, skewed=False)
+  local_ids = jnp.where(ids >= 8, ids - 8, 8)  # 8: an expert elsewhere
+  half = {name: v[8:] for name, v in experts.items()}
+  cotangent = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  trained = (1, 9, 14)
+
+  def esft(x_, w_, e_, first):
+    out = gpu_expert_ffn(x_, local_ids, w_, e_, kernel=kernel, weight_grad_experts=trained, first_expert=first)
+    return jnp.sum(out.astype(jnp.float32) * cotangent)
+
+  def reference(x_, w_, e_):
+    return jnp.sum(expert_ffn(x_, ids, w_, e_, impl="reference", first_expert=8).astype(jnp.float32) * cotangent)
+
+  value, grads = jax.jit(jax.value_and_grad(esft, argnums=(0, 1, 2)))(x, weights, half, jnp.int32(8))
+  want_value, want = jax.value_and_grad(reference, argnums=(0, 1, 2))(x, weights, half)
+  assert abs(float(value) - float(want_value)) < 2e-2 * abs(float(want_value))
+  assert rel_err(grads[0], want[0]) < 2e-2 and rel_err(grads[1], want[1]) < 2e-2
+  for name in half:
+    assert rel_err(grads[2][name][[1, 6]], want[2][name][[1, 6]]) < 2e-2
+    frozen = np.asarray(grads[2][name][[0, 2, 3, 4, 5, 7]])
+    assert np.all(frozen == 0) if kernel == "tiled" else rel_err(grads[2][name], want[2][name]) < 2e-2
 
 
 @needs_hopper

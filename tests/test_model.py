@@ -9,7 +9,7 @@ import pytest
 
 from esft_jax.cli import main as cli_main
 from esft_jax.config import load_config
-from esft_jax.model.experts import grouped_expert_ffn, reference_expert_ffn
+from esft_jax.model.experts import expert_ffn, grouped_expert_ffn, reference_expert_ffn
 from esft_jax.model.layers import rope_frequencies
 from esft_jax.model.moe import Routing, batch_aux_loss, sequence_aux_loss
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts
@@ -45,6 +45,32 @@ def test_grouped_experts_match_reference_values_and_gradients(skewed):
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g_ref, g_grp)
   if skewed:  # experts that received no token get exactly zero gradient
     assert float(jnp.abs(g_grp[1]["gate_proj"][6:]).max()) == 0.0
+
+
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+def test_expert_slices_compute_only_their_own_assignments(impl):
+  """Expert parallelism's contract: a slice of the experts (global ids from a traced first_expert on) adds
+  only its own assignments, so the slices' outputs and input gradients sum to the whole layer's, and each
+  slice's weight gradients are the whole layer's rows of it."""
+  t, k, e, d, f, ep = 37, 3, 8, 16, 12, 4
+  experts = _experts(jax.random.key(0), e, d, f)
+  x = jax.random.normal(jax.random.key(1), (t, d))
+  ids = jax.vmap(lambda kk: jax.random.permutation(kk, e)[:k])(jax.random.split(jax.random.key(2), t))
+  w = jax.random.uniform(jax.random.key(3), (t, k))
+  cotangent = jax.random.normal(jax.random.key(4), (t, d))
+
+  def out_and_grads(experts, first_expert):
+    out, vjp = jax.vjp(lambda x_, w_, e_: expert_ffn(x_, ids, w_, e_, impl, first_expert=first_expert), x, w, experts)
+    return out, *vjp(cotangent)
+
+  whole = out_and_grads(experts, 0)
+  n = e // ep
+  sliced = [jax.jit(out_and_grads)({name: v[i * n:(i + 1) * n] for name, v in experts.items()}, i * n)
+            for i in range(ep)]
+  for summed, want in zip((sum(s[i] for s in sliced) for i in range(3)), whole[:3]):  # out, d/dx, d/dweights
+    np.testing.assert_allclose(summed, want, atol=1e-5)
+  for i, s in enumerate(sliced):
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b[i * n:(i + 1) * n], atol=1e-5), s[3], whole[3])
 
 
 def test_sequence_aux_loss_matches_deepseek_formula():

@@ -73,6 +73,19 @@ def scenarios(tmp_path_factory) -> dict:
   return results
 
 
+@pytest.fixture(scope="module")
+def expert_parallel(tmp_path_factory) -> dict:
+  """The routed experts on meshes with an expert axis (tests/sharding_scenarios.py, group "experts")."""
+  work = tmp_path_factory.mktemp("experts")
+  done = subprocess.run([sys.executable, "-m", "tests.sharding_scenarios", "experts", str(work)], cwd=REPO,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=300)
+  if done.returncode:
+    pytest.fail(f"expert scenarios exited with {done.returncode}:\n{done.stderr[-5000:]}")
+  found = json.loads(done.stdout.strip().splitlines()[-1])
+  assert found["devices"] == 8
+  return found["expert_parallel"]
+
+
 def _trainable(run: dict) -> dict[str, np.ndarray]:
   return dict(np.load(run["dir"] / "trainable.npz"))
 
@@ -231,11 +244,30 @@ def test_bad_meshes_fail_before_compiling(scenarios, case, message):
   assert result["compiles"] == 0
 
 
+@pytest.mark.parametrize("impl", ["reference", "grouped"])
+@pytest.mark.parametrize("mesh", ["expert=2", "expert=4", "data=2,expert=2", "fsdp=2,expert=2"])
+def test_expert_parallel_routed_experts_equal_one_device(expert_parallel, impl, mesh):
+  # Output and gradients of the input, router and expert weights, relative to their largest value.
+  assert expert_parallel["diffs"][impl][mesh] < 1e-5
+
+
+def test_expert_axis_moves_tokens_not_expert_weights(expert_parallel):
+  """No all-gather in the compiled gradient yields a whole expert stack (8 experts of [16, 12] or [12, 16])."""
+  gathers = expert_parallel["gathers"]
+  for shapes in gathers.values():
+    assert [8, 16, 12] not in shapes and [8, 12, 16] not in shapes, shapes
+  assert [32, 16] in gathers["expert=2"]  # the 16 tokens of each of the two devices
+  assert [4, 16, 12] in gathers["fsdp=2,expert=2"]  # a device's own 4 experts, from their FSDP shards
+
+
 @pytest.mark.skipif(not (hopper_available() and jax.device_count() >= 2), reason="needs two Hopper GPUs")
+@pytest.mark.parametrize("trained", [None, (1, 5, 6)], ids=["all", "esft"])
 @pytest.mark.parametrize("spec", ["data=2", "expert=2"])
-def test_gpu_expert_kernels_on_two_gpus_match_one(spec):
-  """The Pallas expert kernels inside the MoE's shard_map, tokens split over two GPUs and the weights gathered
-  from their shards: values and gradients as on one GPU (bf16)."""
+def test_gpu_expert_kernels_on_two_gpus_match_one(spec, trained):
+  """The Pallas expert kernels inside the MoE's shard_map, tokens split over two GPUs (data=2: the weights
+  gathered from their shards; expert=2: the tokens gathered, each GPU on its 4 experts): values and gradients as
+  on one GPU (bf16). With ESFT's trained experts (1 on the first GPU, 5 and 6 on the second) the frozen experts'
+  weight gradients are exact zeros."""
   rng = np.random.default_rng(0)
   t, k, e, d, f = 512, 6, 8, 256, 256
   x = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
@@ -251,12 +283,17 @@ def test_gpu_expert_kernels_on_two_gpus_match_one(spec):
 
     def loss(x, weights, experts):
       with sharding.logical_rules(mesh):
-        return jnp.sum(routed_experts(x, ids, weights, experts, "gpu").astype(jnp.float32) ** 2)
+        return jnp.sum(routed_experts(x, ids, weights, experts, "gpu", trained).astype(jnp.float32) ** 2)
 
     args = (jax.device_put(x, rows), jax.device_put(weights, rows), jax.device_put(experts, stacks))
     return jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args))
 
-  for split, whole in zip(jax.tree_util.tree_leaves(value_and_grads(spec)),
-                          jax.tree_util.tree_leaves(value_and_grads("data=1"))):
+  split_run = value_and_grads(spec)
+  for split, whole in zip(jax.tree_util.tree_leaves(split_run), jax.tree_util.tree_leaves(value_and_grads("data=1"))):
     split, whole = np.asarray(split, np.float32), np.asarray(whole, np.float32)
     assert np.abs(split - whole).max() <= 2e-2 * np.abs(whole).max()
+  if trained:
+    frozen = np.setdiff1d(np.arange(e), trained)
+    for name, grad in split_run[1][2].items():
+      assert np.all(np.asarray(grad, np.float32)[frozen] == 0), name
+      assert np.all(np.abs(np.asarray(grad, np.float32)[list(trained)]).max(axis=(1, 2)) > 0), name

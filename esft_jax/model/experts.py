@@ -1,11 +1,17 @@
 """Routed-expert compute behind one interface, dropless on every path.
 
-    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts=None) -> out_TxD
+    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts=None, first_expert=0) -> out_TxD
 
 `experts` holds the stacked SwiGLU weights of one MoE layer: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
 Each token's output is the sum over its K chosen experts of weight * expert(x), as in transformers.
 `weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
 all); "gpu" skips the others' weight-gradient matmuls and returns zeros there, the other paths compute them all.
+
+Expert parallelism: `experts` may hold a device's slice of the experts, global ids first_expert .. first_expert
++ E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing and cost no expert
+compute: they become local id E, which the one-hot of "reference" leaves out and the grouped paths sort past
+the last group, where `lax.ragged_dot` and the tiled kernels compute nothing. Ids stay global everywhere else
+(`weight_grad_experts` too).
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
   kept as the oracle that the fast paths are tested against.
@@ -46,6 +52,7 @@ def grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Ar
   num_experts = experts["gate_proj"].shape[0]
   flat_ids = ids_TxK.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)  # assignment rows grouped by expert
+  # Ids E (experts elsewhere) sort last and fall outside every group: ragged_dot gives zeros there.
   group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
   x_sorted = x_TxD[order // k]
   gate = jax.lax.ragged_dot(x_sorted, experts["gate_proj"], group_sizes)
@@ -69,7 +76,12 @@ def _auto_impl(num_tokens: int, experts: Mapping[str, jax.Array]) -> str:
 
 
 def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped",
-               weight_grad_experts: tuple[int, ...] | None = None) -> jax.Array:
+               weight_grad_experts: tuple[int, ...] | None = None, first_expert: jax.Array | int = 0) -> jax.Array:
+  if impl == "auto":
+    impl = _auto_impl(x_TxD.shape[0], experts)
+  num_experts = experts["gate_proj"].shape[0]
+  local_TxK = ids_TxK - first_expert
+  ids_TxK = jnp.where((local_TxK >= 0) & (local_TxK < num_experts), local_TxK, num_experts)
   if impl == "reference":
     return reference_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts)
   if impl == "grouped":
@@ -77,8 +89,6 @@ def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], im
   if impl == "gpu":
     from esft_jax.model.kernels.ffn import gpu_expert_ffn  # imports Pallas' Mosaic GPU backend
 
-    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts)
-  if impl == "auto":
-    impl = _auto_impl(x_TxD.shape[0], experts)
-    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
+    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts,
+                          first_expert=first_expert)
   raise ValueError(f"expert implementation {impl!r} is unknown; use one of {EXPERT_IMPLS}")

@@ -103,23 +103,36 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   """`expert_ffn`, with each device on its own tokens where the active mesh (`esft_jax.sharding.logical_rules`)
   splits the batch. XLA's partitioner can split neither the dispatch (a sort over every token) nor the Pallas
   kernels: left to it, every device runs the experts on the whole global batch, and data or expert parallelism
-  does not divide the MoE's work. The expert weights come in whole, gathered from their FSDP and expert shards
-  (expert parallelism shards their storage and optimizer state, not this compute), except their width on the
-  tensor axis: each tensor shard computes its part of the hidden width and the partial outputs are summed."""
+  does not divide the MoE's work.
+
+  The data axes (data, fsdp) move weights: each device gathers the expert weights from their FSDP shards and
+  runs them on its own tokens. The expert axis moves tokens instead, as the weights are what is large there
+  (64 x 2048 x 1408 x 3 bf16 = 1.1 GB a layer at DeepSeek-V2-Lite widths, against 64 MB for 8 x 2048 tokens):
+  each device keeps its E / ep experts, gathers the tokens (and their ids and weights) of its expert group,
+  computes only the assignments to its own experts, and `psum_scatter` sums the partial outputs back onto each
+  device's own tokens (the rules table splits the batch over the expert axis too). Dropless: the row layout has
+  room for every assignment landing on one device. The tensor axis splits the hidden width: each shard computes
+  its part and the partial outputs are summed."""
   mesh = jax.sharding.get_abstract_mesh()
-  rows, width = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp")
+  rows, width, ep = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts")
   if not rows and not width:
     return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
   tokens = PartitionSpec(rows or None, None)
-  in_width, out_width = PartitionSpec(None, None, width or None), PartitionSpec(None, width or None, None)
+  in_width, out_width = PartitionSpec(ep or None, None, width or None), PartitionSpec(ep or None, width or None, None)
 
   def local(x, ids, weights, gate, up, down):
+    first = 0
+    if ep:  # the expert group's tokens; this device's experts start at global id `first`
+      x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
+      first = jax.lax.axis_index(ep) * gate.shape[0]
     out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl,
-                     weight_grad_experts)
+                     weight_grad_experts, first)
+    if ep:
+      out = jax.lax.psum_scatter(out, ep, tiled=True)
     return jax.lax.psum(out, width) if width else out
 
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
-  # whole expert weights are summed over the devices all the same.
+  # gathered expert weights are summed over the devices all the same.
   return jax.shard_map(local, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width), out_specs=tokens,
                        check_vma=False)(x_TxD, ids_TxK, weights_TxK, experts["gate_proj"], experts["up_proj"],
                                         experts["down_proj"])

@@ -15,23 +15,26 @@ KERNELS = ("tiled", "ragged")
 
 
 def kernel_matmul(kernel: str, interpret: bool = False) -> tuple[Callable, int]:
-  """The grouped matmul (lhs, rhs, group_sizes, weight_grad_groups=None) -> out of a kernel family, and the row
-  alignment it needs. `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all);
-  the "tiled" kernels skip the others' (zeros), the rest compute every one."""
+  """The grouped matmul (lhs, rhs, group_sizes, weight_grad_groups=None, first_group=0) -> out of a kernel family,
+  and the row alignment it needs. Rows past sum(group_sizes) come out as zeros. `weight_grad_groups` names the
+  experts whose weight gradient the caller uses (None: all; global ids, rhs[g] being expert first_group + g); the
+  "tiled" kernels skip the others' (zeros), the rest compute every one."""
   if kernel == "tiled":
     supported, align = tiled.supported, tiled.ALIGN
-    fast = lambda a, b, g, w: tiled.tiled_matmul(a, b, g, interpret, w)
+    fast = lambda a, b, g, w, first: tiled.tiled_matmul(a, b, g, interpret, w, first)
   elif kernel == "ragged":
     from esft_jax.model.kernels import ragged  # imports jax's kernels, which import jax's test utilities
 
     supported, align = ragged.supported, 1
-    fast = lambda a, b, g, _: ragged.ragged_matmul(a, b, g)
+    # jax's kernels need sum(group_sizes) = rows: the rows past the groups (padding, zeros) join the last group,
+    # exact but computed; under expert parallelism that is every other device's assignments, so prefer "tiled".
+    fast = lambda a, b, g, *_: ragged.ragged_matmul(a, b, g.at[-1].add(a.shape[0] - jnp.sum(g)))
   else:
     raise ValueError(f"GPU kernel {kernel!r} is unknown; use one of {KERNELS}")
 
-  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None):
+  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
     if supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype:
-      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups)
+      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups, first_group)
     return jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, group_sizes_G)  # widths the kernels don't tile
 
   return matmul, align
@@ -45,9 +48,12 @@ def gpu_expert_ffn(
   kernel: str = "tiled",
   interpret: bool = False,
   weight_grad_experts: tuple[int, ...] | None = None,
+  first_expert: jax.Array | int = 0,
 ) -> jax.Array:
   """Each token's sum over its K experts of weight * SwiGLU_e(x), on the grouped-matmul kernels of `kernel`.
-  `interpret` runs the "tiled" kernels in Pallas' GPU interpreter (CPU tests). `weight_grad_experts`: see
+  `interpret` runs the "tiled" kernels in Pallas' GPU interpreter (CPU tests). `ids_TxK` index `experts`; ids
+  outside them (expert parallelism: experts on other devices) get no row and contribute nothing.
+  `weight_grad_experts` (global ids, experts[e] being expert first_expert + e): see
   `esft_jax.model.experts.expert_ffn`."""
   if not (interpret or hopper_available()):
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
@@ -55,9 +61,9 @@ def gpu_expert_ffn(
   matmul, align = kernel_matmul(kernel, interpret)
   layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], align)
   x_PxD = jnp.take(x_TxD, layout.source_P, axis=0, mode="fill", fill_value=0)
-  sizes, dw = layout.group_sizes_G, weight_grad_experts
-  gate_PxF = matmul(x_PxD, experts["gate_proj"], sizes, dw)
-  up_PxF = matmul(x_PxD, experts["up_proj"], sizes, dw)
-  y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], sizes, dw)
-  y_TxKxD = y_PxD[layout.dest_TxK.reshape(-1)].reshape(t, k, -1)
+  groups = (layout.group_sizes_G, weight_grad_experts, first_expert)
+  gate_PxF = matmul(x_PxD, experts["gate_proj"], *groups)
+  up_PxF = matmul(x_PxD, experts["up_proj"], *groups)
+  y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], *groups)
+  y_TxKxD = jnp.take(y_PxD, layout.dest_TxK.reshape(-1), axis=0, mode="fill", fill_value=0).reshape(t, k, -1)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)

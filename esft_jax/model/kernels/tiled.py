@@ -11,6 +11,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
   gradient is needed, and the others run zero steps too (their gradient comes out as zeros, unread by the caller).
+  Under expert parallelism rhs holds one device's experts, the first of them global expert `first_group` (traced:
+  the device's index), and `weight_grad_groups` names global experts, static for every device alike.
 """
 
 from __future__ import annotations
@@ -211,19 +213,22 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   return _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, rhs)
 
 
-def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None) -> jax.Array:
-  """Pipeline steps of each expert's weight-gradient tiles: its rows / tile_k, none for experts outside `groups`."""
+def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None,
+                      first_group: jax.Array | int = 0) -> jax.Array:
+  """Pipeline steps of each expert's weight-gradient tiles: its rows / tile_k, none for experts outside `groups`
+  (global ids; group g is expert first_group + g)."""
   steps_G = group_sizes_G.astype(jnp.int32) // tile_k
   if groups is None:
     return steps_G
-  wanted_G = jnp.zeros(steps_G.shape, bool).at[jnp.asarray(groups, jnp.int32)].set(True)
+  global_G = jnp.arange(steps_G.shape[0], dtype=jnp.int32) + first_group
+  wanted_G = jnp.any(global_G[:, None] == jnp.asarray(groups, jnp.int32).reshape(1, -1), axis=1)
   return jnp.where(wanted_G, steps_G, 0)
 
 
 def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, interpret: bool = False,
-                        groups: tuple[int, ...] | None = None):
-  """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N], for the experts in `groups` (default: all);
-  zero for the others and for an expert with no rows."""
+                        groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+  """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N], for the experts in `groups` (default: all;
+  global ids, group g being expert first_group + g); zero for the others and for an expert with no rows."""
   p, k = lhs_PxK.shape
   n = rhs_PxN.shape[1]
   g = group_sizes_G.shape[0]
@@ -231,7 +236,7 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   m_iters, n_iters = k // cfg.block_m, n // cfg.block_n
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
-  steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups)
+  steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups, first_group)
   transforms = _swizzled(cfg.tile_k, dtype)
 
   def make_specs(offset):
@@ -275,32 +280,33 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
-                 weight_grad_groups: tuple[int, ...] | None = None):
+                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
-  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all), zeros elsewhere."""
+  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
+  being expert first_group + g), zeros elsewhere."""
   n = rhs_GxKxN.shape[2]
   return grouped_forward(
     lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(n), interpret=interpret
   )
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups):
-  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups)
-  return out, (lhs_PxK, rhs_GxKxN, group_sizes_G)
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
+  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+  return out, (lhs_PxK, rhs_GxKxN, group_sizes_G, first_group)
 
 
 def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
-  lhs_PxK, rhs_GxKxN, group_sizes_G = residuals
+  lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
   _, k, n = rhs_GxKxN.shape
   dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
   dlhs_PxK = grouped_forward(
     dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
   )
   if weight_grad_groups == ():  # nothing trains in this layer
-    return dlhs_PxK, jnp.zeros_like(rhs_GxKxN), None
+    return dlhs_PxK, jnp.zeros_like(rhs_GxKxN), None, None
   drhs_GxKxN = grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
-                                   interpret=interpret, groups=weight_grad_groups)
-  return dlhs_PxK, drhs_GxKxN, None
+                                   interpret=interpret, groups=weight_grad_groups, first_group=first_group)
+  return dlhs_PxK, drhs_GxKxN, None, None
 
 
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
