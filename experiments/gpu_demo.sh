@@ -17,7 +17,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:-demo}
-OUT=${OUT:-build/gpu_demo}
+OUT=$(realpath -m "${OUT:-build/gpu_demo}")
 DEADLINE=${DEADLINE:-540}
 CACHE=runs/demo-small/cache
 mkdir -p "$OUT" "$CACHE"
@@ -39,9 +39,11 @@ start=$SECONDS
 if [[ $NAME == demo ]]; then
   work=runs/demo-small/out
   command=(demo)
+  report=$work
 else
   work=runs/ablations-small/$NAME
   command=(ablate "configs/ablations/$NAME.json")
+  report=$work/ablations/$NAME
   until compgen -G "$CACHE/base-*/config.json" >/dev/null; do
     ((SECONDS - start < DEADLINE)) || { echo "no pretrained base in $CACHE before the deadline" | tee -a "$log"; exit 1; }
     sleep 10
@@ -52,6 +54,6 @@ timeout -k 10 $((DEADLINE - (SECONDS - start))) python3 -m esft_jax.cli "${comma
 rc=${PIPESTATUS[0]}
 if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="stopped at the deadline"; else how="exit $rc"; fi
 echo "$NAME call: $how after $((SECONDS - start)) s" | tee -a "$log"
-(cd "$work" && tar czf "$OLDPWD/$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json figures \
+(cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json figures *.png \
   runs/*/summary.json runs/*/eval.json runs/base_eval.json scores/*/summary.json scores/*/experts_*.json \
   2>/dev/null) || true

@@ -253,15 +253,10 @@ def _worker_job(out: Path, preset: DemoPreset, cache_root: Path | None, task_nam
   return _job(prepare(out, preset, cache_root, lambda _: None, task_names), name, method)
 
 
-def _init_worker() -> None:
-  """Runs in each worker before its JAX backend starts; the parent's environment stays as it was."""
-  os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
-
-
 def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]], workers: int, log) -> list:
   """(summary, scores) per (task, method) job, in order. On a GPU host most of a short run is compilation, which
   is single-threaded per process: worker processes (spawned, each preparing the cached workspace itself) overlap
-  several runs' compilation with others' steps. Their device memory is allocated on demand, not preallocated."""
+  several runs' compilation with others' steps. Device memory is allocated on demand (see `run_demo`)."""
   if workers <= 1:
     results = []
     for name, method in jobs:
@@ -271,8 +266,7 @@ def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]
       results.append((summary, scores))
     return results
   task_names = tuple(ws.tasks)
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                              initializer=_init_worker) as pool:
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
     futures = [pool.submit(_worker_job, ws.out, ws.preset, cache_root, task_names, name, method)
                for name, method in jobs]
     for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
@@ -288,7 +282,14 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   `workers` (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once in worker processes."""
   preset = preset or PRESETS[preset_name]
   workers = workers or preset.workers
+  if workers > 1:
+    # XLA preallocates 75% of a GPU to the first process that uses it; this one and its workers (which inherit
+    # the environment) share one GPU, so each allocates on demand. Read when the backend starts, so only before
+    # this process's first computation: on an H200 the workers' steps ran out of memory without it.
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   started = time.time()
+  jobs = [(name, method) for name in task_names for method in methods]
+  resumed_runs = sum((out / "runs" / f"{name}-{method}" / "eval.json").exists() for name, method in jobs)
   ws = prepare(out, preset, cache_root, log, task_names)
 
   # The paper's routing figures and the selections.
@@ -309,7 +310,6 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   # every task and on held-out general text.
   log("evaluating the base model")
   evaluations = {"base": ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")}
-  jobs = [(name, method) for name in task_names for method in methods]
   runs: dict[str, dict[str, dict]] = {}
   for (name, method), (summary, scores) in zip(jobs, _run_jobs(ws, cache_root, jobs, workers, log)):
     runs.setdefault(name, {})[method] = summary
@@ -319,7 +319,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
              "selected_experts": {f"{t}-{m}": {l: len(v) for l, v in c["experts"].items()}
                                   for (t, m), c in selections.items()},
              "base_parameters": count_parameters(ws.base.params), "top_k": ws.base.config.num_experts_per_tok,
-             "wall_seconds": time.time() - started}
+             "wall_seconds": time.time() - started, "resumed_runs": resumed_runs}
   atomic_write_text(out / "results.json", json.dumps(results, indent=1))
   write_report(out, results, preset_name)
   log(f"wrote {out / 'REPORT.md'}")

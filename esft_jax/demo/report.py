@@ -98,10 +98,14 @@ def write_report(out: Path, results: dict, preset: str) -> Path:
               for m in methods]
   table3 = _table(["method", "wall time per run (s)", "trainable parameters", "adapter on disk (MiB)",
                    "optimizer state (MiB)", "peak memory of a train step (MiB)"], eff_rows)
+  wall = f"{results['wall_seconds'] / 60:.1f} min"
+  if results.get("resumed_runs"):
+    wall += (f" (this invocation only: it reused {results['resumed_runs']} of "
+             f"{len(results['tasks']) * len(methods)} runs that an earlier, interrupted one had finished)")
   text = f"""# esft-jax demo: ESFT in miniature
 
 Preset `{preset}`; base model of {results['base_parameters']:,} parameters; total wall time
-{results['wall_seconds'] / 60:.1f} min on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}),
+{wall} on {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}),
 jax {jax.__version__}. Generated with `esft-jax demo --preset {preset}`.
 
 Scores are percentages (intent: exact match; math: final answer; code: pass@1; translation: chrF; summary and
