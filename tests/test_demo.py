@@ -3,6 +3,7 @@ worker processes."""
 
 import dataclasses
 import json
+import os
 import shutil
 
 from esft_jax.demo.experiment import PRESETS, run_demo
@@ -18,7 +19,7 @@ MICRO = dataclasses.replace(
     max_new_tokens=8, eval_batch=4)
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   # The expert implementation is how the base is computed, not what it is: it does not name another base.
   assert dataclasses.replace(MICRO.base, expert_impl="reference").key() == MICRO.base.key()
   logs = []
@@ -39,11 +40,15 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path):
   run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append)
   assert any("reusing the pretrained base model" in line for line in logs)
 
-  # With one run removed, `workers=2` redoes it in a spawned worker; the others come from their caches.
+  # With one run removed, `workers=2` redoes it in a spawned worker; the others come from their caches. The
+  # workers share the parent's device, so neither preallocates it (an H200 ran out of memory when the parent did).
   run = tmp_path / "runs" / "intent-ESFT-Token"
   shutil.rmtree(run)
   logs.clear()
+  monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
   again = run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append, workers=2)
+  assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert again["resumed_runs"] == 7 and "reused 7 of 8 runs" in (tmp_path / "REPORT.md").read_text()
   assert any(line.startswith("ESFT-Token on intent (") and "fine-tuned in" in line for line in logs)
   assert again["evaluations"]["translation-FFT"] == results["evaluations"]["translation-FFT"]
   assert again["runs"]["intent"]["ESFT-Token"]["trainable_params"] == esft

@@ -101,7 +101,7 @@ def write_report(out: Path, results: dict, preset: str) -> Path:
   wall = f"{results['wall_seconds'] / 60:.1f} min"
   if results.get("resumed_runs"):
     wall += (f" (this invocation only: it reused {results['resumed_runs']} of "
-             f"{len(results['tasks']) * len(methods)} runs that an earlier, interrupted one had finished)")
+             f"{len(results['tasks']) * len(methods)} runs that earlier invocations had finished)")
   text = f"""# esft-jax demo: ESFT in miniature
 
 Preset `{preset}`; base model of {results['base_parameters']:,} parameters; total wall time
