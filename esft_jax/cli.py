@@ -223,6 +223,8 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="the demo workspace: output directory (default runs/demo)")
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
+  parser.add_argument("--workers", type=int, help="fine-tune-and-evaluate jobs run at once in worker processes "
+                      "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
 
 
 def _timed_log():
@@ -245,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
   from esft_jax.ablations.runner import run_ablation
 
-  run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log())
+  run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,8 +390,6 @@ def build_parser() -> argparse.ArgumentParser:
                                     "held-out text, and write REPORT.md, results.json and figures. Interrupted "
                                     "runs resume from what OUT already holds.")
   _add_workspace_flags(demo)
-  demo.add_argument("--workers", type=int, help="fine-tune-and-evaluate jobs run at once in worker processes "
-                    "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
   demo.set_defaults(func=cmd_demo)
 
   ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",

@@ -1,6 +1,7 @@
 """The ablations end to end on the demo's micro preset: rows, report, figure, resuming, and config errors."""
 
 import json
+import shutil
 
 import pytest
 
@@ -62,6 +63,13 @@ def test_ablation_runs_and_reports(workspace, name):
       assert rows[f"random seed {seed}"]["trainable_params"] == scored["trainable_params"]
   # A second call reuses every cached run and evaluation.
   assert run_ablation(config_path, workspace, preset=MICRO, log=lambda _: None)["rows"] == results["rows"]
+  if name == "granularity_groups":
+    # With a run removed, a spawned worker redoes it, rebuilding the workspace of the grouped base it ran on.
+    shutil.rmtree(root / "runs" / "intent-G=2 ESFT-Token")
+    logs = []
+    again = run_ablation(config_path, workspace, preset=MICRO, log=logs.append, workers=2)
+    assert any(line.startswith("G=2 ESFT-Token on intent (") for line in logs)
+    assert again["rows"] == results["rows"]
 
 
 def test_bad_ablation_configs_name_the_problem(tmp_path):

@@ -33,7 +33,7 @@ from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, gre
                                             scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
-from esft_jax.demo.experiment import PRESETS, SELECTION, Workspace, prepare
+from esft_jax.demo.experiment import PRESETS, SELECTION, Job, Workspace, prepare, run_jobs, share_device_with_workers
 from esft_jax.demo.pretrain import build_base
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
@@ -71,15 +71,17 @@ def _positive_int(value: Any, zero: bool = False) -> bool:
 
 
 class _Runner:
-  """Fine-tunes and evaluates named variants of one ablation on each of its tasks."""
+  """Fine-tunes and evaluates named variants of one ablation on each of its tasks: `run` queues a variant,
+  `finish` runs the queue (in worker processes where the preset has them) and records a row per variant."""
 
   def __init__(self, ws: Workspace, name: str, log):
     self.ws, self.log = ws, log
     self.root = ws.out / "ablations" / name
     self.rows: list[dict] = []
+    self.queue: list[tuple[Workspace, Job, dict]] = []
 
   def on(self, ws: Workspace) -> _Runner:
-    """This runner on another base's workspace; rows and folder shared."""
+    """This runner on another base's workspace; queue, rows and folder shared."""
     other = copy.copy(self)
     other.ws = ws
     return other
@@ -90,21 +92,24 @@ class _Runner:
     return path
 
   def run(self, task: str, variant: str, kind: str, lr: float, expert_config: dict | None = None,
-          lora_rank: int = 8, **fields) -> dict:
-    """Trains one variant on `task`, evaluates it, and records a row: the variant's fields, trainable
-    parameters, experts per layer, own-task score, general loss and mean score on the other tasks."""
-    self.log(f"{variant} on {task}")
-    run_dir = self.root / "runs" / f"{task}-{variant}"
+          lora_rank: int = 8, **fields) -> None:
+    """Queues one variant on `task`; its row holds the variant's fields, trainable parameters, experts per
+    layer, own-task score, general loss and mean score on the other tasks."""
     config_path = self.expert_config(task, variant, expert_config) if expert_config is not None else None
-    summary = self.ws.fine_tune(task, kind, run_dir, lr, config_path, lora_rank)
-    scores = self.ws.evaluate_run(run_dir)
-    others = [scores[t] for t in self.ws.tasks if t != task]
-    row = {"task": task, "variant": variant, **fields, "trainable_params": summary["trainable_params"],
-           "experts_per_layer": _experts_per_layer(expert_config) if expert_config is not None else None,
-           "task_score": scores[task], "general_loss": scores["general_loss"],
-           "other_tasks": float(np.mean(others)) if others else None}
-    self.rows.append(row)
-    return row
+    job = Job(f"{variant} on {task}", task, kind, self.root / "runs" / f"{task}-{variant}", lr, config_path,
+              lora_rank)
+    row = {"task": task, "variant": variant, **fields,
+           "experts_per_layer": _experts_per_layer(expert_config) if expert_config is not None else None}
+    self.queue.append((self.ws, job, row))
+
+  def finish(self, workers: int) -> None:
+    results = run_jobs([(ws, job) for ws, job, _ in self.queue], workers, self.log)
+    for (ws, job, row), (summary, scores) in zip(self.queue, results):
+      others = [scores[t] for t in ws.tasks if t != job.task]
+      self.rows.append({**row, "trainable_params": summary["trainable_params"], "task_score": scores[job.task],
+                        "general_loss": scores["general_loss"],
+                        "other_tasks": float(np.mean(others)) if others else None})
+    self.queue.clear()
 
 
 def _experts_per_layer(config: dict) -> float:
@@ -247,14 +252,18 @@ _ABLATION_RUNS: dict[str, Callable[[_Runner, dict], dict | None]] = {
 
 
 def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", cache_root: Path | None = None,
-                 log=print, preset=None) -> dict:
-  """Runs (or resumes) one ablation in the demo workspace `out` (shared with `esft-jax demo --out`)."""
+                 log=print, preset=None, workers: int | None = None) -> dict:
+  """Runs (or resumes) one ablation in the demo workspace `out` (shared with `esft-jax demo --out`). `workers`
+  (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once, as the demo does."""
   config = load_ablation_config(config_path)
   preset = preset or PRESETS[preset_name]
+  workers = workers or preset.workers
+  share_device_with_workers(workers)
   ws = prepare(out, preset, cache_root, log)
   runner = _Runner(ws, config["ablation"], log)
   base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
   extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
+  runner.finish(workers)
   results = {"ablation": config["ablation"], "config": config, "preset": preset_name, "rows": runner.rows,
              "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts,
              **extra}

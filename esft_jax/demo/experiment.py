@@ -65,7 +65,7 @@ class DemoPreset:
   lr: dict
   max_new_tokens: int
   eval_batch: int
-  workers: int = 1  # fine-tune-and-evaluate jobs at once (see `_run_jobs`)
+  workers: int = 1  # fine-tune-and-evaluate jobs at once (see `run_jobs`)
 
 
 PRESETS = {
@@ -108,6 +108,18 @@ def _dir_bytes(path: Path) -> int:
   return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """One fine-tuning run on a task's train split, then its evaluation: what `run_jobs` runs."""
+  label: str  # for the log, e.g. "ESFT-Token on math"
+  task: str
+  kind: str  # fft | lora | esft
+  run_dir: Path
+  lr: float
+  expert_config: Path | None = None
+  lora_rank: int = 8
+
+
 @dataclasses.dataclass
 class Workspace:
   """What every experiment on the miniature shares: the generated tasks (written under `out/data`), the cached
@@ -115,6 +127,7 @@ class Workspace:
   Fine-tuning and evaluation results are cached as JSON next to their run, so every stage resumes."""
   out: Path
   preset: DemoPreset
+  cache_root: Path
   tasks: dict
   base_dir: Path
   base: Any  # LoadedModel
@@ -122,6 +135,8 @@ class Workspace:
   held_out: list
   summaries: dict  # task -> routing summary (ESFT's scores)
   held_out_texts: list
+  # `for_base`'s arguments when this workspace is on another base: how a worker process rebuilds it.
+  other_base: tuple | None = None
 
   @property
   def data(self) -> Path:
@@ -178,6 +193,14 @@ class Workspace:
   def evaluate_run(self, run_dir: Path) -> dict:
     return self.evaluate(load_adapter(run_dir / "adapter", self.base.config, self.base.params), run_dir / "eval.json")
 
+  def run_job(self, job: Job) -> tuple[dict, dict, str]:
+    """The run's summary, its scores, and a line on where its time went."""
+    started = time.time()
+    summary = self.fine_tune(job.task, job.kind, job.run_dir, job.lr, job.expert_config, job.lora_rank)
+    tuned = time.time()
+    scores = self.evaluate_run(job.run_dir)
+    return summary, scores, f"fine-tuned in {tuned - started:.0f} s, evaluated in {time.time() - tuned:.0f} s"
+
   def for_base(self, base_dir: Path, scores_root: Path, task_names: Sequence[str], log=print) -> Workspace:
     """The same tasks, data and held-out general text on another base model (with its own tokenizer), scored on
     `task_names` under `scores_root`: the granularity ablations fine-tune and evaluate grouped bases and bases of
@@ -187,7 +210,7 @@ class Workspace:
     held_out = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(self.held_out_texts)]
     summaries = _score_tasks(base, tokenizer, self.data, task_names, scores_root, self.preset, log)
     return dataclasses.replace(self, base_dir=base_dir, base=base, tokenizer=tokenizer, held_out=held_out,
-                               summaries=summaries)
+                               summaries=summaries, other_base=(base_dir, scores_root, tuple(task_names)))
 
 
 def _score_tasks(base, tokenizer, data: Path, task_names: Sequence[str], scores_root: Path,
@@ -233,45 +256,48 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
   held_out_examples = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(held_out)]
 
   summaries = _score_tasks(base, tokenizer, data, list(tasks), out / "scores", preset, log)
-  return Workspace(out, preset, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
+  return Workspace(out, preset, cache_root, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
 
 
-def _job(ws: Workspace, name: str, method: str) -> tuple[dict, dict, str]:
-  """The run's summary, its scores, and a line on where its time went."""
+def _demo_job(out: Path, task: str, method: str, lr: dict) -> Job:
   kind = {"FFT": "fft", "LoRA": "lora"}.get(method, "esft")
-  expert_config = ws.out / "scores" / name / f"experts_{SELECTION[method][0]}.json" if kind == "esft" else None
-  run_dir = ws.out / "runs" / f"{name}-{method}"
-  started = time.time()
-  summary = ws.fine_tune(name, kind, run_dir, ws.preset.lr[method], expert_config)
-  tuned = time.time()
-  scores = ws.evaluate_run(run_dir)
-  return summary, scores, f"fine-tuned in {tuned - started:.0f} s, evaluated in {time.time() - tuned:.0f} s"
+  expert_config = out / "scores" / task / f"experts_{SELECTION[method][0]}.json" if kind == "esft" else None
+  return Job(f"{method} on {task}", task, kind, out / "runs" / f"{task}-{method}", lr[method], expert_config)
 
 
-def _worker_job(out: Path, preset: DemoPreset, cache_root: Path | None, task_names: tuple[str, ...], name: str,
-                method: str) -> tuple[dict, dict, str]:
-  return _job(prepare(out, preset, cache_root, lambda _: None, task_names), name, method)
+def share_device_with_workers(workers: int) -> None:
+  """Call before this process's first computation. XLA preallocates 75% of a GPU to the first process that uses
+  it; with workers > 1 this process and its workers (which inherit the environment) share one GPU, so each
+  allocates on demand instead (on an H200 the demo's workers ran out of memory without it)."""
+  if workers > 1:
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def _run_jobs(ws: Workspace, cache_root: Path | None, jobs: list[tuple[str, str]], workers: int, log) -> list:
-  """(summary, scores) per (task, method) job, in order. On a GPU host most of a short run is compilation, which
-  is single-threaded per process: worker processes (spawned, each preparing the cached workspace itself) overlap
-  several runs' compilation with others' steps. Device memory is allocated on demand (see `run_demo`)."""
+def _worker_job(ws_args: tuple, task_names: tuple[str, ...], other_base: tuple | None, job: Job) -> tuple:
+  ws = prepare(*ws_args, lambda _: None, task_names)
+  if other_base is not None:
+    ws = ws.for_base(*other_base, log=lambda _: None)
+  return ws.run_job(job)
+
+
+def run_jobs(jobs: Sequence[tuple[Workspace, Job]], workers: int, log) -> list[tuple[dict, dict]]:
+  """(summary, scores) per job, each run on its workspace, in order. On a GPU host most of a short run is
+  compilation, which is single-threaded per process: with workers > 1, worker processes (spawned, each rebuilding
+  the cached workspace) overlap several runs' compilation with others' steps (see `share_device_with_workers`)."""
   if workers <= 1:
     results = []
-    for name, method in jobs:
-      log(f"fine-tuning and evaluating {method} on {name}")
-      summary, scores, timing = _job(ws, name, method)
-      log(f"{method} on {name}: {timing}")
+    for ws, job in jobs:
+      log(f"fine-tuning and evaluating {job.label}")
+      summary, scores, timing = ws.run_job(job)
+      log(f"{job.label}: {timing}")
       results.append((summary, scores))
     return results
-  task_names = tuple(ws.tasks)
   with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    futures = [pool.submit(_worker_job, ws.out, ws.preset, cache_root, task_names, name, method)
-               for name, method in jobs]
+    futures = [pool.submit(_worker_job, (ws.out, ws.preset, ws.cache_root), tuple(ws.tasks), ws.other_base, job)
+               for ws, job in jobs]
     for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-      name, method = jobs[futures.index(future)]
-      log(f"{method} on {name} ({done}/{len(jobs)}): {future.result()[2]}")  # raises a worker's error here
+      job = jobs[futures.index(future)][1]
+      log(f"{job.label} ({done}/{len(jobs)}): {future.result()[2]}")  # raises a worker's error here
     return [future.result()[:2] for future in futures]
 
 
@@ -282,14 +308,11 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   `workers` (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once in worker processes."""
   preset = preset or PRESETS[preset_name]
   workers = workers or preset.workers
-  if workers > 1:
-    # XLA preallocates 75% of a GPU to the first process that uses it; this one and its workers (which inherit
-    # the environment) share one GPU, so each allocates on demand. Read when the backend starts, so only before
-    # this process's first computation: on an H200 the workers' steps ran out of memory without it.
-    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  share_device_with_workers(workers)
   started = time.time()
-  jobs = [(name, method) for name in task_names for method in methods]
-  resumed_runs = sum((out / "runs" / f"{name}-{method}" / "eval.json").exists() for name, method in jobs)
+  pairs = [(name, method) for name in task_names for method in methods]
+  jobs = [_demo_job(out, name, method, preset.lr) for name, method in pairs]
+  resumed_runs = sum((job.run_dir / "eval.json").exists() for job in jobs)
   ws = prepare(out, preset, cache_root, log, task_names)
 
   # The paper's routing figures and the selections.
@@ -311,7 +334,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   log("evaluating the base model")
   evaluations = {"base": ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")}
   runs: dict[str, dict[str, dict]] = {}
-  for (name, method), (summary, scores) in zip(jobs, _run_jobs(ws, cache_root, jobs, workers, log)):
+  for (name, method), (summary, scores) in zip(pairs, run_jobs([(ws, job) for job in jobs], workers, log)):
     runs.setdefault(name, {})[method] = summary
     evaluations[f"{name}-{method}"] = scores
   results = {"preset": preset_name, "tasks": list(task_names), "methods": list(methods), "runs": runs,
