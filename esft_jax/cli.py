@@ -216,6 +216,13 @@ def cmd_figures(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
+def _at_least_one(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
+
+
 def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   """The demo workspace's options, shared by `demo` and `ablate`."""
   parser.add_argument("--preset", default="tiny", choices=["tiny", "small"],
@@ -223,7 +230,7 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="the demo workspace: output directory (default runs/demo)")
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
-  parser.add_argument("--workers", type=int, help="fine-tune-and-evaluate jobs run at once in worker processes "
+  parser.add_argument("--workers", type=_at_least_one, help="fine-tune-and-evaluate jobs run at once in worker processes "
                       "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
 
 

@@ -44,16 +44,20 @@ else
   work=runs/ablations-small/$NAME
   command=(ablate "configs/ablations/$NAME.json")
   report=$work/ablations/$NAME
-  until compgen -G "$CACHE/base-*/config.json" >/dev/null; do
-    ((SECONDS - start < DEADLINE)) || { echo "no pretrained base in $CACHE before the deadline" | tee -a "$log"; exit 1; }
+  # The demo's own base, by its key: the granularity_scratch ablation caches other bases beside it.
+  base=$CACHE/base-$(python3 -c "from esft_jax.demo.experiment import PRESETS; print(PRESETS['small'].base.key())")
+  until [[ -e $base/config.json ]]; do
+    ((SECONDS - start < DEADLINE - 10)) || { echo "no pretrained base in $base before the deadline" | tee -a "$log"; exit 1; }
     sleep 10
   done
 fi
-timeout -k 10 $((DEADLINE - (SECONDS - start))) python3 -m esft_jax.cli "${command[@]}" --preset small \
-  --out "$work" --cache "$CACHE" 2>&1 | tee -a "$log"
+left=$((DEADLINE - (SECONDS - start)))
+((left > 0)) || { echo "no time left before the deadline" | tee -a "$log"; exit 1; }
+timeout -k 10 "$left" python3 -m esft_jax.cli "${command[@]}" --preset small --out "$work" --cache "$CACHE" 2>&1 \
+  | tee -a "$log"
 rc=${PIPESTATUS[0]}
 if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="stopped at the deadline"; else how="exit $rc"; fi
 echo "$NAME call: $how after $((SECONDS - start)) s" | tee -a "$log"
 (cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json figures *.png \
-  runs/*/summary.json runs/*/eval.json runs/base_eval.json scores/*/summary.json scores/*/experts_*.json \
-  2>/dev/null) || true
+  runs/*/summary.json runs/*/eval.json runs/*_eval.json scores/*/summary.json scores/*/*/summary.json \
+  scores/*/experts_*.json expert_configs cooccurrence.json 2>/dev/null) || true

@@ -266,7 +266,7 @@ def multiprocess(cfg, params, work: Path) -> dict:
           "summary": score_examples(cfg, params, _examples(cfg), batch_size=BATCH, mesh=_mesh(mesh_spec))}
 
 
-EXPERT_MESHES = ("expert=2", "expert=4", "data=2,expert=2", "fsdp=2,expert=2")
+EXPERT_MESHES = ("expert=2", "expert=4", "data=2,expert=2", "fsdp=2,expert=2", "expert=2,tensor=2")
 
 
 def expert_parallel() -> dict:

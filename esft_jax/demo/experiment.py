@@ -177,21 +177,23 @@ class Workspace:
 
   def evaluate(self, params, cache_file: Path) -> dict:
     """Every task's test score and the held-out general loss of `params`, cached."""
-    def compute():
-      scores = {}
-      for name, task in self.tasks.items():
-        result = evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name], task.metric,
-                                     self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
-                                     prompt_length=self.prompt_length, expert_impl=self.preset.base.expert_impl)
-        scores[name] = result["mean"]
-      scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
-                                            self.dtype, self.preset.base.expert_impl)["mean"]
-      return scores
+    return _cached_json(cache_file, lambda: self._scores(params))
 
-    return _cached_json(cache_file, compute)
+  def _scores(self, params) -> dict:
+    scores = {}
+    for name, task in self.tasks.items():
+      result = evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name], task.metric,
+                                   self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
+                                   prompt_length=self.prompt_length, expert_impl=self.preset.base.expert_impl)
+      scores[name] = result["mean"]
+    scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
+                                          self.dtype, self.preset.base.expert_impl)["mean"]
+    return scores
 
   def evaluate_run(self, run_dir: Path) -> dict:
-    return self.evaluate(load_adapter(run_dir / "adapter", self.base.config, self.base.params), run_dir / "eval.json")
+    """`evaluate` of the run's adapter, loaded only when its scores are not cached yet."""
+    return _cached_json(run_dir / "eval.json",
+                        lambda: self._scores(load_adapter(run_dir / "adapter", self.base.config, self.base.params)))
 
   def run_job(self, job: Job) -> tuple[dict, dict, str]:
     """The run's summary, its scores, and a line on where its time went."""
@@ -273,32 +275,46 @@ def share_device_with_workers(workers: int) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
-def _worker_job(ws_args: tuple, task_names: tuple[str, ...], other_base: tuple | None, job: Job) -> tuple:
-  ws = prepare(*ws_args, lambda _: None, task_names)
+def _worker_job(ws_args: dict, other_base: tuple | None, job: Job) -> tuple:
+  ws = prepare(log=lambda _: None, **ws_args)
   if other_base is not None:
     ws = ws.for_base(*other_base, log=lambda _: None)
   return ws.run_job(job)
 
 
 def run_jobs(jobs: Sequence[tuple[Workspace, Job]], workers: int, log) -> list[tuple[dict, dict]]:
-  """(summary, scores) per job, each run on its workspace, in order. On a GPU host most of a short run is
-  compilation, which is single-threaded per process: with workers > 1, worker processes (spawned, each rebuilding
-  the cached workspace) overlap several runs' compilation with others' steps (see `share_device_with_workers`)."""
+  """(summary, scores) per job, each run on its workspace, in order; a run folder named twice runs once. On a
+  GPU host most of a short run is compilation, which is single-threaded per process: with workers > 1, worker
+  processes (spawned, each rebuilding the cached workspace) overlap several runs' compilation with others' steps
+  (see `share_device_with_workers`); runs already finished are read here, not in a worker."""
+  unique = {job.run_dir: (ws, job) for ws, job in jobs}
+  results, pending = {}, []
+  for ws, job in unique.values():
+    if workers > 1 and all((job.run_dir / name).exists() for name in ("summary.json", "eval.json")):
+      results[job.run_dir] = ws.run_job(job)[:2]
+    else:
+      pending.append((ws, job))
+
+  def done(job: Job, result: tuple) -> None:
+    results[job.run_dir] = result[:2]
+    log(f"{job.label} ({len(results)}/{len(unique)}): {result[2]}")
+
   if workers <= 1:
-    results = []
-    for ws, job in jobs:
+    for ws, job in pending:
       log(f"fine-tuning and evaluating {job.label}")
-      summary, scores, timing = ws.run_job(job)
-      log(f"{job.label}: {timing}")
-      results.append((summary, scores))
-    return results
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-    futures = [pool.submit(_worker_job, (ws.out, ws.preset, ws.cache_root), tuple(ws.tasks), ws.other_base, job)
-               for ws, job in jobs]
-    for done, future in enumerate(concurrent.futures.as_completed(futures), start=1):
-      job = jobs[futures.index(future)][1]
-      log(f"{job.label} ({done}/{len(jobs)}): {future.result()[2]}")  # raises a worker's error here
-    return [future.result()[:2] for future in futures]
+      done(job, ws.run_job(job))
+  elif pending:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+      futures = {pool.submit(_worker_job, {"out": ws.out, "preset": ws.preset, "cache_root": ws.cache_root,
+                                           "task_names": tuple(ws.tasks)}, ws.other_base, job): job
+                 for ws, job in pending}
+      try:
+        for future in concurrent.futures.as_completed(futures):
+          done(futures[future], future.result())  # raises a worker's error here
+      except BaseException:
+        pool.shutdown(cancel_futures=True)  # the queued jobs do not start; the running ones finish
+        raise
+  return [results[job.run_dir] for _, job in jobs]
 
 
 def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = None, log=print,

@@ -7,10 +7,11 @@ Each token's output is the sum over its K chosen experts of weight * expert(x), 
 `weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
 all); "gpu" skips the others' weight-gradient matmuls and returns zeros there, the other paths compute them all.
 
-Expert parallelism: `experts` may hold a device's slice of the experts, global ids first_expert .. first_expert
-+ E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing and cost no expert
-compute: they become local id E, which the one-hot of "reference" leaves out and the grouped paths sort past
-the last group, where `lax.ragged_dot` and the tiled kernels compute nothing. Ids stay global everywhere else
+Expert parallelism: `experts` may hold a device's slice of the experts, global ids first_expert to
+first_expert + E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing: they
+become local id E, which the one-hot of "reference" leaves out (that path still runs every local expert on every
+token) and the grouped paths sort past the last group, where `lax.ragged_dot` and the "tiled" kernels compute
+nothing (the "ragged" kernels compute those rows as zeros). Ids stay global everywhere else
 (`weight_grad_experts` too).
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
@@ -52,12 +53,14 @@ def grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Ar
   num_experts = experts["gate_proj"].shape[0]
   flat_ids = ids_TxK.reshape(-1)
   order = jnp.argsort(flat_ids, stable=True)  # assignment rows grouped by expert
-  # Ids E (experts elsewhere) sort last and fall outside every group: ragged_dot gives zeros there.
+  # Ids E (experts elsewhere) sort last and fall outside every group.
   group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
   x_sorted = x_TxD[order // k]
   gate = jax.lax.ragged_dot(x_sorted, experts["gate_proj"], group_sizes)
   up = jax.lax.ragged_dot(x_sorted, experts["up_proj"], group_sizes)
   y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["down_proj"], group_sizes)
+  # Rows past the last group are zeroed here: ragged_dot's documentation does not say what it leaves there.
+  y_sorted = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y_sorted, 0)
   y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)
 

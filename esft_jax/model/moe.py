@@ -118,7 +118,8 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   if not rows and not width:
     return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
   tokens = PartitionSpec(rows or None, None)
-  in_width, out_width = PartitionSpec(ep or None, None, width or None), PartitionSpec(ep or None, width or None, None)
+  gate_up_spec = PartitionSpec(ep or None, None, width or None)  # [E, D, F]: experts over ep, F over tensor
+  down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
 
   def local(x, ids, weights, gate, up, down):
     first = 0
@@ -133,7 +134,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
   # gathered expert weights are summed over the devices all the same.
-  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, in_width, in_width, out_width), out_specs=tokens,
+  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, gate_up_spec, gate_up_spec, down_spec), out_specs=tokens,
                        check_vma=False)(x_TxD, ids_TxK, weights_TxK, experts["gate_proj"], experts["up_proj"],
                                         experts["down_proj"])
 
