@@ -6,7 +6,9 @@ import json
 import os
 import shutil
 
-from esft_jax.demo.experiment import PRESETS, run_demo
+import pytest
+
+from esft_jax.demo.experiment import PRESETS, Job, prepare, run_demo, run_jobs
 from esft_jax.demo.pretrain import BaseSpec
 
 MICRO = dataclasses.replace(
@@ -54,3 +56,9 @@ def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
   assert again["runs"]["intent"]["ESFT-Token"]["trainable_params"] == esft
   assert (run / "eval.json").exists()
 
+  # A job's error reaches the caller from its worker, naming what is wrong, and leaves no run behind.
+  ws = prepare(tmp_path, MICRO, log=lambda _: None, task_names=("intent", "translation"))
+  bad = Job("ESFT-Token on intent", "intent", "esft", tmp_path / "runs" / "bad", 1e-3, tmp_path / "missing.json")
+  with pytest.raises(Exception, match="missing.json"):
+    run_jobs([(ws, bad)], workers=2, log=lambda _: None)
+  assert not (tmp_path / "runs" / "bad" / "summary.json").exists()
