@@ -9,7 +9,8 @@ Mesh axes:
   data    plain data parallelism: the batch is split, parameters are replicated.
   fsdp    data parallelism that also splits every parameter (and its optimizer state) on one dimension,
           gathered on use (ZeRO-3 / FSDP).
-  expert  expert parallelism: the stacked routed experts [E, D, F] are split by expert; the batch too.
+  expert  expert parallelism: the stacked routed experts [E, D, F] are split by expert, and the batch too; each
+          device runs its experts on its expert group's tokens (esft_jax.model.moe.routed_experts).
   tensor  tensor parallelism: MLP widths, attention heads and the vocabulary are split.
 """
 
