@@ -105,6 +105,25 @@ def test_tiled_forward_kernel_interpreted():
   assert np.all(np.asarray(out[384:]) == 0)
 
 
+def test_layers_share_one_lowered_kernel():
+  """A model's layers call the same kernels: each is lowered once per program, not once per call."""
+  from esft_jax.model.kernels import tiled
+
+  sizes = jnp.asarray([128, 128], jnp.int32)
+  rhs_GxKxN = jnp.ones((2, 128, 128), jnp.bfloat16)
+
+  def lowered_chars(layers: int) -> int:
+    def chain(x):
+      for _ in range(layers):
+        x = tiled.grouped_forward(x, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(128),
+                                  interpret=True)
+      return x
+
+    return len(jax.jit(chain).lower(jnp.ones((256, 128), jnp.bfloat16)).as_text())
+
+  assert lowered_chars(4) < 1.2 * lowered_chars(1)
+
+
 def test_weight_grad_steps_skip_the_experts_not_named():
   """The weight-gradient kernel runs each expert's tiles for rows / tile_k steps, and none for an expert whose
   gradient is not needed (Pallas' interpreter cannot run that kernel here: the Hopper test below runs it)."""
