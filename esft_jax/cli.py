@@ -230,8 +230,9 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="the demo workspace: output directory (default runs/demo)")
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
-  parser.add_argument("--workers", type=_at_least_one, help="fine-tune-and-evaluate jobs run at once in worker processes "
-                      "(default: 1 for tiny, 4 for small, where compilation would otherwise dominate)")
+  parser.add_argument("--workers", type=_at_least_one,
+                      help="fine-tune-and-evaluate jobs run at once in worker processes (default: 1 for tiny, 4 for "
+                           "small, where compilation would otherwise dominate)")
 
 
 def _timed_log():

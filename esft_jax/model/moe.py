@@ -134,9 +134,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
   # gathered expert weights are summed over the devices all the same.
-  return jax.shard_map(local, in_specs=(tokens, tokens, tokens, gate_up_spec, gate_up_spec, down_spec), out_specs=tokens,
-                       check_vma=False)(x_TxD, ids_TxK, weights_TxK, experts["gate_proj"], experts["up_proj"],
-                                        experts["down_proj"])
+  in_specs = (tokens, tokens, tokens, gate_up_spec, gate_up_spec, down_spec)
+  return jax.shard_map(local, in_specs=in_specs, out_specs=tokens, check_vma=False)(
+      x_TxD, ids_TxK, weights_TxK, experts["gate_proj"], experts["up_proj"], experts["down_proj"])
 
 
 class StackedExperts(nn.Module):

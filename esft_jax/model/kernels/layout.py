@@ -15,7 +15,8 @@ class ExpertLayout(NamedTuple):
 
 
 def padded_rows(num_assignments: int, num_experts: int, align: int) -> int:
-  """A static bound on the padded row count: sum_e ceil(n_e / align) <= ceil(M / align) + E - 1, and <= M + E(align-1)."""
+  """A static bound on the padded row count: sum_e ceil(n_e / align) <= ceil(M / align) + E - 1, and
+  <= M + E(align-1)."""
   tiles = -(-num_assignments // align) + num_experts - 1
   return align * min(tiles, -(-(num_assignments + num_experts * (align - 1)) // align))
 

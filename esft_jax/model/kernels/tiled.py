@@ -251,7 +251,8 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
   def make_specs(offset):
     spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
-    return [spec((cfg.tile_k, cfg.block_m), lambda kk: (offset + kk, 0)), spec((cfg.tile_k, cfg.block_n), lambda kk: (offset + kk, 0))]
+    return [spec((cfg.tile_k, cfg.block_m), lambda kk: (offset + kk, 0)),
+            spec((cfg.tile_k, cfg.block_n), lambda kk: (offset + kk, 0))]
 
   def mma(wg, a_smem, b_smem):
     a = a_smem.at[:, _wg_slice(cfg, wg, "m")].transpose((1, 0))
