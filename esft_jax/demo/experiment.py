@@ -132,11 +132,15 @@ class Workspace:
   base_dir: Path
   base: Any  # LoadedModel
   tokenizer: Any
-  held_out: list
   summaries: dict  # task -> routing summary (ESFT's scores)
   held_out_texts: list
   # `for_base`'s arguments when this workspace is on another base: how a worker process rebuilds it.
   other_base: tuple | None = None
+
+  @functools.cached_property
+  def held_out(self) -> list:
+    """The held-out general texts as samples of this workspace's tokenizer."""
+    return [text_example(self.tokenizer, t, f"held-out:{i}") for i, t in enumerate(self.held_out_texts)]
 
   @property
   def data(self) -> Path:
@@ -209,10 +213,9 @@ class Workspace:
     other shapes through the same code as the demo's own."""
     tokenizer = load_tokenizer(base_dir)
     base = load_hf_model(base_dir)
-    held_out = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(self.held_out_texts)]
     summaries = _score_tasks(base, tokenizer, self.data, task_names, scores_root, self.preset, log)
-    return dataclasses.replace(self, base_dir=base_dir, base=base, tokenizer=tokenizer, held_out=held_out,
-                               summaries=summaries, other_base=(base_dir, scores_root, tuple(task_names)))
+    return dataclasses.replace(self, base_dir=base_dir, base=base, tokenizer=tokenizer, summaries=summaries,
+                               other_base=(base_dir, scores_root, tuple(task_names)))
 
 
 def _score_tasks(base, tokenizer, data: Path, task_names: Sequence[str], scores_root: Path,
@@ -255,10 +258,9 @@ def prepare(out: Path, preset: DemoPreset, cache_root: Path | None = None, log=p
   base_dir, held_out = build_base(preset.base, tasks, cache_root, log)
   tokenizer = load_tokenizer(base_dir)
   base = load_hf_model(base_dir)
-  held_out_examples = [text_example(tokenizer, t, f"held-out:{i}") for i, t in enumerate(held_out)]
 
   summaries = _score_tasks(base, tokenizer, data, list(tasks), out / "scores", preset, log)
-  return Workspace(out, preset, cache_root, tasks, base_dir, base, tokenizer, held_out_examples, summaries, held_out)
+  return Workspace(out, preset, cache_root, tasks, base_dir, base, tokenizer, summaries, held_out)
 
 
 def _demo_job(out: Path, task: str, method: str, lr: dict) -> Job:
@@ -275,11 +277,19 @@ def share_device_with_workers(workers: int) -> None:
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
+_WORKER_WORKSPACES: dict[tuple, Workspace] = {}  # in a worker process: the workspaces its earlier jobs built
+
+
+def _worker_workspace(ws_args: dict, other_base: tuple | None) -> Workspace:
+  key = (ws_args["out"], ws_args["cache_root"], ws_args["task_names"], other_base)
+  if key not in _WORKER_WORKSPACES:
+    _WORKER_WORKSPACES[key] = (prepare(log=lambda _: None, **ws_args) if other_base is None else
+                               _worker_workspace(ws_args, None).for_base(*other_base, log=lambda _: None))
+  return _WORKER_WORKSPACES[key]
+
+
 def _worker_job(ws_args: dict, other_base: tuple | None, job: Job) -> tuple:
-  ws = prepare(log=lambda _: None, **ws_args)
-  if other_base is not None:
-    ws = ws.for_base(*other_base, log=lambda _: None)
-  return ws.run_job(job)
+  return _worker_workspace(ws_args, other_base).run_job(job)
 
 
 def run_jobs(jobs: Sequence[tuple[Workspace, Job]], workers: int, log) -> list[tuple[dict, dict]]:

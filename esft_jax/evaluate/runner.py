@@ -20,8 +20,9 @@ from esft_jax.config import ModelConfig
 from esft_jax.data.formatting import Example, format_conversation
 from esft_jax.data.jsonl import Conversation, EvalItem
 from esft_jax.data.sources import open_examples
+from esft_jax.esft.routing_pass import padded_batches
 from esft_jax.evaluate.metrics import METRICS, multiple_choice_accuracy
-from esft_jax.generate import SamplingConfig, bucket, generate
+from esft_jax.generate import SamplingConfig, generate
 from esft_jax.interop.tokenizer import Tokenizer
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.loss import token_cross_entropy
@@ -69,17 +70,12 @@ def _per_row_loglik(model: Transformer, params, inputs, targets, mask, segments)
 
 def _rows(examples: Sequence[Example], batch_size: int):
   """Batches of unpacked rows: inputs, shifted targets, loss mask on targets, segment ids."""
-  for start in range(0, len(examples), batch_size):
-    chunk = examples[start:start + batch_size]
-    length = bucket(max(len(e) for e in chunk))
-    inputs = np.zeros((batch_size, length), np.int32)
-    targets, mask, segments = np.zeros_like(inputs), np.zeros(inputs.shape, np.float32), np.zeros_like(inputs)
+  for chunk, inputs, segments in padded_batches(examples, batch_size):
+    targets = np.zeros_like(inputs)
+    targets[:, :-1] = inputs[:, 1:]  # past a row's end both are padding (0)
+    mask = np.zeros(inputs.shape, np.float32)
     for i, e in enumerate(chunk):
-      n = len(e)
-      inputs[i, :n] = e.ids_L
-      targets[i, :n - 1] = e.ids_L[1:]
-      mask[i, :n - 1] = e.loss_mask_L[1:]
-      segments[i, :n] = 1
+      mask[i, :len(e) - 1] = e.loss_mask_L[1:]
     yield inputs, targets, mask, segments
 
 
