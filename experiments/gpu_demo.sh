@@ -10,6 +10,8 @@
 #
 # An ablation waits for the demo's base model (runs/demo-small/cache), so both can start together on two GPUs:
 #   CUDA_VISIBLE_DEVICES=0 bash experiments/gpu_demo.sh & CUDA_VISIBLE_DEVICES=1 bash experiments/gpu_demo.sh NAME
+# With PRETRAIN=1 an ablation pretrains that base itself instead, so ablations can share one GPU without the demo:
+#   PRETRAIN=1 bash experiments/gpu_demo.sh threshold & bash experiments/gpu_demo.sh granularity_groups
 #
 # Each call appends the command's log to $OUT/NAME.txt and packs REPORT.md, results.json, the figures and the
 # per-run summaries (no weights) into $OUT/NAME_small.tar.gz. grain and tensorboardX are not on the GPU image:
@@ -46,7 +48,7 @@ else
   report=$work/ablations/$NAME
   # The demo's own base, by its key: the granularity_scratch ablation caches other bases beside it.
   base=$CACHE/base-$(python3 -c "from esft_jax.demo.experiment import PRESETS; print(PRESETS['small'].base.key())")
-  until [[ -e $base/config.json ]]; do
+  until [[ ${PRETRAIN:-0} == 1 || -e $base/config.json ]]; do
     ((SECONDS - start < DEADLINE - 10)) || { echo "no pretrained base in $base before the deadline" | tee -a "$log"; exit 1; }
     sleep 10
   done
