@@ -7,6 +7,7 @@
 #
 #   OUT=/tmp/out bash experiments/gpu_demo.sh                   # the demo; again until $OUT/demo.txt says "finished"
 #   OUT=/tmp/out bash experiments/gpu_demo.sh random_experts    # an ablation on the demo's cached base
+#   (NAME is a config in configs/ablations/; granularity_groups_small fits the small preset's top-6)
 #
 # An ablation waits for the demo's base model (runs/demo-small/cache), so both can start together on two GPUs:
 #   CUDA_VISIBLE_DEVICES=0 bash experiments/gpu_demo.sh & CUDA_VISIBLE_DEVICES=1 bash experiments/gpu_demo.sh NAME
@@ -45,7 +46,7 @@ if [[ $NAME == demo ]]; then
 else
   work=runs/ablations-small/$NAME
   command=(ablate "configs/ablations/$NAME.json")
-  report=$work/ablations/$NAME
+  report=$work/ablations/$(python3 -c "import json; print(json.load(open('configs/ablations/$NAME.json'))['ablation'])")
   # The demo's own base, by its key: the granularity_scratch ablation caches other bases beside it.
   base=$CACHE/base-$(python3 -c "from esft_jax.demo.experiment import PRESETS; print(PRESETS['small'].base.key())")
   until [[ ${PRETRAIN:-0} == 1 || -e $base/config.json ]]; do

@@ -2,10 +2,12 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
-from esft_jax.ablations.runner import WHAT_TO_TRAIN, load_ablation_config, run_ablation
+from esft_jax.ablations.runner import WHAT_TO_TRAIN, _check_group_sizes_fit, load_ablation_config, run_ablation
+from esft_jax.demo.experiment import PRESETS
 from tests.test_demo import MICRO
 
 CONFIGS = {
@@ -88,3 +90,14 @@ def test_bad_ablation_configs_name_the_problem(tmp_path):
   path.write_text(json.dumps({"ablation": "granularity_scratch", "tasks": ["math"], "variants": [{"experts": 4}]}))
   with pytest.raises(ValueError, match="'variants' must be a non-empty list"):
     load_ablation_config(path)
+
+
+def test_group_sizes_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
+  repo = Path(__file__).resolve().parents[1]
+  with pytest.raises(ValueError, match=r"group sizes \[4\] do not divide this preset's 64 routed experts and the "
+                                       r"6 active per token; use sizes from \[1, 2\], or set 'active_experts'"):
+    run_ablation(repo / "configs/ablations/granularity_groups.json", tmp_path / "out", preset_name="small")
+  assert not (tmp_path / "out").exists()
+  for name in ("granularity_groups.json", "granularity_groups_small.json"):  # each fits the preset it is for
+    preset = "small" if "small" in name else "tiny"
+    _check_group_sizes_fit(load_ablation_config(repo / "configs/ablations" / name), name, PRESETS[preset])

@@ -64,7 +64,7 @@ def test_grouping_errors_name_the_problem(fine):
   config, params, hf = fine
   with pytest.raises(ValueError, match="group size 3 does not divide the 8 experts"):
     greedy_groups(np.eye(8), 3)
-  with pytest.raises(ValueError, match="must divide both n_routed_experts=8 and num_experts_per_tok=4"):
+  with pytest.raises(ValueError, match="must divide both n_routed_experts=8 and the 4 active experts per token"):
     grouped_model(config, params, hf, {layer: [tuple(range(8))] for layer in config.moe_layer_ids})
   with pytest.raises(ValueError, match="exactly once"):
     grouped_model(config, params, hf, {layer: [(0, 1), (1, 2), (4, 5), (6, 7)] for layer in config.moe_layer_ids})
@@ -94,15 +94,16 @@ def _swiglu(x, gate, up, down):
   return (jax.nn.silu(x @ gate) * (x @ up)) @ down
 
 
-@pytest.mark.parametrize("size", [2, 4])
-def test_grouped_layer_equals_the_direct_computation(fine, size):
-  """Sum over the top-(K/G) groups of (mean member probability) × (sum of the members' FFNs), plus shared."""
+@pytest.mark.parametrize("size, active", [(2, 4), (4, 4), (2, 2), (1, 6)])
+def test_grouped_layer_equals_the_direct_computation(fine, size, active):
+  """Sum over the top-(A/G) groups of (mean member probability) × (sum of the members' FFNs), plus shared; A is the
+  fine model's top-4 or another count of active experts."""
   config, params, hf = fine
   rng = np.random.default_rng(size)
   groups = {layer: [tuple(int(i) for i in g) for g in rng.permutation(8).reshape(-1, size)]
             for layer in config.moe_layer_ids}
-  coarse_config, coarse_params, coarse_hf = grouped_model(config, params, hf, groups)
-  assert (coarse_config.num_experts, coarse_config.num_experts_per_tok) == (8 // size, 4 // size)
+  coarse_config, coarse_params, coarse_hf = grouped_model(config, params, hf, groups, active)
+  assert (coarse_config.num_experts, coarse_config.num_experts_per_tok) == (8 // size, active // size)
   assert coarse_config.moe_intermediate_size == size * config.moe_intermediate_size
   assert coarse_config.shared_intermediate_size == config.shared_intermediate_size
   assert coarse_hf["router_group_size"] == size
@@ -118,7 +119,7 @@ def test_grouped_layer_equals_the_direct_computation(fine, size):
   want = np.zeros_like(x_TxD)
   for t in range(len(x_TxD)):
     affinity = [np.mean([probs_TxE[t, i] for i in g]) for g in groups[layer]]
-    for j in np.argsort(affinity)[::-1][:4 // size]:
+    for j in np.argsort(affinity)[::-1][:active // size]:
       want[t] += affinity[j] * sum(_swiglu(x_TxD[t], experts["gate_proj"][i], experts["up_proj"][i],
                                            experts["down_proj"][i]) for i in groups[layer][j])
     want[t] += _swiglu(x_TxD[t], shared["gate_proj"], shared["up_proj"], shared["down_proj"])

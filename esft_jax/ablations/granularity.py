@@ -106,14 +106,16 @@ def greedy_groups(similarity_ExE: np.ndarray, group_size: int) -> list[tuple[int
   return groups
 
 
-def grouped_model(config: ModelConfig, params, hf_config: dict[str, Any],
-                  groups: dict[int, list[tuple[int, ...]]]) -> tuple[ModelConfig, Any, dict[str, Any]]:
+def grouped_model(config: ModelConfig, params, hf_config: dict[str, Any], groups: dict[int, list[tuple[int, ...]]],
+                  active_experts: int | None = None) -> tuple[ModelConfig, Any, dict[str, Any]]:
   """The coarse model: per MoE layer (`groups[layer]`, every expert in exactly one group of G), coarse expert j
   holds group j's experts concatenated along the hidden width, and the router's columns are reordered so that
   group j's fine experts are columns j*G .. j*G+G-1 (`router_group_size` averages their probabilities).
+  `active_experts` (A, default the model's K) fine experts stay active per token: top-(A/G) groups.
   Returns its config, parameters and HF config.json (n_routed_experts E/G, moe_intermediate_size G·F,
-  num_experts_per_tok K/G, router_group_size G)."""
-  e, k, f = config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size
+  num_experts_per_tok A/G, router_group_size G)."""
+  e, f = config.num_experts, config.moe_intermediate_size
+  k = active_experts or config.num_experts_per_tok
   sizes = {len(g) for layer_groups in groups.values() for g in layer_groups}
   if len(sizes) != 1:
     raise ValueError(f"every group must have the same size; got sizes {sorted(sizes)}")
@@ -125,8 +127,8 @@ def grouped_model(config: ModelConfig, params, hf_config: dict[str, Any],
     raise ValueError(f"grouping writes DeepSeek configs (n_routed_experts, moe_intermediate_size); model_type "
                      f"{config.model_type!r} is not supported")
   if e % g or k % g:
-    raise ValueError(f"group size {g} must divide both n_routed_experts={e} and num_experts_per_tok={k}, so "
-                     "that top-(K/G) groups keep as many fine experts active; pick a common divisor")
+    raise ValueError(f"group size {g} must divide both n_routed_experts={e} and the {k} active experts per token, "
+                     "so that top-(A/G) groups keep as many fine experts active; pick a common divisor")
   if sorted(groups) != list(config.moe_layer_ids):
     raise ValueError(f"groups are given for layers {sorted(groups)}; the model's MoE layers are "
                      f"{list(config.moe_layer_ids)}")

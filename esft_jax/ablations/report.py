@@ -161,7 +161,9 @@ def _groups_tables(variants: dict[str, dict], results: dict) -> str:
   tasks = results["config"]["tasks"]
   header, rule = _task_columns(tasks)
   per_task = lambda scores: "".join(f" {_pct(scores[t])} |" for t in tasks) if header else ""
-  lines = ["| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) |"
+  active = results.get("active_experts", results["top_k"])
+  lines = [f"Fine experts active per token in every model below: A = {active}.", "",
+           "| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) |"
            f"{header} general loss (↓) | other tasks (↑) |", f"|---|---|---|---|---|{rule}---|---|"]
   for size in results["config"]["group_sizes"]:
     base = results["bases"][str(size)]
@@ -374,8 +376,10 @@ _INTROS = {
 Per MoE layer, the base's experts are grouped G at a time (greedy, exact: the G-subset of the remaining experts
 with the highest mean pairwise cosine similarity of their co-occurrence rows, counted on the held-out general
 text) and each group becomes one coarse expert: its members' weights side by side, gated by the mean of their
-router probabilities, top-(k/G) groups per token. ESFT selects and trains whole groups at the demo's p (token
-0.2, gate 0.1); "trained fine experts" counts a trained group as G. The grouped base is scored, fine-tuned and
+router probabilities, top-(A/G) groups per token for A active fine experts (the config's `active_experts`,
+default the base's top-k; with A above k, G = 1 is the base routing to its top-A experts, as in the paper, which
+keeps 1/8 of the experts active). ESFT selects and trains whole groups at the demo's p (token 0.2, gate 0.1);
+"trained fine experts" counts a trained group as G. The grouped base is scored, fine-tuned and
 evaluated through the same code as the demo's base.
 """,
     "granularity_scratch": """
@@ -404,10 +408,11 @@ def write_ablation_report(root: Path, results: dict) -> Path:
   else:
     finding_lines = (_what_to_train_findings if name == "what_to_train" else _random_findings)(variants)
     _plot_bars(variants, _TITLES[name], root / FIGURE_PNG)
+  config_file = results.get("config_file", f"{name}.json")
   text = f"""# Ablation: {_TITLES[name]}
 
 Preset `{results['preset']}` ({results['num_experts']} routed experts, top-{results['top_k']}); tasks
-{', '.join(config['tasks'])}. Generated with `esft-jax ablate configs/ablations/{name}.json --preset
+{', '.join(config['tasks'])}. Generated with `esft-jax ablate configs/ablations/{config_file} --preset
 {results['preset']}`. Scores are percentages, mean over the tasks; "other tasks" is the mean score on the
 demo's tasks the model was not trained on; general loss is on held-out standard-library text.
 {_INTROS.get(name, '')}

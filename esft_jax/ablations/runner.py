@@ -55,6 +55,9 @@ def load_ablation_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(sizes, list) or not sizes or not all(_positive_int(g) for g in sizes):
       raise ValueError(f"{path}: 'group_sizes' must be a non-empty list of positive integers (1 is the base "
                        f"itself), got {sizes!r}")
+    if "active_experts" in config and not _positive_int(config["active_experts"]):
+      raise ValueError(f"{path}: 'active_experts' (fine experts active per token in every grouped model; default "
+                       f"the base's top-k) must be a positive integer, got {config['active_experts']!r}")
   if config["ablation"] == "granularity_scratch":
     variants = config.get("variants")
     if not isinstance(variants, list) or not variants or not all(
@@ -185,29 +188,31 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
   layers = ws.base.config.moe_layer_ids
   similarity = {layer: cosine_similarity(c) for layer, c in zip(layers, counts_NxExE)}
   bases, groups, cohesion, gate_mass = {}, {}, {}, {}
+  active = config.get("active_experts", ws.base.config.num_experts_per_tok)
   for size in config["group_sizes"]:
     groups[size] = {layer: greedy_groups(similarity[layer], size) for layer in layers}
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
-    if size == 1:
+    if size == 1 and active == ws.base.config.num_experts_per_tok:
       group_ws = ws  # singleton groups: the base itself, with the demo's scores
     else:
-      base_dir = runner.root / "bases" / f"group{size}"
+      base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
-        coarse = grouped_model(ws.base.config, ws.base.params, ws.base.hf_config, groups[size])
+        coarse = grouped_model(ws.base.config, ws.base.params, ws.base.hf_config, groups[size], active)
         work = base_dir.with_name(base_dir.name + ".building")
         save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
         work.rename(base_dir)
-      group_ws = ws.for_base(base_dir, runner.root / "scores" / f"group{size}", config["tasks"], runner.log)
+      group_ws = ws.for_base(base_dir, runner.root / "scores" / base_dir.name, config["tasks"], runner.log)
     # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
     gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
                                           for t in config["tasks"]]))
-    cache = ws.out / "runs" / "base_eval.json" if size == 1 else runner.root / "runs" / f"base-group{size}_eval.json"
+    cache = (ws.out / "runs" / "base_eval.json" if group_ws is ws
+             else runner.root / "runs" / f"base-{base_dir.name}_eval.json")
     bases[str(size)] = group_ws.evaluate(group_ws.base.params, cache)
     for task in config["tasks"]:
       _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size)
   pairs = [float(m[np.triu_indices(len(m), 1)].mean()) for m in similarity.values()]
-  return {"bases": bases, "groups": {str(size): {str(layer): g for layer, g in by_layer.items()}
-                                     for size, by_layer in groups.items()},
+  return {"bases": bases, "active_experts": active,
+          "groups": {str(size): {str(layer): g for layer, g in by_layer.items()} for size, by_layer in groups.items()},
           "group_similarity": cohesion, "pair_similarity": float(np.mean(pairs)), "gate_mass": gate_mass}
 
 
@@ -251,12 +256,28 @@ _ABLATION_RUNS: dict[str, Callable[[_Runner, dict], dict | None]] = {
     "granularity_groups": _granularity_groups, "granularity_scratch": _granularity_scratch}
 
 
+def _check_group_sizes_fit(config: dict, path: str | Path, preset) -> None:
+  """Before anything runs: groups of G keep A/G groups active (A active experts, default the preset's top-k), so G
+  must divide the preset's E and A."""
+  if config["ablation"] != "granularity_groups":
+    return
+  e = preset.base.routed_experts
+  a = config.get("active_experts", preset.base.experts_per_token)
+  bad = [g for g in config["group_sizes"] if e % g or a % g]
+  if bad:
+    fits = [g for g in range(1, a + 1) if e % g == 0 and a % g == 0]
+    raise ValueError(f"{path}: group sizes {bad} do not divide this preset's {e} routed experts and the {a} active "
+                     f"per token; use sizes from {fits}, or set 'active_experts' (as "
+                     "configs/ablations/granularity_groups_small.json does for the small preset)")
+
+
 def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", cache_root: Path | None = None,
                  log=print, preset=None, workers: int | None = None) -> dict:
   """Runs (or resumes) one ablation in the demo workspace `out` (shared with `esft-jax demo --out`). `workers`
   (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once, as the demo does."""
   config = load_ablation_config(config_path)
   preset = preset or PRESETS[preset_name]
+  _check_group_sizes_fit(config, config_path, preset)
   workers = workers or preset.workers
   share_device_with_workers(workers)
   ws = prepare(out, preset, cache_root, log)
@@ -264,7 +285,8 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
   extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
   runner.finish(workers)
-  results = {"ablation": config["ablation"], "config": config, "preset": preset_name, "rows": runner.rows,
+  results = {"ablation": config["ablation"], "config": config, "config_file": Path(config_path).name,
+             "preset": preset_name, "rows": runner.rows,
              "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts,
              **extra}
   runner.root.mkdir(parents=True, exist_ok=True)
