@@ -11,8 +11,11 @@ import pytest
 
 from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, greedy_groups, grouped_model,
                                             scratch_spec)
+from esft_jax.ablations.runner import pretrain_bases
 from esft_jax.config import config_from_hf
 from esft_jax.data.formatting import Example
+from esft_jax.demo.pretrain import build_base
+from esft_jax.demo.tasks import make_all_tasks
 from esft_jax.interop.hf import load_hf_model, save_hf_model
 from esft_jax.model.moe import MoEBlock
 from esft_jax.model.transformer import Transformer, init_params
@@ -162,3 +165,19 @@ def test_scratch_specs_keep_total_and_active_routed_width():
     scratch_spec(base, 3, 0)
   with pytest.raises(ValueError, match="shared_width=16 is not a multiple of the expert width 32"):
     scratch_spec(base, 4, 16)
+
+
+def test_bases_pretrained_in_worker_processes_equal_those_pretrained_here(tmp_path):
+  """The granularity-from-scratch bases, pretrained two at a time in spawned workers, are the bases `build_base`
+  pretrains in this process: same tokenizer, same weights."""
+  tasks = make_all_tasks(MICRO.n_train, MICRO.n_test, seed=MICRO.base.seed)
+  specs = [scratch_spec(MICRO.base, 4, 0), scratch_spec(MICRO.base, 16, 0)]
+  lines = []
+  pretrain_bases(specs + specs[:1], tasks, tmp_path / "workers", 2, lines.append)
+  assert lines[0] == "pretraining 2 bases, 2 at a time" and len(lines) == 3
+  for spec in specs:
+    here, _ = build_base(spec, tasks, tmp_path / "here", log=lambda _: None)
+    there = tmp_path / "workers" / here.name
+    assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()
+    want, got = load_hf_model(here), load_hf_model(there)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, got.params, want.params)

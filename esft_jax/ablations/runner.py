@@ -33,8 +33,9 @@ from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, gre
                                             scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
-from esft_jax.demo.experiment import PRESETS, SELECTION, Job, Workspace, prepare, run_jobs, share_device_with_workers
-from esft_jax.demo.pretrain import build_base
+from esft_jax.demo.experiment import (PRESETS, SELECTION, Job, Workspace, in_worker_processes, prepare, run_jobs,
+                                      share_device_with_workers)
+from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_base
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
 from esft_jax.files import atomic_write_text, read_json
@@ -77,8 +78,8 @@ class _Runner:
   """Fine-tunes and evaluates named variants of one ablation on each of its tasks: `run` queues a variant,
   `finish` runs the queue (in worker processes where the preset has them) and records a row per variant."""
 
-  def __init__(self, ws: Workspace, name: str, log):
-    self.ws, self.log = ws, log
+  def __init__(self, ws: Workspace, name: str, log, workers: int):
+    self.ws, self.log, self.workers = ws, log, workers
     self.root = ws.out / "ablations" / name
     self.rows: list[dict] = []
     self.queue: list[tuple[Workspace, Job, dict]] = []
@@ -105,8 +106,8 @@ class _Runner:
            "experts_per_layer": _experts_per_layer(expert_config) if expert_config is not None else None}
     self.queue.append((self.ws, job, row))
 
-  def finish(self, workers: int) -> None:
-    results = run_jobs([(ws, job) for ws, job, _ in self.queue], workers, self.log)
+  def finish(self) -> None:
+    results = run_jobs([(ws, job) for ws, job, _ in self.queue], self.workers, self.log)
     for (ws, job, row), (summary, scores) in zip(self.queue, results):
       others = [scores[t] for t in ws.tasks if t != job.task]
       self.rows.append({**row, "trainable_params": summary["trainable_params"], "task_score": scores[job.task],
@@ -216,6 +217,20 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
           "group_similarity": cohesion, "pair_similarity": float(np.mean(pairs)), "gate_mass": gate_mass}
 
 
+def pretrain_bases(specs: list[BaseSpec], tasks: dict, cache_root: Path, workers: int, log) -> None:
+  """Pretrains the bases of `specs` not yet cached under `cache_root`, `workers` at a time in worker processes
+  (one small base leaves most of a GPU idle); with one worker, `build_base` pretrains each when first asked."""
+  unbuilt = list({spec.key(): spec for spec in specs if not base_is_built(spec, cache_root)}.values())
+  if workers > 1 and len(unbuilt) > 1:
+    log(f"pretraining {len(unbuilt)} bases, {min(workers, len(unbuilt))} at a time")
+    in_worker_processes([(build_base, (spec, tasks, cache_root, _quiet)) for spec in unbuilt], workers,
+                        lambda i, result: log(f"pretrained {result[0]}"))
+
+
+def _quiet(_: str) -> None:
+  """A worker's log: its parent reports what finished."""
+
+
 def _mean_group_similarity(similarity: dict, groups: dict) -> float | None:
   """Mean pairwise similarity within the groups, over groups and layers (None for singletons)."""
   means = [similarity[layer][np.ix_(g, g)][np.triu_indices(len(g), 1)].mean()
@@ -225,12 +240,14 @@ def _mean_group_similarity(similarity: dict, groups: dict) -> float | None:
 
 def _granularity_scratch(runner: _Runner, config: dict) -> dict:
   ws = runner.ws
+  specs = [scratch_spec(ws.preset.base, v["experts"], v["shared_width"]) for v in config["variants"]]
+  # Every base is pretrained like the workspace's own (same text, steps and seed) and cached beside it.
+  cache_root = ws.base_dir.parent
+  pretrain_bases(specs, ws.tasks, cache_root, runner.workers, runner.log)
   bases = {}
-  for variant in config["variants"]:
-    spec = scratch_spec(ws.preset.base, variant["experts"], variant["shared_width"])
+  for variant, spec in zip(config["variants"], specs):
     name = f"E{spec.routed_experts}-k{spec.experts_per_token}-shared{variant['shared_width']}"
-    # Pretrained like the workspace's own base (same text, steps and seed) and cached beside it.
-    base_dir, _ = build_base(spec, ws.tasks, ws.base_dir.parent, runner.log)
+    base_dir, _ = build_base(spec, ws.tasks, cache_root, runner.log)
     variant_ws = ws.for_base(base_dir, runner.root / "scores" / name, config["tasks"], runner.log)
     top_k = variant_ws.base.config.num_experts_per_tok
     # Top-k share: the part of the task's gate mass on its k busiest experts, mean over layers (k/E = uniform).
@@ -281,10 +298,10 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   workers = workers or preset.workers
   share_device_with_workers(workers)
   ws = prepare(out, preset, cache_root, log)
-  runner = _Runner(ws, config["ablation"], log)
+  runner = _Runner(ws, config["ablation"], log, workers)
   base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
   extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
-  runner.finish(workers)
+  runner.finish()
   results = {"ablation": config["ablation"], "config": config, "config_file": Path(config_path).name,
              "preset": preset_name, "rows": runner.rows,
              "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts,

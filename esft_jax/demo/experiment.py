@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -288,8 +288,28 @@ def _worker_workspace(ws_args: dict, other_base: tuple | None) -> Workspace:
   return _WORKER_WORKSPACES[key]
 
 
+def _prepare_args(ws: Workspace) -> dict:
+  """`prepare`'s arguments that rebuild `ws` (or the workspace `ws.other_base` is derived from) in a worker."""
+  return {"out": ws.out, "preset": ws.preset, "cache_root": ws.cache_root, "task_names": tuple(ws.tasks)}
+
+
 def _worker_job(ws_args: dict, other_base: tuple | None, job: Job) -> tuple:
   return _worker_workspace(ws_args, other_base).run_job(job)
+
+
+def in_worker_processes(calls: Sequence[tuple[Callable, tuple]], workers: int,
+                        on_done: Callable[[int, Any], None]) -> None:
+  """Runs each (function, arguments) of `calls` in `workers` spawned processes and calls `on_done(index, result)`
+  here as each finishes. A call's error is raised here, and the calls still queued do not start (the running ones
+  finish)."""
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    futures = {pool.submit(fn, *args): i for i, (fn, args) in enumerate(calls)}
+    try:
+      for future in concurrent.futures.as_completed(futures):
+        on_done(futures[future], future.result())
+    except BaseException:
+      pool.shutdown(cancel_futures=True)
+      raise
 
 
 def run_jobs(jobs: Sequence[tuple[Workspace, Job]], workers: int, log) -> list[tuple[dict, dict]]:
@@ -314,16 +334,8 @@ def run_jobs(jobs: Sequence[tuple[Workspace, Job]], workers: int, log) -> list[t
       log(f"fine-tuning and evaluating {job.label}")
       done(job, ws.run_job(job))
   elif pending:
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-      futures = {pool.submit(_worker_job, {"out": ws.out, "preset": ws.preset, "cache_root": ws.cache_root,
-                                           "task_names": tuple(ws.tasks)}, ws.other_base, job): job
-                 for ws, job in pending}
-      try:
-        for future in concurrent.futures.as_completed(futures):
-          done(futures[future], future.result())  # raises a worker's error here
-      except BaseException:
-        pool.shutdown(cancel_futures=True)  # the queued jobs do not start; the running ones finish
-        raise
+    calls = [(_worker_job, (_prepare_args(ws), ws.other_base, job)) for ws, job in pending]
+    in_worker_processes(calls, workers, lambda i, result: done(pending[i][1], result))
   return [results[job.run_dir] for _, job in jobs]
 
 

@@ -93,11 +93,19 @@ def _full_loss(example: Example) -> Example:
   return dataclasses.replace(example, loss_mask_L=mask)
 
 
+def base_dir(spec: BaseSpec, cache_root: Path) -> Path:
+  return cache_root / f"base-{spec.key()}"
+
+
+def base_is_built(spec: BaseSpec, cache_root: Path) -> bool:
+  return all((base_dir(spec, cache_root) / name).exists() for name in ("config.json", "tokenizer.json"))
+
+
 def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=print) -> tuple[Path, list[str]]:
   """The pretrained base model's directory (built once per spec) and the held-out general texts."""
   train_texts, held_out = general_split(spec.general_chars, spec.held_out_chars, spec.seed)
-  model_dir = cache_root / f"base-{spec.key()}"
-  if (model_dir / "config.json").exists() and (model_dir / "tokenizer.json").exists():
+  model_dir = base_dir(spec, cache_root)
+  if base_is_built(spec, cache_root):
     log(f"reusing the pretrained base model in {model_dir}")
     return model_dir, held_out
   formats = [r for task in tasks.values() for r in format_examples(task, spec.format_examples_per_task)]
