@@ -3,6 +3,7 @@ model, in one invocation and one table.
 
     python experiments/bench_train.py --layers 8 --batch 8 --seq 2048 --paths torch,auto   # one GPU
     python experiments/bench_train.py --layers 27 --batch 2 --paths auto                   # the full 15.7B shape
+    python experiments/bench_train.py --paths auto,auto+fused      # reference vs fused (cuDNN) attention
     python experiments/bench_train.py --tiny                                               # CPU, seconds
 
 Every path runs in its own subprocess, so each peak is that path's alone (JAX: the allocator's
@@ -13,7 +14,8 @@ process never starts a JAX backend.
 
 The step, the same batch on every path: next-token loss on random tokens, backward, AdamW on the first
 --experts-per-layer routed experts of every MoE layer, everything else frozen. JAX: `make_train_step` with
-`--paths` naming the expert implementation (grouped, auto, ...), bf16 frozen parameters, fp32 master copies and
+`--paths` naming the expert implementation (grouped, auto, ...) and, after a "+", the attention
+implementation (reference unless named: `auto+fused`), bf16 frozen parameters, fp32 master copies and
 AdamW state for the trainable expert rows only. torch: transformers' `DeepseekV2ForCausalLM` from the same
 config (random init, bf16, default attention and experts implementations); transformers fuses the experts into
 [E, ...] tensors, so those tensors are the only ones with requires_grad, a gradient hook zeroes the rows of the
@@ -98,7 +100,7 @@ def flops_per_token(config: ModelConfig, seq: int, trainable_per_layer: int) -> 
           "total": forward + activation_grads + weight_grads}
 
 
-def run_jax(args, impl: str) -> dict:
+def run_jax(args, path: str) -> dict:
   import jax
   import jax.numpy as jnp
 
@@ -116,7 +118,9 @@ def run_jax(args, impl: str) -> dict:
                                               selected_experts(config, args.experts_per_layer).items()}})
   batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
   weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
-  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads)
+  impl, _, attention = path.partition("+")
+  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads,
+                      attention_impl=attention or "reference")
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
   def init_state(frozen) -> TrainState:
@@ -132,7 +136,7 @@ def run_jax(args, impl: str) -> dict:
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
   state, ms = median_step_ms(step, state, params, batch, iters=args.iters)
-  result = {"ms": ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(impl),
+  result = {"ms": ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(path),
             "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
             "trainable_params": count_parameters(state.trainable)}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
@@ -262,7 +266,8 @@ def main() -> None:
   parser.add_argument("--experts-per-layer", type=int, default=8, help="trainable experts per MoE layer")
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--paths", default="grouped,auto,torch",
-                      help="JAX expert implementations (grouped, auto, gpu, ...) and/or torch; torch runs first")
+                      help="JAX expert implementations (grouped, auto, gpu, ...), each optionally with an attention "
+                           "implementation after a + (auto+fused: cuDNN flash attention), and/or torch (runs first)")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per path")
   parser.add_argument("--remat", action="store_true", help="JAX paths recompute each layer in the backward pass")
   parser.add_argument("--all-expert-grads", action="store_true",

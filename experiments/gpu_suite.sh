@@ -13,8 +13,9 @@
 #
 # Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
 # compiles dominate: the tables' "first s" is the first step, compile included):
-#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch then auto (plus the forward /
-#                            backward / optimizer breakdown, not yet timed)
+#   attention      not run   the fused (cuDNN) attention against the reference, values and gradients (pytest)
+#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto, then auto with fused
+#                            attention (auto alone with its breakdown: 24 s to the first step, 2026-11-29)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
 #   train_27        ~3 min   the full 27 layers at batch 2 x 2048, auto (first step 176 s in the second session)
@@ -22,8 +23,8 @@
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
 #                            before the 65k skewed rows)
-#   train_27_remat   >234 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), auto (220 s on an idle
-#                            host before the weight-gradient skip; beside the demo on the other GPU it passed 230 s)
+#   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), auto and auto+fused
+#                            (auto alone, 2026-11-29: 58 s to the first step since the kernels lower once)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_suite}
@@ -43,12 +44,13 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 } 2>&1 | tee "$OUT/suite.txt"
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
-piece train_8 200 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto --breakdown --timeout 180
+piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
+piece train_8 260 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto,auto+fused --breakdown --timeout 120
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths auto --timeout 230
 piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048 --gen-batch 16 --prompt-len 128 \
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90
 piece moe 150 "$PY" experiments/bench_moe.py --rows 16384,32768,65536 --paths tiled,torch --iters 5 --warmup 2
-piece train_27_remat 340 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto --timeout 330
+piece train_27_remat 300 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto,auto+fused --timeout 140
 echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"

@@ -35,15 +35,17 @@ def number(cell: str) -> float:
 
 
 def test_bench_train_tiny_runs_every_path_and_torch():
-  out, [table] = run_tiny("bench_train.py", "--remat", "--breakdown")  # JAX paths with layers recomputed
+  out, [table] = run_tiny("bench_train.py", "--remat", "--breakdown",  # JAX paths with layers recomputed
+                          "--paths", "grouped,auto,torch,auto+fused")
   rows = {row["path"]: row for row in table}
   for path in ("grouped", "auto"):  # the step's time split into forward, backward and the rest
     assert re.search(rf"# {path} breakdown: forward [\d.]+ ms, backward -?[\d.]+ ms, optimizer and the rest "
                      rf"-?[\d.]+ ms of the [\d.]+ ms step", out), out
-  assert list(rows) == ["torch", "grouped", "auto"]
+  assert list(rows) == ["torch", "grouped", "auto", "auto+fused"]
   for row in rows.values():
     assert number(row["tokens/s"]) > 0, row
-  assert rows["grouped"]["first loss"] == rows["auto"]["first loss"]  # same weights and batch on both paths
+  # Same weights and batch on every path; fused attention too (XLA's on a CPU, so equal to 4 decimals).
+  assert rows["grouped"]["first loss"] == rows["auto"]["first loss"] == rows["auto+fused"]["first loss"]
   # torch has its own random weights, but the same loss on the same batch is near ln(vocab) for both.
   assert abs(number(rows["torch"]["first loss"]) - number(rows["auto"]["first loss"])) < 0.5
 

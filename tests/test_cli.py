@@ -54,7 +54,7 @@ def test_score_select_train_export(workspace, capsys):
   _cli("train", "--model", root / "model", "--data", root / "train.jsonl", "--method", "esft", "--expert-config",
        root / "experts.json", "--out", root / "run", "--steps", 4, "--seq-length", 64, "--batch-size", 2,
        "--grad-accum", 1, "--eval-every", 2, "--save-every", 2, "--log-every", 1, "--lr", 1e-3,
-       "--compute-dtype", "float32", "--param-dtype", "float32")
+       "--compute-dtype", "float32", "--param-dtype", "float32", "--attention", "fused")
   out = capsys.readouterr().out
   assert "trained" in out and "optimizer state" in out
   assert json.loads((root / "run" / "adapter" / "expert_cfg.json").read_text())["experts"] == experts["experts"]

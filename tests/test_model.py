@@ -9,6 +9,8 @@ import pytest
 
 from esft_jax.cli import main as cli_main
 from esft_jax.config import load_config
+from esft_jax.model.attention import (attention_mask, dot_product_attention, fused_attention,
+                                      resolve_attention_impl)
 from esft_jax.model.experts import expert_ffn, grouped_expert_ffn, reference_expert_ffn
 from esft_jax.model.layers import rope_frequencies
 from esft_jax.model.moe import Routing, batch_aux_loss, sequence_aux_loss
@@ -103,6 +105,54 @@ def test_packed_segments_do_not_see_each_other():
   alone_b = apply({"params": params}, b).logits
   np.testing.assert_allclose(out[:, :5], alone_a, atol=1e-5)
   np.testing.assert_allclose(out[:, 5:], alone_b, atol=1e-5)
+
+
+# On a GPU the fused path is cuDNN's flash attention, which takes 16-bit inputs; elsewhere XLA's, in fp32.
+ON_GPU = jax.default_backend() == "gpu"
+ATTENTION_DTYPE, ATTENTION_TOL = (jnp.bfloat16, 2e-2) if ON_GPU else (jnp.float32, 1e-5)
+
+
+@pytest.mark.parametrize("heads, kv_heads, d, v_width, window", [(4, 4, 24, 16, None), (4, 2, 16, 16, None),
+                                                                 (4, 1, 16, 24, 5)])
+def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window):
+  """Values and gradients on random inputs: MLA-like narrower values, grouped queries, wider values, a sliding
+  window, and two packed documents followed by padding (whose rows attend uniformly in both)."""
+  b, length = 2, 12
+  keys = jax.random.split(jax.random.key(heads + kv_heads + d + v_width), 4)
+  q = jax.random.normal(keys[0], (b, length, heads, d), ATTENTION_DTYPE)
+  k = jax.random.normal(keys[1], (b, length, kv_heads, d), ATTENTION_DTYPE)
+  v = jax.random.normal(keys[2], (b, length, kv_heads, v_width), ATTENTION_DTYPE)
+  segments = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
+  mask = attention_mask(segments, window)
+  cotangent = jax.random.normal(keys[3], (b, length, heads, v_width), jnp.float32)
+  loss = lambda fn, mask: lambda q, k, v: jnp.sum(fn(q, k, v, mask, d ** -0.5).astype(jnp.float32) * cotangent)
+  want, want_grads = jax.value_and_grad(loss(dot_product_attention, mask), argnums=(0, 1, 2))(q, k, v)
+  got, got_grads = jax.value_and_grad(loss(fused_attention, mask[:, 0]), argnums=(0, 1, 2))(q, k, v)
+  np.testing.assert_allclose(got, want, rtol=ATTENTION_TOL)
+  for g, w in zip(got_grads, want_grads):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=ATTENTION_TOL,
+                               atol=ATTENTION_TOL * np.abs(np.asarray(w, np.float32)).max())
+
+
+def test_fused_attention_in_the_model_matches_the_reference():
+  cfg = load_config("tiny-deepseek")
+  params = init_params(cfg, jax.random.key(0), param_dtype=ATTENTION_DTYPE)
+  tokens = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
+  segments = jnp.asarray([[1] * 9 + [2] * 7, [1] * 13 + [0] * 3])
+  positions = jnp.asarray([list(range(9)) + list(range(7)), list(range(16))])
+  out = {impl: jax.jit(Transformer(cfg, dtype=ATTENTION_DTYPE, attention_impl=impl).apply)(
+      {"params": params}, tokens, segments, positions).logits for impl in ("reference", "fused")}
+  valid = np.asarray(segments != 0)
+  np.testing.assert_allclose(out["fused"][valid], out["reference"][valid], rtol=ATTENTION_TOL,
+                             atol=ATTENTION_TOL * 10)
+
+
+def test_attention_impl_choice():
+  assert resolve_attention_impl("auto", jnp.bfloat16) == ("fused" if ON_GPU else "reference")
+  assert resolve_attention_impl("auto", jnp.float32) == "reference"
+  assert resolve_attention_impl("fused", jnp.bfloat16) == "fused"
+  with pytest.raises(ValueError, match="attention_impl='flash': expected one of"):
+    resolve_attention_impl("flash", jnp.float32)
 
 
 def test_yarn_numbers_of_deepseek_v2_lite():

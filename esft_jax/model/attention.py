@@ -17,6 +17,10 @@ from esft_jax.model.layers import Linear, RMSNorm, apply_rope, logical_param
 
 Dtype = jnp.dtype
 MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
+# How training and scoring attend (decoding always uses the reference): "reference" materialises the fp32 scores
+# (einsum, softmax, einsum); "fused" is `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU);
+# "auto" is fused on a GPU at 16-bit precision, the reference elsewhere.
+ATTENTION_IMPLS = ("reference", "fused", "auto")
 
 
 def attention_mask(segment_ids_BxL: jax.Array, window: int | None) -> jax.Array:
@@ -74,11 +78,49 @@ def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV:
   return out.reshape(b, q_len, h, v_BxKxGxV.shape[-1])
 
 
+def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, mask_Bx1xQxK: jax.Array,
+                    scale: float) -> jax.Array:
+  """`dot_product_attention` through `jax.nn.dot_product_attention`: on a GPU cuDNN's flash attention, which
+  never writes the [B, H, Q, K] scores to memory; elsewhere XLA's. It needs one head width for keys and values,
+  so the narrower of the two (MLA's values) is zero-padded, which changes neither scores nor outputs, and the
+  padding is cut from the output. `is_causal` lets cuDNN skip the tiles above the diagonal; the mask (causal
+  already) adds the segments and padding."""
+  d, v_width = k_BxKxGxD.shape[-1], v_BxKxGxV.shape[-1]
+  pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+  q, k, v = pad(q_BxQxHxD, max(d, v_width)), pad(k_BxKxGxD, max(d, v_width)), pad(v_BxKxGxV, max(d, v_width))
+  backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xQxK, scale=scale, is_causal=True,
+                                     implementation=backend)
+  return out[..., :v_width]
+
+
+def resolve_attention_impl(impl: str, dtype) -> str:
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r}: expected one of {ATTENTION_IMPLS}")
+  gpu, half = jax.default_backend() == "gpu", jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  if impl == "fused" and gpu and not half:
+    raise ValueError(f"attention_impl='fused' runs cuDNN's flash attention on a GPU, which takes bfloat16 or "
+                     f"float16, not {jnp.dtype(dtype).name}: compute in bfloat16 or use attention_impl='auto'")
+  if impl == "auto":
+    return "fused" if gpu and half else "reference"
+  return impl
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids_BxL: jax.Array, window: int | None, scale: float,
+           impl: str) -> jax.Array:
+  """Training and scoring attention over the whole (packed) sequence: [B, L, H, V]."""
+  mask = attention_mask(segment_ids_BxL, window)
+  if resolve_attention_impl(impl, q.dtype) == "fused":
+    return fused_attention(q, k, v, mask[:, 0], scale)
+  return dot_product_attention(q, k, v, mask, scale)
+
+
 class GroupedQueryAttention(nn.Module):
   config: ModelConfig
   layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "reference"  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -106,12 +148,12 @@ class GroupedQueryAttention(nn.Module):
     window = cfg.sliding_window(self.layer)
     new_cache = None
     if cache is None:
-      mask = attention_mask(segment_ids_BxL, window)
+      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl)
     else:
       new_cache = LayerCache(_write(cache.layer.first, k, cache.index), _write(cache.layer.second, v, cache.index))
       k, v = new_cache.first.astype(q.dtype), new_cache.second.astype(q.dtype)
-      mask = cached_mask(cache, length, window)
-    out = dot_product_attention(q, k, v, mask, cfg.softmax_scale()).reshape(b, length, -1)
+      out = dot_product_attention(q, k, v, cached_mask(cache, length, window), cfg.softmax_scale())
+    out = out.reshape(b, length, -1)
     return Linear(cfg.hidden_size, ("heads", "embed"), cfg.o_bias, name="o_proj", **kw)(out), new_cache
 
 
@@ -125,6 +167,7 @@ class MultiHeadLatentAttention(nn.Module):
   layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  attention_impl: str = "reference"  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -158,8 +201,7 @@ class MultiHeadLatentAttention(nn.Module):
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (b, length, h, rope))], axis=-1)
       q = nn.with_logical_constraint(jnp.concatenate([q_nope, q_rope], axis=-1),
                                      ("batch", "length", "heads", "head_dim"))
-      mask = attention_mask(segment_ids_BxL, window)
-      out = dot_product_attention(q, k, v, mask, cfg.softmax_scale())
+      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl)
       new_cache = None
     else:
       new_cache = LayerCache(_write(cache.layer.first, latent, cache.index),

@@ -51,6 +51,7 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
+  attention_impl: str = "reference"
 
   @nn.compact
   def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
@@ -59,7 +60,8 @@ class DecoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="input_layernorm")(x_BxLxD)
-    attn, new_cache = attention_cls(cfg, self.layer, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL, cache)
+    attn, new_cache = attention_cls(cfg, self.layer, attention_impl=self.attention_impl, name="self_attn",
+                                    **kw)(h, cos, sin, segment_ids_BxL, cache)
     x_BxLxD = x_BxLxD + attn
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None
@@ -83,6 +85,8 @@ class Transformer(nn.Module):
   # Per MoE layer, the routed experts whose weight gradients the backward pass must produce (ESFT's trained
   # ones: `esft_jax.esft.trainable.expert_weight_grads`); the GPU kernels skip the others' work. None: all.
   expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
+  # How training and scoring attend: `esft_jax.model.attention.ATTENTION_IMPLS` (decoding uses the reference).
+  attention_impl: str = "reference"
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -110,7 +114,7 @@ class Transformer(nn.Module):
       view = None if cache is None else CacheView(cache.layers[i], cache.index, valid)
       layer_grads = None if weight_grads is None else weight_grads.get(i, ())
       x, routing, layer_cache = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, layer_grads,
-                                          name=f"layers_{i}")(x, cos, sin, segment_ids_BxL, view)
+                                          self.attention_impl, name=f"layers_{i}")(x, cos, sin, segment_ids_BxL, view)
       new_layers.append(layer_cache)
       if routing is not None:
         routings.append(routing)

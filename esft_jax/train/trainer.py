@@ -53,6 +53,7 @@ class TrainConfig:
   seed: int = 0
   compute_dtype: str = "bfloat16"
   expert_impl: str = "auto"
+  attention_impl: str = "reference"  # esft_jax.model.attention.ATTENTION_IMPLS
   remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
   max_checkpoints: int = 2
 
@@ -221,8 +222,9 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
-  model = Transformer(model_config, expert_impl=cfg.expert_impl, dtype=jnp.dtype(cfg.compute_dtype),
-                      remat=cfg.remat, expert_weight_grads=expert_weight_grads(plan, model_config))
+  model = Transformer(model_config, expert_impl=cfg.expert_impl, attention_impl=cfg.attention_impl,
+                      dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
+                      expert_weight_grads=expert_weight_grads(plan, model_config))
   schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
   trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), frozen_params)
   optimizer = make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
