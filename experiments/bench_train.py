@@ -110,6 +110,7 @@ def run_jax(args, path: str) -> dict:
   from esft_jax.train.optimizer import make_optimizer
   from esft_jax.train.trainer import TrainState, loss_fn, make_train_step, step_shardings
   from timing import median_call_ms, median_step_ms
+  from trace_summary import format_summary, load_trace
 
   config = model_config(args)
   dtype = jnp.float32 if args.tiny else jnp.bfloat16
@@ -144,6 +145,13 @@ def run_jax(args, path: str) -> dict:
     micro = {k: v[0] for k, v in batch.items()}
     result["forward_ms"] = median_call_ms(jax.jit(loss), state.trainable, params, micro, iters=args.iters)
     result["grad_ms"] = median_call_ms(jax.jit(jax.grad(loss)), state.trainable, params, micro, iters=args.iters)
+  if args.profile:  # two more steps under the profiler: where the device time goes, by model part and kernel
+    trace_dir = os.path.join(args.profile, path)
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+      for _ in range(2):
+        state, metrics = step(state, params, batch)
+        jax.block_until_ready(metrics["loss"])
+    result["profile"] = format_summary(load_trace(trace_dir), 2, path)
   return result
 
 
@@ -244,6 +252,8 @@ def run_path(args, path: str) -> dict:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
          "--iters", str(args.iters)] + [flag for flag, on in switches.items() if on]
+  if args.profile:
+    cmd += ["--profile", os.path.abspath(args.profile)]
   try:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
   except subprocess.TimeoutExpired:
@@ -276,6 +286,9 @@ def main() -> None:
   parser.add_argument("--breakdown", action="store_true",
                       help="JAX paths also time the loss alone and the loss with its gradients (one line per "
                            "path after the table): forward, backward, and the optimizer with the rest")
+  parser.add_argument("--profile", metavar="DIR",
+                      help="JAX paths also trace two steps into DIR/PATH and print their device time by model part "
+                           "(attention, experts, ...) and top kernels (experiments/trace_summary.py)")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -304,7 +317,7 @@ def main() -> None:
         "| TFLOP/s | MFU (989) | MFU (802) |")
   print("|" + "---|" * 12, flush=True)
   torch_tps = None
-  notes = []
+  notes, profiles = [], []
   for path in paths:
     r = run_path(args, path)
     peak = r.get("peak_bytes")
@@ -321,6 +334,8 @@ def main() -> None:
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
       notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters")
+      if "profile" in r:
+        profiles.append(r["profile"])
       if "grad_ms" in r:
         notes.append(f"# {path} breakdown: forward {r['forward_ms']:.1f} ms, backward "
                      f"{r['grad_ms'] - r['forward_ms']:.1f} ms, optimizer and the rest {r['ms'] - r['grad_ms']:.1f} "
@@ -328,6 +343,8 @@ def main() -> None:
     print("| " + " | ".join([path, str(args.layers), f"{args.batch} x {args.seq}", *cells]) + " |", flush=True)
   for note in notes:
     print(note)
+  for r in profiles:
+    print(r)
 
 
 if __name__ == "__main__":

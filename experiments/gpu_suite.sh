@@ -15,7 +15,8 @@
 # compiles dominate: the tables' "first s" is the first step, compile included):
 #   attention      not run   the fused (cuDNN) attention against the reference, values and gradients (pytest)
 #   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto, then auto with fused
-#                            attention (auto alone with its breakdown: 24 s to the first step, 2026-11-29)
+#                            attention, each JAX path with its forward/backward breakdown and device time by
+#                            model part and kernel (auto alone with its breakdown: 24 s to the first step)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
 #   train_27        ~3 min   the full 27 layers at batch 2 x 2048, auto (first step 176 s in the second session)
@@ -45,7 +46,8 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
-piece train_8 260 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto,auto+fused --breakdown --timeout 120
+piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto,auto+fused --breakdown \
+  --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths auto --timeout 230
 piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048 --gen-batch 16 --prompt-len 128 \
