@@ -112,11 +112,29 @@ ON_GPU = jax.default_backend() == "gpu"
 ATTENTION_DTYPE, ATTENTION_TOL = (jnp.bfloat16, 2e-2) if ON_GPU else (jnp.float32, 1e-5)
 
 
+def _cudnn_like_attention(query, key, value, mask, scale, is_causal, implementation):
+  """How cuDNN's flash attention treats a mask and `is_causal`: the mask is a large finite negative bias, while
+  the keys above the diagonal are dropped outright (so a row the mask blocks entirely averages keys 0..i only)."""
+  del implementation
+  group = query.shape[2] // key.shape[2]
+  key, value = jnp.repeat(key, group, axis=2), jnp.repeat(value, group, axis=2)
+  scores = jnp.einsum("bqhd,bkhd->bhqk", query, key).astype(jnp.float32) * scale + jnp.where(mask, 0.0, -2.0 ** 41)
+  q_len, k_len = scores.shape[-2:]
+  if is_causal:
+    scores = jnp.where(jnp.tril(jnp.ones((q_len, k_len), bool)), scores, -jnp.inf)
+  return jnp.einsum("bhqk,bkhv->bqhv", jax.nn.softmax(scores, axis=-1).astype(value.dtype), value)
+
+
+@pytest.mark.parametrize("like_cudnn", [False, True])
 @pytest.mark.parametrize("heads, kv_heads, d, v_width, window", [(4, 4, 24, 16, None), (4, 2, 16, 16, None),
                                                                  (4, 1, 16, 24, 5)])
-def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window):
+def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window, like_cudnn, monkeypatch):
   """Values and gradients on random inputs: MLA-like narrower values, grouped queries, wider values, a sliding
-  window, and two packed documents followed by padding (whose rows attend uniformly in both)."""
+  window, and two packed documents followed by padding, whose rows average every key in both. `like_cudnn`
+  stands in cuDNN's handling of masks (on a CPU the fused path is XLA's, which treats them as the reference
+  does)."""
+  if like_cudnn:
+    monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_like_attention)
   b, length = 2, 12
   keys = jax.random.split(jax.random.key(heads + kv_heads + d + v_width), 4)
   q = jax.random.normal(keys[0], (b, length, heads, d), ATTENTION_DTYPE)
@@ -153,6 +171,14 @@ def test_attention_impl_choice():
   assert resolve_attention_impl("fused", jnp.bfloat16) == "fused"
   with pytest.raises(ValueError, match="attention_impl='flash': expected one of"):
     resolve_attention_impl("flash", jnp.float32)
+
+
+def test_fused_attention_on_a_gpu_asks_for_16_bits(monkeypatch):
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert resolve_attention_impl("auto", jnp.bfloat16) == "fused"
+  assert resolve_attention_impl("auto", jnp.float32) == "reference"
+  with pytest.raises(ValueError, match="takes bfloat16 or float16, not float32: compute in bfloat16"):
+    resolve_attention_impl("fused", jnp.float32)
 
 
 def test_yarn_numbers_of_deepseek_v2_lite():

@@ -81,17 +81,23 @@ def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV:
 def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, mask_Bx1xQxK: jax.Array,
                     scale: float) -> jax.Array:
   """`dot_product_attention` through `jax.nn.dot_product_attention`: on a GPU cuDNN's flash attention, which
-  never writes the [B, H, Q, K] scores to memory; elsewhere XLA's. It needs one head width for keys and values,
-  so the narrower of the two (MLA's values) is zero-padded, which changes neither scores nor outputs, and the
-  padding is cut from the output. `is_causal` lets cuDNN skip the tiles above the diagonal; the mask (causal
-  already) adds the segments and padding."""
+  never writes the [B, H, Q, K] scores to memory (the mask travels as a [B, 1, Q, K] bf16 bias, and cuDNN's
+  backward writes that bias's unused gradient); elsewhere XLA's.
+  - Keys and values need one head width: the narrower (MLA's values) is zero-padded, which changes neither
+    scores nor outputs, and the padding is cut from the output.
+  - `is_causal` lets cuDNN skip the tiles above the diagonal. It also drops those keys from a row that the mask
+    blocks entirely (a padding query), which the reference averages over every key; such rows are given that
+    average here, so both agree everywhere (DeepSeek's balance loss counts padding tokens)."""
   d, v_width = k_BxKxGxD.shape[-1], v_BxKxGxV.shape[-1]
-  pad = lambda x, width: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
-  q, k, v = pad(q_BxQxHxD, max(d, v_width)), pad(k_BxKxGxD, max(d, v_width)), pad(v_BxKxGxV, max(d, v_width))
+  width = max(d, v_width)
+  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
   backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask_Bx1xQxK, scale=scale, is_causal=True,
-                                     implementation=backend)
-  return out[..., :v_width]
+  out = jax.nn.dot_product_attention(pad(q_BxQxHxD), pad(k_BxKxGxD), pad(v_BxKxGxV), mask=mask_Bx1xQxK, scale=scale,
+                                     is_causal=True, implementation=backend)[..., :v_width]
+  h, g = q_BxQxHxD.shape[2], k_BxKxGxD.shape[2]
+  blocked_BxQx1x1 = ~jnp.any(mask_Bx1xQxK, axis=-1)[:, 0, :, None, None]
+  mean_v = jnp.repeat(jnp.mean(v_BxKxGxV, axis=1, keepdims=True), h // g, axis=2)  # [B, 1, H, V], heads as q's
+  return jnp.where(blocked_BxQx1x1, mean_v.astype(out.dtype), out)
 
 
 def resolve_attention_impl(impl: str, dtype) -> str:
