@@ -46,7 +46,7 @@ if [[ $NAME == demo ]]; then
 else
   work=runs/ablations-small/$NAME
   command=(ablate "configs/ablations/$NAME.json")
-  report=$work/ablations/$(python3 -c "import json; print(json.load(open('configs/ablations/$NAME.json'))['ablation'])")
+  report=$work/ablations/$NAME
   # The demo's own base, by its key: the granularity_scratch ablation caches other bases beside it.
   base=$CACHE/base-$(python3 -c "from esft_jax.demo.experiment import PRESETS; print(PRESETS['small'].base.key())")
   until [[ ${PRETRAIN:-0} == 1 || -e $base/config.json ]]; do

@@ -97,6 +97,11 @@ def test_group_sizes_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r"group sizes \[4\] do not divide this preset's 64 routed experts and the "
                                        r"6 active per token; use sizes from \[1, 2\], or set 'active_experts'"):
     run_ablation(repo / "configs/ablations/granularity_groups.json", tmp_path / "out", preset_name="small")
+  too_many = tmp_path / "too_many.json"
+  too_many.write_text(json.dumps({"ablation": "granularity_groups", "tasks": ["math"], "group_sizes": [1],
+                                  "active_experts": 65}))
+  with pytest.raises(ValueError, match="too_many.json: 'active_experts' is 65, more than this preset's 64 routed"):
+    run_ablation(too_many, tmp_path / "out", preset_name="small")
   assert not (tmp_path / "out").exists()
   for name in ("granularity_groups.json", "granularity_groups_small.json"):  # each fits the preset it is for
     preset = "small" if "small" in name else "tiny"

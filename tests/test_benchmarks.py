@@ -43,7 +43,7 @@ def test_bench_train_tiny_runs_every_path_and_torch(tmp_path):
     assert re.search(rf"# {path} breakdown: forward [\d.]+ ms, backward -?[\d.]+ ms, optimizer and the rest "
                      rf"-?[\d.]+ ms of the [\d.]+ ms step", out), out
   assert list(rows) == ["torch", "grouped", "auto", "auto+fused"]
-  assert "# auto profile: no device events in the trace (a CPU run has none)" in out  # traced, nothing to count
+  assert "# auto profile: no kernels on a device stream line in the trace (a CPU run has none)" in out
   for row in rows.values():
     assert number(row["tokens/s"]) > 0, row
   # Same weights and batch on every path; fused attention too (XLA's on a CPU, so equal to 4 decimals).
@@ -79,29 +79,32 @@ def test_bench_sharded_tiny_splits_the_work_and_starts_from_one_loss():
   assert len(spread) == 1 and float(spread[0].rsplit(" ", 1)[1]) < 1e-5, out
 
 
-def test_trace_summary_splits_device_time_by_model_part(tmp_path):
-  """A GPU-shaped perfetto trace of 2 steps: kernels on a stream line, HLO ops on the derived "XLA Ops" line
-  (which alone names the JAX operations), and a host process that must not count."""
+def test_trace_summary_splits_device_time_by_model_part():
+  """A GPU-shaped perfetto trace of 2 steps: kernels on a stream line, whose fields hold the operation's module
+  path (with or without the program's common prefix), a derived "XLA Ops" line and a host process that must not
+  count."""
   spec = importlib.util.spec_from_file_location("trace_summary", REPO / "experiments" / "trace_summary.py")
   trace_summary = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(trace_summary)
   meta = lambda kind, pid, name, tid=None: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
-  op = lambda tid, name, dur, scope="": {"ph": "X", "pid": 2, "tid": tid, "name": name, "dur": dur,
-                                          "args": {"tf_op": f"jit(step)/Transformer/{scope}"} if scope else {}}
+  kernel = lambda name, dur, path: {"ph": "X", "pid": 2, "tid": 7, "name": name, "dur": dur,
+                                    "args": {"hlo_op": "fusion.1", "name": path} if path else {}}
   events = [meta("process_name", 1, "/host:CPU"), meta("process_name", 2, "/device:GPU:0"),
             meta("thread_name", 2, "Stream #13(Compute)", 7), meta("thread_name", 2, "XLA Ops", 8),
             {"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "dur": 99_000},
-            op(7, "nvjet_gemm", 6_000), op(7, "flash_fprop", 2_000), op(7, "nvjet_gemm", 2_000),
-            op(8, "dot.1", 6_000, "layers_1/mlp/experts/gate_proj"),
-            op(8, "fusion.2", 2_000, "layers_1/self_attn/sdpa"),
-            op(8, "dot.3", 1_000, "layers_1/mlp/shared_experts/up_proj/dot_general"),
-            op(8, "fusion.4", 1_000, "layers_1/mlp/gate/dot_general")]
+            {"ph": "X", "pid": 2, "tid": 8, "name": "fusion.1", "dur": 99_000, "args": {}},
+            kernel("nvjet_gemm", 4_000, "jit(step)/Transformer/layers_1/mlp/experts/gate_proj/dot_general"),
+            kernel("nvjet_gemm", 2_000, "layers_1/mlp/experts/up_proj/dot_general"),
+            kernel("flash_fprop", 2_000, "layers_1/self_attn/dot_product_attention"),
+            kernel("nvjet_gemm", 1_000, "layers_1/mlp/shared_experts/up_proj/dot_general"),
+            kernel("loop_fusion", 1_000, "")]
   by_part, by_kernel = trace_summary.summarize({"traceEvents": events}, steps=2)
-  assert by_part == [("routed experts", 3.0), ("attention", 1.0), ("shared experts", 0.5), ("router", 0.5)]
-  assert [(k, ms) for k, _, ms in by_kernel] == [("nvjet_gemm", 4.0), ("flash_fprop", 1.0)]
+  assert by_part == [("routed experts", 3.0), ("attention", 1.0), ("shared experts", 0.5), ("other", 0.5)]
+  assert by_kernel == [("nvjet_gemm", "routed experts", 3.0), ("flash_fprop", "attention", 1.0),
+                       ("nvjet_gemm", "shared experts", 0.5), ("loop_fusion", "other", 0.5)]
   text = trace_summary.format_summary({"traceEvents": events}, 2, "auto")
-  assert text.startswith("# auto profile: 5.0 ms of device time per step; device lines: Stream #13(Compute) (3 "
-                         "events), XLA Ops (4 events); event fields: tf_op")
+  assert text.startswith("# auto profile: 5.0 ms of kernel time per step; device lines: XLA Ops (1 events), "
+                         "Stream #13(Compute) (5 events); kernel fields: hlo_op, name")
   assert "| attention | 1.0 | 20.0% |" in text
   host_only = [events[0], events[4]]
-  assert "no device events" in trace_summary.format_summary({"traceEvents": host_only}, 2, "cpu")
+  assert "no kernels on a device stream line" in trace_summary.format_summary({"traceEvents": host_only}, 2, "cpu")

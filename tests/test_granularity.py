@@ -3,6 +3,7 @@ the fine one and against a direct computation, the HF round trip, and the scratc
 
 import dataclasses
 import itertools
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -181,3 +182,25 @@ def test_bases_pretrained_in_worker_processes_equal_those_pretrained_here(tmp_pa
     assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()
     want, got = load_hf_model(here), load_hf_model(there)
     jax.tree_util.tree_map(np.testing.assert_array_equal, got.params, want.params)
+
+
+def test_a_base_asked_for_while_it_is_being_built_is_waited_for(tmp_path):
+  """Two callers of build_base on one spec at once (two ablations sharing a cache): one pretrains, the other waits
+  for it and reuses the result."""
+  tasks = make_all_tasks(MICRO.n_train, MICRO.n_test, seed=MICRO.base.seed)
+  spec = scratch_spec(MICRO.base, 4, 0)
+  started, lines = threading.Event(), []
+
+  def first_log(line: str) -> None:
+    lines.append(("first", line))
+    if line.startswith("pretraining on"):
+      started.set()
+
+  first = threading.Thread(target=build_base, args=(spec, tasks, tmp_path, first_log))
+  first.start()
+  assert started.wait(120)
+  second = build_base(spec, tasks, tmp_path, lambda line: lines.append(("second", line)))
+  first.join()
+  assert [who for who, line in lines if line.startswith("pretraining on")] == ["first"]
+  assert ("second", f"reusing the pretrained base model in {second[0]}") in lines
+  assert (second[0] / "config.json").exists()

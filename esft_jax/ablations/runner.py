@@ -78,7 +78,7 @@ class _Runner:
   """Fine-tunes and evaluates named variants of one ablation on each of its tasks: `run` queues a variant,
   `finish` runs the queue (in worker processes where the preset has them) and records a row per variant."""
 
-  def __init__(self, ws: Workspace, name: str, log, workers: int):
+  def __init__(self, ws: Workspace, name: str, log, workers: int):  # name: OUT/ablations/NAME
     self.ws, self.log, self.workers = ws, log, workers
     self.root = ws.out / "ablations" / name
     self.rows: list[dict] = []
@@ -280,6 +280,8 @@ def _check_group_sizes_fit(config: dict, path: str | Path, preset) -> None:
     return
   e = preset.base.routed_experts
   a = config.get("active_experts", preset.base.experts_per_token)
+  if a > e:
+    raise ValueError(f"{path}: 'active_experts' is {a}, more than this preset's {e} routed experts")
   bad = [g for g in config["group_sizes"] if e % g or a % g]
   if bad:
     fits = [g for g in range(1, a + 1) if e % g == 0 and a % g == 0]
@@ -298,7 +300,9 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   workers = workers or preset.workers
   share_device_with_workers(workers)
   ws = prepare(out, preset, cache_root, log)
-  runner = _Runner(ws, config["ablation"], log, workers)
+  # Its folder is named after the config file: two configs of one ablation (granularity_groups and
+  # granularity_groups_small, say) keep their runs and reports apart in one workspace.
+  runner = _Runner(ws, Path(config_path).stem, log, workers)
   base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
   extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
   runner.finish()

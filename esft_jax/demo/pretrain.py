@@ -9,6 +9,7 @@ every later step reads it like any other checkpoint. The directory is cached: a 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 from pathlib import Path
@@ -102,14 +103,23 @@ def base_is_built(spec: BaseSpec, cache_root: Path) -> bool:
 
 
 def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=print) -> tuple[Path, list[str]]:
-  """The pretrained base model's directory (built once per spec) and the held-out general texts."""
+  """The pretrained base model's directory (built once per spec) and the held-out general texts. A process that
+  asks for a base another process is building (two ablations started together, say) waits for it."""
   train_texts, held_out = general_split(spec.general_chars, spec.held_out_chars, spec.seed)
   model_dir = base_dir(spec, cache_root)
-  if base_is_built(spec, cache_root):
-    log(f"reusing the pretrained base model in {model_dir}")
-    return model_dir, held_out
+  cache_root.mkdir(parents=True, exist_ok=True)
+  with open(cache_root / f"building-{spec.key()}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+    if base_is_built(spec, cache_root):
+      log(f"reusing the pretrained base model in {model_dir}")
+    else:
+      _pretrain(spec, tasks, train_texts, cache_root / f"building-{spec.key()}", model_dir, log)
+  return model_dir, held_out
+
+
+def _pretrain(spec: BaseSpec, tasks: dict[str, Task], train_texts: list[str], work: Path, model_dir: Path,
+              log) -> None:
   formats = [r for task in tasks.values() for r in format_examples(task, spec.format_examples_per_task)]
-  work = cache_root / f"building-{spec.key()}"
   tokenizer = train_bpe_tokenizer(train_texts + [json.dumps(r, ensure_ascii=False) for r in formats],
                                   spec.vocab_size, work)
   examples = [text_example(tokenizer, t, f"general:{i}") for i, t in enumerate(train_texts)]
@@ -138,4 +148,3 @@ def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=pri
   atomic_write_text(work / "model" / "pretraining.json", json.dumps(
       {"spec": dataclasses.asdict(spec), "val_loss": result.best_val_loss, "seconds": result.wall_seconds}))
   work.joinpath("model").rename(model_dir)
-  return model_dir, held_out
