@@ -21,6 +21,7 @@ from esft_jax.files import atomic_write_text
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
+from esft_jax.model.attention import resolve_attention_impl
 from esft_jax.paths import leaves_by_path, set_path
 from esft_jax.train.trainer import TrainConfig, TrainResult, train
 
@@ -45,6 +46,7 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   sharding.check_batch_size(batch_size, mesh)
+  resolve_attention_impl(train_config.attention_impl, train_config.compute_dtype)  # before anything loads
   config = load_config(model_dir)
   plan, expert_config = make_plan(method, config, expert_config_path, lora_rank)
   # Each device reads only its shard of the model: none ever holds the whole of it.
