@@ -411,8 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "top-6 4 does not divide); granularity_scratch: bases of other granularity "
                                       "pretrained alike) in a demo workspace: the tasks, the cached base "
                                       "and the routing scores are shared with `esft-jax demo --out OUT`. Writes "
-                                      "OUT/ablations/NAME/REPORT.md, results.json and figure.png (NAME: the config file's name); "
-                                      "resumes.")
+                                      "OUT/ablations/NAME/REPORT.md, results.json and figure.png (NAME: the "
+                                      "config file's name); resumes.")
   ablate.add_argument("config", type=Path, help="e.g. configs/ablations/threshold.json")
   _add_workspace_flags(ablate)
   ablate.set_defaults(func=cmd_ablate)
