@@ -15,7 +15,7 @@ from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, gre
 from esft_jax.ablations.runner import pretrain_bases
 from esft_jax.config import config_from_hf
 from esft_jax.data.formatting import Example
-from esft_jax.demo.pretrain import build_base
+from esft_jax.demo.pretrain import base_is_built, build_base
 from esft_jax.demo.tasks import make_all_tasks
 from esft_jax.interop.hf import load_hf_model, save_hf_model
 from esft_jax.model.moe import MoEBlock
@@ -168,27 +168,17 @@ def test_scratch_specs_keep_total_and_active_routed_width():
     scratch_spec(base, 4, 16)
 
 
-def test_bases_pretrained_in_worker_processes_equal_those_pretrained_here(tmp_path):
-  """The granularity-from-scratch bases, pretrained two at a time in spawned workers, are the bases `build_base`
-  pretrains in this process: same tokenizer, same weights."""
+def test_bases_pretrained_in_workers_or_by_two_callers_at_once_are_the_same(tmp_path):
+  """The granularity-from-scratch bases, pretrained two at a time in spawned workers, are those `build_base`
+  pretrains in this process (same tokenizer, same weights). Two callers of `build_base` on one spec at once (two
+  ablations sharing a cache): one pretrains, the other waits for it and reuses the result."""
   tasks = make_all_tasks(MICRO.n_train, MICRO.n_test, seed=MICRO.base.seed)
   specs = [scratch_spec(MICRO.base, 4, 0), scratch_spec(MICRO.base, 16, 0)]
   lines = []
   pretrain_bases(specs + specs[:1], tasks, tmp_path / "workers", 2, lines.append)
   assert lines[0] == "pretraining 2 bases, 2 at a time" and len(lines) == 3
-  for spec in specs:
-    here, _ = build_base(spec, tasks, tmp_path / "here", log=lambda _: None)
-    there = tmp_path / "workers" / here.name
-    assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()
-    want, got = load_hf_model(here), load_hf_model(there)
-    jax.tree_util.tree_map(np.testing.assert_array_equal, got.params, want.params)
+  assert all(base_is_built(spec, tmp_path / "workers") for spec in specs)
 
-
-def test_a_base_asked_for_while_it_is_being_built_is_waited_for(tmp_path):
-  """Two callers of build_base on one spec at once (two ablations sharing a cache): one pretrains, the other waits
-  for it and reuses the result."""
-  tasks = make_all_tasks(MICRO.n_train, MICRO.n_test, seed=MICRO.base.seed)
-  spec = scratch_spec(MICRO.base, 4, 0)
   started, lines = threading.Event(), []
 
   def first_log(line: str) -> None:
@@ -196,11 +186,15 @@ def test_a_base_asked_for_while_it_is_being_built_is_waited_for(tmp_path):
     if line.startswith("pretraining on"):
       started.set()
 
-  first = threading.Thread(target=build_base, args=(spec, tasks, tmp_path, first_log))
+  first = threading.Thread(target=build_base, args=(specs[0], tasks, tmp_path / "here", first_log))
   first.start()
   assert started.wait(120)
-  second = build_base(spec, tasks, tmp_path, lambda line: lines.append(("second", line)))
+  here, _ = build_base(specs[0], tasks, tmp_path / "here", lambda line: lines.append(("second", line)))
   first.join()
   assert [who for who, line in lines if line.startswith("pretraining on")] == ["first"]
-  assert ("second", f"reusing the pretrained base model in {second[0]}") in lines
-  assert (second[0] / "config.json").exists()
+  assert ("second", f"reusing the pretrained base model in {here}") in lines
+
+  there = tmp_path / "workers" / here.name
+  assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()
+  want, got = load_hf_model(here), load_hf_model(there)
+  jax.tree_util.tree_map(np.testing.assert_array_equal, got.params, want.params)
