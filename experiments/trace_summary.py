@@ -51,20 +51,25 @@ def part_of(name: str) -> str:
   return next((part for part, pattern in PARTS if re.search(pattern, name)), "other")
 
 
-def kernel_events(trace: dict) -> list[dict]:
-  return [e for name, events in device_lines(trace).items() if name.startswith("Stream") for e in events]
+def kernel_events(lines: dict[str, list[dict]]) -> list[dict]:
+  """The events of the stream lines among `device_lines`."""
+  return [e for name, events in lines.items() if name.startswith("Stream") for e in events]
 
 
 def summarize(trace: dict, steps: int, top: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, str, float]]]:
   """(part, ms per step) by decreasing time, and the `top` (kernel, part) pairs as (kernel, part, ms per step)."""
-  parts, kernels = defaultdict(float), defaultdict(float)
-  for event in kernel_events(trace):
+  return _summarize(kernel_events(device_lines(trace)), steps, top)
+
+
+def _summarize(kernels: list[dict], steps: int, top: int = 15):
+  parts, by_pair = defaultdict(float), defaultdict(float)
+  for event in kernels:
     ms = event.get("dur", 0) / 1e3 / steps  # trace durations are in microseconds
     part = part_of(op_path(event))
     parts[part] += ms
-    kernels[event["name"], part] += ms
+    by_pair[event["name"], part] += ms
   by_part = sorted(parts.items(), key=lambda kv: -kv[1])
-  by_kernel = [(k, part, ms) for (k, part), ms in sorted(kernels.items(), key=lambda kv: -kv[1])[:top]]
+  by_kernel = [(k, part, ms) for (k, part), ms in sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]]
   return by_part, by_kernel
 
 
@@ -79,12 +84,13 @@ def load_trace(trace_dir: str | Path) -> dict:
 
 def format_summary(trace: dict, steps: int, label: str) -> str:
   lines_seen = device_lines(trace)
-  by_part, by_kernel = summarize(trace, steps)
+  kernels = kernel_events(lines_seen)
+  by_part, by_kernel = _summarize(kernels, steps)
   if not by_part:
     return (f"# {label} profile: no kernels on a device stream line in the trace (a CPU run has none); device "
             f"lines: {', '.join(name or '-' for name in lines_seen) or '-'}")
   total = sum(ms for _, ms in by_part)
-  fields = sorted({key for e in kernel_events(trace)[:100] for key in e.get("args", {})})
+  fields = sorted({key for e in kernels[:100] for key in e.get("args", {})})
   lines = [f"# {label} profile: {total:.1f} ms of kernel time per step; device lines: "
            + ", ".join(f"{name or '-'} ({len(events)} events)" for name, events in lines_seen.items())
            + f"; kernel fields: {', '.join(fields) or '-'}", "", "| part | ms per step | share |", "|---|---|---|"]

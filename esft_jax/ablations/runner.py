@@ -195,6 +195,7 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1 and active == ws.base.config.num_experts_per_tok:
       group_ws = ws  # singleton groups: the base itself, with the demo's scores
+      base_eval = ws.out / "runs" / "base_eval.json"
     else:
       base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
@@ -203,12 +204,11 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
         save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
         work.rename(base_dir)
       group_ws = ws.for_base(base_dir, runner.root / "scores" / base_dir.name, config["tasks"], runner.log)
+      base_eval = runner.root / "runs" / f"base-{base_dir.name}_eval.json"
     # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
     gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
                                           for t in config["tasks"]]))
-    cache = (ws.out / "runs" / "base_eval.json" if group_ws is ws
-             else runner.root / "runs" / f"base-{base_dir.name}_eval.json")
-    bases[str(size)] = group_ws.evaluate(group_ws.base.params, cache)
+    bases[str(size)] = group_ws.evaluate(group_ws.base.params, base_eval)
     for task in config["tasks"]:
       _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size)
   pairs = [float(m[np.triu_indices(len(m), 1)].mean()) for m in similarity.values()]
