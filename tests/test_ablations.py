@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from esft_jax.ablations.runner import WHAT_TO_TRAIN, _check_group_sizes_fit, load_ablation_config, run_ablation
+from esft_jax.ablations.runner import WHAT_TO_TRAIN, _check_fits_preset, load_ablation_config, run_ablation
 from esft_jax.demo.experiment import PRESETS
 from tests.test_demo import MICRO
 
@@ -92,7 +92,7 @@ def test_bad_ablation_configs_name_the_problem(tmp_path):
     load_ablation_config(path)
 
 
-def test_group_sizes_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
+def test_configs_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
   repo = Path(__file__).resolve().parents[1]
   with pytest.raises(ValueError, match=r"group sizes \[4\] do not divide this preset's 64 routed experts and the "
                                        r"6 active per token; use sizes from \[1, 2\], or set 'active_experts'"):
@@ -103,6 +103,11 @@ def test_group_sizes_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="too_many.json: 'active_experts' is 65, more than this preset's 64 routed"):
     run_ablation(too_many, tmp_path / "out", preset_name="small")
   assert not (tmp_path / "out").exists()
-  for name in ("granularity_groups.json", "granularity_groups_small.json"):  # each fits the preset it is for
+  with pytest.raises(ValueError, match=r"granularity_scratch.json: experts=4: the base's 64 experts of width 128, "
+                                       r"top-6, do not split evenly into 4 experts"):
+    run_ablation(repo / "configs/ablations/granularity_scratch.json", tmp_path / "out", preset_name="small")
+  assert not (tmp_path / "out").exists()
+  for name in ("granularity_groups.json", "granularity_groups_small.json", "granularity_scratch.json",
+               "granularity_scratch_small.json"):  # each fits the preset it is for
     preset = "small" if "small" in name else "tiny"
-    _check_group_sizes_fit(load_ablation_config(repo / "configs/ablations" / name), name, PRESETS[preset])
+    _check_fits_preset(load_ablation_config(repo / "configs/ablations" / name), name, PRESETS[preset])

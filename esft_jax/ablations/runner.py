@@ -273,9 +273,17 @@ _ABLATION_RUNS: dict[str, Callable[[_Runner, dict], dict | None]] = {
     "granularity_groups": _granularity_groups, "granularity_scratch": _granularity_scratch}
 
 
-def _check_group_sizes_fit(config: dict, path: str | Path, preset) -> None:
-  """Before anything runs: groups of G keep A/G groups active (A active experts, default the preset's top-k), so G
-  must divide the preset's E and A."""
+def _check_fits_preset(config: dict, path: str | Path, preset) -> None:
+  """Before anything runs, so a config written for another preset fails at once: a scratch variant must split the
+  preset's routed width evenly, and groups of G keep A/G groups active (A active experts, default the preset's
+  top-k), so G must divide the preset's E and A."""
+  if config["ablation"] == "granularity_scratch":
+    for variant in config["variants"]:
+      try:
+        scratch_spec(preset.base, variant["experts"], variant["shared_width"])
+      except ValueError as e:
+        raise ValueError(f"{path}: {e} (configs/ablations/granularity_scratch_small.json fits the small "
+                         "preset)") from None
   if config["ablation"] != "granularity_groups":
     return
   e = preset.base.routed_experts
@@ -296,7 +304,7 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once, as the demo does."""
   config = load_ablation_config(config_path)
   preset = preset or PRESETS[preset_name]
-  _check_group_sizes_fit(config, config_path, preset)
+  _check_fits_preset(config, config_path, preset)
   workers = workers or preset.workers
   share_device_with_workers(workers)
   ws = prepare(out, preset, cache_root, log)
