@@ -50,7 +50,8 @@ else
 fi
 left=$((DEADLINE - SECONDS))  # the wheels' install counts too
 ((left > 0)) || { echo "no time left before the deadline" | tee -a "$log"; exit 1; }
-timeout -k 10 "$left" python3 -m esft_jax.cli "${command[@]}" --preset small --out "$work" --cache "$CACHE" 2>&1 \
+timeout -k 10 "$left" python3 -m esft_jax.cli "${command[@]}" --preset small --out "$work" --cache "$CACHE" \
+  ${WORKERS:+--workers "$WORKERS"} 2>&1 \
   | tee -a "$log"
 rc=${PIPESTATUS[0]}
 if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="stopped at the deadline"; else how="exit $rc"; fi
