@@ -346,9 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "instead of all (larger batches on the full model) for about a third more compute")
   tr.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                   help="dtype of the frozen weights (trainable ones are fp32 master copies)")
-  tr.add_argument("--attention", default="reference", choices=["reference", "fused", "auto"],
+  tr.add_argument("--attention", default="auto", choices=["reference", "fused", "auto"],
                   help="fused: jax.nn.dot_product_attention, cuDNN's flash attention on a GPU (bfloat16), which "
-                       "never stores the [batch, heads, length, length] scores; auto: fused on a GPU in bfloat16")
+                       "never stores the [batch, heads, length, length] scores; reference: fp32 scores, "
+                       "materialised; auto (default): fused on a GPU in bfloat16, else reference")
   tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
   _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)

@@ -3,7 +3,7 @@ model, in one invocation and one table.
 
     python experiments/bench_train.py --layers 8 --batch 8 --seq 2048 --paths torch,auto   # one GPU
     python experiments/bench_train.py --layers 27 --batch 2 --paths auto                   # the full 15.7B shape
-    python experiments/bench_train.py --paths auto,auto+fused      # reference vs fused (cuDNN) attention
+    python experiments/bench_train.py --paths auto+reference,auto  # reference vs (on a GPU) fused attention
     python experiments/bench_train.py --tiny                                               # CPU, seconds
 
 Every path runs in its own subprocess, so each peak is that path's alone (JAX: the allocator's
@@ -15,11 +15,12 @@ process never starts a JAX backend.
 The step, the same batch on every path: next-token loss on random tokens, backward, AdamW on the first
 --experts-per-layer routed experts of every MoE layer, everything else frozen. JAX: `make_train_step` with
 `--paths` naming the expert implementation (grouped, auto, ...) and, after a "+", the attention
-implementation (reference unless named: `auto+fused`), bf16 frozen parameters, fp32 master copies and
-AdamW state for the trainable expert rows only. torch: transformers' `DeepseekV2ForCausalLM` from the same
-config (random init, bf16, default attention and experts implementations); transformers fuses the experts into
-[E, ...] tensors, so those tensors are the only ones with requires_grad, a gradient hook zeroes the rows of the
-other experts, and AdamW (weight decay 0, so the frozen rows stay put) holds bf16 state for the whole tensors.
+implementation (auto unless named, which is cuDNN's fused attention on a GPU: `auto+reference` for the
+materialised scores), bf16 frozen parameters, fp32 master copies and AdamW state for the trainable expert
+rows only. torch: transformers' `DeepseekV2ForCausalLM` from the same config (random init, bf16, default
+attention and experts implementations); transformers fuses the experts into [E, ...] tensors, so those
+tensors are the only ones with requires_grad, a gradient hook zeroes the rows of the other experts, and AdamW
+(weight decay 0, so the frozen rows stay put) holds bf16 state for the whole tensors.
 Time: median of --iters steps after the first (which compiles); "first s" is that first step.
 
 Model FLOPs per token, counted analytically from the config (the same number for every path):
@@ -121,7 +122,7 @@ def run_jax(args, path: str) -> dict:
   weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
   impl, _, attention = path.partition("+")
   model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads,
-                      attention_impl=attention or "reference")
+                      attention_impl=attention or "auto")
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
   def init_state(frozen) -> TrainState:
@@ -277,7 +278,8 @@ def main() -> None:
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--paths", default="grouped,auto,torch",
                       help="JAX expert implementations (grouped, auto, gpu, ...), each optionally with an attention "
-                           "implementation after a + (auto+fused: cuDNN flash attention), and/or torch (runs first)")
+                           "implementation after a + (default auto: cuDNN flash attention on a GPU; auto+reference: "
+                           "materialised scores), and/or torch (runs first)")
   parser.add_argument("--timeout", type=float, default=900, help="seconds per path")
   parser.add_argument("--remat", action="store_true", help="JAX paths recompute each layer in the backward pass")
   parser.add_argument("--all-expert-grads", action="store_true",

@@ -13,10 +13,11 @@
 #
 # Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
 # compiles dominate: the tables' "first s" is the first step, compile included):
-#   attention      not run   the fused (cuDNN) attention against the reference, values and gradients (pytest)
-#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto, then auto with fused
-#                            attention, each JAX path with its forward/backward breakdown and device time by
-#                            model part and kernel (auto alone with its breakdown: 24 s to the first step)
+#   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
+#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
+#                            attention, then auto (fused attention on the GPU), each JAX path with its
+#                            forward/backward breakdown and device time by model part and kernel (2026-11-29,
+#                            both JAX paths without torch: 146 s)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
 #   train_27        ~3 min   the full 27 layers at batch 2 x 2048, auto (first step 176 s in the second session)
@@ -24,8 +25,8 @@
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
 #                            before the 65k skewed rows)
-#   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), auto and auto+fused
-#                            (auto alone, 2026-11-29: 58 s to the first step since the kernels lower once)
+#   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
+#                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_suite}
@@ -46,7 +47,7 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
-piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto,auto+fused --breakdown \
+piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths auto --timeout 230
@@ -54,5 +55,5 @@ piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90
 piece moe 150 "$PY" experiments/bench_moe.py --rows 16384,32768,65536 --paths tiled,torch --iters 5 --warmup 2
-piece train_27_remat 300 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto,auto+fused --timeout 140
+piece train_27_remat 300 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto+reference,auto --timeout 140
 echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"

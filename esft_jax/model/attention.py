@@ -126,7 +126,7 @@ class GroupedQueryAttention(nn.Module):
   layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str = "reference"  # see ATTENTION_IMPLS
+  attention_impl: str = "auto"  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -173,7 +173,7 @@ class MultiHeadLatentAttention(nn.Module):
   layer: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  attention_impl: str = "reference"  # see ATTENTION_IMPLS
+  attention_impl: str = "auto"  # see ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,

@@ -51,7 +51,7 @@ class DecoderLayer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
-  attention_impl: str = "reference"
+  attention_impl: str = "auto"  # see esft_jax.model.attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
@@ -86,7 +86,7 @@ class Transformer(nn.Module):
   # ones: `esft_jax.esft.trainable.expert_weight_grads`); the GPU kernels skip the others' work. None: all.
   expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
   # How training and scoring attend: `esft_jax.model.attention.ATTENTION_IMPLS` (decoding uses the reference).
-  attention_impl: str = "reference"
+  attention_impl: str = "auto"  # see esft_jax.model.attention.ATTENTION_IMPLS
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,

@@ -53,7 +53,7 @@ class TrainConfig:
   seed: int = 0
   compute_dtype: str = "bfloat16"
   expert_impl: str = "auto"
-  attention_impl: str = "reference"  # esft_jax.model.attention.ATTENTION_IMPLS
+  attention_impl: str = "auto"  # esft_jax.model.attention.ATTENTION_IMPLS
   remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
   max_checkpoints: int = 2
 
