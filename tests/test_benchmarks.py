@@ -94,8 +94,9 @@ def test_trace_summary_splits_device_time_by_model_part():
             {"ph": "X", "pid": 1, "tid": 1, "name": "PjitFunction(step)", "dur": 99_000},
             {"ph": "X", "pid": 2, "tid": 8, "name": "fusion.1", "dur": 99_000, "args": {}},
             kernel("nvjet_gemm", 4_000, "jit(step)/Transformer/layers_1/mlp/experts/gate_proj/dot_general"),
-            kernel("nvjet_gemm", 2_000, "layers_1/mlp/experts/up_proj/dot_general"),
-            kernel("flash_fprop", 2_000, "layers_1/self_attn/dot_product_attention"),
+            kernel("nvjet_gemm", 2_000, "layers_1/mlp/routed_experts/dot_general"),
+            {**kernel("flash_fprop", 2_000, ""),  # XLA's tf_op wins over other fields with a "/"
+             "args": {"kernel_details": "grid 1/2", "tf_op": "layers_1/self_attn/dot_product_attention"}},
             kernel("nvjet_gemm", 1_000, "layers_1/mlp/shared_experts/up_proj/dot_general"),
             kernel("loop_fusion", 1_000, "")]
   by_part, by_kernel = trace_summary.summarize({"traceEvents": events}, steps=2)
@@ -104,7 +105,8 @@ def test_trace_summary_splits_device_time_by_model_part():
                        ("nvjet_gemm", "shared experts", 0.5), ("loop_fusion", "other", 0.5)]
   text = trace_summary.format_summary({"traceEvents": events}, 2, "auto")
   assert text.startswith("# auto profile: 5.0 ms of kernel time per step; device lines: XLA Ops (1 events), "
-                         "Stream #13(Compute) (5 events); kernel fields: hlo_op, name")
+                         "Stream #13(Compute) (5 events); kernel fields: hlo_op, kernel_details, name, tf_op")
   assert "| attention | 1.0 | 20.0% |" in text
+  assert text.endswith("# the longest kernel in other: loop_fusion, fields {}")
   host_only = [events[0], events[4]]
   assert "no kernels on a device stream line" in trace_summary.format_summary({"traceEvents": host_only}, 2, "cpu")

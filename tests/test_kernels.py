@@ -17,7 +17,7 @@ import pytest
 
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
-from esft_jax.model.kernels.layout import expert_layout, padded_rows
+from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows
 
 REPO = Path(__file__).resolve().parents[1]
 needs_hopper = pytest.mark.skipif(
@@ -87,6 +87,27 @@ def test_layout_gives_experts_elsewhere_no_row(align):
   assert np.all(dest[here] >= starts[ids[here]]) and np.all(dest[here] < (starts + sizes)[ids[here]])
   np.testing.assert_array_equal(source[dest[here]], np.nonzero(here)[0])
   assert np.sum(source < tokens) == here.sum()
+
+
+@pytest.mark.parametrize("align", [1, 128])
+def test_dispatch_and_combine_match_take_in_values_and_gradients(align):
+  """The layout's row gathers, whose gradients are gathers too, against `jnp.take` and its scatter-add gradient:
+  experts elsewhere (expert parallelism), padding rows and skewed routing included."""
+  rng = np.random.default_rng(9)
+  tokens, k, experts, d = 37, 3, 4, 8
+  ids = routing(rng, tokens, k, 2 * experts, skewed=True) - 2  # ids -2 .. 5: 0-3 here
+  layout = expert_layout(jnp.asarray(ids), experts, align)
+  take = lambda src, index: jnp.take(src, index, axis=0, mode="fill", fill_value=0)
+  cases = [(lambda x: dispatch(x, layout), lambda x: take(x, layout.source_P), (tokens, d)),
+           (lambda y: combine(y, layout), lambda y: take(y, layout.dest_TxK.reshape(-1)).reshape(tokens, k, d),
+            (len(layout.assignment_P), d))]
+  for fast, simple, shape in cases:
+    src = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    out, vjp = jax.vjp(jax.jit(fast), src)
+    want, want_vjp = jax.vjp(simple, src)
+    np.testing.assert_array_equal(out, want)
+    cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
 
 
 def test_tiled_forward_kernel_interpreted():

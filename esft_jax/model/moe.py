@@ -180,8 +180,9 @@ class MoEBlock(nn.Module):
 
     experts = StackedExperts(e, d, f, self.param_dtype, name="experts")()
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
-    out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl,
-                         self.weight_grad_experts)
+    with jax.named_scope("routed_experts"):  # a module of their own in profiles (they are a function here)
+      out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl,
+                           self.weight_grad_experts)
 
     if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
       shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)

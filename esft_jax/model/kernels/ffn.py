@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from esft_jax.model.kernels import hopper_available, tiled
-from esft_jax.model.kernels.layout import expert_layout
+from esft_jax.model.kernels.layout import combine, dispatch, expert_layout
 
 KERNELS = ("tiled", "ragged")
 
@@ -57,13 +57,12 @@ def gpu_expert_ffn(
   `esft_jax.model.experts.expert_ffn`."""
   if not (interpret or hopper_available()):
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
-  t, k = ids_TxK.shape
   matmul, align = kernel_matmul(kernel, interpret)
   layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], align)
-  x_PxD = jnp.take(x_TxD, layout.source_P, axis=0, mode="fill", fill_value=0)
+  x_PxD = dispatch(x_TxD, layout)
   groups = (layout.group_sizes_G, weight_grad_experts, first_expert)
   gate_PxF = matmul(x_PxD, experts["gate_proj"], *groups)
   up_PxF = matmul(x_PxD, experts["up_proj"], *groups)
   y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], *groups)
-  y_TxKxD = jnp.take(y_PxD, layout.dest_TxK.reshape(-1), axis=0, mode="fill", fill_value=0).reshape(t, k, -1)
+  y_TxKxD = combine(y_PxD, layout)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)
