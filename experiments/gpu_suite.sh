@@ -13,6 +13,8 @@
 #
 # Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
 # compiles dominate: the tables' "first s" is the first step, compile included):
+#   kernels        not run   the expert kernels, dispatch and combine against the reference (pytest; 20 passed,
+#                            1 skipped in the fifth session, run beside an ablation)
 #   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
 #   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
@@ -46,6 +48,7 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 } 2>&1 | tee "$OUT/suite.txt"
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
+piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
 piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
