@@ -86,7 +86,7 @@ class Transformer(nn.Module):
   # ones: `esft_jax.esft.trainable.expert_weight_grads`); the GPU kernels skip the others' work. None: all.
   expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
   # How training and scoring attend: `esft_jax.model.attention.ATTENTION_IMPLS` (decoding uses the reference).
-  attention_impl: str = "auto"  # see esft_jax.model.attention.ATTENTION_IMPLS
+  attention_impl: str = "auto"
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
