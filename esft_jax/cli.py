@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--attention", default="auto", choices=["reference", "fused", "auto"],
                   help="fused: jax.nn.dot_product_attention, cuDNN's flash attention on a GPU (bfloat16), which "
                        "never stores the [batch, heads, length, length] scores; reference: fp32 scores, "
-                       "materialised; auto (default): fused on a GPU in bfloat16, else reference")
+                       "materialised; auto (default): fused on a Hopper GPU in bfloat16, else reference")
   tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
   _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)

@@ -12,6 +12,7 @@ from esft_jax.config import load_config
 from esft_jax.model.attention import (attention_mask, dot_product_attention, fused_attention,
                                       resolve_attention_impl)
 from esft_jax.model.experts import expert_ffn, grouped_expert_ffn, reference_expert_ffn
+from esft_jax.model.kernels import hopper_available
 from esft_jax.model.layers import rope_frequencies
 from esft_jax.model.moe import Routing, batch_aux_loss, sequence_aux_loss
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts
@@ -165,19 +166,24 @@ def test_fused_attention_in_the_model_matches_the_reference():
 
 
 def test_attention_impl_choice():
-  assert resolve_attention_impl("auto", jnp.bfloat16) == ("fused" if ON_GPU else "reference")
+  assert resolve_attention_impl("auto", jnp.bfloat16) == ("fused" if hopper_available() else "reference")
   assert resolve_attention_impl("auto", jnp.float32) == "reference"
   assert resolve_attention_impl("fused", jnp.bfloat16) == "fused"
   with pytest.raises(ValueError, match="attention_impl='flash': expected one of"):
     resolve_attention_impl("flash", jnp.float32)
 
 
-def test_fused_attention_on_a_gpu_asks_for_16_bits(monkeypatch):
+def test_fused_attention_on_a_gpu_asks_for_16_bits_and_auto_for_a_hopper(monkeypatch):
+  from esft_jax.model import attention
+
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(attention, "hopper_available", lambda: True)
   assert resolve_attention_impl("auto", jnp.bfloat16) == "fused"
   assert resolve_attention_impl("auto", jnp.float32) == "reference"
   with pytest.raises(ValueError, match="takes bfloat16 or float16, not float32: compute in bfloat16"):
     resolve_attention_impl("fused", jnp.float32)
+  monkeypatch.setattr(attention, "hopper_available", lambda: False)  # older GPUs' cuDNN: no 192-wide MLA heads
+  assert resolve_attention_impl("auto", jnp.bfloat16) == "reference"
 
 
 def test_yarn_numbers_of_deepseek_v2_lite():

@@ -282,8 +282,8 @@ def _check_fits_preset(config: dict, path: str | Path, preset) -> None:
       try:
         scratch_spec(preset.base, variant["experts"], variant["shared_width"])
       except ValueError as e:
-        raise ValueError(f"{path}: {e} (configs/ablations/granularity_scratch_small.json fits the small "
-                         "preset)") from None
+        raise ValueError(f"{path}: {e} (configs/ablations/granularity_scratch.json fits the tiny preset, "
+                         "granularity_scratch_small.json the small one)") from None
   if config["ablation"] != "granularity_groups":
     return
   e = preset.base.routed_experts

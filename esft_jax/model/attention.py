@@ -13,13 +13,15 @@ import jax.numpy as jnp
 from typing import NamedTuple
 
 from esft_jax.config import ModelConfig
+from esft_jax.model.kernels import hopper_available
 from esft_jax.model.layers import Linear, RMSNorm, apply_rope, logical_param
 
 Dtype = jnp.dtype
 MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 # How training and scoring attend (decoding always uses the reference): "reference" materialises the fp32 scores
 # (einsum, softmax, einsum); "fused" is `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU);
-# "auto" is fused on a GPU at 16-bit precision, the reference elsewhere.
+# "auto" is fused on a Hopper GPU at 16-bit precision (measured there; older GPUs' cuDNN takes no 192-wide MLA
+# heads), the reference elsewhere.
 ATTENTION_IMPLS = ("reference", "fused", "auto")
 
 
@@ -108,7 +110,7 @@ def resolve_attention_impl(impl: str, dtype) -> str:
     raise ValueError(f"attention_impl='fused' runs cuDNN's flash attention on a GPU, which takes bfloat16 or "
                      f"float16, not {jnp.dtype(dtype).name}: compute in bfloat16 or use attention_impl='auto'")
   if impl == "auto":
-    return "fused" if gpu and half else "reference"
+    return "fused" if hopper_available() and half else "reference"
   return impl
 
 
