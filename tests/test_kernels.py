@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -108,6 +109,26 @@ def test_dispatch_and_combine_match_take_in_values_and_gradients(align):
     np.testing.assert_array_equal(out, want)
     cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
     np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+
+
+def test_expert_backward_scatters_no_activations():
+  """On the kernels' path, the gradients of dispatch and combine are gathers: the backward's only scatters are the
+  layout's own integer ones (autodiff of a gather would scatter-add [rows, D] activations)."""
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(10), 64, 2, 4, 128, 128, skewed=False)
+  loss = lambda *a: jnp.sum(gpu_expert_ffn(a[0], ids, *a[1:], interpret=True).astype(jnp.float32))
+  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, experts)
+
+  def scatters(j):
+    for eqn in j.eqns:
+      if "scatter" in eqn.primitive.name:
+        yield eqn.primitive.name, eqn.invars[0].aval.dtype
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+        yield from scatters(sub)
+
+  found = list(scatters(jaxpr.jaxpr))
+  assert found and all(jnp.issubdtype(dtype, jnp.integer) for _, dtype in found), found
 
 
 def test_tiled_forward_kernel_interpreted():
