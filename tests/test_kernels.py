@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import pytest
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows
+from tests.jaxprs import scatters
 
 REPO = Path(__file__).resolve().parents[1]
 needs_hopper = pytest.mark.skipif(
@@ -118,17 +118,8 @@ def test_expert_backward_scatters_no_activations():
 
   x, ids, weights, experts = moe_inputs(np.random.default_rng(10), 64, 2, 4, 128, 128, skewed=False)
   loss = lambda *a: jnp.sum(gpu_expert_ffn(a[0], ids, *a[1:], interpret=True).astype(jnp.float32))
-  jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, experts)
-
-  def scatters(j):
-    for eqn in j.eqns:
-      if "scatter" in eqn.primitive.name:
-        yield eqn.primitive.name, eqn.invars[0].aval.dtype
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        yield from scatters(sub)
-
-  found = list(scatters(jaxpr.jaxpr))
-  assert found and all(jnp.issubdtype(dtype, jnp.integer) for _, dtype in found), found
+  found = scatters(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(x, weights, experts))
+  assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
 def test_tiled_forward_kernel_interpreted():

@@ -19,8 +19,10 @@ from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts
 from esft_jax.paths import leaves_by_path
 from esft_jax.train.optimizer import make_optimizer
+from esft_jax.train.loss import token_cross_entropy
 from esft_jax.train.trainer import TrainConfig, loss_fn, train
 from tests.hf_models import ARCHITECTURES, save_hf_model_dir
+from tests.jaxprs import scatters
 from tests.replay import replay
 
 EXPERTS = {"1": [3, 0], "2": [5]}
@@ -97,6 +99,39 @@ def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero()
   for proj in ("gate_proj", "up_proj", "down_proj"):
     assert float(jnp.abs(slice_grads["layers_2"]["mlp"]["experts"][proj][1]).max()) == 0.0
     assert float(jnp.abs(slice_grads["layers_2"]["mlp"]["experts"][proj][0]).max()) > 0.0
+
+
+def test_esft_backward_writes_no_full_size_tensor_by_scatter():
+  """The ESFT step's only scatters of a full-size tensor are the merge's writes of the trained rows into their
+  frozen stacks: none into the [B, L, V] logits (cross-entropy's target logit) and no full-size id tensor (which a
+  scatter that may repeat an index needs to differentiate)."""
+  cfg, params, _ = _setup()
+  batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1)[0])
+  plan = _esft_plan()
+  trainable = init_trainable(plan, params)
+  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan)(t, params, batch)[0]))(
+      trainable))
+  stacks = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
+  large = [(name, operand.dtype) for name, operand in found
+           if operand.shape in stacks or operand.shape == (*batch["inputs"].shape, cfg.vocab_size)]
+  assert large == [("scatter", jnp.float32)] * 3 * len(EXPERTS), found
+
+
+def test_token_cross_entropy_equals_the_gathered_target_logit():
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.standard_normal((2, 5, 11)) * 3, jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 11, (2, 5)), jnp.int32)
+  cotangent = jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)
+  gathered = lambda x: jax.nn.logsumexp(x, -1) - jnp.take_along_axis(x, targets[..., None], -1)[..., 0]
+  got, got_vjp = jax.vjp(lambda x: token_cross_entropy(x, targets), logits)
+  want, want_vjp = jax.vjp(gathered, logits)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got_vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_an_expert_listed_twice_is_an_error():
+  with pytest.raises(ValueError, match=r"layer 1: expert ids \[3\] are listed more than once"):
+    plan_from_expert_config({"experts": {"1": [3, 0, 3]}})
 
 
 def test_remat_gives_the_same_loss_and_gradients():

@@ -74,6 +74,10 @@ def plan_from_expert_config(expert_config: Mapping[str, Any]) -> TrainPlan:
   """ESFT's expert-config JSON ({"experts": {layer: ids}, "shared_experts", "non_expert_modules"})."""
   experts = tuple(sorted((int(layer), tuple(int(e) for e in ids))
                          for layer, ids in expert_config["experts"].items()))
+  for layer, ids in experts:
+    if len(set(ids)) != len(ids):
+      raise ValueError(f"expert config: layer {layer}: expert ids {sorted({e for e in ids if ids.count(e) > 1})} "
+                       "are listed more than once; list each trained expert once")
   return TrainPlan("esft", experts, bool(expert_config.get("shared_experts", False)),
                    bool(expert_config.get("non_expert_modules", False)))
 
@@ -104,7 +108,9 @@ def merge_trainable(plan: TrainPlan, params, trainable) -> dict:
     frozen = get_path(params, path)
     if param_role(path) == "routed_experts" and not plan.trains_whole(path):
       ids = jnp.asarray(selected[layer_index(path)], jnp.int32)
-      value = frozen.at[ids].set(value.astype(frozen.dtype))
+      # Unique ids (the plan rejects repeats): differentiating a scatter that may repeat an index would scatter a
+      # full-size id tensor to find which update wins.
+      value = frozen.at[ids].set(value.astype(frozen.dtype), unique_indices=True)
     set_path(merged, path, value.astype(frozen.dtype))
   return merged
 
