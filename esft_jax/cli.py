@@ -408,10 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Run the ablation a config under configs/ablations/ describes (threshold: "
                                       "Figure 6's sweep of p with LoRA ranks beside it; what_to_train: Table 3; "
                                       "random_experts: Table 4; granularity_groups: Figure 7, experts grouped "
-                                      "into coarse ones (granularity_groups_small.json for --preset small, whose "
-                                      "top-6 4 does not divide); granularity_scratch: bases of other granularity "
-                                      "pretrained alike) in a demo workspace: the tasks, the cached base "
-                                      "and the routing scores are shared with `esft-jax demo --out OUT`. Writes "
+                                      "into coarse ones; granularity_scratch: bases of other granularity pretrained "
+                                      "alike; the *_small.json configs fit --preset small) in a demo workspace: "
+                                      "the tasks, the cached base and the routing scores are shared with "
+                                      "`esft-jax demo --out OUT`. Writes "
                                       "OUT/ablations/NAME/REPORT.md, results.json and figure.png (NAME: the "
                                       "config file's name); resumes.")
   ablate.add_argument("config", type=Path, help="e.g. configs/ablations/threshold.json")

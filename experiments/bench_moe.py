@@ -279,13 +279,13 @@ def sweep(args) -> None:
     flops = 2 * data["rows"] * k * n
     cases = []
     forward = lambda cfg, transpose: lambda a, b, g: tiled.grouped_forward(a, b, g, transpose_rhs=transpose, cfg=cfg)
+    weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
     for cfg in sweep_configs(n):
       cases.append((f"fwd {k}->{n}", cfg, forward(cfg, False), (lhs, w, gs)))
     for cfg in sweep_configs(k):
       cases.append((f"dX {n}->{k}", cfg, forward(cfg, True), (dout, w, gs)))
     for cfg in sweep_configs(n, k):
-      cases.append((f"dW {k}x{n}", cfg, lambda a, b, g, cfg=cfg: tiled.grouped_weight_grad(a, b, g, cfg=cfg),
-                    (lhs, dout, gs)))
+      cases.append((f"dW {k}x{n}", cfg, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", shipped, (lhs, dout, gs)))
     for name, cfg, fn, fn_args in cases:
