@@ -105,7 +105,8 @@ def run_jax(args, path: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from esft_jax.esft.trainable import count_parameters, expert_weight_grads, init_trainable, plan_from_expert_config
+  from esft_jax.esft.trainable import (count_parameters, expert_weight_grads, init_trainable, join_written,
+                                      plan_from_expert_config, split_written)
   from esft_jax.model.transformer import Transformer, init_params
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.optimizer import make_optimizer
@@ -133,24 +134,31 @@ def run_jax(args, path: str) -> dict:
   step = make_train_step(model, plan, optimizer, lambda s: 1e-5, shardings)
   # Built with the shardings the step returns (as the trainer does), so the second step does not compile again.
   state = jax.jit(init_state, out_shardings=shardings.state)(params)
+  # The step donates `written` (the stacks it writes the trained rows into), so from here on the stacks are
+  # read from there: `params` would hold deleted arrays.
+  frozen, written = split_written(plan, params)
+  del params
   start = time.perf_counter()
-  state, metrics = step(state, params, batch)
+  state, written, metrics = step(state, written, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
-  state, ms = median_step_ms(step, state, params, batch, iters=args.iters)
+  (state, written), ms = median_step_ms(step, (state, written), frozen, batch, iters=args.iters)
   result = {"ms": ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(path),
             "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
             "trainable_params": count_parameters(state.trainable)}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
-    loss = lambda trainable, frozen, micro: loss_fn(model, plan)(trainable, frozen, micro)[0]
+    # As in the step, the stacks' rows are used as written (here by the last step: for timing, values don't matter)
+    loss = lambda trainable, params, micro: loss_fn(model, plan, rows_written=True)(trainable, params, micro)[0]
     micro = {k: v[0] for k, v in batch.items()}
+    params = join_written(frozen, written)
     result["forward_ms"] = median_call_ms(jax.jit(loss), state.trainable, params, micro, iters=args.iters)
     result["grad_ms"] = median_call_ms(jax.jit(jax.grad(loss)), state.trainable, params, micro, iters=args.iters)
+    del params
   if args.profile:  # two more steps under the profiler: where the device time goes, by model part and kernel
     trace_dir = os.path.join(args.profile, path)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(2):
-        state, metrics = step(state, params, batch)
+        state, written, metrics = step(state, written, frozen, batch)
         jax.block_until_ready(metrics["loss"])
     result["profile"] = format_summary(load_trace(trace_dir), 2, path)
   return result

@@ -22,9 +22,9 @@
 #                            both JAX paths without torch: 146 s)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
-#   train_27        ~3 min   the full 27 layers at batch 4 x 2048 without remat, auto (at batch 2 with the
-#                            reference attention: 111 GiB and a 176 s first step in the second session; fused
-#                            attention took 11 GiB off the 8-layer step)
+#   train_27          68 s   the full 27 layers at batch 4 x 2048 without remat, auto (2026-11-29, before the
+#                            trained rows were written in place: 111.6 GiB, 36 s to the first step)
+#   train_27_b8     not run  the same at batch 8 x 2048, if it fits without remat
 #   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
@@ -56,6 +56,7 @@ piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,aut
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 4 --iters 3 --paths auto --timeout 230
+piece train_27_b8 240 "${train[@]}" --layers 27 --batch 8 --iters 3 --paths auto --timeout 230
 piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048 --gen-batch 16 --prompt-len 128 \
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90

@@ -8,16 +8,17 @@ import time
 import jax
 
 
-def median_step_ms(step, state, *inputs, iters: int):
-  """Runs `state, metrics = step(state, *inputs)` `iters` times, each until its loss is ready. Returns the last
-  state and the median milliseconds of a step."""
+def median_step_ms(step, carry: tuple, *inputs, iters: int):
+  """Runs `*carry, metrics = step(*carry, *inputs)` `iters` times, each until its loss is ready (the carry: what
+  the step donates and returns, e.g. the train state). Returns the last carry and the median milliseconds of a
+  step."""
   times = []
   for _ in range(iters):
     start = time.perf_counter()
-    state, metrics = step(state, *inputs)
+    *carry, metrics = step(*carry, *inputs)
     jax.block_until_ready(metrics["loss"])
     times.append(time.perf_counter() - start)
-  return state, statistics.median(times) * 1e3
+  return tuple(carry), statistics.median(times) * 1e3
 
 
 def median_call_ms(fn, *args, iters: int, warmup: int = 1) -> float:

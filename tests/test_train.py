@@ -11,8 +11,8 @@ import torch
 import transformers
 
 from esft_jax.config import config_from_hf, load_config
-from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, merge_trainable,
-                                     plan_from_expert_config, tree_bytes)
+from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, join_written, merge_trainable,
+                                     plan_from_expert_config, split_written, tree_bytes, write_expert_rows)
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
@@ -20,7 +20,8 @@ from esft_jax.model.transformer import Transformer, init_params, parameter_count
 from esft_jax.paths import leaves_by_path
 from esft_jax.train.optimizer import make_optimizer
 from esft_jax.train.loss import token_cross_entropy
-from esft_jax.train.trainer import TrainConfig, loss_fn, train
+from esft_jax.sharding import single_device_mesh
+from esft_jax.train.trainer import TrainConfig, TrainState, loss_fn, make_train_step, step_shardings, train
 from tests.hf_models import ARCHITECTURES, save_hf_model_dir
 from tests.jaxprs import scatters
 from tests.replay import replay
@@ -115,6 +116,84 @@ def test_esft_backward_writes_no_full_size_tensor_by_scatter():
   large = [(name, operand.dtype) for name, operand in found
            if operand.shape in stacks or operand.shape == (*batch["inputs"].shape, cfg.vocab_size)]
   assert large == [("scatter", jnp.float32)] * 3 * len(EXPERTS), found
+
+
+def _moved(trainable, seed=1):
+  """`trainable` moved off its initial values, so that rows written and rows merged could differ."""
+  rng = np.random.default_rng(seed)
+  return jax.tree_util.tree_map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape) * 0.05, x.dtype), trainable)
+
+
+def test_split_written_holds_the_trained_stacks_and_joins_back():
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  rest, written = split_written(plan, params)
+  assert sorted(written) == sorted(f"layers_{layer}/mlp/experts/{proj}" for layer in EXPERTS
+                                   for proj in ("down_proj", "gate_proj", "up_proj"))
+  assert not any("/mlp/experts/" in path and path.split("/")[0][7:] in EXPERTS for path in leaves_by_path(rest))
+  joined = join_written(rest, written)
+  assert jax.tree_util.tree_structure(joined) == jax.tree_util.tree_structure(params)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), joined, params)
+  trainable = _moved(init_trainable(plan, params))
+  out = write_expert_rows(plan, written, trainable)
+  for path, stack in out.items():
+    ids = EXPERTS[path.split("/")[0].removeprefix("layers_")]
+    want = np.asarray(written[path]).copy()
+    want[ids] = np.asarray(leaves_by_path(trainable)[path]).astype(want.dtype)
+    np.testing.assert_array_equal(stack, want)
+
+
+def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
+  cfg, params, _ = _setup()
+  batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1)[0])
+  plan = _esft_plan()
+  trainable = _moved(init_trainable(plan, params))
+  rest, written = split_written(plan, params)
+  written_params = join_written(rest, write_expert_rows(plan, written, trainable))
+  merged = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan)(t, params, batch)[0])
+  in_place = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan, rows_written=True)(
+      t, written_params, batch)[0])
+  (want_loss, want_grads), (got_loss, got_grads) = merged(trainable), in_place(trainable)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), got_grads, want_grads)
+  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan, rows_written=True)(
+      t, written_params, batch)[0]))(trainable))
+  full_size = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
+  full_size.add((*batch["inputs"].shape, cfg.vocab_size))
+  assert found and not [operand for _, operand in found if operand.shape in full_size], found  # small counts only
+
+
+def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_values():
+  """The step without an accumulator (one micro-batch) against the scan that averages two copies of it; the stacks
+  it is handed come back with only the trained rows changed."""
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-3)
+  model = Transformer(cfg)
+
+  def init(frozen):
+    trainable = init_trainable(plan, frozen)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, params))
+  step = make_train_step(model, plan, optimizer, lambda s: 1e-3, shardings)
+  micro = _batches(cfg, 1)[0]
+  results = []
+  for copies in (1, 2):
+    rest, written = split_written(plan, params)
+    written = jax.tree_util.tree_map(jnp.copy, written)  # donated by the step
+    batch = {k: np.stack([v] * copies) for k, v in micro.items()}
+    state, written, metrics = step(init(params), written, rest, batch)
+    state, written, metrics = step(state, written, rest, batch)
+    results.append((state.trainable, metrics["loss"]))
+    for path, stack in written.items():
+      ids = EXPERTS[path.split("/")[0].removeprefix("layers_")]
+      frozen_rows = np.setdiff1d(np.arange(cfg.num_experts), ids)
+      np.testing.assert_array_equal(np.asarray(stack)[frozen_rows], np.asarray(leaves_by_path(params)[path])[frozen_rows])
+      assert not np.array_equal(np.asarray(stack)[ids], np.asarray(leaves_by_path(params)[path])[ids])
+  (one, loss_one), (two, loss_two) = results
+  np.testing.assert_allclose(loss_one, loss_two, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, two)
 
 
 def test_token_cross_entropy_equals_the_gathered_target_logit():

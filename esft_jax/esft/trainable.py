@@ -3,8 +3,9 @@
 The trainer holds two trees (levanter's partition, decided once): the frozen model parameters, and a small
 trainable tree that alone gets gradients and optimizer state. For ESFT the trainable tree holds, per MoE
 layer, only the selected experts' rows of the stacked `[E, D, F]` tensors (the "trainable expert slice");
-`merge_trainable` writes them back into the frozen stack inside the jitted step. So gradients and AdamW state
-exist only for what is trained, and every frozen parameter stays bit-identical.
+`merge_trainable` writes them back into the frozen stack inside the jitted step (the train step writes them in
+place into stacks it is handed apart and donated, `split_written`, so no full-size copy of a stack is made). So gradients and
+AdamW state exist only for what is trained, and every frozen parameter stays bit-identical.
 
 Paths are '/'-joined Flax paths, e.g. `layers_3/mlp/experts/gate_proj`.
 """
@@ -98,21 +99,85 @@ def init_trainable(plan: TrainPlan, params, rng: jax.Array | None = None, dtype=
   return trainable
 
 
-def merge_trainable(plan: TrainPlan, params, trainable) -> dict:
-  """The full parameter tree the model runs with: frozen parameters with the trainable ones written in."""
+def merge_trainable(plan: TrainPlan, params, trainable, rows_written: bool = False) -> dict:
+  """The full parameter tree the model runs with: frozen parameters with the trainable ones written in.
+
+  `rows_written`: `params` already hold the trained expert rows (`write_expert_rows`, in the train step), so the
+  stacks are used as they are, with no full-size copy, and only the rows' gradients flow back."""
   if plan.method == "lora":
     return lora.apply_lora(params, trainable, plan.lora_scale)
   merged = jax.tree_util.tree_map(lambda x: x, params)  # new containers; leaves shared, not copied
-  selected = plan.expert_ids
   for path, value in leaves_by_path(trainable).items():
     frozen = get_path(params, path)
-    if param_role(path) == "routed_experts" and not plan.trains_whole(path):
-      ids = jnp.asarray(selected[layer_index(path)], jnp.int32)
-      # Unique ids (the plan rejects repeats): differentiating a scatter that may repeat an index would scatter a
-      # full-size id tensor to find which update wins.
-      value = frozen.at[ids].set(value.astype(frozen.dtype), unique_indices=True)
+    if _is_expert_slice(plan, path):
+      ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
+      rows = value.astype(frozen.dtype)
+      value = _rows_already_in(frozen, rows, ids) if rows_written else _write_rows(frozen, rows, ids)
     set_path(merged, path, value.astype(frozen.dtype))
   return merged
+
+
+def split_written(plan: TrainPlan, params) -> tuple[dict, dict]:
+  """(rest, written): `written` maps the path of every stack the train step writes rows into (ESFT's routed-expert
+  stacks of the layers with a selection) to that stack, and `rest` is `params` without them. The step takes
+  `written` as an argument of its own that it donates, so the rows are written in place; `join_written` puts
+  the trees back together."""
+  rest = jax.tree_util.tree_map(lambda x: x, params)  # new containers; leaves shared, not copied
+  written = {}
+  for path in leaves_by_path(params):
+    if _is_expert_slice(plan, path) and plan.expert_ids.get(layer_index(path)):
+      *parents, last = path.split("/")
+      written[path] = get_path(rest, "/".join(parents)).pop(last)
+  return rest, written
+
+
+def join_written(rest, written: Mapping[str, Any]) -> dict:
+  """The inverse of `split_written`."""
+  params = jax.tree_util.tree_map(lambda x: x, rest)
+  for path, stack in written.items():
+    set_path(params, path, stack)
+  return params
+
+
+def write_expert_rows(plan: TrainPlan, written: Mapping[str, Any], trainable) -> dict:
+  """`written` (see `split_written`) with the trained expert rows of `trainable` written in, as the stacks'
+  dtype; on a donated `written`, XLA writes the rows in place."""
+  out = {}
+  for path, stack in written.items():
+    ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
+    out[path] = _write_rows(stack, jax.lax.stop_gradient(get_path(trainable, path)).astype(stack.dtype), ids)
+  return out
+
+
+def _is_expert_slice(plan: TrainPlan, path: str) -> bool:
+  return plan.method == "esft" and param_role(path) == "routed_experts" and not plan.trains_whole(path)
+
+
+def _write_rows(stack_ExDxF, rows_SxDxF, ids_S):
+  # Unique ids (the plan rejects repeats): differentiating a scatter that may repeat an index would scatter a
+  # full-size id tensor to find which update wins.
+  return stack_ExDxF.at[ids_S].set(rows_SxDxF, unique_indices=True)
+
+
+@jax.custom_vjp
+def _rows_already_in(stack_ExDxF, rows_SxDxF, ids_S):
+  """`stack` as it is, which already holds `rows` at `ids` (same dtype); differentiates like `_write_rows` in
+  `rows`."""
+  del rows_SxDxF, ids_S
+  return stack_ExDxF
+
+
+def _rows_already_in_fwd(stack_ExDxF, rows_SxDxF, ids_S):
+  del rows_SxDxF
+  return stack_ExDxF, ids_S
+
+
+def _rows_already_in_bwd(ids_S, grad_ExDxF):
+  # The stack is frozen (no cotangent); the rows get theirs, a gather, not a scatter.
+  return None, grad_ExDxF[ids_S], None
+
+
+_rows_already_in.defvjp(_rows_already_in_fwd, _rows_already_in_bwd)
 
 
 def expert_weight_grads(plan: TrainPlan, config: ModelConfig) -> tuple[tuple[int, tuple[int, ...]], ...] | None:
