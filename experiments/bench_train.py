@@ -249,20 +249,23 @@ def worker(args) -> None:
   print(RESULT + json.dumps(result), flush=True)
 
 
-def run_path(args, path: str) -> dict:
-  """One path in its own process: its own allocator, so its own peak."""
+def run_path(args, path: str, profile: bool = False) -> dict:
+  """One path in its own process: its own allocator, so its own peak. `profile`: a separate process that only
+  traces two steps into --profile, with XLA's command buffers off, so that every kernel in the trace carries its
+  op's name (inside a command buffer it carries only the buffer's) and the summary can place it in the model."""
   env = dict(os.environ)
   if path == "torch":
     env["JAX_PLATFORMS"] = "cpu"
   else:
     env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")
   switches = {"--tiny": args.tiny, "--remat": args.remat, "--all-expert-grads": args.all_expert_grads,
-              "--breakdown": args.breakdown}
+              "--breakdown": args.breakdown and not profile}
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
          "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
-         "--iters", str(args.iters)] + [flag for flag, on in switches.items() if on]
-  if args.profile:
+         "--iters", str(1 if profile else args.iters)] + [flag for flag, on in switches.items() if on]
+  if profile:
     cmd += ["--profile", os.path.abspath(args.profile)]
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
   try:
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, timeout=args.timeout)
   except subprocess.TimeoutExpired:
@@ -298,7 +301,9 @@ def main() -> None:
                            "path after the table): forward, backward, and the optimizer with the rest")
   parser.add_argument("--profile", metavar="DIR",
                       help="JAX paths also trace two steps into DIR/PATH and print their device time by model part "
-                           "(attention, experts, ...) and top kernels (experiments/trace_summary.py)")
+                           "(attention, experts, ...) and top kernels (experiments/trace_summary.py); traced in a "
+                           "process of their own with XLA's command buffers off, so kernels keep their ops' names "
+                           "(the table's times are with them on)")
   parser.add_argument("--tiny", action="store_true", help="the tiny-deepseek preset on CPU, to keep this working")
   parser.add_argument("--worker", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -344,8 +349,9 @@ def main() -> None:
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
       notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters")
-      if "profile" in r:
-        profiles.append(r["profile"])
+      if args.profile and path != "torch":
+        traced = run_path(args, path, profile=True)
+        profiles.append(traced.get("profile") or f"# {path} profile: {traced.get('error')}")
       if "grad_ms" in r:
         notes.append(f"# {path} breakdown: forward {r['forward_ms']:.1f} ms, backward "
                      f"{r['grad_ms'] - r['forward_ms']:.1f} ms, optimizer and the rest {r['ms'] - r['grad_ms']:.1f} "

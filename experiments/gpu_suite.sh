@@ -13,8 +13,8 @@
 #
 # Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
 # compiles dominate: the tables' "first s" is the first step, compile included):
-#   kernels        not run   the expert kernels, dispatch and combine against the reference (pytest; 20 passed,
-#                            1 skipped in the fifth session, run beside an ablation)
+#   kernels          147 s   the expert kernels, dispatch and combine against the reference (pytest; 23 passed,
+#                            1 skipped, 2026-11-29 seventh session)
 #   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
 #   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
@@ -22,9 +22,9 @@
 #                            both JAX paths without torch: 146 s)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
-#   train_27          68 s   the full 27 layers at batch 4 x 2048 without remat, auto (2026-11-29, before the
-#                            trained rows were written in place: 111.6 GiB, 36 s to the first step)
-#   train_27_b8     not run  the same at batch 8 x 2048, if it fits without remat
+#   train_27     68-113 s   the full 27 layers at batch 4 x 2048 without remat, auto (85.7 GiB since the
+#                            trained rows are written in place, 2026-11-29; 111.6 GiB before)
+#   train_27_b8       99 s   the same at batch 8 x 2048 without remat (118.3 GiB, 2026-11-29)
 #   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
