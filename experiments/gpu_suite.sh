@@ -16,10 +16,12 @@
 #   kernels          147 s   the expert kernels, dispatch and combine against the reference (pytest; 23 passed,
 #                            1 skipped, 2026-11-29 seventh session)
 #   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
-#   train_8           105 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
+#   attention_bench  not run  attention alone at MLA widths, 8 x 2048: reference, the model's fused path (mask as a
+#                            bias), and fused without the mask (causal only, or with per-row lengths)
+#   train_8      154-203 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
-#                            forward/backward breakdown and device time by model part and kernel (2026-11-29,
-#                            both JAX paths without torch: 146 s)
+#                            forward/backward breakdown and device time by model part and kernel (2026-11-29;
+#                            --profile now traces in a process of its own, one more compile per JAX path)
 #   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
 #                            the frozen experts')
 #   train_27     68-113 s   the full 27 layers at batch 4 x 2048 without remat, auto (85.7 GiB since the
@@ -52,6 +54,7 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
+piece attention_bench 120 "$PY" experiments/bench_attention.py --batch 8 --seq 2048
 piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140

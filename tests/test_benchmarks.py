@@ -52,6 +52,14 @@ def test_bench_train_tiny_runs_every_path_and_torch(tmp_path):
   assert abs(number(rows["torch"]["first loss"]) - number(rows["auto"]["first loss"])) < 0.5
 
 
+def test_bench_attention_tiny_runs_every_variant_and_they_agree():
+  out, [table] = run_tiny("bench_attention.py")
+  assert [(row["variant"], row["pass"]) for row in table] == [
+      (variant, p) for variant in ("reference", "fused", "fused-causal", "fused-lengths") for p in ("fwd", "fwd+bwd")]
+  for row in table:  # rows of one whole segment: every variant is the same function
+    assert number(row["ms"]) > 0 and number(row["max abs diff"]) < 1e-4, row
+
+
 def test_bench_infer_tiny_scores_and_generates_like_transformers():
   out, [scoring, generation] = run_tiny("bench_infer.py")
   assert [row["pass"] for row in scoring] == ["forward (logits)", "score (routing totals)",
