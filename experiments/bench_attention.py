@@ -4,15 +4,20 @@
     python experiments/bench_attention.py --tiny           # CPU, seconds
 
 The model's fused attention (`esft_jax.model.attention.attend`, cuDNN's flash attention on a GPU) takes the
-packed-segment mask as a [B, 1, L, L] bias, and cuDNN's backward writes that bias's gradient. The 8-layer ESFT step
-spends a fifth of its kernel time here (BENCHMARKS.md, seventh session). Variants, on rows that are each one whole
-segment, so that all of them compute the same function:
+packed-segment mask as a [B, 1, L, L] bias, and cuDNN's backward writes that bias's gradient; jax.nn's API also
+wants the values as wide as the keys, so MLA's 128-wide values are padded to 192. The 8-layer ESFT step spends a
+fifth of its kernel time in attention (BENCHMARKS.md, seventh session). Variants:
 - reference: the materialised fp32 scores (`attend(..., impl="reference")`);
 - fused: what the model runs (`attend(..., impl="fused")`): causal, plus the segment mask as a bias;
-- fused-causal: causal alone, no mask (what rows of one segment without padding would need);
+- fused-causal: causal alone, no mask (enough for rows of one segment without padding);
 - fused-lengths: causal plus per-row lengths (`query_seq_lengths`, `key_value_seq_lengths`): rows of one segment
-  followed by padding, without a bias.
-The fused variants pad the values to the keys' width (192) as the model does.
+  followed by padding, without a bias;
+- cudnn-mla (GPU only): jax's private cuDNN entry point (`jax._src.cudnn.fused_attention_stablehlo`), causal, with
+  the values at their own width (cuDNN >= 9.10 on Hopper takes MLA's unequal widths);
+- cudnn-packed (GPU only): the same with each row's segments given as offsets and lengths (cuDNN's packed layout),
+  causal within each segment: the packed-segment mask without a bias.
+--segments N packs each row with N equal segments; then the variants that ignore segments (fused-causal,
+fused-lengths, cudnn-mla) compute another function and are left out. A variant that fails prints its error.
 
 Columns: ms is the median of --iters calls after a warm-up (the first compiles); TFLOP/s counts the causal matmuls
 a flash kernel needs, forward F = 2 * B * H * S(S+1)/2 * (d_qk + d_v) with the values' true width, and F + 2F for
@@ -37,7 +42,9 @@ import numpy as np
 from esft_jax.model.attention import attend
 from timing import median_call_ms
 
-VARIANTS = ("reference", "fused", "fused-causal", "fused-lengths")
+VARIANTS = ("reference", "fused", "fused-causal", "fused-lengths", "cudnn-mla", "cudnn-packed")
+IGNORE_SEGMENTS = ("fused-causal", "fused-lengths", "cudnn-mla")
+GPU_ONLY = ("cudnn-mla", "cudnn-packed")
 QK_WIDTH, V_WIDTH = 192, 128  # DeepSeek-V2-Lite's MLA heads: 128 + 64 rotary query/key dims, 128 value dims
 
 
@@ -52,16 +59,45 @@ def _plain_fused(q, k, v, segment_ids_BxL, scale: float, lengths: bool):
   return out[..., :V_WIDTH]
 
 
-def attention_fn(variant: str, scale: float):
+def segment_offsets(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+  """cuDNN's packed layout of each row's segments (runs of one nonzero id): start offsets [B, M + 1] and lengths
+  [B, M], -1 past a row's last segment (M = max_segments)."""
+  seg = segment_ids_BxL
+  previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+  first = lambda flags: jnp.nonzero(flags, size=max_segments, fill_value=-1)[0]
+  starts_BxM = jax.vmap(first)((seg != 0) & (seg != previous))
+  ends_BxM = jax.vmap(first)((seg != 0) & (seg != following))
+  lengths_BxM = jnp.where(starts_BxM >= 0, ends_BxM - starts_BxM + 1, -1)
+  offsets = jnp.pad(starts_BxM, ((0, 0), (0, 1)), constant_values=-1)
+  return offsets.astype(jnp.int32), lengths_BxM.astype(jnp.int32)
+
+
+def _cudnn(q, k, v, segment_ids_BxL, scale: float, max_segments: int | None):
+  """jax's private cuDNN attention: values at their own width; with `max_segments`, segments as offsets."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention  # no public name
+
+  if max_segments is None:
+    return dot_product_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
+  offsets, lengths = segment_offsets(segment_ids_BxL, max_segments)
+  return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
+                               kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+
+
+def attention_fn(variant: str, scale: float, max_segments: int = 1):
   if variant in ("reference", "fused"):
     return lambda q, k, v, seg: attend(q, k, v, seg, None, scale, variant)
   if variant in ("fused-causal", "fused-lengths"):
     return functools.partial(_plain_fused, scale=scale, lengths=variant == "fused-lengths")
+  if variant in ("cudnn-mla", "cudnn-packed"):
+    return functools.partial(_cudnn, scale=scale, max_segments=max_segments if variant == "cudnn-packed" else None)
   raise ValueError(f"variant {variant!r} is unknown; use some of {', '.join(VARIANTS)}")
 
 
-def causal_flops(batch: int, seq: int, heads: int) -> float:
-  return 2 * batch * heads * seq * (seq + 1) / 2 * (QK_WIDTH + V_WIDTH)
+def causal_flops(batch: int, seq: int, heads: int, segments: int) -> float:
+  """The forward's matmul FLOPs when each query sees the keys up to itself within its segment."""
+  length = seq // segments
+  return 2 * batch * heads * segments * length * (length + 1) / 2 * (QK_WIDTH + V_WIDTH)
 
 
 def temp_gib(jitted, *args) -> float | None:
@@ -74,6 +110,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--heads", type=int, default=16)
+  parser.add_argument("--segments", type=int, default=1, help="equal packed segments per row (dividing --seq)")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
   parser.add_argument("--tiny", action="store_true", help="batch 2 x 64, 2 heads, fp32 on the CPU, to keep this working")
@@ -81,35 +118,47 @@ def main() -> None:
   dtype = jnp.bfloat16
   if args.tiny:
     args.batch, args.seq, args.heads, args.iters, dtype = 2, 64, 2, 2, jnp.float32
+  if args.seq % args.segments:
+    parser.error(f"--segments {args.segments} does not divide --seq {args.seq}")
   variants = args.variants.split(",")
   for variant in variants:
     attention_fn(variant, 1.0)  # an unknown name fails before any work
+  left_out = {v: "ignores segments" for v in variants if args.segments > 1 and v in IGNORE_SEGMENTS}
+  if jax.default_backend() != "gpu":
+    left_out.update({v: "needs a GPU" for v in variants if v in GPU_ONLY})
 
   rng = np.random.default_rng(0)
   shape = (args.batch, args.seq, args.heads)
   q, k = (jnp.asarray(rng.standard_normal((*shape, QK_WIDTH)), dtype) for _ in range(2))
   v, cotangent = (jnp.asarray(rng.standard_normal((*shape, V_WIDTH)), dtype) for _ in range(2))
-  segment_ids = jnp.ones((args.batch, args.seq), jnp.int32)  # each row one whole segment
+  segment_ids = jnp.broadcast_to(jnp.repeat(jnp.arange(1, args.segments + 1, dtype=jnp.int32),
+                                            args.seq // args.segments), (args.batch, args.seq))
   scale = QK_WIDTH ** -0.5
-  forward_flops = causal_flops(args.batch, args.seq, args.heads)
+  forward_flops = causal_flops(args.batch, args.seq, args.heads, args.segments)
 
-  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch} x {args.seq}, {args.heads} "
-        f"heads, q/k width {QK_WIDTH}, v width {V_WIDTH}, {jnp.dtype(dtype).name}; causal forward "
-        f"{forward_flops / 1e12:.3f} TFLOP", flush=True)
+  print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch} x {args.seq} in "
+        f"{args.segments} segment(s) per row, {args.heads} heads, q/k width {QK_WIDTH}, v width {V_WIDTH}, "
+        f"{jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP", flush=True)
   print("| variant | pass | ms | TFLOP/s | temp GiB | max abs diff |")
   print("|---|---|---|---|---|---|", flush=True)
   reference = jax.jit(attention_fn("reference", scale))(q, k, v, segment_ids).astype(jnp.float32)
-  for variant in variants:
-    fn = attention_fn(variant, scale)
+  for variant in (v for v in variants if v not in left_out):
+    fn = attention_fn(variant, scale, args.segments)
     forward = jax.jit(fn)
-    diff = float(jnp.max(jnp.abs(forward(q, k, v, segment_ids).astype(jnp.float32) - reference)))
     both = jax.jit(jax.grad(lambda q, k, v, seg: jnp.vdot(fn(q, k, v, seg).astype(jnp.float32),
                                                           cotangent.astype(jnp.float32)), argnums=(0, 1, 2)))
-    for name, jitted, flops in (("fwd", forward, forward_flops), ("fwd+bwd", both, 3 * forward_flops)):
-      ms = median_call_ms(jitted, q, k, v, segment_ids, iters=args.iters)
-      gib = temp_gib(jitted, q, k, v, segment_ids)
-      print(f"| {variant} | {name} | {ms:.3f} | {flops / ms / 1e9:.1f} | "
-            f"{'-' if gib is None else f'{gib:.2f}'} | {diff:.2e} |", flush=True)
+    try:
+      diff = float(jnp.max(jnp.abs(forward(q, k, v, segment_ids).astype(jnp.float32) - reference)))
+      for name, jitted, flops in (("fwd", forward, forward_flops), ("fwd+bwd", both, 3 * forward_flops)):
+        ms = median_call_ms(jitted, q, k, v, segment_ids, iters=args.iters)
+        gib = temp_gib(jitted, q, k, v, segment_ids)
+        print(f"| {variant} | {name} | {ms:.3f} | {flops / ms / 1e9:.1f} | "
+              f"{'-' if gib is None else f'{gib:.2f}'} | {diff:.2e} |", flush=True)
+    except Exception as err:  # a variant cuDNN does not take is a result; the others still run
+      first = (str(err).strip().splitlines() or [""])[0][:200]
+      print(f"| {variant} | - | {type(err).__name__}: {first} | - | - | - |", flush=True)
+  for variant, why in left_out.items():
+    print(f"# {variant}: left out, {why}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@
 #                            1 skipped, 2026-11-29 seventh session)
 #   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
 #   attention_bench  not run  attention alone at MLA widths, 8 x 2048: reference, the model's fused path (mask as a
-#                            bias), and fused without the mask (causal only, or with per-row lengths)
+#                            bias), fused without the mask (causal only, or with per-row lengths), and cuDNN
+#                            with unpadded values (causal, or packed segments as offsets)
+#   attention_packed not run  the same with 4 packed segments per row (the variants that honour segments)
 #   train_8      154-203 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
 #                            forward/backward breakdown and device time by model part and kernel (2026-11-29;
@@ -55,6 +57,7 @@ train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
 piece attention_bench 120 "$PY" experiments/bench_attention.py --batch 8 --seq 2048
+piece attention_packed 90 "$PY" experiments/bench_attention.py --batch 8 --seq 2048 --segments 4
 piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
