@@ -100,11 +100,6 @@ def causal_flops(batch: int, seq: int, heads: int, segments: int) -> float:
   return 2 * batch * heads * segments * length * (length + 1) / 2 * (QK_WIDTH + V_WIDTH)
 
 
-def temp_gib(jitted, *args) -> float | None:
-  stats = jitted.lower(*args).compile().memory_analysis()
-  return None if stats is None else stats.temp_size_in_bytes / 2**30
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--batch", type=int, default=8)
@@ -113,7 +108,8 @@ def main() -> None:
   parser.add_argument("--segments", type=int, default=1, help="equal packed segments per row (dividing --seq)")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
-  parser.add_argument("--tiny", action="store_true", help="batch 2 x 64, 2 heads, fp32 on the CPU, to keep this working")
+  parser.add_argument("--tiny", action="store_true",
+                      help="batch 2 x 64, 2 heads, fp32 on the CPU (CI keeps it working)")
   args = parser.parse_args()
   dtype = jnp.bfloat16
   if args.tiny:
@@ -144,16 +140,19 @@ def main() -> None:
   reference = jax.jit(attention_fn("reference", scale))(q, k, v, segment_ids).astype(jnp.float32)
   for variant in (v for v in variants if v not in left_out):
     fn = attention_fn(variant, scale, args.segments)
-    forward = jax.jit(fn)
-    both = jax.jit(jax.grad(lambda q, k, v, seg: jnp.vdot(fn(q, k, v, seg).astype(jnp.float32),
-                                                          cotangent.astype(jnp.float32)), argnums=(0, 1, 2)))
+    grad = jax.grad(lambda q, k, v, seg, cot: jnp.vdot(fn(q, k, v, seg).astype(jnp.float32), cot.astype(jnp.float32)),
+                    argnums=(0, 1, 2))
+    passes = (("fwd", fn, (q, k, v, segment_ids), forward_flops),
+              ("fwd+bwd", grad, (q, k, v, segment_ids, cotangent), 3 * forward_flops))
     try:
-      diff = float(jnp.max(jnp.abs(forward(q, k, v, segment_ids).astype(jnp.float32) - reference)))
-      for name, jitted, flops in (("fwd", forward, forward_flops), ("fwd+bwd", both, 3 * forward_flops)):
-        ms = median_call_ms(jitted, q, k, v, segment_ids, iters=args.iters)
-        gib = temp_gib(jitted, q, k, v, segment_ids)
-        print(f"| {variant} | {name} | {ms:.3f} | {flops / ms / 1e9:.1f} | "
-              f"{'-' if gib is None else f'{gib:.2f}'} | {diff:.2e} |", flush=True)
+      for name, f, inputs, flops in passes:
+        compiled = jax.jit(f).lower(*inputs).compile()  # timed and sized as one program
+        if name == "fwd":
+          diff = float(jnp.max(jnp.abs(compiled(*inputs).astype(jnp.float32) - reference)))
+        ms = median_call_ms(compiled, *inputs, iters=args.iters)
+        stats = compiled.memory_analysis()
+        gib = "-" if stats is None else f"{stats.temp_size_in_bytes / 2**30:.2f}"
+        print(f"| {variant} | {name} | {ms:.3f} | {flops / ms / 1e9:.1f} | {gib} | {diff:.2e} |", flush=True)
     except Exception as err:  # a variant cuDNN does not take is a result; the others still run
       first = (str(err).strip().splitlines() or [""])[0][:200]
       print(f"| {variant} | - | {type(err).__name__}: {first} | - | - | - |", flush=True)

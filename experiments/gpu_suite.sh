@@ -11,8 +11,8 @@
 # Compiled XLA programs are cached under build/jax-cache, so a second call on a still-warm machine skips most
 # compiles.
 #
-# Pieces, with the wall time each took on an H200 (2026-11-28, experiments/results/gpu-suite-2026-11-28-s3;
-# compiles dominate: the tables' "first s" is the first step, compile included):
+# Pieces, with the wall time each took on an H200 (2026-11-28 to 29: experiments/results/gpu-suite-2026-11-28-s3
+# and gpu-2026-11-29-s*; compiles dominate: the tables' "first s" is the first step, compile included):
 #   kernels          147 s   the expert kernels, dispatch and combine against the reference (pytest; 23 passed,
 #                            1 skipped, 2026-11-29 seventh session)
 #   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
@@ -58,7 +58,7 @@ piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
 piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
 piece attention_bench 120 "$PY" experiments/bench_attention.py --batch 8 --seq 2048
 piece attention_packed 90 "$PY" experiments/bench_attention.py --batch 8 --seq 2048 --segments 4
-piece train_8 280 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
+piece train_8 330 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 4 --iters 3 --paths auto --timeout 230

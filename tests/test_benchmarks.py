@@ -71,7 +71,7 @@ def test_bench_attention_segment_offsets_match_a_loop():
   spec = importlib.util.spec_from_file_location("bench_attention", REPO / "experiments" / "bench_attention.py")
   bench_attention = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench_attention)
-  rows = [[1, 1, 2, 2, 2, 3, 0, 0], [5, 5, 5, 5, 5, 5, 5, 5], [1, 2, 3, 4, 0, 0, 0, 0], [0] * 8, [2, 2, 7, 0, 0, 0, 0, 0]]
+  rows = [[1, 1, 2, 2, 2, 3, 0, 0], [5] * 8, [1, 2, 3, 4, 0, 0, 0, 0], [0] * 8, [2, 2, 7, 0, 0, 0, 0, 0]]
   max_segments = 4
   offsets, lengths = bench_attention.segment_offsets(np.asarray(rows, np.int32), max_segments)
   for row, got_offsets, got_lengths in zip(rows, np.asarray(offsets), np.asarray(lengths)):

@@ -178,6 +178,10 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
   shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, params))
   step = make_train_step(model, plan, optimizer, lambda s: 1e-3, shardings)
   micro = _batches(cfg, 1)[0]
+  rest, written = split_written(plan, params)
+  compiled = step.lower(init(params), written, rest, {k: v[None] for k, v in micro.items()}).compile()
+  # The state and the written stacks are updated in place: XLA aliases each to its output.
+  assert compiled.memory_analysis().alias_size_in_bytes >= tree_bytes(init(params)) + tree_bytes(written)
   results = []
   for copies in (1, 2):
     rest, written = split_written(plan, params)
@@ -189,8 +193,9 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
     for path, stack in written.items():
       ids = EXPERTS[path.split("/")[0].removeprefix("layers_")]
       frozen_rows = np.setdiff1d(np.arange(cfg.num_experts), ids)
-      np.testing.assert_array_equal(np.asarray(stack)[frozen_rows], np.asarray(leaves_by_path(params)[path])[frozen_rows])
-      assert not np.array_equal(np.asarray(stack)[ids], np.asarray(leaves_by_path(params)[path])[ids])
+      before = np.asarray(leaves_by_path(params)[path])
+      np.testing.assert_array_equal(np.asarray(stack)[frozen_rows], before[frozen_rows])
+      assert not np.array_equal(np.asarray(stack)[ids], before[ids])
   (one, loss_one), (two, loss_two) = results
   np.testing.assert_allclose(loss_one, loss_two, rtol=1e-6)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, two)
@@ -247,12 +252,27 @@ def test_optimizer_state_is_proportional_to_selected_experts():
   assert 12 <= ratio <= 15, ratio  # 15.7B / 1.12B: about a twelfth to a fourteenth
 
 
-def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None):
+def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None, donate_params=False):
   stream, data_state, restore = replay(batches)
 
   train_cfg = TrainConfig(steps=steps, lr=1e-2, eval_every=2, save_every=2, log_every=1, compute_dtype="float32")
   return train(cfg, params, plan, stream, val or [], out_dir, train_cfg, resume=resume,
-               data_state=data_state, restore_data=restore)
+               data_state=data_state, restore_data=restore, donate_params=donate_params)
+
+
+def test_donated_parameters_train_alike_and_give_up_only_the_stacks_with_trained_rows(tmp_path):
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  batches, val = _batches(cfg, 3), _batches(cfg, 1, seed=9)
+  kept = _run(cfg, params, plan, tmp_path / "kept", 3, batches, val=val)
+  given = jax.tree_util.tree_map(jnp.copy, params)
+  donated = _run(cfg, given, plan, tmp_path / "donated", 3, batches, val=val, donate_params=True)
+  assert donated.best_val_loss == kept.best_val_loss
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                         kept.trainable, donated.trainable)
+  rest, written = split_written(plan, given)
+  assert all(stack.is_deleted() for stack in written.values())  # trained in place: no copy was made
+  assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(rest))
 
 
 def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path):

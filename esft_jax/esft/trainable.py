@@ -4,7 +4,7 @@ The trainer holds two trees (levanter's partition, decided once): the frozen mod
 trainable tree that alone gets gradients and optimizer state. For ESFT the trainable tree holds, per MoE
 layer, only the selected experts' rows of the stacked `[E, D, F]` tensors (the "trainable expert slice");
 `merge_trainable` writes them back into the frozen stack inside the jitted step (the train step writes them in
-place into stacks it is handed apart and donated, `split_written`, so no full-size copy of a stack is made). So gradients and
+place into stacks it is handed apart and donated, `split_written`, so no stack is copied). So gradients and
 AdamW state exist only for what is trained, and every frozen parameter stays bit-identical.
 
 Paths are '/'-joined Flax paths, e.g. `layers_3/mlp/experts/gate_proj`.
@@ -92,7 +92,7 @@ def init_trainable(plan: TrainPlan, params, rng: jax.Array | None = None, dtype=
   for path, leaf in leaves_by_path(params).items():
     if plan.trains_whole(path):
       set_path(trainable, path, jnp.array(leaf, dtype=dtype, copy=True))  # never alias the frozen tree
-    elif plan.method == "esft" and param_role(path) == "routed_experts" and selected.get(layer_index(path)):
+    elif _has_trained_rows(plan, path):
       # Layers with no selected expert get no (zero-size) leaf: nothing to train, and orbax cannot save one.
       ids = jnp.asarray(selected[layer_index(path)], jnp.int32)
       set_path(trainable, path, leaf[ids].astype(dtype))
@@ -125,7 +125,7 @@ def split_written(plan: TrainPlan, params) -> tuple[dict, dict]:
   rest = jax.tree_util.tree_map(lambda x: x, params)  # new containers; leaves shared, not copied
   written = {}
   for path in leaves_by_path(params):
-    if _is_expert_slice(plan, path) and plan.expert_ids.get(layer_index(path)):
+    if _has_trained_rows(plan, path):
       *parents, last = path.split("/")
       written[path] = get_path(rest, "/".join(parents)).pop(last)
   return rest, written
@@ -145,12 +145,17 @@ def write_expert_rows(plan: TrainPlan, written: Mapping[str, Any], trainable) ->
   out = {}
   for path, stack in written.items():
     ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
-    out[path] = _write_rows(stack, jax.lax.stop_gradient(get_path(trainable, path)).astype(stack.dtype), ids)
+    out[path] = _write_rows(stack, get_path(trainable, path).astype(stack.dtype), ids)
   return out
 
 
 def _is_expert_slice(plan: TrainPlan, path: str) -> bool:
   return plan.method == "esft" and param_role(path) == "routed_experts" and not plan.trains_whole(path)
+
+
+def _has_trained_rows(plan: TrainPlan, path: str) -> bool:
+  """An ESFT routed-expert stack of a layer with selected experts (the others have no trainable slice)."""
+  return _is_expert_slice(plan, path) and bool(plan.expert_ids.get(layer_index(path)))
 
 
 def _write_rows(stack_ExDxF, rows_SxDxF, ids_S):

@@ -69,7 +69,7 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
 
   return train(config, params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
                on_best=on_best, run_record=record, data_state=train_iter.get_state,
-               restore_data=train_iter.set_state, mesh=mesh)
+               restore_data=train_iter.set_state, mesh=mesh, donate_params=True)  # `params` is not used again
 
 
 def _adapter_base(params_like, trainable) -> dict:

@@ -1,9 +1,9 @@
 """The one training loop. FFT, LoRA and ESFT differ only in their `TrainPlan` (what is trainable).
 
-A step: merge the trainable tree into the frozen parameters (ESFT's rows written in place), run the model, take the masked next-token loss
-plus the model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average
-gradients over `grad_accum` micro-batches with `lax.scan`, and apply the multi-transform optimizer. Only the
-trainable tree has gradients and optimizer state.
+A step: merge the trainable tree into the frozen parameters (ESFT's rows written into their stacks in place), run
+the model, take the masked next-token loss plus the model's balance loss (added to the gradient, not to the
+reported loss, as DeepSeek does), average gradients over `grad_accum` micro-batches (with `lax.scan` when there
+are several), and apply the multi-transform optimizer. Only the trainable tree has gradients and optimizer state.
 
 Every run has a device mesh (one device without --mesh): the steps are jitted with NamedSharding in and out
 shardings from esft_jax.sharding (frozen parameters, trainable tree, optimizer state, batch), each process
@@ -107,7 +107,7 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
 
   `frozen, written = split_written(plan, params)`: `written` holds the stacks the step writes the trained expert
   rows into, and is donated and returned, so the rows are written in place and no stack is copied (at
-  DeepSeek-V2-Lite's size that copy was 29 GB, and 14 ms of a 274 ms step). Pass the returned `written` to the
+  DeepSeek-V2-Lite's size that copy was 29 GB, moving about 58 GB a step). Pass the returned `written` to the
   next step; the arrays passed in are gone after the call. Every frozen value stays as it was."""
   grad_fn = jax.grad(loss_fn(model, plan, rows_written=True), has_aux=True)
 
@@ -138,16 +138,21 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
 
 
 def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings) -> Callable:
-  """(trainable, frozen, batch [B, L]) -> (mean loss, loss tokens) over the global batch."""
-  loss = loss_fn(model, plan)
+  """(trainable, written, frozen, batch [B, L]) -> (written, mean loss, loss tokens) over the global batch, with
+  `written` and `frozen` as in `make_train_step` (`written` donated: the current rows are written in place)."""
+  loss = loss_fn(model, plan, rows_written=True)
 
-  def step(trainable, frozen, batch):
+  def step(trainable, written, frozen, batch):
+    written = write_expert_rows(plan, written, trainable)
     with sharding.logical_rules(shardings.mesh):
-      _, metrics = loss(trainable, frozen, batch)
-    return metrics["loss"], jnp.sum(batch["loss_mask"])
+      _, metrics = loss(trainable, join_written(frozen, written), batch)
+    return written, metrics["loss"], jnp.sum(batch["loss_mask"])
 
-  return jax.jit(step, in_shardings=(shardings.state.trainable, shardings.frozen, shardings.eval_batch),
-                 out_shardings=sharding.replicated(shardings.mesh))
+  frozen_shardings, written_shardings = split_written(plan, shardings.frozen)
+  replicated = sharding.replicated(shardings.mesh)
+  return jax.jit(step, in_shardings=(shardings.state.trainable, written_shardings, frozen_shardings,
+                                     shardings.eval_batch),
+                 out_shardings=(written_shardings, replicated, replicated), donate_argnums=(1,))
 
 
 def _init_state(plan: TrainPlan, optimizer: optax.GradientTransformation, seed: int) -> Callable:
@@ -174,15 +179,16 @@ def _stack_micro_batches(batches: list[Batch]) -> Batch:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def evaluate_loss(eval_step: Callable, trainable, frozen, batches: list[Batch], batch_sharding: NamedSharding
-                  ) -> float:
-  """Token-weighted mean validation loss over the global batches (each process passes its own rows)."""
+def evaluate_loss(eval_step: Callable, trainable, written, frozen, batches: list[Batch],
+                  batch_sharding: NamedSharding) -> tuple[float, Any]:
+  """Token-weighted mean validation loss over the global batches (each process passes its own rows), and the
+  `written` stacks to use from now on (the eval step donates them)."""
   total, weight = 0.0, 0.0
   for batch in batches:
-    loss, n = eval_step(trainable, frozen, sharding.global_batch(batch, batch_sharding))
+    written, loss, n = eval_step(trainable, written, frozen, sharding.global_batch(batch, batch_sharding))
     total += float(loss) * float(n)
     weight += float(n)
-  return total / max(weight, 1.0)
+  return total / max(weight, 1.0), written
 
 
 class Checkpoints:
@@ -225,11 +231,14 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
           val_batches: list[Batch], out_dir: Path, cfg: TrainConfig, resume: bool = False,
           on_best: Callable[[Any], None] | None = None, run_record: dict | None = None,
           data_state: Callable[[], Any] | None = None, restore_data: Callable[[Any], None] | None = None,
-          mesh: Mesh | None = None) -> TrainResult:
+          mesh: Mesh | None = None, donate_params: bool = False) -> TrainResult:
   """Trains `plan`'s parameters on `mesh` (default: one device). `on_best(trainable)` is called on process 0,
   with host arrays, whenever validation loss improves (the caller writes the adapter). With `resume`,
   continues from the latest checkpoint in `out_dir/checkpoints`, whichever mesh wrote it, restoring the data
-  position through `restore_data`. `train_batches` and `val_batches` yield this process's rows."""
+  position through `restore_data`. `train_batches` and `val_batches` yield this process's rows.
+  `donate_params`: the caller will not use `frozen_params` again, so the stacks that get trained rows are trained
+  in place and deleted from it; otherwise training works on a copy of those stacks (ESFT: all routed experts of
+  the layers with a selection)."""
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
@@ -244,7 +253,9 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   frozen_params = sharding.place(frozen_params, shardings.frozen)
   state = jax.jit(init, out_shardings=shardings.state)(frozen_params)
   frozen, written = split_written(plan, frozen_params)
-  written = jax.tree_util.tree_map(jnp.copy, written)  # the step donates these; the caller's stay intact
+  if not donate_params:
+    written = jax.tree_util.tree_map(jnp.copy, written)  # the steps donate these; the caller's stay intact
+  del frozen_params  # from here on the stacks with trained rows are read from `written`
   checkpoints = Checkpoints(out_dir / "checkpoints", cfg.max_checkpoints)
   best = None
   if resume and checkpoints.latest() is not None:
@@ -293,7 +304,8 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
       writer.scalars(step, metrics)
       bar.set_postfix(loss=f"{metrics['loss']:.4f}")
     if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-      val_loss = evaluate_loss(eval_step, state.trainable, frozen_params, val_batches, shardings.eval_batch)
+      val_loss, written = evaluate_loss(eval_step, state.trainable, written, frozen, val_batches,
+                                        shardings.eval_batch)
       if writer:
         writer.scalars(step, {"val_loss": val_loss})
       if best is None or val_loss < best:
