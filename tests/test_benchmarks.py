@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,3 +141,24 @@ def test_trace_summary_splits_device_time_by_model_part():
   assert text.endswith("# the longest kernel in other: loop_fusion, fields {}")
   host_only = [events[0], events[4]]
   assert "no kernels on a device stream line" in trace_summary.format_summary({"traceEvents": host_only}, 2, "cpu")
+
+
+def test_hlo_traffic_counts_operands_results_and_loop_trips():
+  """hlo_traffic on programs compiled here: an elementwise op moves its operands and result, a loop body counts once
+  per trip, and a scatter into an argument the program may not overwrite shows the full-size copy that donation
+  removes (what it found in the ESFT step)."""
+  spec = importlib.util.spec_from_file_location("hlo_traffic", REPO / "experiments" / "hlo_traffic.py")
+  hlo_traffic = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(hlo_traffic)
+  rows_of = lambda fn, *args, **jit: hlo_traffic.traffic_rows(jax.jit(fn, **jit).lower(*args).compile().as_text())
+  x = jnp.ones(1000, jnp.float32)
+  [row] = rows_of(lambda a, b: a * 2 + b, x, x)
+  assert (row.bytes, row.runs) == (3 * 4000, 1)
+  loop = [r for r in rows_of(lambda a: jax.lax.fori_loop(0, 5, lambda i, c: c * 2 + 1, a), x) if "1000" in r.shape]
+  assert sum(r.runs for r in loop if r.kind != "copy") == 5
+  stack, new_rows = jnp.zeros((64, 32, 16)), jnp.ones((2, 32, 16))
+  write = lambda s, r: s.at[jnp.array([1, 3])].set(r, unique_indices=True)
+  copies = lambda **jit: [r for r in rows_of(write, stack, new_rows, **jit) if r.kind == "copy"]
+  assert [r.bytes for r in copies()] == [2 * stack.size * 4]
+  assert copies(donate_argnums=0) == []
+  assert "| GB | ms | runs | kind | result | op name |" in hlo_traffic.summary(rows_of(write, stack, new_rows), 5, 4.8)
