@@ -1,4 +1,4 @@
-"""Where an optimised XLA program moves its bytes: each instruction's operands and result, summed by what it does.
+r"""Where an optimised XLA program moves its bytes: each instruction's operands and result, summed by what it does.
 
     XLA_FLAGS="--xla_dump_to=/tmp/hlo --xla_dump_hlo_as_text --xla_dump_hlo_module_re=jit_step" \
         python experiments/bench_train.py --layers 27 --batch 4 --paths auto
