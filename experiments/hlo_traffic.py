@@ -105,8 +105,8 @@ def summary(rows: list[Row], top: int, bandwidth_tb_s: float) -> str:
     entry[1] += row.runs
   total = sum(row.bytes for row in rows)
   ms = lambda b: b / (bandwidth_tb_s * 1e12) * 1e3
-  lines = [f"# {sum(row.runs for row in rows)} instructions run, {total / 1e9:.1f} GB of operands and results, {ms(total):.1f} ms at "
-           f"{bandwidth_tb_s} TB/s (an upper bound)",
+  lines = [f"# {sum(row.runs for row in rows)} instructions run, {total / 1e9:.1f} GB of operands and results, "
+           f"{ms(total):.1f} ms at {bandwidth_tb_s} TB/s (an upper bound)",
            "| GB | ms | runs | kind | result | op name |", "|---|---|---|---|---|---|"]
   for (kind, shape, op_name), (moved, count) in sorted(grouped.items(), key=lambda kv: -kv[1][0])[:top]:
     lines.append(f"| {moved / 1e9:.2f} | {ms(moved):.2f} | {count} | {kind} | {shape} | {op_name[-100:]} |")
