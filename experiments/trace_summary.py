@@ -46,8 +46,7 @@ def op_path(event: dict) -> str:
   """XLA's `tf_op` field (the operation's name stack), else the first field that holds a path (has a "/"), else
   the kernel's name."""
   args = event.get("args", {})
-  paths = [str(args["tf_op"])] if "/" in str(args.get("tf_op", "")) else []
-  return next(iter(paths + [str(v) for v in args.values() if "/" in str(v)]), event["name"])
+  return next((str(v) for v in (args.get("tf_op", ""), *args.values()) if "/" in str(v)), event["name"])
 
 
 def part_of(name: str) -> str:

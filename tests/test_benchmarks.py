@@ -35,6 +35,14 @@ def run_tiny(script: str, *options: str) -> tuple[str, list[list[dict[str, str]]
   return proc.stdout, tables
 
 
+def load_script(name: str):
+  """experiments/NAME.py as a module (the folder is no package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def number(cell: str) -> float:
   return float(cell.replace(",", ""))
 
@@ -70,9 +78,7 @@ def test_bench_attention_tiny_runs_every_variant_and_they_agree():
 def test_bench_attention_segment_offsets_match_a_loop():
   """cuDNN's packed layout (start offsets and lengths of each row's segments, -1 after the last) against a loop
   over the tokens; the cuDNN variants that use it need a GPU, this helper does not."""
-  spec = importlib.util.spec_from_file_location("bench_attention", REPO / "experiments" / "bench_attention.py")
-  bench_attention = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench_attention)
+  bench_attention = load_script("bench_attention")
   rows = [[1, 1, 2, 2, 2, 3, 0, 0], [5] * 8, [1, 2, 3, 4, 0, 0, 0, 0], [0] * 8, [2, 2, 7, 0, 0, 0, 0, 0]]
   max_segments = 4
   offsets, lengths = bench_attention.segment_offsets(np.asarray(rows, np.int32), max_segments)
@@ -114,9 +120,7 @@ def test_trace_summary_splits_device_time_by_model_part():
   """A GPU-shaped perfetto trace of 2 steps: kernels on a stream line, whose fields hold the operation's module
   path (with or without the program's common prefix), a derived "XLA Ops" line and a host process that must not
   count."""
-  spec = importlib.util.spec_from_file_location("trace_summary", REPO / "experiments" / "trace_summary.py")
-  trace_summary = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(trace_summary)
+  trace_summary = load_script("trace_summary")
   meta = lambda kind, pid, name, tid=None: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
   kernel = lambda name, dur, path: {"ph": "X", "pid": 2, "tid": 7, "name": name, "dur": dur,
                                     "args": {"hlo_op": "fusion.1", "name": path} if path else {}}
@@ -147,9 +151,7 @@ def test_hlo_traffic_counts_operands_results_and_loop_trips():
   """hlo_traffic on programs compiled here: an elementwise op moves its operands and result, a loop body counts once
   per trip, and a scatter into an argument the program may not overwrite shows the full-size copy that donation
   removes (what it found in the ESFT step)."""
-  spec = importlib.util.spec_from_file_location("hlo_traffic", REPO / "experiments" / "hlo_traffic.py")
-  hlo_traffic = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(hlo_traffic)
+  hlo_traffic = load_script("hlo_traffic")
   rows_of = lambda fn, *args, **jit: hlo_traffic.traffic_rows(jax.jit(fn, **jit).lower(*args).compile().as_text())
   x = jnp.ones(1000, jnp.float32)
   [row] = rows_of(lambda a, b: a * 2 + b, x, x)

@@ -101,6 +101,13 @@ def _load_imbalance(ids_BxLxK, valid_BxL, num_experts):
   return jnp.max(counts) / jnp.maximum(counts.sum(), 1.0) * num_experts
 
 
+def _with_current_rows(plan: TrainPlan, written, frozen, trainable) -> tuple[dict, dict]:
+  """`written` with the trained rows of `trainable` written in (in place where donated), and the whole parameter
+  tree around it, for a loss with `rows_written`."""
+  written = write_expert_rows(plan, written, trainable)
+  return written, join_written(frozen, written)
+
+
 def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, shardings: StepShardings) -> Callable:
   """(state, written, frozen, batch [A, B, L]) -> (state, written, metrics); A micro-batches are averaged equally.
@@ -112,8 +119,7 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
   grad_fn = jax.grad(loss_fn(model, plan, rows_written=True), has_aux=True)
 
   def step(state: TrainState, written, frozen, batch):
-    written = write_expert_rows(plan, written, state.trainable)
-    params = join_written(frozen, written)
+    written, params = _with_current_rows(plan, written, frozen, state.trainable)
     n = batch["inputs"].shape[0]
     with sharding.logical_rules(shardings.mesh):
       if n == 1:  # no accumulator: saves a full-size fp32 buffer and its add
@@ -143,9 +149,9 @@ def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings
   loss = loss_fn(model, plan, rows_written=True)
 
   def step(trainable, written, frozen, batch):
-    written = write_expert_rows(plan, written, trainable)
+    written, params = _with_current_rows(plan, written, frozen, trainable)
     with sharding.logical_rules(shardings.mesh):
-      _, metrics = loss(trainable, join_written(frozen, written), batch)
+      _, metrics = loss(trainable, params, batch)
     return written, metrics["loss"], jnp.sum(batch["loss_mask"])
 
   frozen_shardings, written_shardings = split_written(plan, shardings.frozen)
