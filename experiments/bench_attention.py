@@ -1,23 +1,21 @@
-"""Training attention alone, at DeepSeek-V2-Lite's MLA widths: how much the packed-segment mask costs the fused path.
+"""Training attention alone, at DeepSeek-V2-Lite's MLA widths: the fused path against the reference and against
+what it replaced.
 
-    python experiments/bench_attention.py                  # one GPU: batch 8 x 2048, 16 heads, bf16
-    python experiments/bench_attention.py --tiny           # CPU, seconds
+    python experiments/bench_attention.py                          # one GPU: batch 8 x 2048, 16 heads, bf16
+    python experiments/bench_attention.py --segments 4             # rows of 4 packed documents
+    python experiments/bench_attention.py --max-segments 16        # the cost of a looser static bound
+    python experiments/bench_attention.py --tiny                   # CPU, seconds
 
-The model's fused attention (`esft_jax.model.attention.attend`, cuDNN's flash attention on a GPU) takes the
-packed-segment mask as a [B, 1, L, L] bias, and cuDNN's backward writes that bias's gradient; jax.nn's API also
-wants the values as wide as the keys, so MLA's 128-wide values are padded to 192. The 8-layer ESFT step spends a
-fifth of its kernel time in attention (BENCHMARKS.md, seventh session). Variants:
+Variants:
 - reference: the materialised fp32 scores (`attend(..., impl="reference")`);
-- fused: what the model runs (`attend(..., impl="fused")`): causal, plus the segment mask as a bias;
-- fused-causal: causal alone, no mask (enough for rows of one segment without padding);
-- fused-lengths: causal plus per-row lengths (`query_seq_lengths`, `key_value_seq_lengths`): rows of one segment
-  followed by padding, without a bias;
-- cudnn-mla (GPU only): jax's private cuDNN entry point (`jax._src.cudnn.fused_attention_stablehlo`), causal, with
-  the values at their own width (cuDNN >= 9.10 on Hopper takes MLA's unequal widths);
-- cudnn-packed (GPU only): the same with each row's segments given as offsets and lengths (cuDNN's packed layout),
-  causal within each segment: the packed-segment mask without a bias.
---segments N packs each row with N equal segments; then the variants that ignore segments (fused-causal,
-fused-lengths, cudnn-mla) compute another function and are left out. A variant that fails prints its error.
+- fused: what the model runs (`attend(..., impl="fused", max_segments=...)`): on a GPU cuDNN's flash attention
+  given the segments as lengths (one per row) or as packed offsets (more);
+- bias: `jax.nn.dot_product_attention` with the segment mask as a [B, 1, L, L] bias and the values padded to the
+  keys' width, the fused path before the eighth session;
+- causal (GPU only): cuDNN causal over the whole row with the values at their own width, no segments: the
+  fastest the fused path could be.
+--segments N packs each row with N equal documents; the causal variant then computes another function and is
+left out. A variant that fails prints its error.
 
 Columns: ms is the median of --iters calls after a warm-up (the first compiles); TFLOP/s counts the causal matmuls
 a flash kernel needs, forward F = 2 * B * H * S(S+1)/2 * (d_qk + d_v) with the values' true width, and F + 2F for
@@ -39,58 +37,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esft_jax.model.attention import attend
+from esft_jax.model.attention import attend, attention_mask
 from timing import median_call_ms
 
-VARIANTS = ("reference", "fused", "fused-causal", "fused-lengths", "cudnn-mla", "cudnn-packed")
-IGNORE_SEGMENTS = ("fused-causal", "fused-lengths", "cudnn-mla")
-GPU_ONLY = ("cudnn-mla", "cudnn-packed")
+VARIANTS = ("reference", "fused", "bias", "causal")
 QK_WIDTH, V_WIDTH = 192, 128  # DeepSeek-V2-Lite's MLA heads: 128 + 64 rotary query/key dims, 128 value dims
 
 
-def _plain_fused(q, k, v, segment_ids_BxL, scale: float, lengths: bool):
-  """jax.nn.dot_product_attention, causal, values padded to the keys' width; with `lengths`, each row's tokens
-  up to its first padding (segment id 0)."""
+def _bias(q, k, v, segment_ids_BxL, scale: float):
   pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, QK_WIDTH - x.shape[-1])])
   backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  seq_lengths = jnp.sum(segment_ids_BxL != 0, axis=1).astype(jnp.int32) if lengths else None
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), scale=scale, is_causal=True, implementation=backend,
-                                     query_seq_lengths=seq_lengths, key_value_seq_lengths=seq_lengths)
+  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=attention_mask(segment_ids_BxL, None)[:, 0],
+                                     scale=scale, is_causal=True, implementation=backend)
   return out[..., :V_WIDTH]
 
 
-def segment_offsets(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
-  """cuDNN's packed layout of each row's segments (runs of one nonzero id): start offsets [B, M + 1] and lengths
-  [B, M], -1 past a row's last segment (M = max_segments)."""
-  seg = segment_ids_BxL
-  previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
-  following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
-  first = lambda flags: jnp.nonzero(flags, size=max_segments, fill_value=-1)[0]
-  starts_BxM = jax.vmap(first)((seg != 0) & (seg != previous))
-  ends_BxM = jax.vmap(first)((seg != 0) & (seg != following))
-  lengths_BxM = jnp.where(starts_BxM >= 0, ends_BxM - starts_BxM + 1, -1)
-  offsets = jnp.pad(starts_BxM, ((0, 0), (0, 1)), constant_values=-1)
-  return offsets.astype(jnp.int32), lengths_BxM.astype(jnp.int32)
-
-
-def _cudnn(q, k, v, segment_ids_BxL, scale: float, max_segments: int | None):
-  """jax's private cuDNN attention: values at their own width; with `max_segments`, segments as offsets."""
+def _causal(q, k, v, segment_ids_BxL, scale: float):
   from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention  # no public name
-
-  if max_segments is None:
-    return dot_product_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
-  offsets, lengths = segment_offsets(segment_ids_BxL, max_segments)
-  return dot_product_attention(q, k, v, q_seqlen=lengths, kv_seqlen=lengths, q_offsets=offsets,
-                               kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+  del segment_ids_BxL
+  return dot_product_attention(q, k, v, scale=scale, mask_type=MaskType.CAUSAL)
 
 
 def attention_fn(variant: str, scale: float, max_segments: int = 1):
   if variant in ("reference", "fused"):
-    return lambda q, k, v, seg: attend(q, k, v, seg, None, scale, variant)
-  if variant in ("fused-causal", "fused-lengths"):
-    return functools.partial(_plain_fused, scale=scale, lengths=variant == "fused-lengths")
-  if variant in ("cudnn-mla", "cudnn-packed"):
-    return functools.partial(_cudnn, scale=scale, max_segments=max_segments if variant == "cudnn-packed" else None)
+    return lambda q, k, v, seg: attend(q, k, v, seg, None, scale, variant, max_segments)
+  if variant in ("bias", "causal"):
+    return functools.partial(_bias if variant == "bias" else _causal, scale=scale)
   raise ValueError(f"variant {variant!r} is unknown; use some of {', '.join(VARIANTS)}")
 
 
@@ -106,6 +78,7 @@ def main() -> None:
   parser.add_argument("--seq", type=int, default=2048)
   parser.add_argument("--heads", type=int, default=16)
   parser.add_argument("--segments", type=int, default=1, help="equal packed segments per row (dividing --seq)")
+  parser.add_argument("--max-segments", type=int, help="the fused path's static bound (default: --segments)")
   parser.add_argument("--iters", type=int, default=10)
   parser.add_argument("--variants", default=",".join(VARIANTS), help=f"some of {', '.join(VARIANTS)}")
   parser.add_argument("--tiny", action="store_true",
@@ -116,12 +89,13 @@ def main() -> None:
     args.batch, args.seq, args.heads, args.iters, dtype = 2, 64, 2, 2, jnp.float32
   if args.seq % args.segments:
     parser.error(f"--segments {args.segments} does not divide --seq {args.seq}")
+  max_segments = args.max_segments or args.segments
   variants = args.variants.split(",")
   for variant in variants:
     attention_fn(variant, 1.0)  # an unknown name fails before any work
-  left_out = {v: "ignores segments" for v in variants if args.segments > 1 and v in IGNORE_SEGMENTS}
-  if jax.default_backend() != "gpu":
-    left_out.update({v: "needs a GPU" for v in variants if v in GPU_ONLY})
+  left_out = {"causal": "ignores segments"} if "causal" in variants and args.segments > 1 else {}
+  if "causal" in variants and jax.default_backend() != "gpu":
+    left_out["causal"] = "needs a GPU"
 
   rng = np.random.default_rng(0)
   shape = (args.batch, args.seq, args.heads)
@@ -133,13 +107,13 @@ def main() -> None:
   forward_flops = causal_flops(args.batch, args.seq, args.heads, args.segments)
 
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch} x {args.seq} in "
-        f"{args.segments} segment(s) per row, {args.heads} heads, q/k width {QK_WIDTH}, v width {V_WIDTH}, "
+        f"{args.segments} segment(s) per row (fused path built for {max_segments}), {args.heads} heads, q/k width {QK_WIDTH}, v width {V_WIDTH}, "
         f"{jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP", flush=True)
   print("| variant | pass | ms | TFLOP/s | temp GiB | max abs diff |")
   print("|---|---|---|---|---|---|", flush=True)
   reference = jax.jit(attention_fn("reference", scale))(q, k, v, segment_ids).astype(jnp.float32)
   for variant in (v for v in variants if v not in left_out):
-    fn = attention_fn(variant, scale, args.segments)
+    fn = attention_fn(variant, scale, max_segments)
     grad = jax.grad(lambda q, k, v, seg, cot: jnp.vdot(fn(q, k, v, seg).astype(jnp.float32), cot.astype(jnp.float32)),
                     argnums=(0, 1, 2))
     passes = (("fwd", fn, (q, k, v, segment_ids), forward_flops),

@@ -15,11 +15,12 @@
 # and gpu-2026-11-29-s*; compiles dominate: the tables' "first s" is the first step, compile included):
 #   kernels          147 s   the expert kernels, dispatch and combine against the reference (pytest; 23 passed,
 #                            1 skipped, 2026-11-29 seventh session)
-#   attention         57 s   the fused (cuDNN) attention against the reference, values and gradients (pytest)
-#   attention_bench  not run  attention alone at MLA widths, 8 x 2048: reference, the model's fused path (mask as a
-#                            bias), fused without the mask (causal only, or with per-row lengths), and cuDNN
-#                            with unpadded values (causal, or packed segments as offsets)
-#   attention_packed not run  the same with 4 packed segments per row (the variants that honour segments)
+#   attention         57 s   the fused attention against the reference, values and gradients (pytest), on the GPU
+#                            cuDNN given the segments (as lengths, or packed offsets) and jax.nn's with a window
+#   attention_bench   34 s   attention alone at MLA widths, 8 x 2048, one document per row: reference, the model's
+#                            fused path (built for 1 and for 8 segments per row), the mask as a bias (the fused
+#                            path before 2026-11-29's eighth session), cuDNN causal without segments
+#   attention_packed  15 s   the same with 4 packed documents per row (fused built for 4 and for 16)
 #   train_8      154-203 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
 #                            forward/backward breakdown and device time by model part and kernel (2026-11-29;
@@ -55,9 +56,11 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
-piece attention 120 "$PY" -m pytest -q tests/test_model.py -k attention
-piece attention_bench 120 "$PY" experiments/bench_attention.py --batch 8 --seq 2048
-piece attention_packed 90 "$PY" experiments/bench_attention.py --batch 8 --seq 2048 --segments 4
+piece attention 120 "$PY" -m pytest -q tests/test_model.py -k "attention or segment"
+attention_bench=("$PY" experiments/bench_attention.py --batch 8 --seq 2048)
+piece attention_bench 120 bash -c '"$@" && "$@" --max-segments 8 --variants fused' - "${attention_bench[@]}"
+piece attention_packed 90 bash -c '"$@" --segments 4 && "$@" --segments 4 --max-segments 16 --variants fused' - \
+  "${attention_bench[@]}"
 piece train_8 330 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,auto+reference,auto --breakdown \
   --profile /tmp/trace_8 --timeout 130
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140

@@ -67,26 +67,14 @@ def test_bench_train_tiny_runs_every_path_and_torch(tmp_path):
 def test_bench_attention_tiny_runs_every_variant_and_they_agree():
   out, [table] = run_tiny("bench_attention.py")
   assert [(row["variant"], row["pass"]) for row in table] == [
-      (variant, p) for variant in ("reference", "fused", "fused-causal", "fused-lengths") for p in ("fwd", "fwd+bwd")]
+      (variant, p) for variant in ("reference", "fused", "bias") for p in ("fwd", "fwd+bwd")]
   for row in table:  # rows of one whole segment: every variant is the same function
     assert number(row["ms"]) > 0 and number(row["max abs diff"]) < 1e-4, row
-  assert "# cudnn-mla: left out, needs a GPU" in out and "# cudnn-packed: left out, needs a GPU" in out
+  assert "# causal: left out, needs a GPU" in out
   _, [packed] = run_tiny("bench_attention.py", "--segments", "4")
-  assert [row["variant"] for row in packed] == ["reference"] * 2 + ["fused"] * 2
-
-
-def test_bench_attention_segment_offsets_match_a_loop():
-  """cuDNN's packed layout (start offsets and lengths of each row's segments, -1 after the last) against a loop
-  over the tokens; the cuDNN variants that use it need a GPU, this helper does not."""
-  bench_attention = load_script("bench_attention")
-  rows = [[1, 1, 2, 2, 2, 3, 0, 0], [5] * 8, [1, 2, 3, 4, 0, 0, 0, 0], [0] * 8, [2, 2, 7, 0, 0, 0, 0, 0]]
-  max_segments = 4
-  offsets, lengths = bench_attention.segment_offsets(np.asarray(rows, np.int32), max_segments)
-  for row, got_offsets, got_lengths in zip(rows, np.asarray(offsets), np.asarray(lengths)):
-    starts = [t for t, s in enumerate(row) if s != 0 and (t == 0 or row[t - 1] != s)]
-    sizes = [next((u for u in range(t, len(row)) if row[u] != row[t]), len(row)) - t for t in starts]
-    assert list(got_offsets) == starts + [-1] * (max_segments + 1 - len(starts)), row
-    assert list(got_lengths) == sizes + [-1] * (max_segments - len(sizes)), row
+  assert [row["variant"] for row in packed] == ["reference"] * 2 + ["fused"] * 2 + ["bias"] * 2
+  for row in packed:
+    assert number(row["max abs diff"]) < 1e-4, row
 
 
 def test_bench_infer_tiny_scores_and_generates_like_transformers():

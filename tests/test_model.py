@@ -9,8 +9,8 @@ import pytest
 
 from esft_jax.cli import main as cli_main
 from esft_jax.config import load_config
-from esft_jax.model.attention import (attention_mask, dot_product_attention, fused_attention,
-                                      resolve_attention_impl)
+from esft_jax.model.attention import (attention_mask, check_segments, dot_product_attention, fused_attention,
+                                      resolve_attention_impl, segment_counts, segment_spans)
 from esft_jax.model.experts import expert_ffn, grouped_expert_ffn, reference_expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.layers import rope_frequencies
@@ -126,30 +126,75 @@ def _cudnn_like_attention(query, key, value, mask, scale, is_causal, implementat
   return jnp.einsum("bhqk,bkhv->bqhv", jax.nn.softmax(scores, axis=-1).astype(value.dtype), value)
 
 
+# Rows with packed documents, padding between and after them, and no tokens at all; and rows of one document
+# each, first in its row, as the fused path built for one segment per row takes them.
+PACKED_ROWS = [[1] * 5 + [2] * 5 + [0] * 2, [1] * 12, [0] * 12, [3] * 4 + [0] * 3 + [4] * 5]
+ONE_PER_ROW = [[1] * 9 + [0] * 3, [1] * 12, [0] * 12]
+
+
 @pytest.mark.parametrize("like_cudnn", [False, True])
-@pytest.mark.parametrize("heads, kv_heads, d, v_width, window", [(4, 4, 24, 16, None), (4, 2, 16, 24, 5)])
-def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window, like_cudnn, monkeypatch):
+@pytest.mark.parametrize("rows, max_segments", [(PACKED_ROWS, 2), (PACKED_ROWS, 5), (ONE_PER_ROW, 1)])
+@pytest.mark.parametrize("heads, kv_heads, d, v_width, window",
+                         [(4, 4, 24, 16, None), (4, 2, 16, 24, None), (4, 2, 16, 24, 5)])
+def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window, rows, max_segments, like_cudnn,
+                                               monkeypatch):
   """Values and gradients on random inputs: MLA-like narrower values, grouped queries, wider values, a sliding
-  window, and two packed documents followed by padding, whose rows average every key in both. `like_cudnn`
-  stands in cuDNN's handling of masks (on a CPU the fused path is XLA's, which treats them as the reference
-  does)."""
+  window, packed documents with padding, whose rows average every key in both; the static bound at its least and
+  looser. On a GPU without a window the fused path is cuDNN's given the segments; otherwise jax.nn's with a mask,
+  where `like_cudnn` stands in cuDNN's handling of masks (on a CPU the fused path is XLA's, which treats them as
+  the reference does)."""
   if like_cudnn:
     monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_like_attention)
-  b, length = 2, 12
+  segments = jnp.asarray(rows)
+  b, length = segments.shape
   keys = jax.random.split(jax.random.key(heads + kv_heads + d + v_width), 4)
   q = jax.random.normal(keys[0], (b, length, heads, d), ATTENTION_DTYPE)
   k = jax.random.normal(keys[1], (b, length, kv_heads, d), ATTENTION_DTYPE)
   v = jax.random.normal(keys[2], (b, length, kv_heads, v_width), ATTENTION_DTYPE)
-  segments = jnp.asarray([[1] * 5 + [2] * 5 + [0] * 2, [1] * 12])
-  mask = attention_mask(segments, window)
   cotangent = jax.random.normal(keys[3], (b, length, heads, v_width), jnp.float32)
-  loss = lambda fn, mask: lambda q, k, v: jnp.sum(fn(q, k, v, mask, d ** -0.5).astype(jnp.float32) * cotangent)
-  want, want_grads = jax.value_and_grad(loss(dot_product_attention, mask), argnums=(0, 1, 2))(q, k, v)
-  got, got_grads = jax.value_and_grad(loss(fused_attention, mask[:, 0]), argnums=(0, 1, 2))(q, k, v)
+  loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * cotangent)
+  reference = lambda q, k, v: dot_product_attention(q, k, v, attention_mask(segments, window), d ** -0.5)
+  fused = lambda q, k, v: fused_attention(q, k, v, segments, window, d ** -0.5, max_segments)
+  want, want_grads = jax.value_and_grad(loss(reference), argnums=(0, 1, 2))(q, k, v)
+  got, got_grads = jax.jit(jax.value_and_grad(loss(fused), argnums=(0, 1, 2)))(q, k, v)
   np.testing.assert_allclose(got, want, rtol=ATTENTION_TOL)
   for g, w in zip(got_grads, want_grads):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=ATTENTION_TOL,
                                atol=ATTENTION_TOL * np.abs(np.asarray(w, np.float32)).max())
+
+
+def test_fused_attention_turns_the_rows_past_its_bound_into_nan_and_callers_get_a_clear_error():
+  """Built for one segment per row, a row of two documents and a row that starts with padding are NaN (their
+  padding keeps the reference's average), the others are computed; `check_segments` names the row and the flag."""
+  segments = jnp.asarray([[1] * 4 + [2] * 4, [1] * 8, [0] * 2 + [1] * 6, [1] * 5 + [0] * 3])
+  q = k = v = jax.random.normal(jax.random.key(0), (4, 8, 2, 16), ATTENTION_DTYPE)
+  out = np.asarray(jax.jit(fused_attention, static_argnums=(4, 5, 6))(q, k, v, segments, None, 0.25, 1),
+                   np.float32)
+  nan_rows = np.isnan(out).any(axis=(1, 2, 3))
+  assert list(nan_rows) == [True, False, True, False]
+  assert np.isfinite(out[2, :2]).all() and np.isnan(out[2, 2:]).all()
+  with pytest.raises(ValueError, match=r"batch 3: row 0 packs 2 segments, but the fused attention was built for at "
+                                       r"most max_segments=1 per row: pass --max-segments 2 or more"):
+    check_segments(segments, 1, "batch 3")
+  with pytest.raises(ValueError, match="batch 3: row 1 starts with padding, .* pass --max-segments 2 or more"):
+    check_segments(segments[1:], 1, "batch 3")
+  check_segments(segments, 2, "batch 3")
+  np.testing.assert_array_equal(segment_counts(segments, 1)[0], [2, 1, 1, 1])
+  with pytest.raises(ValueError, match="max_segments=0: .* pass 1 or more"):
+    fused_attention(q, k, v, segments, None, 0.25, 0)
+
+
+def test_segment_spans_match_a_loop():
+  """cuDNN's packed layout (start offsets and lengths of each row's segments, -1 after the last) against a loop
+  over the tokens; a row with more segments than the bound keeps its first ones."""
+  rows = [[1, 1, 2, 2, 2, 3, 0, 0], [5] * 8, [1, 2, 3, 4, 0, 0, 0, 0], [0] * 8, [2, 2, 7, 0, 0, 0, 0, 9]]
+  max_segments = 3
+  offsets, lengths = segment_spans(jnp.asarray(rows, jnp.int32), max_segments)
+  for row, got_offsets, got_lengths in zip(rows, np.asarray(offsets), np.asarray(lengths)):
+    starts = [t for t, s in enumerate(row) if s != 0 and (t == 0 or row[t - 1] != s)][:max_segments]
+    sizes = [next((u for u in range(t, len(row)) if row[u] != row[t]), len(row)) - t for t in starts]
+    assert list(got_offsets) == starts + [-1] * (max_segments + 1 - len(starts)), row
+    assert list(got_lengths) == sizes + [-1] * (max_segments - len(sizes)), row
 
 
 def test_fused_attention_in_the_model_matches_the_reference():
@@ -158,7 +203,7 @@ def test_fused_attention_in_the_model_matches_the_reference():
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
   segments = jnp.asarray([[1] * 9 + [2] * 7, [1] * 13 + [0] * 3])
   positions = jnp.asarray([list(range(9)) + list(range(7)), list(range(16))])
-  out = {impl: jax.jit(Transformer(cfg, dtype=ATTENTION_DTYPE, attention_impl=impl).apply)(
+  out = {impl: jax.jit(Transformer(cfg, dtype=ATTENTION_DTYPE, attention_impl=impl, max_segments=2).apply)(
       {"params": params}, tokens, segments, positions).logits for impl in ("reference", "fused")}
   valid = np.asarray(segments != 0)
   np.testing.assert_allclose(out["fused"][valid], out["reference"][valid], rtol=ATTENTION_TOL,

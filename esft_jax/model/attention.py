@@ -9,6 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from typing import NamedTuple
 
@@ -80,26 +81,100 @@ def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV:
   return out.reshape(b, q_len, h, v_BxKxGxV.shape[-1])
 
 
-def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, mask_Bx1xQxK: jax.Array,
-                    scale: float) -> jax.Array:
-  """`dot_product_attention` through `jax.nn.dot_product_attention`: on a GPU cuDNN's flash attention, which
-  never writes the [B, H, Q, K] scores to memory (the mask travels as a [B, 1, Q, K] bf16 bias, and cuDNN's
-  backward writes that bias's unused gradient); elsewhere XLA's.
-  - Keys and values need one head width: the narrower (MLA's values) is zero-padded, which changes neither
-    scores nor outputs, and the padding is cut from the output.
-  - `is_causal` lets cuDNN skip the tiles above the diagonal. It also drops those keys from a row that the mask
-    blocks entirely (a padding query), which the reference averages over every key; such rows are given that
-    average here, so both agree everywhere (DeepSeek's balance loss counts padding tokens)."""
+def segment_counts(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+  """[B] how many segments (runs of one nonzero id) each row packs, and [B] whether the fused attention built for
+  `max_segments` takes the row: at most that many segments, and with one, the segment first (padding after)."""
+  seg = jnp.asarray(segment_ids_BxL)
+  real = seg != 0
+  counts_B = jnp.sum(real & (seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))), axis=1)
+  fits_B = (counts_B <= max_segments) & ((max_segments > 1) | real[:, 0] | (counts_B == 0))
+  return counts_B, fits_B
+
+
+def check_segments(segment_ids_BxL, max_segments: int, where: str) -> None:
+  """Raises a clear error where a batch has a row that the fused attention, built for `max_segments` segments per
+  row, would turn into NaN."""
+  counts_B, fits_B = (np.asarray(x) for x in segment_counts(segment_ids_BxL, max_segments))
+  if fits_B.all():
+    return
+  row = int(np.flatnonzero(~fits_B)[0])
+  if counts_B[row] > max_segments:
+    raise ValueError(f"{where}: row {row} packs {counts_B[row]} segments, but the fused attention was built for at "
+                     f"most max_segments={max_segments} per row: pass --max-segments {int(counts_B.max())} or more "
+                     f"(or --attention reference)")
+  raise ValueError(f"{where}: row {row} starts with padding, but with max_segments=1 the fused attention needs "
+                   f"each row's segment first: pass --max-segments 2 or more")
+
+
+def segment_spans(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+  """Each row's segments in cuDNN's packed layout: start offsets [B, M + 1] and lengths [B, M], -1 past a row's
+  last segment (M = max_segments; a row's segments past the M-th are left out)."""
+  seg = segment_ids_BxL
+  previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
+  following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
+  first = lambda flags: jnp.nonzero(flags, size=max_segments, fill_value=-1)[0]
+  starts_BxM = jax.vmap(first)((seg != 0) & (seg != previous))
+  ends_BxM = jax.vmap(first)((seg != 0) & (seg != following))
+  lengths_BxM = jnp.where(starts_BxM >= 0, ends_BxM - starts_BxM + 1, -1)
+  offsets = jnp.pad(starts_BxM, ((0, 0), (0, 1)), constant_values=-1)
+  return offsets.astype(jnp.int32), lengths_BxM.astype(jnp.int32)
+
+
+def _cudnn_segments(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, segment_ids_BxL: jax.Array,
+                    scale: float, max_segments: int) -> jax.Array:
+  """cuDNN's flash attention, causal within each segment, with no mask tensor. jax.nn's API takes segments only
+  as a bias, which made cuDNN 2.5x slower (BENCHMARKS.md, eighth session), so this calls jax's cuDNN entry point,
+  which has no public name.
+  - One segment per row, first: per-row lengths describe it; MLA's values keep their own width.
+  - More: cuDNN's packed layout, segment offsets and lengths. jax (0.11) scales every offset by the query's
+    heads x width, so keys and values get the query's heads here (repeated), and all three one width (the
+    narrower zero-padded)."""
+  from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
+
+  if max_segments == 1:
+    lengths_B = jnp.sum(segment_ids_BxL != 0, axis=1, dtype=jnp.int32)
+    return cudnn_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxV, q_seqlen=lengths_B, kv_seqlen=lengths_B, scale=scale,
+                           mask_type=MaskType.PADDING_CAUSAL)
+  heads, v_width = q_BxQxHxD.shape[2], v_BxKxGxV.shape[3]
+  width = max(q_BxQxHxD.shape[3], v_width)
+  widen = lambda x: jnp.pad(jnp.repeat(x, heads // x.shape[2], axis=2), [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+  offsets, lengths = segment_spans(segment_ids_BxL, max_segments)
+  out = cudnn_attention(widen(q_BxQxHxD), widen(k_BxKxGxD), widen(v_BxKxGxV), q_seqlen=lengths, kv_seqlen=lengths,
+                        q_offsets=offsets, kv_offsets=offsets, scale=scale, mask_type=MaskType.PADDING_CAUSAL)
+  return out[..., :v_width]
+
+
+def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, segment_ids_BxL: jax.Array,
+                    window: int | None, scale: float, max_segments: int = 1) -> jax.Array:
+  """`dot_product_attention` without the [B, H, Q, K] scores in memory, for rows that `segment_counts` says fit
+  `max_segments` (a static bound); a row that does not comes out as NaN (callers check their batches with
+  `check_segments` for a clear error).
+  - On a GPU without a sliding window: cuDNN's flash attention given the segments (`_cudnn_segments`).
+  - Otherwise `jax.nn.dot_product_attention` with the mask as a bias (on a GPU cuDNN, whose backward also writes
+    that bias's unused gradient; elsewhere XLA's). Keys and values need one head width there: the narrower
+    (MLA's values) is zero-padded, which changes neither scores nor outputs, and the padding is cut off.
+  Flash attention drops a padding query's keys altogether, where the reference averages over every key (the mask
+  blocks them all alike); such rows are given that average here, so both agree everywhere (DeepSeek's balance
+  loss counts padding tokens)."""
+  if max_segments < 1:
+    raise ValueError(f"max_segments={max_segments}: a row holds at least one segment; pass 1 or more")
   d, v_width = k_BxKxGxD.shape[-1], v_BxKxGxV.shape[-1]
-  width = max(d, v_width)
-  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
-  backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  out = jax.nn.dot_product_attention(pad(q_BxQxHxD), pad(k_BxKxGxD), pad(v_BxKxGxV), mask=mask_Bx1xQxK, scale=scale,
-                                     is_causal=True, implementation=backend)[..., :v_width]
+  gpu = jax.default_backend() == "gpu"
+  if gpu and window is None:
+    out = _cudnn_segments(q_BxQxHxD, k_BxKxGxD, v_BxKxGxV, segment_ids_BxL, scale, max_segments)
+  else:
+    width = max(d, v_width)
+    pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, width - x.shape[-1])])
+    mask_Bx1xQxK = attention_mask(segment_ids_BxL, window)[:, 0]
+    out = jax.nn.dot_product_attention(pad(q_BxQxHxD), pad(k_BxKxGxD), pad(v_BxKxGxV), mask=mask_Bx1xQxK,
+                                       scale=scale, is_causal=True, implementation="cudnn" if gpu else "xla")
+    out = out[..., :v_width]
+  _, fits_B = segment_counts(segment_ids_BxL, max_segments)
+  out = jnp.where(fits_B[:, None, None, None], out, jnp.nan)
   h, g = q_BxQxHxD.shape[2], k_BxKxGxD.shape[2]
-  blocked_BxQx1x1 = ~jnp.any(mask_Bx1xQxK, axis=-1)[:, 0, :, None, None]
+  padding_BxQx1x1 = (segment_ids_BxL == 0)[:, :, None, None]
   mean_v = jnp.repeat(jnp.mean(v_BxKxGxV, axis=1, keepdims=True), h // g, axis=2)  # [B, 1, H, V], heads as q's
-  return jnp.where(blocked_BxQx1x1, mean_v.astype(out.dtype), out)
+  return jnp.where(padding_BxQx1x1, mean_v.astype(out.dtype), out)
 
 
 def resolve_attention_impl(impl: str, dtype) -> str:
@@ -115,12 +190,12 @@ def resolve_attention_impl(impl: str, dtype) -> str:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids_BxL: jax.Array, window: int | None, scale: float,
-           impl: str) -> jax.Array:
-  """Training and scoring attention over the whole (packed) sequence: [B, L, H, V]."""
-  mask = attention_mask(segment_ids_BxL, window)
+           impl: str, max_segments: int = 1) -> jax.Array:
+  """Training and scoring attention over the whole (packed) sequence: [B, L, H, V]. `max_segments`: the most
+  segments a row may pack, a static bound of the fused path on a GPU (see `fused_attention`)."""
   if resolve_attention_impl(impl, q.dtype) == "fused":
-    return fused_attention(q, k, v, mask[:, 0], scale)
-  return dot_product_attention(q, k, v, mask, scale)
+    return fused_attention(q, k, v, segment_ids_BxL, window, scale, max_segments)
+  return dot_product_attention(q, k, v, attention_mask(segment_ids_BxL, window), scale)
 
 
 class GroupedQueryAttention(nn.Module):
@@ -129,6 +204,7 @@ class GroupedQueryAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"  # see ATTENTION_IMPLS
+  max_segments: int = 1  # see `attend`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -156,7 +232,8 @@ class GroupedQueryAttention(nn.Module):
     window = cfg.sliding_window(self.layer)
     new_cache = None
     if cache is None:
-      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl)
+      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl,
+                   self.max_segments)
     else:
       new_cache = LayerCache(_write(cache.layer.first, k, cache.index), _write(cache.layer.second, v, cache.index))
       k, v = new_cache.first.astype(q.dtype), new_cache.second.astype(q.dtype)
@@ -176,6 +253,7 @@ class MultiHeadLatentAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"  # see ATTENTION_IMPLS
+  max_segments: int = 1  # see `attend`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -209,7 +287,8 @@ class MultiHeadLatentAttention(nn.Module):
       k = jnp.concatenate([k_nope, jnp.broadcast_to(k_rope[:, :, None], (b, length, h, rope))], axis=-1)
       q = nn.with_logical_constraint(jnp.concatenate([q_nope, q_rope], axis=-1),
                                      ("batch", "length", "heads", "head_dim"))
-      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl)
+      out = attend(q, k, v, segment_ids_BxL, window, cfg.softmax_scale(), self.attention_impl,
+                   self.max_segments)
       new_cache = None
     else:
       new_cache = LayerCache(_write(cache.layer.first, latent, cache.index),

@@ -52,6 +52,7 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
   weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
   attention_impl: str = "auto"  # see esft_jax.model.attention.ATTENTION_IMPLS
+  max_segments: int = 1  # see esft_jax.model.attention.attend
 
   @nn.compact
   def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
@@ -60,8 +61,8 @@ class DecoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="input_layernorm")(x_BxLxD)
-    attn, new_cache = attention_cls(cfg, self.layer, attention_impl=self.attention_impl, name="self_attn",
-                                    **kw)(h, cos, sin, segment_ids_BxL, cache)
+    attn, new_cache = attention_cls(cfg, self.layer, attention_impl=self.attention_impl,
+                                    max_segments=self.max_segments, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL, cache)
     x_BxLxD = x_BxLxD + attn
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None
@@ -87,6 +88,9 @@ class Transformer(nn.Module):
   expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
   # How training and scoring attend: `esft_jax.model.attention.ATTENTION_IMPLS` (decoding uses the reference).
   attention_impl: str = "auto"
+  # The most segments (packed documents) a row may hold: a static bound of the fused attention on a GPU, whose
+  # callers check their batches (`esft_jax.model.attention.check_segments`); ignored by the reference.
+  max_segments: int = 1
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -113,8 +117,9 @@ class Transformer(nn.Module):
     for i in range(cfg.num_layers):
       view = None if cache is None else CacheView(cache.layers[i], cache.index, valid)
       layer_grads = None if weight_grads is None else weight_grads.get(i, ())
-      x, routing, layer_cache = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, layer_grads,
-                                          self.attention_impl, name=f"layers_{i}")(x, cos, sin, segment_ids_BxL, view)
+      layer = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, layer_grads, self.attention_impl,
+                        self.max_segments, name=f"layers_{i}")
+      x, routing, layer_cache = layer(x, cos, sin, segment_ids_BxL, view)
       new_layers.append(layer_cache)
       if routing is not None:
         routings.append(routing)

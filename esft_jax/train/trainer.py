@@ -30,6 +30,7 @@ from esft_jax import sharding
 from esft_jax.config import ModelConfig
 from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable, join_written,
                                     merge_trainable, split_written, tree_bytes, write_expert_rows)
+from esft_jax.model.attention import check_segments, resolve_attention_impl
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.loss import masked_mean_loss
 from esft_jax.train.metrics import MetricsWriter, progress
@@ -54,6 +55,7 @@ class TrainConfig:
   compute_dtype: str = "bfloat16"
   expert_impl: str = "auto"
   attention_impl: str = "auto"  # esft_jax.model.attention.ATTENTION_IMPLS
+  max_segments: int = 1  # segments (packed documents) per row the fused attention is built for; batches checked
   remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
   max_checkpoints: int = 2
 
@@ -249,8 +251,12 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
   model = Transformer(model_config, expert_impl=cfg.expert_impl, attention_impl=cfg.attention_impl,
-                      dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
+                      max_segments=cfg.max_segments, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
                       expert_weight_grads=expert_weight_grads(plan, model_config))
+  fused = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype) == "fused"
+  check = lambda batch, where: fused and check_segments(batch["segment_ids"], cfg.max_segments, where)
+  for i, batch in enumerate(val_batches):
+    check(batch, f"validation batch {i}")
   schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
   trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), frozen_params)
   optimizer = make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
@@ -294,6 +300,8 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   bar = progress(total=cfg.steps, initial=first_step, desc=f"train {plan.method}")
   while int(state.step) < cfg.steps:
     micro = [next(train_batches) for _ in range(cfg.grad_accum)]
+    for batch in micro:
+      check(batch, f"a training batch of step {int(state.step) + 1}")
     batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
     if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
       compiled_step = train_step.lower(state, written, frozen, batch).compile()
