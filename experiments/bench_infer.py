@@ -63,7 +63,7 @@ def bench_scoring(args, config, params, dtype) -> None:
   rng = np.random.default_rng(0)
   tokens = rng.integers(3, config.vocab_size, size=(args.batch, args.seq)).astype(np.int32)
   segments = np.ones_like(tokens)
-  model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype)
+  model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, max_segments=1)  # as the scorer's
   forward = jax.jit(lambda p, t, s: model.apply({"params": p}, t, s).logits)
 
   def scorer(with_routing: bool) -> Callable[[], object]:

@@ -154,7 +154,7 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     row["trainable"] = count_parameters(state.trainable)
     batch = sharding.global_batch(_batch(global_batch, args.seq, config.vocab_size), shardings.batch)
     model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, remat=args.remat,
-                        expert_weight_grads=expert_weight_grads(plan, config))
+                        expert_weight_grads=expert_weight_grads(plan, config), max_segments=1)
 
     stage = "compile"
     start = time.perf_counter()

@@ -56,7 +56,7 @@ jax.__version__, '| torch', torch.__version__, '| transformers', transformers.__
 
 train=("$PY" experiments/bench_train.py --seq 2048 --experts-per-layer 8)
 piece kernels 200 "$PY" -m pytest -q tests/test_kernels.py
-piece attention 120 "$PY" -m pytest -q tests/test_model.py -k "attention or segment"
+piece attention 120 "$PY" -m pytest -q tests/test_model.py -k "attention or spans"
 attention_bench=("$PY" experiments/bench_attention.py --batch 8 --seq 2048)
 piece attention_bench 120 bash -c '"$@" && "$@" --max-segments 8 --variants fused' - "${attention_bench[@]}"
 piece attention_packed 90 bash -c '"$@" --segments 4 && "$@" --segments 4 --max-segments 16 --variants fused' - \

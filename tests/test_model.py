@@ -133,16 +133,17 @@ ONE_PER_ROW = [[1] * 9 + [0] * 3, [1] * 12, [0] * 12]
 
 
 @pytest.mark.parametrize("like_cudnn", [False, True])
-@pytest.mark.parametrize("rows, max_segments", [(PACKED_ROWS, 2), (PACKED_ROWS, 5), (ONE_PER_ROW, 1)])
+@pytest.mark.parametrize("rows, max_segments", [(PACKED_ROWS, None), (PACKED_ROWS, 2), (PACKED_ROWS, 5),
+                                                 (ONE_PER_ROW, 1)])
 @pytest.mark.parametrize("heads, kv_heads, d, v_width, window",
                          [(4, 4, 24, 16, None), (4, 2, 16, 24, None), (4, 2, 16, 24, 5)])
 def test_fused_attention_matches_the_reference(heads, kv_heads, d, v_width, window, rows, max_segments, like_cudnn,
                                                monkeypatch):
   """Values and gradients on random inputs: MLA-like narrower values, grouped queries, wider values, a sliding
-  window, packed documents with padding, whose rows average every key in both; the static bound at its least and
-  looser. On a GPU without a window the fused path is cuDNN's given the segments; otherwise jax.nn's with a mask,
-  where `like_cudnn` stands in cuDNN's handling of masks (on a CPU the fused path is XLA's, which treats them as
-  the reference does)."""
+  window, packed documents with padding, whose rows average every key in both; no bound on the segments, the
+  bound at its least and looser. With a bound, on a GPU without a window, the fused path is cuDNN's given the
+  segments; otherwise jax.nn's with a mask, where `like_cudnn` stands in cuDNN's handling of masks (on a CPU the
+  fused path is XLA's, which treats them as the reference does)."""
   if like_cudnn:
     monkeypatch.setattr(jax.nn, "dot_product_attention", _cudnn_like_attention)
   segments = jnp.asarray(rows)
@@ -197,13 +198,15 @@ def test_segment_spans_match_a_loop():
     assert list(got_lengths) == sizes + [-1] * (max_segments - len(sizes)), row
 
 
-def test_fused_attention_in_the_model_matches_the_reference():
+@pytest.mark.parametrize("max_segments", [None, 2])
+def test_fused_attention_in_the_model_matches_the_reference(max_segments):
   cfg = load_config("tiny-deepseek")
   params = init_params(cfg, jax.random.key(0), param_dtype=ATTENTION_DTYPE)
   tokens = jax.random.randint(jax.random.key(1), (2, 16), 3, cfg.vocab_size)
   segments = jnp.asarray([[1] * 9 + [2] * 7, [1] * 13 + [0] * 3])
   positions = jnp.asarray([list(range(9)) + list(range(7)), list(range(16))])
-  out = {impl: jax.jit(Transformer(cfg, dtype=ATTENTION_DTYPE, attention_impl=impl, max_segments=2).apply)(
+  out = {impl: jax.jit(Transformer(cfg, dtype=ATTENTION_DTYPE, attention_impl=impl,
+                                    max_segments=max_segments).apply)(
       {"params": params}, tokens, segments, positions).logits for impl in ("reference", "fused")}
   valid = np.asarray(segments != 0)
   np.testing.assert_allclose(out["fused"][valid], out["reference"][valid], rtol=ATTENTION_TOL,

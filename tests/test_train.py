@@ -275,6 +275,18 @@ def test_donated_parameters_train_alike_and_give_up_only_the_stacks_with_trained
   assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(rest))
 
 
+def test_training_stops_at_a_batch_with_more_documents_than_the_fused_attention_takes(tmp_path):
+  cfg, params, _ = _setup()
+  packed = _batches(cfg, 1)
+  packed[0]["segment_ids"][0, 6:] = 2  # row 0: two documents
+  train_cfg = TrainConfig(steps=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
+  with pytest.raises(ValueError, match=r"a training batch of step 1: row 0 packs 2 segments, but the fused attention "
+                                       r"was built for at most max_segments=1 per row: pass --max-segments 2 or more"):
+    train(cfg, params, _esft_plan(), iter(packed), [], tmp_path, train_cfg)
+  with pytest.raises(ValueError, match="validation batch 0: row 0 packs 2 segments"):
+    train(cfg, params, _esft_plan(), iter(_batches(cfg, 1)), packed, tmp_path, train_cfg)
+
+
 def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path):
   cfg, params, _ = _setup()
   plan = _esft_plan()

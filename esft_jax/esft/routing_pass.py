@@ -68,7 +68,7 @@ def make_scoring_step(config: ModelConfig, expert_impl: str = "auto", dtype=jnp.
   """(params, totals, tokens [B, L], segment ids [B, L]) -> (totals, routing or None), on `mesh` (default:
   one device); totals and routing come back replicated."""
   mesh = mesh or sharding.single_device_mesh()
-  model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
+  model = Transformer(config, expert_impl=expert_impl, dtype=dtype, max_segments=1)  # one sample first per row
 
   def step(params, totals: RoutingTotals, tokens_BxL, segment_ids_BxL):
     with sharding.logical_rules(mesh):

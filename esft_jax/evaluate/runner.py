@@ -82,7 +82,7 @@ def _rows(examples: Sequence[Example], batch_size: int):
 def heldout_loss(config: ModelConfig, params, examples: Sequence[Example], batch_size: int = 8,
                  dtype=jnp.float32, expert_impl: str = "auto") -> dict:
   """Mean next-token loss over the loss-masked tokens (answers and EOS) of unpacked samples, and perplexity."""
-  model = Transformer(config, expert_impl=expert_impl, dtype=dtype)
+  model = Transformer(config, expert_impl=expert_impl, dtype=dtype, max_segments=1)  # one sample first per row
   total, count = 0.0, 0.0
   for inputs, targets, mask, segments in _rows(list(examples), batch_size):
     loss_sum, n = _summed_loss(model, params, inputs, targets, mask, segments)
@@ -125,7 +125,7 @@ def multiple_choice(config: ModelConfig, params, tokenizer: Tokenizer, path: Pat
       mask = np.zeros(len(ids), bool)
       mask[len(context):] = True
       examples.append(Example(ids, mask, item["question"][:40]))
-  model = Transformer(config, dtype=dtype)
+  model = Transformer(config, dtype=dtype, max_segments=1)  # one sample first per row
   logliks: list[float] = []
   bar = progress(total=len(examples), desc="choices")
   for inputs, targets, mask, segments in _rows(examples, batch_size):

@@ -120,6 +120,24 @@ def segment_spans(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Ar
   return offsets.astype(jnp.int32), lengths_BxM.astype(jnp.int32)
 
 
+@jax.custom_vjp
+def _gradient_where(x_BxLx: jax.Array, keep_BxL: jax.Array) -> jax.Array:
+  """x, with the gradient replaced by zero where `keep` is false."""
+  return x_BxLx
+
+
+def _gradient_where_fwd(x_BxLx, keep_BxL):
+  return x_BxLx, keep_BxL
+
+
+def _gradient_where_bwd(keep_BxL, g_BxLx):
+  keep = keep_BxL.reshape(keep_BxL.shape + (1,) * (g_BxLx.ndim - 2))
+  return jnp.where(keep, g_BxLx, jnp.zeros_like(g_BxLx)), None
+
+
+_gradient_where.defvjp(_gradient_where_fwd, _gradient_where_bwd)
+
+
 def _cudnn_segments(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, segment_ids_BxL: jax.Array,
                     scale: float, max_segments: int) -> jax.Array:
   """cuDNN's flash attention, causal within each segment, with no mask tensor. jax.nn's API takes segments only
@@ -131,8 +149,11 @@ def _cudnn_segments(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.A
     narrower zero-padded)."""
   from jax._src.cudnn.fused_attention_stablehlo import MaskType, dot_product_attention as cudnn_attention
 
+  # cuDNN's backward leaves its gradients at tokens outside every segment (padding) unwritten: zero them.
+  real_BxL = segment_ids_BxL != 0
+  q_BxQxHxD, k_BxKxGxD, v_BxKxGxV = (_gradient_where(x, real_BxL) for x in (q_BxQxHxD, k_BxKxGxD, v_BxKxGxV))
   if max_segments == 1:
-    lengths_B = jnp.sum(segment_ids_BxL != 0, axis=1, dtype=jnp.int32)
+    lengths_B = jnp.sum(real_BxL, axis=1, dtype=jnp.int32)
     return cudnn_attention(q_BxQxHxD, k_BxKxGxD, v_BxKxGxV, q_seqlen=lengths_B, kv_seqlen=lengths_B, scale=scale,
                            mask_type=MaskType.PADDING_CAUSAL)
   heads, v_width = q_BxQxHxD.shape[2], v_BxKxGxV.shape[3]
@@ -145,22 +166,23 @@ def _cudnn_segments(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.A
 
 
 def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, segment_ids_BxL: jax.Array,
-                    window: int | None, scale: float, max_segments: int = 1) -> jax.Array:
-  """`dot_product_attention` without the [B, H, Q, K] scores in memory, for rows that `segment_counts` says fit
-  `max_segments` (a static bound); a row that does not comes out as NaN (callers check their batches with
-  `check_segments` for a clear error).
-  - On a GPU without a sliding window: cuDNN's flash attention given the segments (`_cudnn_segments`).
-  - Otherwise `jax.nn.dot_product_attention` with the mask as a bias (on a GPU cuDNN, whose backward also writes
-    that bias's unused gradient; elsewhere XLA's). Keys and values need one head width there: the narrower
-    (MLA's values) is zero-padded, which changes neither scores nor outputs, and the padding is cut off.
+                    window: int | None, scale: float, max_segments: int | None = None) -> jax.Array:
+  """`dot_product_attention` without the [B, H, Q, K] scores in memory.
+  - `max_segments` set, on a GPU without a sliding window: cuDNN's flash attention given the segments
+    (`_cudnn_segments`), 2.5x faster than with a mask. The bound is static: a row that `segment_counts` says does
+    not fit comes out as NaN, on every backend alike (callers check their batches with `check_segments` for a
+    clear error).
+  - Otherwise `jax.nn.dot_product_attention` with the mask as a bias, which takes any packing (on a GPU cuDNN,
+    whose backward also writes that bias's unused gradient; elsewhere XLA's). Keys and values need one head width
+    there: the narrower (MLA's values) is zero-padded, which changes neither scores nor outputs, and is cut off.
   Flash attention drops a padding query's keys altogether, where the reference averages over every key (the mask
   blocks them all alike); such rows are given that average here, so both agree everywhere (DeepSeek's balance
   loss counts padding tokens)."""
-  if max_segments < 1:
+  if max_segments is not None and max_segments < 1:
     raise ValueError(f"max_segments={max_segments}: a row holds at least one segment; pass 1 or more")
   d, v_width = k_BxKxGxD.shape[-1], v_BxKxGxV.shape[-1]
   gpu = jax.default_backend() == "gpu"
-  if gpu and window is None:
+  if gpu and window is None and max_segments is not None:
     out = _cudnn_segments(q_BxQxHxD, k_BxKxGxD, v_BxKxGxV, segment_ids_BxL, scale, max_segments)
   else:
     width = max(d, v_width)
@@ -169,8 +191,9 @@ def fused_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.A
     out = jax.nn.dot_product_attention(pad(q_BxQxHxD), pad(k_BxKxGxD), pad(v_BxKxGxV), mask=mask_Bx1xQxK,
                                        scale=scale, is_causal=True, implementation="cudnn" if gpu else "xla")
     out = out[..., :v_width]
-  _, fits_B = segment_counts(segment_ids_BxL, max_segments)
-  out = jnp.where(fits_B[:, None, None, None], out, jnp.nan)
+  if max_segments is not None:
+    _, fits_B = segment_counts(segment_ids_BxL, max_segments)
+    out = jnp.where(fits_B[:, None, None, None], out, jnp.nan)
   h, g = q_BxQxHxD.shape[2], k_BxKxGxD.shape[2]
   padding_BxQx1x1 = (segment_ids_BxL == 0)[:, :, None, None]
   mean_v = jnp.repeat(jnp.mean(v_BxKxGxV, axis=1, keepdims=True), h // g, axis=2)  # [B, 1, H, V], heads as q's
@@ -190,9 +213,9 @@ def resolve_attention_impl(impl: str, dtype) -> str:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids_BxL: jax.Array, window: int | None, scale: float,
-           impl: str, max_segments: int = 1) -> jax.Array:
+           impl: str, max_segments: int | None = None) -> jax.Array:
   """Training and scoring attention over the whole (packed) sequence: [B, L, H, V]. `max_segments`: the most
-  segments a row may pack, a static bound of the fused path on a GPU (see `fused_attention`)."""
+  segments a row may pack, a static bound of the fused path's fastest form (see `fused_attention`); None: any."""
   if resolve_attention_impl(impl, q.dtype) == "fused":
     return fused_attention(q, k, v, segment_ids_BxL, window, scale, max_segments)
   return dot_product_attention(q, k, v, attention_mask(segment_ids_BxL, window), scale)
@@ -204,7 +227,7 @@ class GroupedQueryAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"  # see ATTENTION_IMPLS
-  max_segments: int = 1  # see `attend`
+  max_segments: int | None = None  # see `attend`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
@@ -253,7 +276,7 @@ class MultiHeadLatentAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   attention_impl: str = "auto"  # see ATTENTION_IMPLS
-  max_segments: int = 1  # see `attend`
+  max_segments: int | None = None  # see `attend`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids_BxL: jax.Array,
