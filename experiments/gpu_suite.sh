@@ -15,7 +15,7 @@
 # and gpu-2026-11-29-s*; compiles dominate: the tables' "first s" is the first step, compile included):
 #   kernels          147 s   the expert kernels, dispatch and combine against the reference (pytest; 23 passed,
 #                            1 skipped, 2026-11-29 seventh session)
-#   attention         57 s   the fused attention against the reference, values and gradients (pytest), on the GPU
+#   attention    90-104 s   the fused attention against the reference, values and gradients (pytest), on the GPU
 #                            cuDNN given the segments (as lengths, or packed offsets) and jax.nn's with a window
 #   attention_bench   34 s   attention alone at MLA widths, 8 x 2048, one document per row: reference, the model's
 #                            fused path (built for 1 and for 8 segments per row), the mask as a bias (the fused

@@ -20,7 +20,7 @@ from esft_jax.model.layers import Linear, RMSNorm, apply_rope, logical_param
 Dtype = jnp.dtype
 MASKED = -1e30  # finite, so a fully masked (padding) query row gives a uniform softmax instead of NaN
 # How training and scoring attend (decoding always uses the reference): "reference" materialises the fp32 scores
-# (einsum, softmax, einsum); "fused" is `jax.nn.dot_product_attention` (cuDNN's flash attention on a GPU);
+# (einsum, softmax, einsum); "fused" is flash attention (`fused_attention`: cuDNN's on a GPU);
 # "auto" is fused on a Hopper GPU at 16-bit precision (measured there; older GPUs' cuDNN takes no 192-wide MLA
 # heads), the reference elsewhere.
 ATTENTION_IMPLS = ("reference", "fused", "auto")
