@@ -188,6 +188,17 @@ def test_fused_attention_turns_the_rows_past_its_bound_into_nan_and_callers_get_
     fused_attention(q, k, v, segments, None, 0.25, 0)
 
 
+def test_gradient_where_passes_values_and_zeroes_the_gradient_outside_keep():
+  """cuDNN leaves its gradients at padding unwritten; `_gradient_where` zeroes them, NaN included."""
+  from esft_jax.model.attention import _gradient_where
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  keep = jnp.asarray([[True, False, True], [False, False, True]])
+  out, pullback = jax.vjp(lambda x: _gradient_where(x, keep), x)
+  np.testing.assert_array_equal(out, x)
+  cotangent = jnp.full_like(x, jnp.nan).at[keep].set(2.0)
+  np.testing.assert_array_equal(pullback(cotangent)[0], jnp.where(keep[..., None], 2.0, 0.0) * jnp.ones_like(x))
+
+
 def test_segment_spans_match_a_loop():
   """cuDNN's packed layout (start offsets and lengths of each row's segments, -1 after the last) against a loop
   over the tokens; a row with more segments than the bound keeps its first ones."""
