@@ -135,8 +135,7 @@ def cmd_train(args: argparse.Namespace) -> None:
       steps=args.steps, lr=args.lr or DEFAULT_LR[args.method], schedule=args.schedule,
       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
       eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-      compute_dtype=args.compute_dtype, remat=args.remat, attention_impl=args.attention,
-      max_segments=args.max_segments)
+      compute_dtype=args.compute_dtype, remat=args.remat, attention_impl=args.attention)
   data_config = DataConfig(seq_length=args.seq_length, packing=args.packing)
   mesh = mesh_from_flags(args.mesh, args.distributed)
   result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
@@ -351,10 +350,6 @@ def build_parser() -> argparse.ArgumentParser:
                   help="fused: flash attention (cuDNN's on a GPU, bfloat16), which never stores the [batch, heads, "
                        "length, length] scores; reference: fp32 scores, materialised; auto (default): fused on a "
                        "Hopper GPU in bfloat16, else reference")
-  tr.add_argument("--max-segments", type=int, default=1,
-                  help="the most documents one row may pack, a fixed bound of the fused attention: 1 (default) "
-                       "fits --packing esft and unpacked; --packing documents needs the most a row holds "
-                       "(training stops with the number to pass if a batch has more)")
   tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
   _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)

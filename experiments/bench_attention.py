@@ -107,8 +107,8 @@ def main() -> None:
   forward_flops = causal_flops(args.batch, args.seq, args.heads, args.segments)
 
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch} x {args.seq} in "
-        f"{args.segments} segment(s) per row (fused path built for {max_segments}), {args.heads} heads, q/k width {QK_WIDTH}, v width {V_WIDTH}, "
-        f"{jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP", flush=True)
+        f"{args.segments} segment(s) per row (fused path built for {max_segments}), {args.heads} heads, q/k width "
+        f"{QK_WIDTH}, v width {V_WIDTH}, {jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP", flush=True)
   print("| variant | pass | ms | TFLOP/s | temp GiB | max abs diff |")
   print("|---|---|---|---|---|---|", flush=True)
   reference = jax.jit(attention_fn("reference", scale))(q, k, v, segment_ids).astype(jnp.float32)

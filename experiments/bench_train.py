@@ -123,7 +123,7 @@ def run_jax(args, path: str) -> dict:
   weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
   impl, _, attention = path.partition("+")
   model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads,
-                      attention_impl=attention or "auto", max_segments=1)  # as `esft-jax train`'s default
+                      attention_impl=attention or "auto", max_segments=1)  # one document per row
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
   def init_state(frozen) -> TrainState:

@@ -10,7 +10,7 @@ import pytest
 from esft_jax.cli import main as cli_main
 from esft_jax.config import load_config
 from esft_jax.model.attention import (attention_mask, check_segments, dot_product_attention, fused_attention,
-                                      resolve_attention_impl, segment_counts, segment_spans)
+                                      most_segments, resolve_attention_impl, segment_counts, segment_spans)
 from esft_jax.model.experts import expert_ffn, grouped_expert_ffn, reference_expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.layers import rope_frequencies
@@ -178,12 +178,13 @@ def test_fused_attention_turns_the_rows_past_its_bound_into_nan_and_callers_get_
   assert list(nan_rows) == [True, False, True, False]
   assert np.isfinite(out[2, :2]).all() and np.isnan(out[2, 2:]).all()
   with pytest.raises(ValueError, match=r"batch 3: row 0 packs 2 segments, but the fused attention was built for at "
-                                       r"most max_segments=1 per row: pass --max-segments 2 or more"):
+                                       r"most max_segments=1 per row: set max_segments to 2 or more"):
     check_segments(segments, 1, "batch 3")
-  with pytest.raises(ValueError, match="batch 3: row 1 starts with padding, .* pass --max-segments 2 or more"):
+  with pytest.raises(ValueError, match="batch 3: row 1 starts with padding, .* set max_segments to 2 or more"):
     check_segments(segments[1:], 1, "batch 3")
   check_segments(segments, 2, "batch 3")
   np.testing.assert_array_equal(segment_counts(segments, 1)[0], [2, 1, 1, 1])
+  assert most_segments(segments) == 2 and most_segments(np.zeros((2, 8), np.int32)) == 1
   with pytest.raises(ValueError, match="max_segments=0: .* pass 1 or more"):
     fused_attention(q, k, v, segments, None, 0.25, 0)
 

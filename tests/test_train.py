@@ -281,7 +281,7 @@ def test_training_stops_at_a_batch_with_more_documents_than_the_fused_attention_
   packed[0]["segment_ids"][0, 6:] = 2  # row 0: two documents
   train_cfg = TrainConfig(steps=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
   with pytest.raises(ValueError, match=r"a training batch of step 1: row 0 packs 2 segments, but the fused attention "
-                                       r"was built for at most max_segments=1 per row: pass --max-segments 2 or more"):
+                                       r"was built for at most max_segments=1 per row: set max_segments to 2 or more"):
     train(cfg, params, _esft_plan(), iter(packed), [], tmp_path, train_cfg)
   with pytest.raises(ValueError, match="validation batch 0: row 0 packs 2 segments"):
     train(cfg, params, _esft_plan(), iter(_batches(cfg, 1)), packed, tmp_path, train_cfg)

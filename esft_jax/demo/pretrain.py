@@ -29,6 +29,7 @@ from esft_jax.esft.trainable import TrainPlan
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.hf import save_hf_model
 from esft_jax.interop.tokenizer import Tokenizer
+from esft_jax.model.attention import most_segments
 from esft_jax.model.transformer import init_params
 from esft_jax.train.trainer import TrainConfig, train
 
@@ -139,7 +140,7 @@ def _pretrain(spec: BaseSpec, tasks: dict[str, Task], train_texts: list[str], wo
   train_cfg = TrainConfig(steps=spec.steps, lr=spec.lr, schedule="cosine", warmup_steps=spec.steps // 20,
                           weight_decay=0.1, eval_every=max(1, spec.steps // 10), save_every=spec.steps,
                           log_every=10, seed=spec.seed, compute_dtype=spec.compute_dtype,
-                          expert_impl=spec.expert_impl)
+                          expert_impl=spec.expert_impl, max_segments=most_segments(rows.segment_ids_NxL))
   best = {}
   result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg,
                  on_best=lambda trainable: best.update(params=trainable))

@@ -91,6 +91,12 @@ def segment_counts(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.A
   return counts_B, fits_B
 
 
+def most_segments(segment_ids_NxL) -> int:
+  """The most segments any row packs (at least 1): the tightest `max_segments` for these rows."""
+  counts_N, _ = segment_counts(segment_ids_NxL, 1)
+  return max(1, int(jnp.max(counts_N, initial=0)))
+
+
 def check_segments(segment_ids_BxL, max_segments: int, where: str) -> None:
   """Raises a clear error where a batch has a row that the fused attention, built for `max_segments` segments per
   row, would turn into NaN."""
@@ -100,10 +106,10 @@ def check_segments(segment_ids_BxL, max_segments: int, where: str) -> None:
   row = int(np.flatnonzero(~fits_B)[0])
   if counts_B[row] > max_segments:
     raise ValueError(f"{where}: row {row} packs {counts_B[row]} segments, but the fused attention was built for at "
-                     f"most max_segments={max_segments} per row: pass --max-segments {int(counts_B.max())} or more "
-                     f"(or --attention reference)")
+                     f"most max_segments={max_segments} per row: set max_segments to {int(counts_B.max())} or more "
+                     f"(`most_segments` of the rows), or use the reference attention")
   raise ValueError(f"{where}: row {row} starts with padding, but with max_segments=1 the fused attention needs "
-                   f"each row's segment first: pass --max-segments 2 or more")
+                   f"each row's segment first: set max_segments to 2 or more")
 
 
 def segment_spans(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:

@@ -61,8 +61,9 @@ class DecoderLayer(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="input_layernorm")(x_BxLxD)
-    attn, new_cache = attention_cls(cfg, self.layer, attention_impl=self.attention_impl,
-                                    max_segments=self.max_segments, name="self_attn", **kw)(h, cos, sin, segment_ids_BxL, cache)
+    attention = attention_cls(cfg, self.layer, attention_impl=self.attention_impl, max_segments=self.max_segments,
+                              name="self_attn", **kw)
+    attn, new_cache = attention(h, cos, sin, segment_ids_BxL, cache)
     x_BxLxD = x_BxLxD + attn
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None

@@ -21,7 +21,7 @@ from esft_jax.files import atomic_write_text
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
-from esft_jax.model.attention import resolve_attention_impl
+from esft_jax.model.attention import most_segments, resolve_attention_impl
 from esft_jax.paths import leaves_by_path, set_path
 from esft_jax.train.trainer import TrainConfig, TrainResult, train
 
@@ -53,6 +53,8 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
   params = load_hf_model(model_dir, jnp.dtype(param_dtype), sharding.param_shardings(config, mesh)).params
   tokenizer = load_tokenizer(model_dir)
   datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
+  rows = [r.segment_ids_NxL for r in (datasets.train_rows, datasets.validation_rows) if len(r)]
+  train_config = dataclasses.replace(train_config, max_segments=max((most_segments(s) for s in rows), default=1))
   train_iter = iter(datasets.train)
   val_batches = list(datasets.validation)
   record = {"args": {"model": str(model_dir), "data": str(data), "method": method, "batch_size": batch_size,

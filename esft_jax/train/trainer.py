@@ -55,7 +55,9 @@ class TrainConfig:
   compute_dtype: str = "bfloat16"
   expert_impl: str = "auto"
   attention_impl: str = "auto"  # esft_jax.model.attention.ATTENTION_IMPLS
-  max_segments: int = 1  # segments (packed documents) per row the fused attention is built for; batches checked
+  # The most segments (packed documents) a row may hold, the fused attention's static bound: one fits ESFT's
+  # packing and unpacked rows; `finetune` sets it from its rows (`most_segments`). Every batch is checked.
+  max_segments: int = 1
   remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
   max_checkpoints: int = 2
 
