@@ -4,9 +4,13 @@ where $ESFT_REFERENCE points; tests that need them skip, with the reason, where 
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests compare fp32 paths at CPU tolerances; a GPU multiplies fp32 in TF32 unless told otherwise.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")
