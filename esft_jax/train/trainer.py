@@ -256,7 +256,11 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
                       max_segments=cfg.max_segments, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
                       expert_weight_grads=expert_weight_grads(plan, model_config))
   fused = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype) == "fused"
-  check = lambda batch, where: fused and check_segments(batch["segment_ids"], cfg.max_segments, where)
+
+  def check(batch, where):  # the fused attention turns rows past its bound into NaN: stop with the reason first
+    if fused:
+      check_segments(batch["segment_ids"], cfg.max_segments, where)
+
   for i, batch in enumerate(val_batches):
     check(batch, f"validation batch {i}")
   schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
