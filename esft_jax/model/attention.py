@@ -81,26 +81,28 @@ def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV:
   return out.reshape(b, q_len, h, v_BxKxGxV.shape[-1])
 
 
-def segment_counts(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Array, jax.Array]:
+def segment_counts(segment_ids_BxL, max_segments: int):
   """[B] how many segments (runs of one nonzero id) each row packs, and [B] whether the fused attention built for
-  `max_segments` takes the row: at most that many segments, and with one, the segment first (padding after)."""
-  seg = jnp.asarray(segment_ids_BxL)
+  `max_segments` takes the row: at most that many segments, and with one, the segment first (padding after).
+  numpy in, numpy out (host batches and whole datasets stay on the host); jax arrays otherwise."""
+  xp = np if isinstance(segment_ids_BxL, np.ndarray) else jnp
+  seg = segment_ids_BxL
   real = seg != 0
-  counts_B = jnp.sum(real & (seg != jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))), axis=1)
+  counts_B = xp.sum(real & (seg != xp.pad(seg[:, :-1], ((0, 0), (1, 0)))), axis=1)
   fits_B = (counts_B <= max_segments) & ((max_segments > 1) | real[:, 0] | (counts_B == 0))
   return counts_B, fits_B
 
 
-def most_segments(segment_ids_NxL) -> int:
+def most_segments(segment_ids_NxL: np.ndarray) -> int:
   """The most segments any row packs (at least 1): the tightest `max_segments` for these rows."""
-  counts_N, _ = segment_counts(segment_ids_NxL, 1)
-  return max(1, int(jnp.max(counts_N, initial=0)))
+  counts_N, _ = segment_counts(np.asarray(segment_ids_NxL), 1)
+  return max(1, int(counts_N.max(initial=0)))
 
 
-def check_segments(segment_ids_BxL, max_segments: int, where: str) -> None:
+def check_segments(segment_ids_BxL: np.ndarray, max_segments: int, where: str) -> None:
   """Raises a clear error where a batch has a row that the fused attention, built for `max_segments` segments per
   row, would turn into NaN."""
-  counts_B, fits_B = (np.asarray(x) for x in segment_counts(segment_ids_BxL, max_segments))
+  counts_B, fits_B = segment_counts(np.asarray(segment_ids_BxL), max_segments)
   if fits_B.all():
     return
   row = int(np.flatnonzero(~fits_B)[0])
