@@ -10,8 +10,8 @@ Variants:
 - reference: the materialised fp32 scores (`attend(..., impl="reference")`);
 - fused: what the model runs (`attend(..., impl="fused", max_segments=...)`): on a GPU cuDNN's flash attention
   given the segments as lengths (one per row) or as packed offsets (more);
-- bias: `jax.nn.dot_product_attention` with the segment mask as a [B, 1, L, L] bias and the values padded to the
-  keys' width, the fused path before the eighth session;
+- bias: the fused path without a bound (`max_segments=None`): `jax.nn.dot_product_attention` with the segment
+  mask as a [B, 1, L, L] bias and the values padded to the keys' width, as the model ran before the eighth session;
 - causal (GPU only): cuDNN causal over the whole row with the values at their own width, no segments: the
   fastest the fused path could be.
 --segments N packs each row with N equal documents; the causal variant then computes another function and is
@@ -37,19 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from esft_jax.model.attention import attend, attention_mask
+from esft_jax.model.attention import attend
 from timing import median_call_ms
 
 VARIANTS = ("reference", "fused", "bias", "causal")
 QK_WIDTH, V_WIDTH = 192, 128  # DeepSeek-V2-Lite's MLA heads: 128 + 64 rotary query/key dims, 128 value dims
-
-
-def _bias(q, k, v, segment_ids_BxL, scale: float):
-  pad = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, QK_WIDTH - x.shape[-1])])
-  backend = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), mask=attention_mask(segment_ids_BxL, None)[:, 0],
-                                     scale=scale, is_causal=True, implementation=backend)
-  return out[..., :V_WIDTH]
 
 
 def _causal(q, k, v, segment_ids_BxL, scale: float):
@@ -59,11 +51,13 @@ def _causal(q, k, v, segment_ids_BxL, scale: float):
 
 
 def attention_fn(variant: str, scale: float, max_segments: int = 1):
-  if variant in ("reference", "fused"):
-    return lambda q, k, v, seg: attend(q, k, v, seg, None, scale, variant, max_segments)
-  if variant in ("bias", "causal"):
-    return functools.partial(_bias if variant == "bias" else _causal, scale=scale)
-  raise ValueError(f"variant {variant!r} is unknown; use some of {', '.join(VARIANTS)}")
+  if variant not in VARIANTS:
+    raise ValueError(f"variant {variant!r} is unknown; use some of {', '.join(VARIANTS)}")
+  if variant == "causal":
+    return functools.partial(_causal, scale=scale)
+  impl = "reference" if variant == "reference" else "fused"
+  bound = max_segments if variant == "fused" else None  # bias: the fused path without a bound
+  return lambda q, k, v, seg: attend(q, k, v, seg, None, scale, impl, bound)
 
 
 def causal_flops(batch: int, seq: int, heads: int, segments: int) -> float:
@@ -108,7 +102,8 @@ def main() -> None:
 
   print(f"# {jax.devices()[0].device_kind}, jax {jax.__version__}; batch {args.batch} x {args.seq} in "
         f"{args.segments} segment(s) per row (fused path built for {max_segments}), {args.heads} heads, q/k width "
-        f"{QK_WIDTH}, v width {V_WIDTH}, {jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP", flush=True)
+        f"{QK_WIDTH}, v width {V_WIDTH}, {jnp.dtype(dtype).name}; causal forward {forward_flops / 1e12:.3f} TFLOP",
+        flush=True)
   print("| variant | pass | ms | TFLOP/s | temp GiB | max abs diff |")
   print("|---|---|---|---|---|---|", flush=True)
   reference = jax.jit(attention_fn("reference", scale))(q, k, v, segment_ids).astype(jnp.float32)

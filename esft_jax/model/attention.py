@@ -81,15 +81,19 @@ def dot_product_attention(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV:
   return out.reshape(b, q_len, h, v_BxKxGxV.shape[-1])
 
 
+def _segment_starts(segment_ids_BxL, xp):
+  """[B, L] whether a segment (a run of one nonzero id) starts at each token; xp: numpy or jax.numpy."""
+  previous = xp.pad(segment_ids_BxL[:, :-1], ((0, 0), (1, 0)))
+  return (segment_ids_BxL != 0) & (segment_ids_BxL != previous)
+
+
 def segment_counts(segment_ids_BxL, max_segments: int):
   """[B] how many segments (runs of one nonzero id) each row packs, and [B] whether the fused attention built for
   `max_segments` takes the row: at most that many segments, and with one, the segment first (padding after).
   numpy in, numpy out (host batches and whole datasets stay on the host); jax arrays otherwise."""
   xp = np if isinstance(segment_ids_BxL, np.ndarray) else jnp
-  seg = segment_ids_BxL
-  real = seg != 0
-  counts_B = xp.sum(real & (seg != xp.pad(seg[:, :-1], ((0, 0), (1, 0)))), axis=1)
-  fits_B = (counts_B <= max_segments) & ((max_segments > 1) | real[:, 0] | (counts_B == 0))
+  counts_B = xp.sum(_segment_starts(segment_ids_BxL, xp), axis=1)
+  fits_B = (counts_B <= max_segments) & ((max_segments > 1) | (segment_ids_BxL[:, 0] != 0) | (counts_B == 0))
   return counts_B, fits_B
 
 
@@ -118,11 +122,9 @@ def segment_spans(segment_ids_BxL: jax.Array, max_segments: int) -> tuple[jax.Ar
   """Each row's segments in cuDNN's packed layout: start offsets [B, M + 1] and lengths [B, M], -1 past a row's
   last segment (M = max_segments; a row's segments past the M-th are left out)."""
   seg = segment_ids_BxL
-  previous = jnp.pad(seg[:, :-1], ((0, 0), (1, 0)))
-  following = jnp.pad(seg[:, 1:], ((0, 0), (0, 1)))
   first = lambda flags: jnp.nonzero(flags, size=max_segments, fill_value=-1)[0]
-  starts_BxM = jax.vmap(first)((seg != 0) & (seg != previous))
-  ends_BxM = jax.vmap(first)((seg != 0) & (seg != following))
+  starts_BxM = jax.vmap(first)(_segment_starts(seg, jnp))
+  ends_BxM = jax.vmap(first)(_segment_starts(seg[:, ::-1], jnp)[:, ::-1])  # a segment ends where, reversed, it starts
   lengths_BxM = jnp.where(starts_BxM >= 0, ends_BxM - starts_BxM + 1, -1)
   offsets = jnp.pad(starts_BxM, ((0, 0), (0, 1)), constant_values=-1)
   return offsets.astype(jnp.int32), lengths_BxM.astype(jnp.int32)
