@@ -45,6 +45,7 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -160,7 +161,9 @@ def run_jax(args, path: str) -> dict:
       for _ in range(2):
         state, written, metrics = step(state, written, frozen, batch)
         jax.block_until_ready(metrics["loss"])
-    result["profile"] = format_summary(load_trace(trace_dir), 2, path)
+    hlo_text = step.lower(state, written, frozen, batch).compile().as_text()  # the persistent cache has it
+    Path(trace_dir, "step.hlo.txt").write_text(hlo_text)
+    result["profile"] = format_summary(load_trace(trace_dir), 2, path, hlo_text)
   return result
 
 

@@ -42,11 +42,18 @@ def device_lines(trace: dict) -> dict[str, list[dict]]:
   return lines
 
 
-def op_path(event: dict) -> str:
+def hlo_op_names(hlo_text: str) -> dict[str, str]:
+  """Each instruction of an optimized HLO module (`compiled.as_text()`) -> the JAX operation's name stack in its
+  metadata. A fused kernel's event names only its fusion (`hlo_op`), and the fusion carries its root's name."""
+  return dict(re.findall(r'%?([\w.-]+) = [^\n]*?metadata=\{op_name="([^"]+)"', hlo_text))
+
+
+def op_path(event: dict, op_names: dict[str, str] | None = None) -> str:
   """XLA's `tf_op` field (the operation's name stack), else the first field that holds a path (has a "/"), else
-  the kernel's name."""
+  the name stack of the event's `hlo_op` in `op_names`, else the kernel's name."""
   args = event.get("args", {})
-  return next((str(v) for v in (args.get("tf_op", ""), *args.values()) if "/" in str(v)), event["name"])
+  named = next((str(v) for v in (args.get("tf_op", ""), *args.values()) if "/" in str(v)), None)
+  return named or (op_names or {}).get(str(args.get("hlo_op")), event["name"])
 
 
 def part_of(name: str) -> str:
@@ -58,21 +65,32 @@ def kernel_events(lines: dict[str, list[dict]]) -> list[dict]:
   return [e for name, events in lines.items() if name.startswith("Stream") for e in events]
 
 
-def summarize(trace: dict, steps: int, top: int = 15) -> tuple[list[tuple[str, float]], list[tuple[str, str, float]]]:
+def summarize(trace: dict, steps: int, top: int = 15, op_names: dict[str, str] | None = None
+              ) -> tuple[list[tuple[str, float]], list[tuple[str, str, float]]]:
   """(part, ms per step) by decreasing time, and the `top` (kernel, part) pairs as (kernel, part, ms per step)."""
-  return _summarize(kernel_events(device_lines(trace)), steps, top)
+  return _summarize(kernel_events(device_lines(trace)), steps, top, op_names)
 
 
-def _summarize(kernels: list[dict], steps: int, top: int = 15):
+def _summarize(kernels: list[dict], steps: int, top: int = 15, op_names: dict[str, str] | None = None):
   parts, by_pair = defaultdict(float), defaultdict(float)
   for event in kernels:
     ms = event.get("dur", 0) / 1e3 / steps  # trace durations are in microseconds
-    part = part_of(op_path(event))
+    part = part_of(op_path(event, op_names))
     parts[part] += ms
     by_pair[event["name"], part] += ms
   by_part = sorted(parts.items(), key=lambda kv: -kv[1])
   by_kernel = [(k, part, ms) for (k, part), ms in sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]]
   return by_part, by_kernel
+
+
+def _other_ops(kernels: list[dict], steps: int, op_names: dict[str, str], top: int = 25) -> list[tuple[str, float]]:
+  """The name stacks of the kernels left in "other", by ms per step: what PARTS does not place yet."""
+  by_op = defaultdict(float)
+  for event in kernels:
+    path = op_path(event, op_names)
+    if part_of(path) == "other":
+      by_op[path] += event.get("dur", 0) / 1e3 / steps
+  return sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
 
 
 def load_trace(trace_dir: str | Path) -> dict:
@@ -84,10 +102,13 @@ def load_trace(trace_dir: str | Path) -> dict:
     return json.load(f)
 
 
-def format_summary(trace: dict, steps: int, label: str) -> str:
+def format_summary(trace: dict, steps: int, label: str, hlo_text: str | None = None) -> str:
+  """The tables of `summarize`; with the program's optimized HLO (`hlo_text`), fused kernels are placed by their
+  fusion's name stack, and the largest operations left in "other" are listed by it."""
+  op_names = hlo_op_names(hlo_text) if hlo_text else None
   lines_seen = device_lines(trace)
   kernels = kernel_events(lines_seen)
-  by_part, by_kernel = _summarize(kernels, steps)
+  by_part, by_kernel = _summarize(kernels, steps, op_names=op_names)
   if not by_part:
     return (f"# {label} profile: no kernels on a device stream line in the trace (a CPU run has none); device "
             f"lines: {', '.join(name or '-' for name in lines_seen) or '-'}")
@@ -99,11 +120,15 @@ def format_summary(trace: dict, steps: int, label: str) -> str:
   lines += [f"| {part} | {ms:.1f} | {ms / total:.1%} |" for part, ms in by_part]
   lines += ["", "| kernel | part | ms per step | share |", "|---|---|---|---|"]
   lines += [f"| {kernel[:80]} | {part} | {ms:.2f} | {ms / total:.1%} |" for kernel, part, ms in by_kernel]
-  # What an unassigned kernel carries, to extend PARTS from (the first GPU trace left two thirds unassigned).
-  other = next((e for e in sorted(kernels, key=lambda e: -e.get("dur", 0)) if part_of(op_path(e)) == "other"), None)
-  if other:
-    fields = json.dumps(other.get("args", {}))[:400]
-    lines.append(f"# the longest kernel in other: {other['name'][:60]}, fields {fields}")
+  if op_names:
+    lines += ["", "| operation in other (name stack) | ms per step |", "|---|---|"]
+    lines += [f"| {path[-150:]} | {ms:.2f} |" for path, ms in _other_ops(kernels, steps, op_names)]
+  else:  # what an unassigned kernel carries, to extend PARTS from
+    other = next((e for e in sorted(kernels, key=lambda e: -e.get("dur", 0)) if part_of(op_path(e)) == "other"),
+                 None)
+    if other:
+      fields = json.dumps(other.get("args", {}))[:400]
+      lines.append(f"# the longest kernel in other: {other['name'][:60]}, fields {fields}")
   return "\n".join(lines)
 
 
@@ -111,8 +136,10 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("trace_dir", help="the folder given to jax.profiler.trace")
   parser.add_argument("--steps", type=int, default=1, help="steps the trace holds (times are per step)")
+  parser.add_argument("--hlo", type=Path, help="the traced program's optimized HLO text, to place fused kernels")
   args = parser.parse_args()
-  print(format_summary(load_trace(args.trace_dir), args.steps, str(args.trace_dir)))
+  hlo_text = args.hlo.read_text() if args.hlo else None
+  print(format_summary(load_trace(args.trace_dir), args.steps, str(args.trace_dir), hlo_text))
 
 
 if __name__ == "__main__":

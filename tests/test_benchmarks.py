@@ -135,6 +135,32 @@ def test_trace_summary_splits_device_time_by_model_part():
   assert "no kernels on a device stream line" in trace_summary.format_summary({"traceEvents": host_only}, 2, "cpu")
 
 
+def test_trace_summary_places_fused_kernels_by_their_hlo_names():
+  """A kernel whose event names only its fusion is placed by that fusion's name stack in the optimized HLO (of a
+  program compiled here); a kernel the HLO does not name stays in "other", listed under its own name."""
+  import jax
+  import jax.numpy as jnp
+
+  trace_summary = load_script("trace_summary")
+
+  def f(x):
+    with jax.named_scope("layers_1/mlp/experts"):
+      return jnp.tanh(x) * 2 + x
+
+  hlo = jax.jit(f).lower(jnp.ones(8)).compile().as_text()
+  op_names = trace_summary.hlo_op_names(hlo)
+  fusions = [name for name in op_names if "fusion" in name]
+  assert len(fusions) == 1 and op_names[fusions[0]] == "jit(f)/layers_1/mlp/experts/add", op_names
+  events = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "dur": 3_000, "args": {"hlo_op": fusions[0]}},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "memset", "dur": 1_000, "args": {"hlo_op": "elsewhere"}}]
+  by_part, _ = trace_summary.summarize({"traceEvents": events}, steps=1, op_names=op_names)
+  assert by_part == [("routed experts", 3.0), ("other", 1.0)]
+  text = trace_summary.format_summary({"traceEvents": events}, 1, "cpu", hlo)
+  assert text.endswith("| operation in other (name stack) | ms per step |\n|---|---|\n| memset | 1.00 |"), text
+
+
 def test_hlo_traffic_counts_operands_results_and_loop_trips():
   """hlo_traffic on programs compiled here: an elementwise op moves its operands and result, a loop body counts once
   per trip, and a scatter into an argument the program may not overwrite shows the full-size copy that donation
