@@ -13,7 +13,7 @@ updates as small as fine-tuning's). A mesh that names fewer devices than the mac
 `--batch` is per batch shard (per device unless the mesh has a tensor axis), so the global batch grows with the
 mesh and rows of one invocation are a weak-scaling series. Columns:
 
-- ms/step: median over `--iters` timed steps after one warm-up step (each ended by `block_until_ready`).
+- ms/step: the mean of `--iters` steps run back to back after one warm-up step (experiments/timing.py).
 - scaling: tokens/s over the one-device row of the same method (2.0 is perfect on two devices).
 - peak GiB/dev: the largest `peak_bytes_in_use` over the mesh's devices, for the whole process (n/a on CPU).
 - XLA GiB/dev, XLA TFLOP/dev: XLA's analysis of the compiled per-device step (its planned peak, as the trainer
@@ -51,7 +51,7 @@ from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_
 from esft_jax.model.transformer import Transformer, init_params  # noqa: E402
 from esft_jax.train.optimizer import DEFAULT_LR, learning_rate_schedule, make_optimizer  # noqa: E402
 from esft_jax.train.trainer import TrainState, make_train_step, planned_peak_bytes, step_shardings  # noqa: E402
-from timing import median_step_ms  # noqa: E402
+from timing import step_ms  # noqa: E402
 
 GIB = 2**30
 FULL = dict(layers=8, batch=8, seq=2048, experts_per_layer=8, iters=5)
@@ -170,7 +170,7 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     stage = "step"
     state, written, metrics = step(state, written, frozen, batch)
     row["first_loss"] = float(metrics["loss"])
-    _, row["ms"] = median_step_ms(step, (state, written), frozen, batch, iters=args.iters)
+    _, row["ms"], _ = step_ms(step, (state, written), frozen, batch, iters=args.iters)
   except Exception as error:  # an out-of-memory row is a result; anything else is a bug
     if not _is_oom(error):
       raise

@@ -21,7 +21,9 @@ rows only. torch: transformers' `DeepseekV2ForCausalLM` from the same config (ra
 attention and experts implementations); transformers fuses the experts into [E, ...] tensors, so those
 tensors are the only ones with requires_grad, a gradient hook zeroes the rows of the other experts, and AdamW
 (weight decay 0, so the frozen rows stay put) holds bf16 state for the whole tensors.
-Time: median of --iters steps after the first (which compiles); "first s" is that first step.
+Time: the mean of --iters steps run back to back after the first (which compiles), as the trainer runs them:
+the host dispatches a step while the one before runs. A note line gives the median step when each is waited for
+before the next is dispatched (the table's time before 2026-11-29's ninth session). "first s" is the first step.
 
 Model FLOPs per token, counted analytically from the config (the same number for every path):
   forward     F = 2 * N_active + L * A
@@ -112,7 +114,7 @@ def run_jax(args, path: str) -> dict:
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.optimizer import make_optimizer
   from esft_jax.train.trainer import TrainState, loss_fn, make_train_step, step_shardings
-  from timing import median_call_ms, median_step_ms
+  from timing import median_call_ms, step_ms
   from trace_summary import format_summary, load_trace
 
   config = model_config(args)
@@ -143,8 +145,8 @@ def run_jax(args, path: str) -> dict:
   state, written, metrics = step(state, written, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
-  (state, written), ms = median_step_ms(step, (state, written), frozen, batch, iters=args.iters)
-  result = {"ms": ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(path),
+  (state, written), ms, synced_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
+  result = {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(path),
             "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
             "trainable_params": count_parameters(state.trainable)}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
@@ -205,13 +207,18 @@ def run_torch(args) -> dict:
   start = time.perf_counter()
   first_loss = float(step())
   first_s = time.perf_counter() - start
-  times = []
+  times = []  # as the JAX paths (experiments/timing.py): each step waited for, then back to back
   for _ in range(args.iters):
     start = time.perf_counter()
     step()
     sync()
     times.append(time.perf_counter() - start)
-  return {"ms": statistics.median(times) * 1e3, "first_s": first_s, "first_loss": first_loss,
+  start = time.perf_counter()
+  for _ in range(args.iters):
+    step()
+  sync()
+  return {"ms": (time.perf_counter() - start) / args.iters * 1e3, "synced_ms": statistics.median(times) * 1e3,
+          "first_s": first_s, "first_loss": first_loss,
           "peak_bytes": peak_bytes("torch"),
           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "software": f"torch {torch.__version__}, transformers {transformers.__version__} "
@@ -351,7 +358,8 @@ def main() -> None:
       cells = [f"{r['ms']:.1f}", f"{tps:,.0f}", cell(peak_gib, ".1f"), f"{r['first_loss']:.4f}",
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
-      notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters")
+      notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters; "
+                   f"{r['synced_ms']:.1f} ms a step when each is waited for before the next is dispatched")
       if args.profile and path != "torch":
         traced = run_path(args, path, profile=True)
         profiles.append(traced.get("profile") or f"# {path} profile: {traced.get('error')}")

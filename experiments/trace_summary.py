@@ -49,11 +49,13 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 
 def op_path(event: dict, op_names: dict[str, str] | None = None) -> str:
-  """XLA's `tf_op` field (the operation's name stack), else the first field that holds a path (has a "/"), else
-  the name stack of the event's `hlo_op` in `op_names`, else the kernel's name."""
+  """The name stack of the event's `hlo_op` in `op_names`, else XLA's `tf_op` field, else the first field that
+  holds a path (has a "/"), else the kernel's name. (For a fusion of operations from several modules, `tf_op` holds
+  only their common prefix, e.g. `jit(step)/jvp(Transformer)`; the HLO names the fusion's root.)"""
   args = event.get("args", {})
-  named = next((str(v) for v in (args.get("tf_op", ""), *args.values()) if "/" in str(v)), None)
-  return named or (op_names or {}).get(str(args.get("hlo_op")), event["name"])
+  if op_names and str(args.get("hlo_op")) in op_names:
+    return op_names[str(args["hlo_op"])]
+  return next((str(v) for v in (args.get("tf_op", ""), *args.values()) if "/" in str(v)), event["name"])
 
 
 def part_of(name: str) -> str:
@@ -93,6 +95,22 @@ def _other_ops(kernels: list[dict], steps: int, op_names: dict[str, str], top: i
   return sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
 
 
+def idle_gaps(kernels: list[dict], top: int = 8) -> tuple[float, list[tuple[float, str, str]]]:
+  """The trace's span from the first kernel's start to the last one's end (ms), and its `top` longest stretches
+  with no kernel running, as (ms, the kernel before, the kernel after), each kernel named by its hlo_op."""
+  spans = sorted((e["ts"], e["ts"] + e.get("dur", 0), e) for e in kernels if "ts" in e)
+  if not spans:
+    return 0.0, []
+  name = lambda e: str(e.get("args", {}).get("hlo_op") or e["name"])[:60]
+  gaps, end, last = [], spans[0][1], spans[0][2]
+  for start, stop, event in spans[1:]:
+    if start > end:
+      gaps.append(((start - end) / 1e3, name(last), name(event)))
+    if stop > end:
+      end, last = stop, event
+  return (end - spans[0][0]) / 1e3, sorted(gaps, reverse=True)[:top]
+
+
 def load_trace(trace_dir: str | Path) -> dict:
   files = sorted(Path(trace_dir).rglob("perfetto_trace.json.gz"))
   if not files:
@@ -118,6 +136,12 @@ def format_summary(trace: dict, steps: int, label: str, hlo_text: str | None = N
            + ", ".join(f"{name or '-'} ({len(events)} events)" for name, events in lines_seen.items())
            + f"; kernel fields: {', '.join(fields) or '-'}", "", "| part | ms per step | share |", "|---|---|---|"]
   lines += [f"| {part} | {ms:.1f} | {ms / total:.1%} |" for part, ms in by_part]
+  span, gaps = idle_gaps(kernels)
+  if span:
+    lines += ["", f"# from the first kernel to the last: {span / steps:.1f} ms per step, of which no kernel runs in "
+              f"{span / steps - total:.1f} ms (the steps' boundaries included); the longest idle stretches:", "",
+              "| idle ms | after | before |", "|---|---|---|"]
+    lines += [f"| {ms:.2f} | {before} | {after} |" for ms, before, after in gaps]
   lines += ["", "| kernel | part | ms per step | share |", "|---|---|---|---|"]
   lines += [f"| {kernel[:80]} | {part} | {ms:.2f} | {ms / total:.1%} |" for kernel, part, ms in by_kernel]
   if op_names:

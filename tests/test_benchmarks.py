@@ -153,11 +153,14 @@ def test_trace_summary_places_fused_kernels_by_their_hlo_names():
   assert len(fusions) == 1 and op_names[fusions[0]] == "jit(f)/layers_1/mlp/experts/add", op_names
   events = [{"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/device:GPU:0"}},
             {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
-            {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "dur": 3_000, "args": {"hlo_op": fusions[0]}},
-            {"ph": "X", "pid": 2, "tid": 7, "name": "memset", "dur": 1_000, "args": {"hlo_op": "elsewhere"}}]
+            {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "ts": 0, "dur": 3_000,  # tf_op: a common prefix
+             "args": {"hlo_op": fusions[0], "tf_op": "jit(f)/layers_1"}},
+            {"ph": "X", "pid": 2, "tid": 7, "name": "memset", "ts": 5_000, "dur": 1_000, "args": {"hlo_op": "elsewhere"}}]
   by_part, _ = trace_summary.summarize({"traceEvents": events}, steps=1, op_names=op_names)
   assert by_part == [("routed experts", 3.0), ("other", 1.0)]
   text = trace_summary.format_summary({"traceEvents": events}, 1, "cpu", hlo)
+  assert "# from the first kernel to the last: 6.0 ms per step, of which no kernel runs in 2.0 ms" in text
+  assert "| 2.00 | " + fusions[0] + " | elsewhere |" in text
   assert text.endswith("| operation in other (name stack) | ms per step |\n|---|---|\n| memset | 1.00 |"), text
 
 

@@ -302,18 +302,19 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   eval_step = make_eval_step(model, plan, shardings)
   start = time.time()
   tokens_since, time_since = 0, time.time()
-  first_step = int(state.step)
-  bar = progress(total=cfg.steps, initial=first_step, desc=f"train {plan.method}")
-  while int(state.step) < cfg.steps:
+  # Counted on the host: reading state.step would wait for each step to finish before dispatching the next.
+  step = int(state.step)
+  bar = progress(total=cfg.steps, initial=step, desc=f"train {plan.method}")
+  while step < cfg.steps:
     micro = [next(train_batches) for _ in range(cfg.grad_accum)]
     for batch in micro:
-      check(batch, f"a training batch of step {int(state.step) + 1}")
+      check(batch, f"a training batch of step {step + 1}")
     batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
     if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
       compiled_step = train_step.lower(state, written, frozen, batch).compile()
       step_peak = planned_peak_bytes(compiled_step)
     state, written, metrics = compiled_step(state, written, frozen, batch)
-    step = int(state.step)
+    step += 1
     tokens_since += int(batch["loss_mask"].size)
     bar.update(1)
     if writer and (step % cfg.log_every == 0 or step == cfg.steps):
@@ -339,4 +340,4 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
     writer.close()
   if not val_batches:
     best_so_far(state.trainable)
-  return TrainResult(state.trainable, best, int(state.step), n_trainable, opt_bytes, time.time() - start, step_peak)
+  return TrainResult(state.trainable, best, step, n_trainable, opt_bytes, time.time() - start, step_peak)
