@@ -318,10 +318,10 @@ def sweep_configs(n: int, k: int | None = None) -> list:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
-  parser.add_argument("--forward-tiles", choices=("64x256", "128x128"), default="64x256",
+  parser.add_argument("--forward-tiles", choices=("128x128", "64x256"), default="128x128",
                       help="per-warpgroup tiles of the tiled forward and input-gradient kernels where the output "
-                           "width divides by 256: the default, or 128x128 split by columns (the default until "
-                           "2026-11-29), to compare the two in one run")
+                           "width divides by 256: the default (128x128, split by columns), or 64x256 (split by "
+                           "rows), to compare the two side by side")
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
   parser.add_argument("--rows", default="16384,32768,65536", help="tokens x top-k, comma-separated")
   parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
@@ -339,12 +339,12 @@ def main() -> None:
   if args.sweep:
     sweep(args)
     return
-  if args.forward_tiles == "128x128":
+  if args.forward_tiles == "64x256":
     from esft_jax.model.kernels import tiled
 
     default = tiled.forward_config  # read when the kernels are traced, so replacing it here takes effect
-    tiled.forward_config = lambda n: tiled.TileConfig(128, 128, "n") if n % 256 == 0 else default(n)
-    print("# forward and input-gradient tiles for widths divisible by 256: 128 x 128 split by columns")
+    tiled.forward_config = lambda n: tiled.TileConfig(64, 256, "m") if n % 256 == 0 else default(n)
+    print("# forward and input-gradient tiles for widths divisible by 256: 64 x 256 per warpgroup, split by rows")
   try:
     import torch
 

@@ -60,11 +60,10 @@ class TileConfig:
 
 
 def forward_config(n: int) -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks (two warpgroups of 64 rows)
-  where n allows, else 128 x 128. (BENCHMARKS.md: kernel by kernel at 65k rows, 64 x 256 per warpgroup ran the
-  width-2048 forward at 419 TFLOP/s and its input gradient at 404, against 361 and 322 with 128 x 128 split by
-  columns.)"""
-  return TileConfig(64, 256, "m") if n % 256 == 0 else TileConfig(64, 128, "m")
+  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows, else
+  128 x 128. (BENCHMARKS.md: kernel by kernel, 64 x 256 per warpgroup looked faster for width 2048, but in one run
+  side by side the whole SwiGLU at 65k rows was slower with it: 499 against 526 TFLOP/s forward and backward.)"""
+  return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
 
 
 def weight_grad_config(k: int, n: int) -> TileConfig:
