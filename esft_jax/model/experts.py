@@ -5,7 +5,8 @@
 `experts` holds the stacked SwiGLU weights of one MoE layer: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
 Each token's output is the sum over its K chosen experts of weight * expert(x), as in transformers.
 `weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
-all); "gpu" skips the others' weight-gradient matmuls and returns zeros there, the other paths compute them all.
+all); "gpu" skips the others' weight-gradient matmuls and leaves their entries unwritten (arbitrary values: read
+only the experts named), the other paths compute them all.
 
 Expert parallelism: `experts` may hold a device's slice of the experts, global ids first_expert to
 first_expert + E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing: they

@@ -18,7 +18,7 @@ def kernel_matmul(kernel: str, interpret: bool = False) -> tuple[Callable, int]:
   """The grouped matmul (lhs, rhs, group_sizes, weight_grad_groups=None, first_group=0) -> out of a kernel family,
   and the row alignment it needs. Rows past sum(group_sizes) come out as zeros. `weight_grad_groups` names the
   experts whose weight gradient the caller uses (None: all; global ids, rhs[g] being expert first_group + g); the
-  "tiled" kernels skip the others' (zeros), the rest compute every one."""
+  "tiled" kernels skip the others' (left unwritten), the rest compute every one."""
   if kernel == "tiled":
     supported, align = tiled.supported, tiled.ALIGN
     fast = lambda a, b, g, w, first: tiled.tiled_matmul(a, b, g, interpret, w, first)

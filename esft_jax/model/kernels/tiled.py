@@ -10,7 +10,7 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
-  gradient is needed, and the others run zero steps too (their gradient comes out as zeros, unread by the caller).
+  gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
   Under expert parallelism rhs holds one device's experts, the first of them global expert `first_group` (traced:
   the device's index), and `weight_grad_groups` names global experts, static for every device alike.
 """
@@ -218,28 +218,30 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
 
 def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None,
                       first_group: jax.Array | int = 0) -> jax.Array:
-  """Pipeline steps of each expert's weight-gradient tiles: its rows / tile_k, none for experts outside `groups`
-  (global ids; group g is expert first_group + g)."""
+  """Pipeline steps of each expert's weight-gradient tiles: its rows / tile_k; -1 for experts outside `groups`
+  (global ids; group g is expert first_group + g), whose tiles are neither computed nor written."""
   steps_G = group_sizes_G.astype(jnp.int32) // tile_k
   if groups is None:
     return steps_G
   global_G = jnp.arange(steps_G.shape[0], dtype=jnp.int32) + first_group
   wanted_G = jnp.any(global_G[:, None] == jnp.asarray(groups, jnp.int32).reshape(1, -1), axis=1)
-  return jnp.where(wanted_G, steps_G, 0)
+  return jnp.where(wanted_G, steps_G, -1)
 
 
 def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, interpret: bool = False,
                         groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N], for the experts in `groups` (default: all;
-  global ids, group g being expert first_group + g); zero for the others and for an expert with no rows."""
+  global ids, group g being expert first_group + g); zero for such an expert with no rows. The others' entries
+  are left unwritten (whatever the buffer held): writing zeros there was 1 GB a layer at DeepSeek-V2-Lite's
+  size, for values ESFT never reads."""
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
   steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups, first_group)
   return _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, cfg=cfg, interpret=interpret)
 
 
-# Jitted like grouped_forward; which experts train enters as the traced steps, so layers with different ESFT
-# selections share the kernel.
+# Jitted like grouped_forward; which experts train enters as the traced steps (-1: skip the expert), so layers with
+# different ESFT selections share the kernel.
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
 def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileConfig, interpret: bool):
   k, n = lhs_PxK.shape[1], rhs_PxN.shape[1]
@@ -272,15 +274,12 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
         gi = info.index[0]
         mi, ni = plgpu.planar_snake(info.index[1], (m_iters, n_iters), 1, cfg.grid_tile_width)
         rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
-        run(
-          steps_gmem[gi],
-          start_blocks_gmem[gi],
-          a_gmem.at[:, rows],
-          b_gmem.at[:, cols],
-          out_gmem.at[gi, rows, cols],
-          out_smem,
-          pipeline_allocs,
-        )
+        steps = steps_gmem[gi]
+
+        @pl.when(steps >= 0)
+        def _():
+          run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], b_gmem.at[:, cols], out_gmem.at[gi, rows, cols],
+              out_smem, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -293,7 +292,7 @@ def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
                  weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
   The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
-  being expert first_group + g), zeros elsewhere."""
+  being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
   n = rhs_GxKxN.shape[2]
   return grouped_forward(
     lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(n), interpret=interpret
