@@ -47,10 +47,14 @@ def routing(tokens: int, k: int, experts: int, skewed: bool, rng: np.random.Gene
   return np.argsort(-gumbel_TxE, axis=1)[:, :k].astype(np.int32)
 
 
-def swiglu_jax(matmul: Callable) -> Callable:
+def swiglu_jax(matmul: Callable, gate_up_together: bool) -> Callable:
+  """The SwiGLU on grouped rows; `gate_up_together`: gate and up in one call (the kernels' one pass over x)."""
   def swiglu(x_PxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E):
-    h_PxF = jax.nn.silu(matmul(x_PxD, w_gate_ExDxF, group_sizes_E)) * matmul(x_PxD, w_up_ExDxF, group_sizes_E)
-    return matmul(h_PxF, w_down_ExFxD, group_sizes_E)
+    if gate_up_together:
+      gate_PxF, up_PxF = matmul(x_PxD, (w_gate_ExDxF, w_up_ExDxF), group_sizes_E)
+    else:
+      gate_PxF, up_PxF = (matmul(x_PxD, w, group_sizes_E) for w in (w_gate_ExDxF, w_up_ExDxF))
+    return matmul(jax.nn.silu(gate_PxF) * up_PxF, w_down_ExFxD, group_sizes_E)
 
   return swiglu
 
@@ -162,7 +166,7 @@ def jax_unavailable(path: str) -> str | None:
   return None
 
 
-def jax_step(path: str, op: str, backward: bool, data: dict) -> tuple[Callable, tuple]:
+def jax_step(path: str, op: str, backward: bool, data: dict, gate_up_together: bool = True) -> tuple[Callable, tuple]:
   """The function to jit and its arguments for one path, op and pass."""
   e = data["experts"]
   weights = (e["gate_proj"], e["up_proj"], e["down_proj"])
@@ -182,7 +186,7 @@ def jax_step(path: str, op: str, backward: bool, data: dict) -> tuple[Callable, 
     matmul, align = (jax.lax.ragged_dot, 1) if path == "grouped" else kernel_matmul(path)
     source_P = data["layouts"][align].source_P
     rows = lambda a: jnp.take(a, source_P, axis=0, mode="fill", fill_value=0)
-    fn = swiglu_jax(matmul)
+    fn = swiglu_jax(matmul, gate_up_together and path != "grouped")
     args, num_diff = (rows(data["x"]), *weights, data["layouts"][align].group_sizes_G), 4
     cotangent = rows(data["cotangent"])
   return (with_backward(fn, num_diff), (cotangent, *args)) if backward else (fn, args)
@@ -242,7 +246,7 @@ def run_table(args) -> dict[str, str | None]:
               if path == "torch":
                 results[path] = time_torch(torch_case.step(op, backward), args.warmup, args.iters)
               else:
-                fn, fn_args = jax_step(path, op, backward, data)
+                fn, fn_args = jax_step(path, op, backward, data, args.gate_up == "together")
                 results[path] = time_jax(fn, fn_args, args.warmup, args.iters)
             except Exception as err:  # a path that fails to build or run is reported, not fatal
               notes[path] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -318,6 +322,9 @@ def sweep_configs(n: int, k: int | None = None) -> list:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
+  parser.add_argument("--gate-up", choices=("together", "apart"), default="together",
+                      help='"swiglu" op of the kernel paths: gate and up in one kernel (one pass over the rows, '
+                           'as the model runs them) or in two, to compare the two side by side')
   parser.add_argument("--forward-tiles", choices=("128x128", "64x256"), default="128x128",
                       help="per-warpgroup tiles of the tiled forward and input-gradient kernels where the output "
                            "width divides by 256: the default (128x128, split by columns), or 64x256 (split by "

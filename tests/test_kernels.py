@@ -138,6 +138,24 @@ def test_tiled_forward_kernel_interpreted():
   assert np.all(np.asarray(out[384:]) == 0)
 
 
+def test_tiled_forward_of_two_stacks_interpreted():
+  """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
+  ragged_dot's, zeros past the last group."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(2)
+  sizes = jnp.asarray([256, 0, 128], jnp.int32)
+  lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
+  stacks = tuple(jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16) for _ in range(2))
+  outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.shared_lhs_config(256),
+                               interpret=True)
+  assert isinstance(outs, tuple) and len(outs) == 2
+  for out, rhs_GxKxN in zip(outs, stacks):
+    want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+    assert rel_err(out[:384], want[:384]) < 1e-2
+    assert np.all(np.asarray(out[384:]) == 0)
+
+
 def test_layers_share_one_lowered_kernel():
   """A model's layers call the same kernels: each is lowered once per program, not once per call."""
   from esft_jax.model.kernels import tiled

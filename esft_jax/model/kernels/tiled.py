@@ -8,6 +8,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
 - forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
+  Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
+  once, and each warpgroup keeps one accumulator per stack.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
@@ -52,10 +54,11 @@ class TileConfig:
   def block_n(self) -> int:
     return self.tile_n * (2 if self.split == "n" else 1)
 
-  def stages(self, itemsize: int) -> int:
-    """Pipeline depth that fits shared memory beside the output staging buffer."""
-    stage_bytes = (self.block_m + self.block_n) * self.tile_k * itemsize
-    out_bytes = 2 * self.tile_m * self.tile_n * itemsize
+  def stages(self, itemsize: int, outputs: int = 1) -> int:
+    """Pipeline depth that fits shared memory beside the output staging buffers, for `outputs` products that share
+    the lhs tile (each with its own rhs tile)."""
+    stage_bytes = (self.block_m + outputs * self.block_n) * self.tile_k * itemsize
+    out_bytes = 2 * outputs * self.tile_m * self.tile_n * itemsize
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
 
@@ -64,6 +67,12 @@ def forward_config(n: int) -> TileConfig:
   128 x 128. (BENCHMARKS.md: kernel by kernel, 64 x 256 per warpgroup looked faster for width 2048, but in one run
   side by side the whole SwiGLU at 65k rows was slower with it: 499 against 526 TFLOP/s forward and backward.)"""
   return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
+
+
+def shared_lhs_config(n: int) -> TileConfig:
+  """Tiles of the forward kernel with several weight stacks (gate and up): each warpgroup holds one 64 x 128
+  accumulator per stack, so the block's lhs tile is loaded once for all of them."""
+  return TileConfig(64, 128, "m")
 
 
 def weight_grad_config(k: int, n: int) -> TileConfig:
@@ -111,11 +120,11 @@ def _wg_slice(cfg: TileConfig, wg, dim: str):
   return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
 
 
-def _tile_runner(cfg: TileConfig, dtype, make_specs, mma):
-  """Returns run(steps, offset, a_src, b_src, out_dst, out_smem, allocations), which accumulates one block's
-  output tile over `steps` operand blocks (from block `offset` on) and stores it to out_dst, and the
-  allocations that run needs for operands shaped like (a_src, b_src)."""
-  stages = cfg.stages(jnp.dtype(dtype).itemsize)
+def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1):
+  """Returns run(steps, offset, a_src, b_srcs, out_dsts, out_smem, allocations), which accumulates one block's
+  output tiles (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block `offset`
+  on) and stores them to out_dsts, and the allocations that run needs for operands shaped like (a_src, b_srcs)."""
+  stages = cfg.stages(jnp.dtype(dtype).itemsize, outputs)
 
   def build(body, context, steps, offset):
     return plgpu.emit_pipeline_warp_specialized(
@@ -129,37 +138,43 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma):
       compute_context=context,
     )
 
-  def run(steps, offset, a_src, b_src, out_dst, out_smem, allocations):
+  def run(steps, offset, a_src, b_srcs, out_dsts, out_smem, allocations):
     wg = lax.axis_index("wg")
 
     def context(pipeline):
-      @functools.partial(pl.run_scoped, acc_ref=plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32))
-      def _(acc_ref):
-        pipeline(acc_ref)
-        acc = acc_ref[...].astype(dtype)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's store has left out_smem
-        out_smem[wg] = acc
+      def store(**accs):
+        refs = tuple(accs[f"acc{i}"] for i in range(outputs))
+        pipeline(refs)
+        values = [acc[...].astype(dtype) for acc in refs]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have left out_smem
+        for i, value in enumerate(values):
+          out_smem[wg, i] = value
         plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg], out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")])
+        for i, out_dst in enumerate(out_dsts):
+          plgpu.copy_smem_to_gmem(out_smem.at[wg, i], out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")])
 
-    def body(_, a_smem, b_smem, acc_ref):
-      plgpu.wgmma(acc_ref, *mma(wg, a_smem, b_smem))
-      plgpu.wgmma_wait(cfg.delay_release)
-      return acc_ref
+      pl.run_scoped(store, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(outputs)})
 
-    build(body, context, steps, offset)(a_src, b_src, allocations=allocations)
+    def body(_, a_smem, *rest):
+      *b_smems, accs = rest
+      for acc, b_smem in zip(accs, b_smems):
+        plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
+      plgpu.wgmma_wait(cfg.delay_release * outputs)  # each wgmma is a group of its own
+      return accs
+
+    build(body, context, steps, offset)(a_src, *b_srcs, allocations=allocations)
 
   def ignore(*_, **__):
     return None
 
-  def allocations(a_src, b_src):
-    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(a_src, b_src)
+  def allocations(a_src, b_srcs):
+    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(a_src, *b_srcs)
 
   return run, allocations
 
 
-def _out_smem(cfg: TileConfig, dtype):
-  return plgpu.SMEM((2, cfg.tile_m, cfg.tile_n), dtype, transforms=_swizzled(cfg.tile_n, dtype))
+def _out_smem(cfg: TileConfig, dtype, outputs: int = 1):
+  return plgpu.SMEM((2, outputs, cfg.tile_m, cfg.tile_n), dtype, transforms=_swizzled(cfg.tile_n, dtype))
 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
@@ -167,9 +182,11 @@ def _out_smem(cfg: TileConfig, dtype):
 # per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret"))
 def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False):
-  """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs)."""
+  """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs). `rhs`
+  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once."""
+  stacks = rhs if isinstance(rhs, tuple) else (rhs,)
   p, k = lhs_PxK.shape
-  g, n = rhs.shape[0], rhs.shape[1 if transpose_rhs else 2]
+  g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
   m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
@@ -183,7 +200,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
     a_spec = spec((cfg.block_m, cfg.tile_k), lambda kk: (0, kk))
     if transpose_rhs:
       return [a_spec, spec((cfg.block_n, cfg.tile_k), lambda kk: (0, kk))]
-    return [a_spec, spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0))]
+    return [a_spec] + [spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0)) for _ in stacks]
 
   def mma(wg, a_smem, b_smem):
     if transpose_rhs:
@@ -192,13 +209,15 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks))
 
-  def body(tile_group_gmem, tile_steps_gmem, a_gmem, b_gmem, out_gmem):
+  def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
+    b_gmems, out_gmems = refs[:len(stacks)], refs[len(stacks):]
+
     @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=allocations(a_gmem, b_gmem.at[0]),
-      out_smem=_out_smem(cfg, dtype),
+      pipeline_allocs=allocations(a_gmem, tuple(b.at[0] for b in b_gmems)),
+      out_smem=_out_smem(cfg, dtype, len(stacks)),
       collective_axes="wg",
     )
     def _(pipeline_allocs, out_smem):
@@ -206,14 +225,16 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       def _(info):
         mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
         rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
-        weights = b_gmem.at[tile_group_gmem[mi]]
-        b_src = weights.at[cols, :] if transpose_rhs else weights.at[:, cols]
-        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_src, out_gmem.at[rows, cols], out_smem, pipeline_allocs)
+        weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
+        b_srcs = tuple(w.at[cols, :] if transpose_rhs else w.at[:, cols] for w in weights)
+        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_srcs, tuple(o.at[rows, cols] for o in out_gmems),
+            out_smem, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = jax.ShapeDtypeStruct((p, n), dtype)
-  return _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, rhs)
+  out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in stacks)
+  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks)
+  return tuple(outs) if isinstance(rhs, tuple) else outs[0]
 
 
 def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None,
@@ -264,7 +285,7 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
   def body(start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
     @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=allocations(a_gmem, b_gmem),
+      pipeline_allocs=allocations(a_gmem, (b_gmem,)),
       out_smem=_out_smem(cfg, dtype),
       collective_axes="wg",
     )
@@ -278,8 +299,8 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
         @pl.when(steps >= 0)
         def _():
-          run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], b_gmem.at[:, cols], out_gmem.at[gi, rows, cols],
-              out_smem, pipeline_allocs)
+          run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], (b_gmem.at[:, cols],),
+              (out_gmem.at[gi, rows, cols],), out_smem, pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -288,34 +309,41 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
+def tiled_matmul(lhs_PxK, rhs, group_sizes_G, interpret: bool = False,
                  weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
-  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
-  being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
-  n = rhs_GxKxN.shape[2]
-  return grouped_forward(
-    lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(n), interpret=interpret
-  )
+  `rhs` is a stack [G, K, N], or a tuple of stacks (gate and up) for a tuple of products made in one pass over
+  lhs. The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids,
+  rhs[g] being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
+  if isinstance(rhs, tuple):
+    cfg = shared_lhs_config(rhs[0].shape[2])
+  else:
+    cfg = forward_config(rhs.shape[2])
+  return grouped_forward(lhs_PxK, rhs, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
-  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
-  return out, (lhs_PxK, rhs_GxKxN, group_sizes_G, first_group)
+def _tiled_matmul_fwd(lhs_PxK, rhs, group_sizes_G, interpret, weight_grad_groups, first_group):
+  out = tiled_matmul(lhs_PxK, rhs, group_sizes_G, interpret, weight_grad_groups, first_group)
+  return out, (lhs_PxK, rhs, group_sizes_G, first_group)
 
 
-def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
-  lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
-  _, k, n = rhs_GxKxN.shape
-  dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
-  dlhs_PxK = grouped_forward(
-    dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
-  )
-  if weight_grad_groups == ():  # nothing trains in this layer
-    return dlhs_PxK, jnp.zeros_like(rhs_GxKxN), None, None
-  drhs_GxKxN = grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
-                                   interpret=interpret, groups=weight_grad_groups, first_group=first_group)
-  return dlhs_PxK, drhs_GxKxN, None, None
+def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout):
+  lhs_PxK, rhs, group_sizes_G, first_group = residuals
+  stacks, douts = (rhs, dout) if isinstance(rhs, tuple) else ((rhs,), (dout,))
+  dlhs_PxK, drhs = None, []
+  for rhs_GxKxN, dout_PxN in zip(stacks, douts):
+    _, k, n = rhs_GxKxN.shape
+    dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
+    dx_PxK = grouped_forward(
+      dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
+    )
+    dlhs_PxK = dx_PxK if dlhs_PxK is None else dlhs_PxK + dx_PxK
+    if weight_grad_groups == ():  # nothing trains in this layer
+      drhs.append(jnp.zeros_like(rhs_GxKxN))
+    else:
+      drhs.append(grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
+                                      interpret=interpret, groups=weight_grad_groups, first_group=first_group))
+  return dlhs_PxK, tuple(drhs) if isinstance(rhs, tuple) else drhs[0], None, None
 
 
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
