@@ -146,9 +146,9 @@ def run_jax(args, path: str) -> dict:
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
   (state, written), ms, synced_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
-  result = {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss, "peak_bytes": peak_bytes(path),
-            "device": jax.devices()[0].device_kind, "software": f"jax {jax.__version__}",
-            "trainable_params": count_parameters(state.trainable)}
+  result = {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss,
+            "peak_bytes": peak_bytes(path), "device": jax.devices()[0].device_kind,
+            "software": f"jax {jax.__version__}", "trainable_params": count_parameters(state.trainable)}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
     # As in the step, the stacks' rows are used as written (here by the last step: for timing, values don't matter)
     loss = lambda trainable, params, micro: loss_fn(model, plan, rows_written=True)(trainable, params, micro)[0]

@@ -155,7 +155,8 @@ def test_trace_summary_places_fused_kernels_by_their_hlo_names():
             {"ph": "M", "name": "thread_name", "pid": 2, "tid": 7, "args": {"name": "Stream #13(Compute)"}},
             {"ph": "X", "pid": 2, "tid": 7, "name": "loop_fusion", "ts": 0, "dur": 3_000,  # tf_op: a common prefix
              "args": {"hlo_op": fusions[0], "tf_op": "jit(f)/layers_1"}},
-            {"ph": "X", "pid": 2, "tid": 7, "name": "memset", "ts": 5_000, "dur": 1_000, "args": {"hlo_op": "elsewhere"}}]
+            {"ph": "X", "pid": 2, "tid": 7, "name": "memset", "ts": 5_000, "dur": 1_000,
+             "args": {"hlo_op": "elsewhere"}}]
   by_part, _ = trace_summary.summarize({"traceEvents": events}, steps=1, op_names=op_names)
   assert by_part == [("routed experts", 3.0), ("other", 1.0)]
   text = trace_summary.format_summary({"traceEvents": events}, 1, "cpu", hlo)
