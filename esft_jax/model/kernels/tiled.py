@@ -1,6 +1,7 @@
 """Grouped matmul over expert-aligned row tiles: our own Mosaic GPU kernels for Hopper, with their VJP.
 
     tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G) -> out_PxN
+    tiled_matmul(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G) -> (gate_PxN, up_PxN)
 
 Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
 each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) come out as zeros.
