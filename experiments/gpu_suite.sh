@@ -30,6 +30,8 @@
 #   train_27     68-113 s   the full 27 layers at batch 4 x 2048 without remat, auto (85.7 GiB since the
 #                            trained rows are written in place, 2026-11-29; 111.6 GiB before)
 #   train_27_b8       99 s   the same at batch 8 x 2048 without remat (118.3 GiB, 2026-11-29)
+#   train_27_profile ~220 s  batch 8 x 2048 with --profile: device time by model part, the operations left in
+#                            "other" and the idle stretches (2026-11-29, ninth session: 27-layer profile)
 #   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
@@ -66,6 +68,8 @@ piece train_8 330 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths torch,aut
 piece train_8_all_grads 150 "${train[@]}" --layers 8 --batch 8 --iters 5 --paths auto --all-expert-grads --timeout 140
 piece train_27 240 "${train[@]}" --layers 27 --batch 4 --iters 3 --paths auto --timeout 230
 piece train_27_b8 240 "${train[@]}" --layers 27 --batch 8 --iters 3 --paths auto --timeout 230
+piece train_27_profile 300 "${train[@]}" --layers 27 --batch 8 --iters 3 --paths auto --profile /tmp/trace_27 \
+  --timeout 290
 piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048 --gen-batch 16 --prompt-len 128 \
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90
