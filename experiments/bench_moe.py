@@ -47,14 +47,16 @@ def routing(tokens: int, k: int, experts: int, skewed: bool, rng: np.random.Gene
   return np.argsort(-gumbel_TxE, axis=1)[:, :k].astype(np.int32)
 
 
-def swiglu_jax(matmul: Callable, gate_up_together: bool) -> Callable:
-  """The SwiGLU on grouped rows; `gate_up_together`: gate and up in one call (the kernels' one pass over x)."""
+def swiglu_jax(matmul: Callable, swiglu_hidden: Callable | None = None) -> Callable:
+  """The SwiGLU on grouped rows: `swiglu_hidden` (x, gate, up, group_sizes) -> silu(x @ gate) * (x @ up) in one
+  call (the kernels' one pass over x), or, without it, two matmuls and the SiLU apart."""
   def swiglu(x_PxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E):
-    if gate_up_together:
-      gate_PxF, up_PxF = matmul(x_PxD, (w_gate_ExDxF, w_up_ExDxF), group_sizes_E)
+    if swiglu_hidden is not None:
+      h_PxF = swiglu_hidden(x_PxD, w_gate_ExDxF, w_up_ExDxF, group_sizes_E)
     else:
       gate_PxF, up_PxF = (matmul(x_PxD, w, group_sizes_E) for w in (w_gate_ExDxF, w_up_ExDxF))
-    return matmul(jax.nn.silu(gate_PxF) * up_PxF, w_down_ExFxD, group_sizes_E)
+      h_PxF = jax.nn.silu(gate_PxF) * up_PxF
+    return matmul(h_PxF, w_down_ExFxD, group_sizes_E)
 
   return swiglu
 
@@ -181,12 +183,15 @@ def jax_step(path: str, op: str, backward: bool, data: dict, gate_up_together: b
 
     args, num_diff, cotangent = (data["x"], data["weights"], *weights), 5, data["cotangent"]
   else:
-    from esft_jax.model.kernels.ffn import kernel_matmul
+    from esft_jax.model.kernels.ffn import kernel_ops
 
-    matmul, align = (jax.lax.ragged_dot, 1) if path == "grouped" else kernel_matmul(path)
+    if path == "grouped":
+      fn, align = swiglu_jax(jax.lax.ragged_dot), 1
+    else:
+      ops = kernel_ops(path)
+      fn, align = swiglu_jax(ops.matmul, ops.swiglu_hidden if gate_up_together else None), ops.align
     source_P = data["layouts"][align].source_P
     rows = lambda a: jnp.take(a, source_P, axis=0, mode="fill", fill_value=0)
-    fn = swiglu_jax(matmul, gate_up_together and path != "grouped")
     args, num_diff = (rows(data["x"]), *weights, data["layouts"][align].group_sizes_G), 4
     cotangent = rows(data["cotangent"])
   return (with_backward(fn, num_diff), (cotangent, *args)) if backward else (fn, args)
@@ -323,8 +328,9 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
   parser.add_argument("--gate-up", choices=("together", "apart"), default="together",
-                      help='"swiglu" op of the kernel paths: gate and up in one kernel (one pass over the rows, '
-                           'as the model runs them) or in two, to compare the two side by side')
+                      help='"swiglu" op of the kernel paths: gate, up and the SiLU in one kernel (one pass over the '
+                           'rows, as the model runs them) or gate and up in two and the SiLU apart, to compare the '
+                           'two side by side')
   parser.add_argument("--forward-tiles", choices=("128x128", "64x256"), default="128x128",
                       help="per-warpgroup tiles of the tiled forward and input-gradient kernels where the output "
                            "width divides by 256: the default (128x128, split by columns), or 64x256 (split by "

@@ -140,7 +140,7 @@ def test_tiled_forward_kernel_interpreted():
 
 def test_tiled_forward_of_two_stacks_interpreted():
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
-  ragged_dot's, zeros past the last group."""
+  ragged_dot's, zeros past the last group; with `swiglu`, silu(gate) * up as well."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(2)
@@ -150,10 +150,16 @@ def test_tiled_forward_of_two_stacks_interpreted():
   outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.shared_lhs_config(256),
                                interpret=True)
   assert isinstance(outs, tuple) and len(outs) == 2
-  for out, rhs_GxKxN in zip(outs, stacks):
-    want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  wants = [jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32) for rhs_GxKxN in stacks]
+  for out, want in zip(outs, wants):
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
+  *products, hidden = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False,
+                                            cfg=tiled.shared_lhs_config(256), interpret=True, swiglu=True)
+  np.testing.assert_array_equal(products[0], outs[0])
+  want = jax.nn.silu(wants[0]) * wants[1]
+  assert rel_err(hidden[:384], want[:384]) < 1e-2
+  assert np.all(np.asarray(hidden[384:]) == 0)
 
 
 def test_layers_share_one_lowered_kernel():
@@ -209,12 +215,12 @@ def test_auto_on_cpu_is_dense_until_the_intermediate_is_large(monkeypatch):
 @pytest.mark.parametrize("k, n", [(256, 384), (384, 256)])
 def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
   """Odd row count, an empty group and a one-row group; output, input and weight gradients."""
-  from esft_jax.model.kernels.ffn import kernel_matmul
+  from esft_jax.model.kernels.ffn import kernel_ops
 
   rng = np.random.default_rng(3)
   experts, tokens = 6, 333
   ids = jnp.asarray(np.concatenate([rng.choice([0, 2, 3, 5], tokens - 1), [1]]).reshape(-1, 1).astype(np.int32))
-  matmul, align = kernel_matmul(kernel)
+  matmul, _, align = kernel_ops(kernel)
   layout = expert_layout(ids, experts, align)
   real_P = jnp.asarray(layout.source_P < tokens)[:, None]
   lhs = jnp.where(real_P, jnp.asarray(rng.standard_normal((len(layout.source_P), k)), jnp.bfloat16), 0)

@@ -3,7 +3,7 @@ combine. Same function as `esft_jax.model.experts.expert_ffn`, dropless."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -14,36 +14,51 @@ from esft_jax.model.kernels.layout import combine, dispatch, expert_layout
 KERNELS = ("tiled", "ragged")
 
 
-def kernel_matmul(kernel: str, interpret: bool = False) -> tuple[Callable, int]:
-  """The grouped matmul (lhs, rhs, group_sizes, weight_grad_groups=None, first_group=0) -> out of a kernel family,
-  and the row alignment it needs. `rhs` is a stack [G, K, N] or a tuple of stacks (gate and up: a tuple of
-  products, which "tiled" makes in one pass over lhs). Rows past sum(group_sizes) come out as zeros.
-  `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all; global ids, rhs[g]
-  being expert first_group + g); the "tiled" kernels skip the others' (left unwritten), the rest compute every
-  one."""
+class KernelOps(NamedTuple):
+  """A kernel family's grouped matmuls on rows grouped by expert, each group a multiple of `align` rows (rows past
+  sum(group_sizes) come out as zeros). Both take (..., group_sizes, weight_grad_groups=None, first_group=0):
+  `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all; global ids, a stack's
+  row g being expert first_group + g); the "tiled" kernels skip the others' (left unwritten), "ragged" computes
+  every one."""
+
+  matmul: Callable  # (lhs_PxK, rhs_GxKxN, group_sizes_G, ...) -> lhs @ rhs
+  swiglu_hidden: Callable  # (lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, ...) -> silu(lhs @ gate) * (lhs @ up)
+  align: int
+
+
+def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
+  """The grouped matmuls of a kernel family; widths the kernels don't tile fall back to `jax.lax.ragged_dot`."""
   if kernel == "tiled":
     supported, align = tiled.supported, tiled.ALIGN
     fast = lambda a, b, g, w, first: tiled.tiled_matmul(a, b, g, interpret, w, first)
+    fast_hidden = lambda a, gate, up, g, w, first: tiled.tiled_swiglu_hidden(a, gate, up, g, interpret, w, first)
   elif kernel == "ragged":
     from esft_jax.model.kernels import ragged  # imports jax's kernels, which import jax's test utilities
 
     supported, align = ragged.supported, 1
     # jax's kernels need sum(group_sizes) = rows: the rows past the groups (padding, zeros) join the last group,
     # exact but computed; under expert parallelism that is every other device's assignments, so prefer "tiled".
-    one = lambda a, b, g: ragged.ragged_matmul(a, b, g.at[-1].add(a.shape[0] - jnp.sum(g)))
-    fast = lambda a, b, g, *_: tuple(one(a, s, g) for s in b) if isinstance(b, tuple) else one(a, b, g)
+    fast = lambda a, b, g, *_: ragged.ragged_matmul(a, b, g.at[-1].add(a.shape[0] - jnp.sum(g)))
+    fast_hidden = None
   else:
     raise ValueError(f"GPU kernel {kernel!r} is unknown; use one of {KERNELS}")
 
-  def matmul(lhs_PxK, rhs, group_sizes_G, weight_grad_groups=None, first_group=0):
-    first = rhs[0] if isinstance(rhs, tuple) else rhs
-    if supported(first.shape[1], first.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == first.dtype:
-      return fast(lhs_PxK, rhs, group_sizes_G, weight_grad_groups, first_group)
-    if isinstance(rhs, tuple):  # widths the kernels don't tile
-      return tuple(jax.lax.ragged_dot(lhs_PxK, stack, group_sizes_G) for stack in rhs)
-    return jax.lax.ragged_dot(lhs_PxK, rhs, group_sizes_G)
+  def runs_fast(lhs_PxK, rhs_GxKxN):
+    return supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype
 
-  return matmul, align
+  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
+    if runs_fast(lhs_PxK, rhs_GxKxN):
+      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups, first_group)
+    return jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, group_sizes_G)
+
+  def swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
+    if fast_hidden is not None and runs_fast(lhs_PxK, gate_GxKxN):
+      return fast_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, weight_grad_groups, first_group)
+    gate_PxF, up_PxF = (matmul(lhs_PxK, w, group_sizes_G, weight_grad_groups, first_group)
+                        for w in (gate_GxKxN, up_GxKxN))
+    return jax.nn.silu(gate_PxF) * up_PxF
+
+  return KernelOps(matmul, swiglu_hidden, align)
 
 
 def gpu_expert_ffn(
@@ -63,11 +78,11 @@ def gpu_expert_ffn(
   `esft_jax.model.experts.expert_ffn`."""
   if not (interpret or hopper_available()):
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
-  matmul, align = kernel_matmul(kernel, interpret)
-  layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], align)
+  ops = kernel_ops(kernel, interpret)
+  layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], ops.align)
   x_PxD = dispatch(x_TxD, layout)
   groups = (layout.group_sizes_G, weight_grad_experts, first_expert)
-  gate_PxF, up_PxF = matmul(x_PxD, (experts["gate_proj"], experts["up_proj"]), *groups)
-  y_PxD = matmul(jax.nn.silu(gate_PxF) * up_PxF, experts["down_proj"], *groups)
+  h_PxF = ops.swiglu_hidden(x_PxD, experts["gate_proj"], experts["up_proj"], *groups)
+  y_PxD = ops.matmul(h_PxF, experts["down_proj"], *groups)
   y_TxKxD = combine(y_PxD, layout)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)

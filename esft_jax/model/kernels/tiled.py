@@ -1,7 +1,7 @@
 """Grouped matmul over expert-aligned row tiles: our own Mosaic GPU kernels for Hopper, with their VJP.
 
     tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G) -> out_PxN
-    tiled_matmul(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G) -> (gate_PxN, up_PxN)
+    tiled_swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G) -> silu(lhs @ gate) * (lhs @ up)
 
 Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
 each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) come out as zeros.
@@ -10,7 +10,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
-  once, and each warpgroup keeps one accumulator per stack.
+  once, each warpgroup keeps one accumulator per stack, and it also stores silu(gate) * up, computed from the
+  fp32 accumulators (gate and up are kept for the backward).
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
@@ -121,10 +122,11 @@ def _wg_slice(cfg: TileConfig, wg, dim: str):
   return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
 
 
-def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1):
+def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1, swiglu: bool = False):
   """Returns run(steps, offset, a_src, b_srcs, out_dsts, out_smem, allocations), which accumulates one block's
   output tiles (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block `offset`
-  on) and stores them to out_dsts, and the allocations that run needs for operands shaped like (a_src, b_srcs)."""
+  on) and stores them to out_dsts, and the allocations that run needs for operands shaped like (a_src, b_srcs).
+  `swiglu` (two rhs, gate and up): out_dsts has a third, for silu(gate) * up from the fp32 accumulators."""
   stages = cfg.stages(jnp.dtype(dtype).itemsize, outputs)
 
   def build(body, context, steps, offset):
@@ -146,13 +148,21 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1):
       def store(**accs):
         refs = tuple(accs[f"acc{i}"] for i in range(outputs))
         pipeline(refs)
-        values = [acc[...].astype(dtype) for acc in refs]
+        values = [acc[...] for acc in refs]
+        tile = lambda out_dst: out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have left out_smem
         for i, value in enumerate(values):
-          out_smem[wg, i] = value
+          out_smem[wg, i] = value.astype(dtype)
         plgpu.commit_smem()
-        for i, out_dst in enumerate(out_dsts):
-          plgpu.copy_smem_to_gmem(out_smem.at[wg, i], out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")])
+        for i in range(outputs):
+          plgpu.copy_smem_to_gmem(out_smem.at[wg, i], tile(out_dsts[i]))
+        if swiglu:  # into the gate's buffer once its copy has read it (copies finish in order)
+          gate, up = values
+          hidden = gate / (1.0 + jnp.exp(-gate)) * up
+          plgpu.wait_smem_to_gmem(outputs - 1, wait_read_only=True)
+          out_smem[wg, 0] = hidden.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.copy_smem_to_gmem(out_smem.at[wg, 0], tile(out_dsts[outputs]))
 
       pl.run_scoped(store, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(outputs)})
 
@@ -181,11 +191,15 @@ def _out_smem(cfg: TileConfig, dtype, outputs: int = 1):
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
 # per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret"))
-def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "swiglu"))
+def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
+                    swiglu: bool = False):
   """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs). `rhs`
-  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once."""
+  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once;
+  with `swiglu` (gate and up), a third output, silu(gate) * up, computed before the products are rounded."""
   stacks = rhs if isinstance(rhs, tuple) else (rhs,)
+  if swiglu and len(stacks) != 2:
+    raise ValueError(f"swiglu needs two weight stacks (gate, up), got {len(stacks)}")
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
@@ -210,7 +224,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks))
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks), swiglu)
 
   def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
     b_gmems, out_gmems = refs[:len(stacks)], refs[len(stacks):]
@@ -233,7 +247,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in stacks)
+  out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(len(stacks) + swiglu))
   outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks)
   return tuple(outs) if isinstance(rhs, tuple) else outs[0]
 
@@ -310,28 +324,66 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def tiled_matmul(lhs_PxK, rhs, group_sizes_G, interpret: bool = False,
+def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
                  weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
-  `rhs` is a stack [G, K, N], or a tuple of stacks (gate and up) for a tuple of products made in one pass over
-  lhs. The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids,
-  rhs[g] being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
-  if isinstance(rhs, tuple):
-    cfg = shared_lhs_config(rhs[0].shape[2])
-  else:
-    cfg = forward_config(rhs.shape[2])
-  return grouped_forward(lhs_PxK, rhs, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
+  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
+  being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
+  cfg = forward_config(rhs_GxKxN.shape[2])
+  return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs, group_sizes_G, interpret, weight_grad_groups, first_group):
-  out = tiled_matmul(lhs_PxK, rhs, group_sizes_G, interpret, weight_grad_groups, first_group)
-  return out, (lhs_PxK, rhs, group_sizes_G, first_group)
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
+  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+  return out, (lhs_PxK, rhs_GxKxN, group_sizes_G, first_group)
 
 
-def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout):
-  lhs_PxK, rhs, group_sizes_G, first_group = residuals
-  stacks, douts = (rhs, dout) if isinstance(rhs, tuple) else ((rhs,), (dout,))
-  dlhs_PxK, drhs = None, []
+def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
+  lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
+  dlhs_PxK, (drhs_GxKxN,) = _products_grads(lhs_PxK, (rhs_GxKxN,), (dout_PxN,), group_sizes_G, interpret,
+                                            weight_grad_groups, first_group)
+  return dlhs_PxK, drhs_GxKxN, None, None
+
+
+tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def tiled_swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret: bool = False,
+                        weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+  """silu(lhs[r] @ gate[g(r)]) * (lhs[r] @ up[g(r)]), rows as in `tiled_matmul`: one kernel loads each lhs tile
+  once for both products and applies the SiLU to its fp32 accumulators. Weight gradients as in `tiled_matmul`."""
+  cfg = shared_lhs_config(gate_GxKxN.shape[2])
+  return grouped_forward(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G, transpose_rhs=False, cfg=cfg,
+                         interpret=interpret, swiglu=True)[2]
+
+
+def _tiled_swiglu_hidden_fwd(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret, weight_grad_groups,
+                             first_group):
+  cfg = shared_lhs_config(gate_GxKxN.shape[2])
+  gate_PxN, up_PxN, hidden_PxN = grouped_forward(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G, transpose_rhs=False,
+                                                 cfg=cfg, interpret=interpret, swiglu=True)
+  return hidden_PxN, (lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, first_group, gate_PxN, up_PxN)
+
+
+def _tiled_swiglu_hidden_bwd(interpret, weight_grad_groups, residuals, dhidden_PxN):
+  lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, first_group, gate_PxN, up_PxN = residuals
+  gate, up, dhidden = (a.astype(jnp.float32) for a in (gate_PxN, up_PxN, dhidden_PxN))
+  sigmoid = jax.nn.sigmoid(gate)
+  dgate = (dhidden * up * sigmoid * (1 + gate * (1 - sigmoid))).astype(lhs_PxK.dtype)
+  dup = (dhidden * gate * sigmoid).astype(lhs_PxK.dtype)
+  dlhs_PxK, (dgate_GxKxN, dup_GxKxN) = _products_grads(lhs_PxK, (gate_GxKxN, up_GxKxN), (dgate, dup), group_sizes_G,
+                                                       interpret, weight_grad_groups, first_group)
+  return dlhs_PxK, dgate_GxKxN, dup_GxKxN, None, None
+
+
+tiled_swiglu_hidden.defvjp(_tiled_swiglu_hidden_fwd, _tiled_swiglu_hidden_bwd)
+
+
+def _products_grads(lhs_PxK, stacks, douts, group_sizes_G, interpret, weight_grad_groups, first_group):
+  """The gradients of the products lhs @ stacks[i] given theirs (douts): lhs's (summed over the products) and each
+  stack's (see `tiled_matmul`)."""
+  dlhs_PxK, dstacks = None, []
   for rhs_GxKxN, dout_PxN in zip(stacks, douts):
     _, k, n = rhs_GxKxN.shape
     dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
@@ -340,11 +392,8 @@ def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout):
     )
     dlhs_PxK = dx_PxK if dlhs_PxK is None else dlhs_PxK + dx_PxK
     if weight_grad_groups == ():  # nothing trains in this layer
-      drhs.append(jnp.zeros_like(rhs_GxKxN))
+      dstacks.append(jnp.zeros_like(rhs_GxKxN))
     else:
-      drhs.append(grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
-                                      interpret=interpret, groups=weight_grad_groups, first_group=first_group))
-  return dlhs_PxK, tuple(drhs) if isinstance(rhs, tuple) else drhs[0], None, None
-
-
-tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
+      dstacks.append(grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
+                                         interpret=interpret, groups=weight_grad_groups, first_group=first_group))
+  return dlhs_PxK, tuple(dstacks)
