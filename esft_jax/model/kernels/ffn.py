@@ -1,5 +1,6 @@
-"""The routed-expert SwiGLU on the GPU kernels: dispatch rows into an expert-grouped layout, three grouped matmuls,
-combine. Same function as `esft_jax.model.experts.expert_ffn`, dropless."""
+"""The routed-expert SwiGLU on the GPU kernels: dispatch rows into an expert-grouped layout, the hidden
+silu(x @ gate) * (x @ up) (one kernel on "tiled"), the down projection, combine. Same function as
+`esft_jax.model.experts.expert_ffn`, dropless."""
 
 from __future__ import annotations
 
