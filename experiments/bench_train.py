@@ -43,7 +43,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -142,6 +141,7 @@ def run_jax(args, path: str) -> dict:
   frozen, written = split_written(plan, params)
   del params
   start = time.perf_counter()
+  step = step.lower(state, written, frozen, batch).compile()  # explicitly, so the profile can read its HLO
   state, written, metrics = step(state, written, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
@@ -163,7 +163,7 @@ def run_jax(args, path: str) -> dict:
       for _ in range(2):
         state, written, metrics = step(state, written, frozen, batch)
         jax.block_until_ready(metrics["loss"])
-    hlo_text = step.lower(state, written, frozen, batch).compile().as_text()  # the persistent cache has it
+    hlo_text = step.as_text()
     Path(trace_dir, "step.hlo.txt").write_text(hlo_text)
     result["profile"] = format_summary(load_trace(trace_dir), 2, path, hlo_text)
   return result
@@ -172,6 +172,7 @@ def run_jax(args, path: str) -> dict:
 def run_torch(args) -> dict:
   import torch
   import transformers
+  from timing import waited_and_back_to_back_ms
 
   device = "cuda" if torch.cuda.is_available() else "cpu"
   dtype = torch.float32 if args.tiny else torch.bfloat16
@@ -207,18 +208,8 @@ def run_torch(args) -> dict:
   start = time.perf_counter()
   first_loss = float(step())
   first_s = time.perf_counter() - start
-  times = []  # as the JAX paths (experiments/timing.py): each step waited for, then back to back
-  for _ in range(args.iters):
-    start = time.perf_counter()
-    step()
-    sync()
-    times.append(time.perf_counter() - start)
-  start = time.perf_counter()
-  for _ in range(args.iters):
-    step()
-  sync()
-  return {"ms": (time.perf_counter() - start) / args.iters * 1e3, "synced_ms": statistics.median(times) * 1e3,
-          "first_s": first_s, "first_loss": first_loss,
+  ms, synced_ms = waited_and_back_to_back_ms(step, lambda _: sync(), args.iters)  # as the JAX paths
+  return {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss,
           "peak_bytes": peak_bytes("torch"),
           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "software": f"torch {torch.__version__}, transformers {transformers.__version__} "

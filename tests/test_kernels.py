@@ -147,7 +147,7 @@ def test_tiled_forward_of_two_stacks_interpreted():
   sizes = jnp.asarray([256, 0, 128], jnp.int32)
   lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
   stacks = tuple(jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16) for _ in range(2))
-  outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.shared_lhs_config(256),
+  outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.SHARED_LHS_TILES,
                                interpret=True)
   assert isinstance(outs, tuple) and len(outs) == 2
   wants = [jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32) for rhs_GxKxN in stacks]
@@ -155,7 +155,7 @@ def test_tiled_forward_of_two_stacks_interpreted():
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
   *products, hidden = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False,
-                                            cfg=tiled.shared_lhs_config(256), interpret=True, swiglu=True)
+                                            cfg=tiled.SHARED_LHS_TILES, interpret=True, swiglu=True)
   np.testing.assert_array_equal(products[0], outs[0])
   want = jax.nn.silu(wants[0]) * wants[1]
   assert rel_err(hidden[:384], want[:384]) < 1e-2

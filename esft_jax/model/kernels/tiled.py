@@ -71,10 +71,9 @@ def forward_config(n: int) -> TileConfig:
   return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
 
 
-def shared_lhs_config(n: int) -> TileConfig:
-  """Tiles of the forward kernel with several weight stacks (gate and up): each warpgroup holds one 64 x 128
-  accumulator per stack, so the block's lhs tile is loaded once for all of them."""
-  return TileConfig(64, 128, "m")
+# Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
+# per stack, so the block's lhs tile is loaded once for both.
+SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 
 def weight_grad_config(k: int, n: int) -> TileConfig:
@@ -353,16 +352,14 @@ def tiled_swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret:
                         weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """silu(lhs[r] @ gate[g(r)]) * (lhs[r] @ up[g(r)]), rows as in `tiled_matmul`: one kernel loads each lhs tile
   once for both products and applies the SiLU to its fp32 accumulators. Weight gradients as in `tiled_matmul`."""
-  cfg = shared_lhs_config(gate_GxKxN.shape[2])
-  return grouped_forward(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G, transpose_rhs=False, cfg=cfg,
-                         interpret=interpret, swiglu=True)[2]
+  return _tiled_swiglu_hidden_fwd(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret, weight_grad_groups,
+                                  first_group)[0]
 
 
 def _tiled_swiglu_hidden_fwd(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret, weight_grad_groups,
                              first_group):
-  cfg = shared_lhs_config(gate_GxKxN.shape[2])
   gate_PxN, up_PxN, hidden_PxN = grouped_forward(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G, transpose_rhs=False,
-                                                 cfg=cfg, interpret=interpret, swiglu=True)
+                                                 cfg=SHARED_LHS_TILES, interpret=interpret, swiglu=True)
   return hidden_PxN, (lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, first_group, gate_PxN, up_PxN)
 
 
