@@ -47,16 +47,11 @@ def routing(tokens: int, k: int, experts: int, skewed: bool, rng: np.random.Gene
   return np.argsort(-gumbel_TxE, axis=1)[:, :k].astype(np.int32)
 
 
-def swiglu_jax(matmul: Callable, swiglu_hidden: Callable | None = None) -> Callable:
-  """The SwiGLU on grouped rows: `swiglu_hidden` (x, gate, up, group_sizes) -> silu(x @ gate) * (x @ up) in one
-  call (the kernels' one pass over x), or, without it, two matmuls and the SiLU apart."""
+def swiglu_jax(matmul: Callable) -> Callable:
+  """The SwiGLU on grouped rows from three grouped matmuls, the SiLU apart."""
   def swiglu(x_PxD, w_gate_ExDxF, w_up_ExDxF, w_down_ExFxD, group_sizes_E):
-    if swiglu_hidden is not None:
-      h_PxF = swiglu_hidden(x_PxD, w_gate_ExDxF, w_up_ExDxF, group_sizes_E)
-    else:
-      gate_PxF, up_PxF = (matmul(x_PxD, w, group_sizes_E) for w in (w_gate_ExDxF, w_up_ExDxF))
-      h_PxF = jax.nn.silu(gate_PxF) * up_PxF
-    return matmul(h_PxF, w_down_ExFxD, group_sizes_E)
+    gate_PxF, up_PxF = (matmul(x_PxD, w, group_sizes_E) for w in (w_gate_ExDxF, w_up_ExDxF))
+    return matmul(jax.nn.silu(gate_PxF) * up_PxF, w_down_ExFxD, group_sizes_E)
 
   return swiglu
 
@@ -168,7 +163,7 @@ def jax_unavailable(path: str) -> str | None:
   return None
 
 
-def jax_step(path: str, op: str, backward: bool, data: dict, gate_up_together: bool = True) -> tuple[Callable, tuple]:
+def jax_step(path: str, op: str, backward: bool, data: dict, one_op: bool = True) -> tuple[Callable, tuple]:
   """The function to jit and its arguments for one path, op and pass."""
   e = data["experts"]
   weights = (e["gate_proj"], e["up_proj"], e["down_proj"])
@@ -189,7 +184,7 @@ def jax_step(path: str, op: str, backward: bool, data: dict, gate_up_together: b
       fn, align = swiglu_jax(jax.lax.ragged_dot), 1
     else:
       ops = kernel_ops(path)
-      fn, align = swiglu_jax(ops.matmul, ops.swiglu_hidden if gate_up_together else None), ops.align
+      fn, align = (ops.swiglu if one_op else swiglu_jax(ops.matmul)), ops.align
     source_P = data["layouts"][align].source_P
     rows = lambda a: jnp.take(a, source_P, axis=0, mode="fill", fill_value=0)
     args, num_diff = (rows(data["x"]), *weights, data["layouts"][align].group_sizes_G), 4
@@ -251,7 +246,7 @@ def run_table(args) -> dict[str, str | None]:
               if path == "torch":
                 results[path] = time_torch(torch_case.step(op, backward), args.warmup, args.iters)
               else:
-                fn, fn_args = jax_step(path, op, backward, data, args.gate_up == "together")
+                fn, fn_args = jax_step(path, op, backward, data, args.swiglu == "one-op")
                 results[path] = time_jax(fn, fn_args, args.warmup, args.iters)
             except Exception as err:  # a path that fails to build or run is reported, not fatal
               notes[path] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -327,14 +322,10 @@ def sweep_configs(n: int, k: int | None = None) -> list:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
-  parser.add_argument("--gate-up", choices=("together", "apart"), default="together",
-                      help='"swiglu" op of the kernel paths: gate, up and the SiLU in one kernel (one pass over the '
-                           'rows, as the model runs them) or gate and up in two and the SiLU apart, to compare the '
-                           'two side by side')
-  parser.add_argument("--forward-tiles", choices=("128x128", "64x256"), default="128x128",
-                      help="per-warpgroup tiles of the tiled forward and input-gradient kernels where the output "
-                           "width divides by 256: the default (128x128, split by columns), or 64x256 (split by "
-                           "rows), to compare the two side by side")
+  parser.add_argument("--swiglu", choices=("one-op", "matmuls"), default="one-op",
+                      help='"swiglu" op of the kernel paths: the family\'s one SwiGLU op, as the model runs it (on '
+                           '"tiled": gate and up in one kernel, the SiLU and its gradient in kernel epilogues), or '
+                           'three grouped matmuls and the SiLU apart, to compare the two side by side')
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
   parser.add_argument("--rows", default="16384,32768,65536", help="tokens x top-k, comma-separated")
   parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
@@ -352,12 +343,6 @@ def main() -> None:
   if args.sweep:
     sweep(args)
     return
-  if args.forward_tiles == "64x256":
-    from esft_jax.model.kernels import tiled
-
-    default = tiled.forward_config  # read when the kernels are traced, so replacing it here takes effect
-    tiled.forward_config = lambda n: tiled.TileConfig(64, 256, "m") if n % 256 == 0 else default(n)
-    print("# forward and input-gradient tiles for widths divisible by 256: 64 x 256 per warpgroup, split by rows")
   try:
     import torch
 

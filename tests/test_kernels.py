@@ -155,11 +155,39 @@ def test_tiled_forward_of_two_stacks_interpreted():
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
   *products, hidden = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False,
-                                            cfg=tiled.SHARED_LHS_TILES, interpret=True, swiglu=True)
+                                            cfg=tiled.SHARED_LHS_TILES, interpret=True, epilogue="swiglu")
   np.testing.assert_array_equal(products[0], outs[0])
   want = jax.nn.silu(wants[0]) * wants[1]
   assert rel_err(hidden[:384], want[:384]) < 1e-2
   assert np.all(np.asarray(hidden[384:]) == 0)
+
+
+@pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
+def test_epilogues_with_side_arrays_interpreted(epilogue):
+  """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
+  forward kernel (the input-gradient kernels that use them on the GPU cannot run there): the SiLU's gradient from
+  the hidden's gradient, gate and up; a product plus another array. Rows past the last group stay zero."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(5)
+  sizes = jnp.asarray([128, 0, 256], jnp.int32)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  past = jnp.arange(512)[:, None] >= 384
+  lhs_PxK, rhs_GxKxN = jnp.where(past, 0, normal(512, 128)), normal(3, 128, 256) / 11
+  sides = tuple(jnp.where(past, 0, normal(512, 256)) for _ in range(tiled.EPILOGUES[epilogue].sides))
+  cfg = tiled.forward_config(256, len(sides))
+  outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
+                               epilogue=epilogue, sides=sides)
+  product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  if epilogue == "add":
+    outs, wants = (outs,), (product + sides[0],)
+  else:
+    gate, up = (side.astype(jnp.float32) for side in sides)
+    _, silu_vjp = jax.vjp(jax.nn.silu, gate)
+    wants = (silu_vjp(product * up)[0], product * jax.nn.silu(gate))
+  for out, want in zip(outs, wants, strict=True):
+    assert rel_err(out[:384], want[:384]) < 1e-2
+    assert np.all(np.asarray(out[384:]) == 0)
 
 
 def test_layers_share_one_lowered_kernel():

@@ -1,5 +1,5 @@
-"""The routed-expert SwiGLU on the GPU kernels: dispatch rows into an expert-grouped layout, the hidden
-silu(x @ gate) * (x @ up) (one kernel on "tiled"), the down projection, combine. Same function as
+"""The routed-expert SwiGLU on the GPU kernels: dispatch rows into an expert-grouped layout, the SwiGLU
+(silu(x @ gate) * (x @ up)) @ down per expert (one op with its own backward on "tiled"), combine. Same function as
 `esft_jax.model.experts.expert_ffn`, dropless."""
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ class KernelOps(NamedTuple):
   every one."""
 
   matmul: Callable  # (lhs_PxK, rhs_GxKxN, group_sizes_G, ...) -> lhs @ rhs
-  swiglu_hidden: Callable  # (lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, ...) -> silu(lhs @ gate) * (lhs @ up)
+  # (x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, ...) -> (silu(x @ gate) * (x @ up)) @ down
+  swiglu: Callable
   align: int
 
 
@@ -32,7 +33,7 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
   if kernel == "tiled":
     supported, align = tiled.supported, tiled.ALIGN
     fast = lambda a, b, g, w, first: tiled.tiled_matmul(a, b, g, interpret, w, first)
-    fast_hidden = lambda a, gate, up, g, w, first: tiled.tiled_swiglu_hidden(a, gate, up, g, interpret, w, first)
+    fast_swiglu = lambda x, gate, up, down, g, w, first: tiled.tiled_swiglu(x, gate, up, down, g, interpret, w, first)
   elif kernel == "ragged":
     from esft_jax.model.kernels import ragged  # imports jax's kernels, which import jax's test utilities
 
@@ -40,7 +41,7 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
     # jax's kernels need sum(group_sizes) = rows: the rows past the groups (padding, zeros) join the last group,
     # exact but computed; under expert parallelism that is every other device's assignments, so prefer "tiled".
     fast = lambda a, b, g, *_: ragged.ragged_matmul(a, b, g.at[-1].add(a.shape[0] - jnp.sum(g)))
-    fast_hidden = None
+    fast_swiglu = None
   else:
     raise ValueError(f"GPU kernel {kernel!r} is unknown; use one of {KERNELS}")
 
@@ -52,14 +53,14 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
       return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups, first_group)
     return jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, group_sizes_G)
 
-  def swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
-    if fast_hidden is not None and runs_fast(lhs_PxK, gate_GxKxN):
-      return fast_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, weight_grad_groups, first_group)
-    gate_PxF, up_PxF = (matmul(lhs_PxK, w, group_sizes_G, weight_grad_groups, first_group)
-                        for w in (gate_GxKxN, up_GxKxN))
-    return jax.nn.silu(gate_PxF) * up_PxF
+  def swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, weight_grad_groups=None, first_group=0):
+    groups = (group_sizes_G, weight_grad_groups, first_group)
+    if fast_swiglu is not None and all(runs_fast(x_PxD, w) for w in (gate_GxDxF, down_GxFxD)):
+      return fast_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, *groups)
+    gate_PxF, up_PxF = (matmul(x_PxD, w, *groups) for w in (gate_GxDxF, up_GxDxF))
+    return matmul(jax.nn.silu(gate_PxF) * up_PxF, down_GxFxD, *groups)
 
-  return KernelOps(matmul, swiglu_hidden, align)
+  return KernelOps(matmul, swiglu, align)
 
 
 def gpu_expert_ffn(
@@ -82,8 +83,7 @@ def gpu_expert_ffn(
   ops = kernel_ops(kernel, interpret)
   layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], ops.align)
   x_PxD = dispatch(x_TxD, layout)
-  groups = (layout.group_sizes_G, weight_grad_experts, first_expert)
-  h_PxF = ops.swiglu_hidden(x_PxD, experts["gate_proj"], experts["up_proj"], *groups)
-  y_PxD = ops.matmul(h_PxF, experts["down_proj"], *groups)
+  y_PxD = ops.swiglu(x_PxD, experts["gate_proj"], experts["up_proj"], experts["down_proj"], layout.group_sizes_G,
+                     weight_grad_experts, first_expert)
   y_TxKxD = combine(y_PxD, layout)
   return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)

@@ -1,7 +1,7 @@
 """Grouped matmul over expert-aligned row tiles: our own Mosaic GPU kernels for Hopper, with their VJP.
 
     tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G) -> out_PxN
-    tiled_swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G) -> silu(lhs @ gate) * (lhs @ up)
+    tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G) -> (silu(x @ gate) * (x @ up)) @ down
 
 Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
 each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) come out as zeros.
@@ -10,8 +10,11 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
-  once, each warpgroup keeps one accumulator per stack, and it also stores silu(gate) * up, computed from the
-  fp32 accumulators (gate and up are kept for the backward).
+  once and each warpgroup keeps one accumulator per stack.
+- epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
+  same place, loaded while the products accumulate: the SwiGLU's hidden silu(gate) * up beside gate and up; in
+  the backward, the SiLU's gradient from the hidden's gradient and gate and up; one input gradient plus another.
+  Each saves an elementwise pass over [P, F] or [P, D] arrays.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -56,19 +60,20 @@ class TileConfig:
   def block_n(self) -> int:
     return self.tile_n * (2 if self.split == "n" else 1)
 
-  def stages(self, itemsize: int, outputs: int = 1) -> int:
-    """Pipeline depth that fits shared memory beside the output staging buffers, for `outputs` products that share
-    the lhs tile (each with its own rhs tile)."""
-    stage_bytes = (self.block_m + outputs * self.block_n) * self.tile_k * itemsize
-    out_bytes = 2 * outputs * self.tile_m * self.tile_n * itemsize
+  def stages(self, itemsize: int, products: int = 1, slots: int = 1) -> int:
+    """Pipeline depth that fits shared memory beside `slots` output staging tiles per warpgroup, for `products`
+    that share the lhs tile (each with its own rhs tile)."""
+    stage_bytes = (self.block_m + products * self.block_n) * self.tile_k * itemsize
+    out_bytes = 2 * slots * self.tile_m * self.tile_n * itemsize
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
 
-def forward_config(n: int) -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows, else
-  128 x 128. (BENCHMARKS.md: kernel by kernel, 64 x 256 per warpgroup looked faster for width 2048, but in one run
-  side by side the whole SwiGLU at 65k rows was slower with it: 499 against 526 TFLOP/s forward and backward.)"""
-  return TileConfig(128, 128, "n") if n % 256 == 0 else TileConfig(64, 128, "m")
+def forward_config(n: int, slots: int = 1) -> TileConfig:
+  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows and one
+  output staging tile per warpgroup leaves room for pipeline stages, else 128 x 128. (BENCHMARKS.md: kernel by
+  kernel, 64 x 256 per warpgroup looked faster for width 2048, but in one run side by side the whole SwiGLU at 65k
+  rows was slower with it: 499 against 526 TFLOP/s forward and backward.)"""
+  return TileConfig(128, 128, "n") if n % 256 == 0 and slots == 1 else TileConfig(64, 128, "m")
 
 
 # Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
@@ -121,12 +126,47 @@ def _wg_slice(cfg: TileConfig, wg, dim: str):
   return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
 
 
-def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1, swiglu: bool = False):
-  """Returns run(steps, offset, a_src, b_srcs, out_dsts, out_smem, allocations), which accumulates one block's
-  output tiles (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block `offset`
-  on) and stores them to out_dsts, and the allocations that run needs for operands shaped like (a_src, b_srcs).
-  `swiglu` (two rhs, gate and up): out_dsts has a third, for silu(gate) * up from the fp32 accumulators."""
-  stages = cfg.stages(jnp.dtype(dtype).itemsize, outputs)
+def _swiglu(values, _):
+  gate, up = values
+  return [gate, up, gate / (1.0 + jnp.exp(-gate)) * up]
+
+
+def _swiglu_grad(values, sides):
+  (dhidden,), (gate, up) = values, [side.astype(jnp.float32) for side in sides]
+  sigmoid = 1.0 / (1.0 + jnp.exp(-gate))
+  return [dhidden * up * sigmoid * (1.0 + gate * (1.0 - sigmoid)), dhidden * gate * sigmoid]
+
+
+class Epilogue(NamedTuple):
+  """What a kernel stores, computed from its fp32 products and from `sides` tiles (of other [P, N] arrays, at the
+  output tile's place, loaded while the products accumulate)."""
+
+  sides: int
+  outputs: int | None  # None: one per product
+  fn: Callable  # (products, sides) -> outputs
+
+
+EPILOGUES = {
+  "products": Epilogue(0, None, lambda values, _: values),
+  "swiglu": Epilogue(0, 3, _swiglu),  # products gate, up -> gate, up, silu(gate) * up
+  "swiglu_grad": Epilogue(2, 2, _swiglu_grad),  # product dhidden, sides gate, up -> dgate, dup
+  "add": Epilogue(1, 1, lambda values, sides: [values[0] + sides[0].astype(jnp.float32)]),  # product + side
+}
+
+
+def _slots(products: int, epilogue: Epilogue) -> int:
+  """Output staging buffers per warpgroup: one per product or side; more outputs reuse them."""
+  return max(products, epilogue.sides)
+
+
+def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
+                 epilogue: Epilogue = EPILOGUES["products"]):
+  """Returns run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations), which accumulates one
+  block's products (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block
+  `offset` on) and stores the epilogue's outputs to out_dsts, and the allocations that run needs for operands
+  shaped like (a_src, b_srcs). scratch: (out_smem, side_barriers) from `_scratch`."""
+  slots = _slots(products, epilogue)
+  stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
 
   def build(body, context, steps, offset):
     return plgpu.emit_pipeline_warp_specialized(
@@ -140,36 +180,47 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1, swig
       compute_context=context,
     )
 
-  def run(steps, offset, a_src, b_srcs, out_dsts, out_smem, allocations):
+  def run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations):
     wg = lax.axis_index("wg")
+    out_smem, side_barriers = scratch
+    tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
+    barrier = lambda i: side_barriers.at[wg * epilogue.sides + i]
 
     def context(pipeline):
-      def store(**accs):
-        refs = tuple(accs[f"acc{i}"] for i in range(outputs))
+      def compute(**accs):
+        if side_srcs:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the slots
+          for i, side_src in enumerate(side_srcs):
+            plgpu.copy_gmem_to_smem(tile(side_src), out_smem.at[wg, i], barrier(i))
+        refs = tuple(accs[f"acc{i}"] for i in range(products))
         pipeline(refs)
         values = [acc[...] for acc in refs]
-        tile = lambda out_dst: out_dst.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have left out_smem
-        for i, value in enumerate(values):
-          out_smem[wg, i] = value.astype(dtype)
-        plgpu.commit_smem()
-        for i in range(outputs):
-          plgpu.copy_smem_to_gmem(out_smem.at[wg, i], tile(out_dsts[i]))
-        if swiglu:  # into the gate's buffer once its copy has read it (copies finish in order)
-          gate, up = values
-          hidden = gate / (1.0 + jnp.exp(-gate)) * up
-          plgpu.wait_smem_to_gmem(outputs - 1, wait_read_only=True)
-          out_smem[wg, 0] = hidden.astype(dtype)
+        sides = []
+        for i in range(len(side_srcs)):
+          plgpu.barrier_wait(barrier(i))
+          sides.append(out_smem[wg, i])
+        if side_srcs:
+          plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
+        else:
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the slots
+        outs = epilogue.fn(values, sides)
+        for first in range(0, len(outs), slots):  # outputs past the slots reuse them once their copies have read
+          chunk = outs[first:first + slots]
+          if first:
+            plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
+          for slot, out in enumerate(chunk):
+            out_smem[wg, slot] = out.astype(dtype)
           plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(out_smem.at[wg, 0], tile(out_dsts[outputs]))
+          for slot in range(len(chunk)):
+            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], tile(out_dsts[first + slot]))
 
-      pl.run_scoped(store, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(outputs)})
+      pl.run_scoped(compute, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(products)})
 
     def body(_, a_smem, *rest):
       *b_smems, accs = rest
       for acc, b_smem in zip(accs, b_smems):
         plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
-      plgpu.wgmma_wait(cfg.delay_release * outputs)  # each wgmma is a group of its own
+      plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
       return accs
 
     build(body, context, steps, offset)(a_src, *b_srcs, allocations=allocations)
@@ -183,22 +234,30 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, outputs: int = 1, swig
   return run, allocations
 
 
-def _out_smem(cfg: TileConfig, dtype, outputs: int = 1):
-  return plgpu.SMEM((2, outputs, cfg.tile_m, cfg.tile_n), dtype, transforms=_swizzled(cfg.tile_n, dtype))
+def _scratch(cfg: TileConfig, dtype, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> dict:
+  """The run_scoped allocations of `_tile_runner`'s run: output staging (two warpgroups x slots tiles), and one
+  barrier per warpgroup and side."""
+  out_smem = plgpu.SMEM((2, _slots(products, epilogue), cfg.tile_m, cfg.tile_n), dtype,
+                        transforms=_swizzled(cfg.tile_n, dtype))
+  if not epilogue.sides:
+    return {"out_smem": out_smem}
+  return {"out_smem": out_smem, "side_barriers": plgpu.Barrier(num_barriers=2 * epilogue.sides)}
 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
 # per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
-@functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "swiglu"))
+@functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "epilogue"))
 def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
-                    swiglu: bool = False):
+                    epilogue: str = "products", sides: tuple = ()):
   """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs). `rhs`
-  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once;
-  with `swiglu` (gate and up), a third output, silu(gate) * up, computed before the products are rounded."""
+  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once.
+  `epilogue` (a name in EPILOGUES) computes what is stored from the fp32 products and from `sides` ([P, N]
+  arrays); a tuple when it stores more than one array."""
   stacks = rhs if isinstance(rhs, tuple) else (rhs,)
-  if swiglu and len(stacks) != 2:
-    raise ValueError(f"swiglu needs two weight stacks (gate, up), got {len(stacks)}")
+  post = EPILOGUES[epilogue]
+  if len(sides) != post.sides:
+    raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
@@ -223,32 +282,35 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks), swiglu)
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks), post)
 
   def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
-    b_gmems, out_gmems = refs[:len(stacks)], refs[len(stacks):]
+    b_gmems, side_gmems = refs[:len(stacks)], refs[len(stacks):len(stacks) + post.sides]
+    out_gmems = refs[len(stacks) + post.sides:]
 
     @functools.partial(
       pl.run_scoped,
       pipeline_allocs=allocations(a_gmem, tuple(b.at[0] for b in b_gmems)),
-      out_smem=_out_smem(cfg, dtype, len(stacks)),
+      **_scratch(cfg, dtype, len(stacks), post),
       collective_axes="wg",
     )
-    def _(pipeline_allocs, out_smem):
+    def _(pipeline_allocs, out_smem, side_barriers=None):
       @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
       def _(info):
         mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
         rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
         weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
         b_srcs = tuple(w.at[cols, :] if transpose_rhs else w.at[:, cols] for w in weights)
-        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_srcs, tuple(o.at[rows, cols] for o in out_gmems),
-            out_smem, pipeline_allocs)
+        at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
+        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_srcs, at_tile(out_gmems), at_tile(side_gmems),
+            (out_smem, side_barriers), pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(len(stacks) + swiglu))
-  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks)
-  return tuple(outs) if isinstance(rhs, tuple) else outs[0]
+  outputs = len(stacks) if post.outputs is None else post.outputs
+  out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
+  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
+  return tuple(outs) if outputs > 1 else outs[0]
 
 
 def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None,
@@ -300,10 +362,10 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
     @functools.partial(
       pl.run_scoped,
       pipeline_allocs=allocations(a_gmem, (b_gmem,)),
-      out_smem=_out_smem(cfg, dtype),
+      **_scratch(cfg, dtype),
       collective_axes="wg",
     )
-    def _(pipeline_allocs, out_smem):
+    def _(pipeline_allocs, out_smem, side_barriers=None):
       @plgpu.nd_loop((g, m_iters * n_iters), collective_axes="sm")
       def _(info):
         gi = info.index[0]
@@ -314,7 +376,7 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
         @pl.when(steps >= 0)
         def _():
           run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], (b_gmem.at[:, cols],),
-              (out_gmem.at[gi, rows, cols],), out_smem, pipeline_allocs)
+              (out_gmem.at[gi, rows, cols],), (), (out_smem, side_barriers), pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -339,58 +401,62 @@ def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_
 
 def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
   lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
-  dlhs_PxK, (drhs_GxKxN,) = _products_grads(lhs_PxK, (rhs_GxKxN,), (dout_PxN,), group_sizes_G, interpret,
-                                            weight_grad_groups, first_group)
+  dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
+  dlhs_PxK = _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret)
+  drhs_GxKxN = _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
   return dlhs_PxK, drhs_GxKxN, None, None
 
 
 tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def tiled_swiglu_hidden(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret: bool = False,
-                        weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
-  """silu(lhs[r] @ gate[g(r)]) * (lhs[r] @ up[g(r)]), rows as in `tiled_matmul`: one kernel loads each lhs tile
-  once for both products and applies the SiLU to its fp32 accumulators. Weight gradients as in `tiled_matmul`."""
-  return _tiled_swiglu_hidden_fwd(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret, weight_grad_groups,
-                                  first_group)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret: bool = False,
+                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+  """(silu(x[r] @ gate[g(r)]) * (x[r] @ up[g(r)])) @ down[g(r)], rows as in `tiled_matmul`, weight gradients as
+  there. Forward: one kernel loads each x tile once for gate and up and applies the SiLU to their fp32 products.
+  Backward: the SiLU's gradient is the epilogue of the hidden's input-gradient kernel, and x's second input
+  gradient adds the first in its epilogue."""
+  return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+                           first_group)[0]
 
 
-def _tiled_swiglu_hidden_fwd(lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, interpret, weight_grad_groups,
-                             first_group):
-  gate_PxN, up_PxN, hidden_PxN = grouped_forward(lhs_PxK, (gate_GxKxN, up_GxKxN), group_sizes_G, transpose_rhs=False,
-                                                 cfg=SHARED_LHS_TILES, interpret=interpret, swiglu=True)
-  return hidden_PxN, (lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, first_group, gate_PxN, up_PxN)
+def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+                      first_group):
+  gate_PxF, up_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
+                                                 cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
+  y_PxD = grouped_forward(hidden_PxF, down_GxFxD, group_sizes_G, transpose_rhs=False,
+                          cfg=forward_config(down_GxFxD.shape[2]), interpret=interpret)
+  weights = (gate_GxDxF, up_GxDxF, down_GxFxD)
+  return y_PxD, (x_PxD, weights, group_sizes_G, first_group, gate_PxF, up_PxF, hidden_PxF)
 
 
-def _tiled_swiglu_hidden_bwd(interpret, weight_grad_groups, residuals, dhidden_PxN):
-  lhs_PxK, gate_GxKxN, up_GxKxN, group_sizes_G, first_group, gate_PxN, up_PxN = residuals
-  gate, up, dhidden = (a.astype(jnp.float32) for a in (gate_PxN, up_PxN, dhidden_PxN))
-  sigmoid = jax.nn.sigmoid(gate)
-  dgate = (dhidden * up * sigmoid * (1 + gate * (1 - sigmoid))).astype(lhs_PxK.dtype)
-  dup = (dhidden * gate * sigmoid).astype(lhs_PxK.dtype)
-  dlhs_PxK, (dgate_GxKxN, dup_GxKxN) = _products_grads(lhs_PxK, (gate_GxKxN, up_GxKxN), (dgate, dup), group_sizes_G,
-                                                       interpret, weight_grad_groups, first_group)
-  return dlhs_PxK, dgate_GxKxN, dup_GxKxN, None, None
+def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
+  x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, gate_PxF, up_PxF, hidden_PxF = residuals
+  dy_PxD = dy_PxD.astype(x_PxD.dtype)
+  dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", (gate_PxF, up_PxF))
+  dx_PxD = _input_grad(dgate_PxF, gate_GxDxF, group_sizes_G, interpret)
+  dx_PxD = _input_grad(dup_PxF, up_GxDxF, group_sizes_G, interpret, "add", (dx_PxD,))
+  weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
+                                                    first_group)
+  return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
+          weight_grad(hidden_PxF, dy_PxD, down_GxFxD), None, None)
 
 
-tiled_swiglu_hidden.defvjp(_tiled_swiglu_hidden_fwd, _tiled_swiglu_hidden_bwd)
+tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
-def _products_grads(lhs_PxK, stacks, douts, group_sizes_G, interpret, weight_grad_groups, first_group):
-  """The gradients of the products lhs @ stacks[i] given theirs (douts): lhs's (summed over the products) and each
-  stack's (see `tiled_matmul`)."""
-  dlhs_PxK, dstacks = None, []
-  for rhs_GxKxN, dout_PxN in zip(stacks, douts):
-    _, k, n = rhs_GxKxN.shape
-    dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
-    dx_PxK = grouped_forward(
-      dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(k), interpret=interpret
-    )
-    dlhs_PxK = dx_PxK if dlhs_PxK is None else dlhs_PxK + dx_PxK
-    if weight_grad_groups == ():  # nothing trains in this layer
-      dstacks.append(jnp.zeros_like(rhs_GxKxN))
-    else:
-      dstacks.append(grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n),
-                                         interpret=interpret, groups=weight_grad_groups, first_group=first_group))
-  return dlhs_PxK, tuple(dstacks)
+def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
+  """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
+  cfg = forward_config(rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]))
+  return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
+                         epilogue=epilogue, sides=sides)
+
+
+def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
+  """rhs's gradient (see tiled_matmul): zeros without a kernel when nothing trains in the layer."""
+  if weight_grad_groups == ():
+    return jnp.zeros_like(rhs_GxKxN)
+  _, k, n = rhs_GxKxN.shape
+  return grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n), interpret=interpret,
+                             groups=weight_grad_groups, first_group=first_group)
