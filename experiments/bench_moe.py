@@ -9,8 +9,10 @@ Ops: "swiglu" is the three grouped matmuls on rows already grouped by expert (pa
 "moe" is the whole `expert_ffn(x, ids, weights, experts)` (dispatch, matmuls, weighted combine).
 Paths: grouped (`jax.lax.ragged_dot`), ragged (jax's Mosaic GPU ragged-dot kernels), tiled (our Mosaic GPU
 kernels), torch (`torch._grouped_mm`, PyTorch's reference). FLOPs count the matmuls on the real rows only:
-6*rows*d*f forward, 18*rows*d*f forward+backward. Time: median of --iters runs after --warmup, each ended by
-block_until_ready / torch.cuda.synchronize. Peak: memory beyond the inputs, from XLA's memory analysis of the
+6*rows*d*f forward, 18*rows*d*f forward+backward. Time ("ms", and TFLOP/s from it): the mean of --iters runs
+back to back after --warmup, as a training loop runs them (experiments/timing.py); "waited ms" is the median of
+--iters runs each waited for (block_until_ready / torch.cuda.synchronize), which adds the host's launch and sync
+of every call (about 1 ms per SwiGLU fwd+bwd at 65k rows for JAX on an H200, 2026-11-29). Peak: memory beyond the inputs, from XLA's memory analysis of the
 compiled step (temporaries + outputs) and from torch.cuda.max_memory_allocated.
 """
 
@@ -32,7 +34,7 @@ import numpy as np
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import expert_layout
-from timing import median_call_ms
+from timing import waited_and_back_to_back_ms
 
 PATHS = ("grouped", "ragged", "tiled", "torch")
 GIB = 2.0**30
@@ -66,15 +68,20 @@ def with_backward(fn: Callable, num_diff: int) -> Callable:
   return step
 
 
-def time_jax(fn: Callable, args: tuple, warmup: int, iters: int) -> tuple[float, float]:
-  """Median ms and peak GiB beyond the inputs of jit(fn)(*args)."""
+def time_jax(fn: Callable, args: tuple, warmup: int, iters: int) -> tuple[float, float, float]:
+  """ms back to back, ms waited for (see timing.waited_and_back_to_back_ms) and peak GiB beyond the inputs of
+  jit(fn)(*args)."""
   compiled = jax.jit(fn).lower(*args).compile()
   memory = compiled.memory_analysis()
   peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / GIB if memory is not None else float("nan")
-  return median_call_ms(compiled, *args, iters=iters, warmup=warmup), peak
+  run = lambda: compiled(*args)
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  return *waited_and_back_to_back_ms(run, jax.block_until_ready, iters), peak
 
 
-def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float]:
+def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float, float]:
+  """As time_jax, for a torch step on the GPU (peak: torch.cuda.max_memory_allocated beyond what was allocated)."""
   import torch
 
   for _ in range(warmup):
@@ -85,13 +92,7 @@ def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float]:
   fn()
   torch.cuda.synchronize()
   peak = (torch.cuda.max_memory_allocated() - base) / GIB
-  times = []
-  for _ in range(iters):
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    times.append(time.perf_counter() - start)
-  return statistics.median(times) * 1e3, peak
+  return *waited_and_back_to_back_ms(fn, lambda _: torch.cuda.synchronize(), iters), peak
 
 
 class TorchCase:
@@ -226,8 +227,8 @@ def run_table(args) -> dict[str, str | None]:
   if unknown:
     raise SystemExit(f"--paths: unknown path(s) {unknown}; choose from {list(PATHS)}")
   notes = {p: torch_unavailable() if p == "torch" else jax_unavailable(p) for p in PATHS if p in paths}
-  print_row(["op", "pass", "rows", "routing", "path", "ms", "TFLOP/s", "peak GiB", "vs torch"])
-  print("|" + "---|" * 9, flush=True)
+  print_row(["op", "pass", "rows", "routing", "path", "ms", "TFLOP/s", "waited ms", "peak GiB", "vs torch"])
+  print("|" + "---|" * 10, flush=True)
   for rows in rows_list:
     for skewed in (False, True):
       data = make_data(rows, args.top_k, args.experts, args.d, args.f, skewed, seed=rows + skewed)
@@ -249,16 +250,20 @@ def run_table(args) -> dict[str, str | None]:
                 fn, fn_args = jax_step(path, op, backward, data, args.swiglu == "one-op")
                 results[path] = time_jax(fn, fn_args, args.warmup, args.iters)
             except Exception as err:  # a path that fails to build or run is reported, not fatal
-              notes[path] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+              notes[path] = error_line(err)[:200]
               print(f"# {path} failed on {op} rows={rows}: {notes[path]}", file=sys.stderr, flush=True)
           torch_ms = results.get("torch", (None,))[0]
-          for path, (ms, peak) in results.items():
+          for path, (ms, waited_ms, peak) in results.items():
             print_row([
               op, "fwd+bwd" if backward else "fwd", f"{data['rows']}", "skewed" if skewed else "even", path,
-              f"{ms:.3f}", f"{flops / ms / 1e9:.1f}", f"{peak:.2f}",
+              f"{ms:.3f}", f"{flops / ms / 1e9:.1f}", f"{waited_ms:.3f}", f"{peak:.2f}",
               f"{torch_ms / ms:.2f}" if torch_ms else "-",
             ])
   return notes
+
+
+def error_line(err: Exception) -> str:
+  return f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
 
 
 def print_row(cells: list[str]) -> None:
@@ -294,10 +299,10 @@ def sweep(args) -> None:
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", shipped, (lhs, dout, gs)))
     for name, cfg, fn, fn_args in cases:
       try:
-        ms, _ = time_jax(fn, fn_args, args.warmup, args.iters)
+        ms, _, _ = time_jax(fn, fn_args, args.warmup, args.iters)
         rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
       except Exception as err:
-        rows.append([name, str(cfg), "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"])
+        rows.append([name, str(cfg), "failed", error_line(err)[:120]])
       print(f"# {rows[-1]}", file=sys.stderr, flush=True)
   print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows")
   print_row(["kernel", "config", "ms", "TFLOP/s"])

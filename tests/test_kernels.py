@@ -370,7 +370,7 @@ def test_bench_moe_tiny_prints_a_table():
     capture_output=True, text=True, timeout=300, env=env, check=True,
   )
   lines = proc.stdout.splitlines()
-  header = lines.index("| op | pass | rows | routing | path | ms | TFLOP/s | peak GiB | vs torch |")
+  header = lines.index("| op | pass | rows | routing | path | ms | TFLOP/s | waited ms | peak GiB | vs torch |")
   body = [line for line in lines[header + 2:] if line.startswith("| ")]
   assert {line.split(" | ")[4] for line in body} >= {"grouped"}
   assert len(body) >= 8
