@@ -9,10 +9,10 @@ Ops: "swiglu" is the three grouped matmuls on rows already grouped by expert (pa
 "moe" is the whole `expert_ffn(x, ids, weights, experts)` (dispatch, matmuls, weighted combine).
 Paths: grouped (`jax.lax.ragged_dot`), ragged (jax's Mosaic GPU ragged-dot kernels), tiled (our Mosaic GPU
 kernels), torch (`torch._grouped_mm`, PyTorch's reference). FLOPs count the matmuls on the real rows only:
-6*rows*d*f forward, 18*rows*d*f forward+backward. Time ("ms", and TFLOP/s from it): the mean of --iters runs
-back to back after --warmup, as a training loop runs them (experiments/timing.py); "waited ms" is the median of
---iters runs each waited for (block_until_ready / torch.cuda.synchronize), which adds the host's launch and sync
-of every call (about 1 ms per SwiGLU fwd+bwd at 65k rows for JAX on an H200, 2026-11-29). Peak: memory beyond the inputs, from XLA's memory analysis of the
+6*rows*d*f forward, 18*rows*d*f forward+backward. Time ("ms", and TFLOP/s from it): the mean of --iters runs back
+to back after --warmup, as a training loop runs them (experiments/timing.py); "waited ms" is the median of --iters
+runs each waited for (block_until_ready / torch.cuda.synchronize), which adds the host's launch and sync of every
+call (about 1 ms per SwiGLU fwd+bwd at 65k rows for JAX on an H200, 2026-11-29). Peak: memory beyond the inputs, from XLA's memory analysis of the
 compiled step (temporaries + outputs) and from torch.cuda.max_memory_allocated.
 """
 
