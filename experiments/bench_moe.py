@@ -12,8 +12,8 @@ kernels), torch (`torch._grouped_mm`, PyTorch's reference). FLOPs count the matm
 6*rows*d*f forward, 18*rows*d*f forward+backward. Time ("ms", and TFLOP/s from it): the mean of --iters runs back
 to back after --warmup, as a training loop runs them (experiments/timing.py); "waited ms" is the median of --iters
 runs each waited for (block_until_ready / torch.cuda.synchronize), which adds the host's launch and sync of every
-call (about 1 ms per SwiGLU fwd+bwd at 65k rows for JAX on an H200, 2026-11-29). Peak: memory beyond the inputs, from XLA's memory analysis of the
-compiled step (temporaries + outputs) and from torch.cuda.max_memory_allocated.
+call (about 1 ms per SwiGLU fwd+bwd at 65k rows for JAX on an H200, 2026-11-29). Peak: memory beyond the inputs,
+from XLA's memory analysis of the compiled step (temporaries + outputs) and from torch.cuda.max_memory_allocated.
 """
 
 from __future__ import annotations
