@@ -5,7 +5,6 @@ Pallas' GPU interpreter, "auto" choosing "grouped", and the benchmark's tiny smo
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -163,10 +162,11 @@ def test_tiled_forward_of_two_stacks_interpreted():
   assert np.all(np.asarray(hidden[384:]) == 0)
 
 
-def test_swiglu_grad_epilogue_interpreted():
-  """The epilogue that reads other arrays' tiles (loaded while the product accumulates), in the interpreter on the
-  forward kernel (the input-gradient kernel that uses it on the GPU cannot run there): the SiLU's gradient from
-  the hidden's gradient, gate and up. Rows past the last group stay zero."""
+@pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
+def test_epilogues_with_side_arrays_interpreted(epilogue):
+  """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
+  forward kernel (the input-gradient kernels that use them on the GPU cannot run there): the SiLU's gradient from
+  the hidden's gradient, gate and up; a product plus another array. Rows past the last group stay zero."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(5)
@@ -174,31 +174,20 @@ def test_swiglu_grad_epilogue_interpreted():
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   past = jnp.arange(512)[:, None] >= 384
   lhs_PxK, rhs_GxKxN = jnp.where(past, 0, normal(512, 128)), normal(3, 128, 256) / 11
-  gate, up = (jnp.where(past, 0, normal(512, 256)) for _ in range(2))
-  dgate, dup = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(256, 2),
-                                     interpret=True, epilogue="swiglu_grad", sides=(gate, up))
-  dhidden = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
-  gate, up = gate.astype(jnp.float32), up.astype(jnp.float32)
-  _, silu_vjp = jax.vjp(jax.nn.silu, gate)
-  for out, want in ((dgate, silu_vjp(dhidden * up)[0]), (dup, dhidden * jax.nn.silu(gate))):
+  sides = tuple(jnp.where(past, 0, normal(512, 256)) for _ in range(tiled.EPILOGUES[epilogue].sides))
+  cfg = tiled.forward_config(256, len(sides))
+  outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
+                               epilogue=epilogue, sides=sides)
+  product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  if epilogue == "add":
+    outs, wants = (outs,), (product + sides[0],)
+  else:
+    gate, up = (side.astype(jnp.float32) for side in sides)
+    _, silu_vjp = jax.vjp(jax.nn.silu, gate)
+    wants = (silu_vjp(product * up)[0], product * jax.nn.silu(gate))
+  for out, want in zip(outs, wants, strict=True):
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
-
-
-def test_sum_of_products_interpreted():
-  """x's input gradient through gate and up as one sum of two products in one accumulator, in the interpreter on
-  the forward kernel with a narrower K tile (as the input-gradient kernel runs it on the GPU)."""
-  from esft_jax.model.kernels import tiled
-
-  rng = np.random.default_rng(6)
-  sizes = jnp.asarray([256, 0, 128], jnp.int32)
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  lhs, rhs = (normal(512, 128), normal(512, 128)), (normal(3, 128, 256) / 11, normal(3, 128, 256) / 11)
-  cfg = dataclasses.replace(tiled.forward_config(256), tile_k=32)
-  out = tiled.grouped_forward(lhs, rhs, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
-  want = sum(jax.lax.ragged_dot(a, b, sizes, preferred_element_type=jnp.float32) for a, b in zip(lhs, rhs))
-  assert rel_err(out[:384], want[:384]) < 1e-2
-  assert np.all(np.asarray(out[384:]) == 0)
 
 
 def test_layers_share_one_lowered_kernel():

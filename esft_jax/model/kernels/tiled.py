@@ -13,8 +13,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   once and each warpgroup keeps one accumulator per stack.
 - epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
   same place, loaded while the products accumulate: the SwiGLU's hidden silu(gate) * up beside gate and up; in
-  the backward, the SiLU's gradient from the hidden's gradient and gate and up. Each saves an elementwise pass
-  over [P, F] arrays. x's input gradient through gate and up is one sum of two products, one accumulator.
+  the backward, the SiLU's gradient from the hidden's gradient and gate and up; one input gradient plus another.
+  Each saves an elementwise pass over [P, F] or [P, D] arrays.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
@@ -60,10 +60,10 @@ class TileConfig:
   def block_n(self) -> int:
     return self.tile_n * (2 if self.split == "n" else 1)
 
-  def stages(self, itemsize: int, lhs_tiles: int = 1, rhs_tiles: int = 1, slots: int = 1) -> int:
-    """Pipeline depth that fits shared memory beside `slots` output staging tiles per warpgroup, when each step
-    loads `lhs_tiles` of block_m x tile_k and `rhs_tiles` of tile_k x block_n."""
-    stage_bytes = (lhs_tiles * self.block_m + rhs_tiles * self.block_n) * self.tile_k * itemsize
+  def stages(self, itemsize: int, products: int = 1, slots: int = 1) -> int:
+    """Pipeline depth that fits shared memory beside `slots` output staging tiles per warpgroup, for `products`
+    that share the lhs tile (each with its own rhs tile)."""
+    stage_bytes = (self.block_m + products * self.block_n) * self.tile_k * itemsize
     out_bytes = 2 * slots * self.tile_m * self.tile_n * itemsize
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
@@ -150,6 +150,7 @@ EPILOGUES = {
   "products": Epilogue(0, None, lambda values, _: values),
   "swiglu": Epilogue(0, 3, _swiglu),  # products gate, up -> gate, up, silu(gate) * up
   "swiglu_grad": Epilogue(2, 2, _swiglu_grad),  # product dhidden, sides gate, up -> dgate, dup
+  "add": Epilogue(1, 1, lambda values, sides: [values[0] + sides[0].astype(jnp.float32)]),  # product + side
 }
 
 
@@ -158,15 +159,14 @@ def _slots(products: int, epilogue: Epilogue) -> int:
   return max(products, epilogue.sides)
 
 
-def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1, lhs_tiles: int = 1,
+def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
                  epilogue: Epilogue = EPILOGUES["products"]):
-  """Returns run(steps, offset, srcs, out_dsts, side_srcs, scratch, allocations), which accumulates one block's
-  `products` fp32 accumulators over `steps` blocks of the operands srcs (from block `offset` on; make_specs gives
-  their BlockSpecs: `lhs_tiles` of block_m x tile_k, the others tile_k x block_n) and stores the epilogue's
-  outputs to out_dsts, and the allocations that run needs for operands shaped like srcs. `mma(wg, smems)` lists
-  the step's wgmmas as (accumulator index, lhs, rhs). scratch: (out_smem, side_barriers) from `_scratch`."""
+  """Returns run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations), which accumulates one
+  block's products (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block
+  `offset` on) and stores the epilogue's outputs to out_dsts, and the allocations that run needs for operands
+  shaped like (a_src, b_srcs). scratch: (out_smem, side_barriers) from `_scratch`."""
   slots = _slots(products, epilogue)
-  stages = cfg.stages(jnp.dtype(dtype).itemsize, lhs_tiles, len(make_specs(0)) - lhs_tiles, slots)
+  stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
 
   def build(body, context, steps, offset):
     return plgpu.emit_pipeline_warp_specialized(
@@ -180,7 +180,7 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1, lhs
       compute_context=context,
     )
 
-  def run(steps, offset, srcs, out_dsts, side_srcs, scratch, allocations):
+  def run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations):
     wg = lax.axis_index("wg")
     out_smem, side_barriers = scratch
     tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
@@ -216,21 +216,20 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1, lhs
 
       pl.run_scoped(compute, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(products)})
 
-    def body(_, *rest):
-      *smems, accs = rest
-      mmas = mma(wg, smems)
-      for i, lhs, rhs in mmas:
-        plgpu.wgmma(accs[i], lhs, rhs)
-      plgpu.wgmma_wait(cfg.delay_release * len(mmas))  # each wgmma is a group of its own
+    def body(_, a_smem, *rest):
+      *b_smems, accs = rest
+      for acc, b_smem in zip(accs, b_smems):
+        plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
+      plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
       return accs
 
-    build(body, context, steps, offset)(*srcs, allocations=allocations)
+    build(body, context, steps, offset)(a_src, *b_srcs, allocations=allocations)
 
   def ignore(*_, **__):
     return None
 
-  def allocations(srcs):
-    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(*srcs)
+  def allocations(a_src, b_srcs):
+    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(a_src, *b_srcs)
 
   return run, allocations
 
@@ -249,27 +248,19 @@ def _scratch(cfg: TileConfig, dtype, products: int = 1, epilogue: Epilogue = EPI
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
 # per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "epilogue"))
-def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
+def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
                     epilogue: str = "products", sides: tuple = ()):
-  """out[r] = lhs[r] @ rhs[g(r)] (lhs [P, K], rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K],
-  transpose_rhs). Two forms take tuples:
-  - `rhs` a tuple of stacks (lhs one array): a tuple of products, each lhs tile loaded once (gate and up);
-  - `lhs` and `rhs` tuples of one length: the sum of lhs[i] @ rhs[i] in one accumulator (a product over the
-    concatenated K: x's input gradient from gate's and up's).
+  """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs). `rhs`
+  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once.
   `epilogue` (a name in EPILOGUES) computes what is stored from the fp32 products and from `sides` ([P, N]
   arrays); a tuple when it stores more than one array."""
-  lhs_list = lhs if isinstance(lhs, tuple) else (lhs,)
   stacks = rhs if isinstance(rhs, tuple) else (rhs,)
-  summed = len(lhs_list) > 1
-  if summed and len(lhs_list) != len(stacks):
-    raise ValueError(f"a sum of products takes as many lhs as rhs, got {len(lhs_list)} and {len(stacks)}")
-  products = 1 if summed else len(stacks)
   post = EPILOGUES[epilogue]
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
-  p, k = lhs_list[0].shape
+  p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
-  dtype = lhs_list[0].dtype
+  dtype = lhs_PxK.dtype
   m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
@@ -277,35 +268,30 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, 0).astype(jnp.int32)
   transforms = _swizzled(cfg.tile_k, dtype)
 
-  def make_specs(_):  # the lhs tiles, then the rhs tiles
+  def make_specs(_):
     spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
-    a_specs = [spec((cfg.block_m, cfg.tile_k), lambda kk: (0, kk)) for _ in lhs_list]
+    a_spec = spec((cfg.block_m, cfg.tile_k), lambda kk: (0, kk))
     if transpose_rhs:
-      return a_specs + [spec((cfg.block_n, cfg.tile_k), lambda kk: (0, kk)) for _ in stacks]
-    return a_specs + [spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0)) for _ in stacks]
+      return [a_spec, spec((cfg.block_n, cfg.tile_k), lambda kk: (0, kk))]
+    return [a_spec] + [spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0)) for _ in stacks]
 
-  def mma(wg, smems):
-    a_smems, b_smems = smems[:len(lhs_list)], smems[len(lhs_list):]
-    lhs_tiles = [a.at[_wg_slice(cfg, wg, "m")] for a in a_smems]
+  def mma(wg, a_smem, b_smem):
     if transpose_rhs:
-      rhs_tiles = [b.at[_wg_slice(cfg, wg, "n"), :].transpose((1, 0)) for b in b_smems]
+      b = b_smem.at[_wg_slice(cfg, wg, "n"), :].transpose((1, 0))
     else:
-      rhs_tiles = [b.at[:, _wg_slice(cfg, wg, "n")] for b in b_smems]
-    if summed:
-      return [(0, a, b) for a, b in zip(lhs_tiles, rhs_tiles)]
-    return [(i, lhs_tiles[0], b) for i, b in enumerate(rhs_tiles)]
+      b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
+    return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, products, len(lhs_list), post)
+  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks), post)
 
-  def body(tile_group_gmem, tile_steps_gmem, *refs):
-    a_gmems, refs = refs[:len(lhs_list)], refs[len(lhs_list):]
-    b_gmems, refs = refs[:len(stacks)], refs[len(stacks):]
-    side_gmems, out_gmems = refs[:post.sides], refs[post.sides:]
+  def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
+    b_gmems, side_gmems = refs[:len(stacks)], refs[len(stacks):len(stacks) + post.sides]
+    out_gmems = refs[len(stacks) + post.sides:]
 
     @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=allocations((*a_gmems, *(b.at[0] for b in b_gmems))),
-      **_scratch(cfg, dtype, products, post),
+      pipeline_allocs=allocations(a_gmem, tuple(b.at[0] for b in b_gmems)),
+      **_scratch(cfg, dtype, len(stacks), post),
       collective_axes="wg",
     )
     def _(pipeline_allocs, out_smem, side_barriers=None):
@@ -314,16 +300,16 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
         mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
         rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
         weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
-        b_srcs = [w.at[cols, :] if transpose_rhs else w.at[:, cols] for w in weights]
+        b_srcs = tuple(w.at[cols, :] if transpose_rhs else w.at[:, cols] for w in weights)
         at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
-        run(tile_steps_gmem[mi], 0, (*(a.at[rows, :] for a in a_gmems), *b_srcs), at_tile(out_gmems),
-            at_tile(side_gmems), (out_smem, side_barriers), pipeline_allocs)
+        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_srcs, at_tile(out_gmems), at_tile(side_gmems),
+            (out_smem, side_barriers), pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-  outputs = products if post.outputs is None else post.outputs
+  outputs = len(stacks) if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
-  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, *lhs_list, *stacks, *sides)
+  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
 
 
@@ -366,16 +352,16 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
     return [spec((cfg.tile_k, cfg.block_m), lambda kk: (offset + kk, 0)),
             spec((cfg.tile_k, cfg.block_n), lambda kk: (offset + kk, 0))]
 
-  def mma(wg, smems):
-    a_smem, b_smem = smems
-    return [(0, a_smem.at[:, _wg_slice(cfg, wg, "m")].transpose((1, 0)), b_smem.at[:, _wg_slice(cfg, wg, "n")])]
+  def mma(wg, a_smem, b_smem):
+    a = a_smem.at[:, _wg_slice(cfg, wg, "m")].transpose((1, 0))
+    return a, b_smem.at[:, _wg_slice(cfg, wg, "n")]
 
   run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
 
   def body(start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
     @functools.partial(
       pl.run_scoped,
-      pipeline_allocs=allocations((a_gmem, b_gmem)),
+      pipeline_allocs=allocations(a_gmem, (b_gmem,)),
       **_scratch(cfg, dtype),
       collective_axes="wg",
     )
@@ -389,8 +375,8 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
         @pl.when(steps >= 0)
         def _():
-          run(steps, start_blocks_gmem[gi], (a_gmem.at[:, rows], b_gmem.at[:, cols]), (out_gmem.at[gi, rows, cols],),
-              (), (out_smem, side_barriers), pipeline_allocs)
+          run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], (b_gmem.at[:, cols],),
+              (out_gmem.at[gi, rows, cols],), (), (out_smem, side_barriers), pipeline_allocs)
 
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
@@ -429,8 +415,8 @@ def tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpr
                  weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """(silu(x[r] @ gate[g(r)]) * (x[r] @ up[g(r)])) @ down[g(r)], rows as in `tiled_matmul`, weight gradients as
   there. Forward: one kernel loads each x tile once for gate and up and applies the SiLU to their fp32 products.
-  Backward: the SiLU's gradient is the epilogue of the hidden's input-gradient kernel, and x's input gradient
-  sums gate's and up's in one kernel."""
+  Backward: the SiLU's gradient is the epilogue of the hidden's input-gradient kernel, and x's second input
+  gradient adds the first in its epilogue."""
   return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
                            first_group)[0]
 
@@ -449,7 +435,8 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, gate_PxF, up_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", (gate_PxF, up_PxF))
-  dx_PxD = _input_grad((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, interpret)
+  dx_PxD = _input_grad(dgate_PxF, gate_GxDxF, group_sizes_G, interpret)
+  dx_PxD = _input_grad(dup_PxF, up_GxDxF, group_sizes_G, interpret, "add", (dx_PxD,))
   weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
@@ -460,11 +447,8 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
-  """dout[r] @ rhs[g(r)].T, or given tuples the sum of dout[i][r] @ rhs[i][g(r)].T, through `epilogue` (see
-  grouped_forward). A sum loads one tile of each operand per step, so its K tile is narrower."""
-  pairs = len(dout_PxN) if isinstance(dout_PxN, tuple) else 1
-  cfg = forward_config(rhs_GxKxN[0].shape[1] if pairs > 1 else rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]))
-  cfg = dataclasses.replace(cfg, tile_k=cfg.tile_k // pairs)
+  """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
+  cfg = forward_config(rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]))
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
                          epilogue=epilogue, sides=sides)
 
