@@ -334,13 +334,16 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
   steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups, first_group)
-  return _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, cfg=cfg, interpret=interpret)
+  # Block b takes tiles b, b + blocks, ...: the experts with the most rows go first, so that the tiles started last
+  # are short ones (under skewed routing the last wave would otherwise wait on a long expert's tiles).
+  order_G = jnp.argsort(-steps_G).astype(jnp.int32)
+  return _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, cfg=cfg, interpret=interpret)
 
 
 # Jitted like grouped_forward; which experts train enters as the traced steps (-1: skip the expert), so layers with
 # different ESFT selections share the kernel.
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret"))
-def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileConfig, interpret: bool):
+def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileConfig, interpret: bool):
   k, n = lhs_PxK.shape[1], rhs_PxN.shape[1]
   g = steps_G.shape[0]
   dtype = lhs_PxK.dtype
@@ -358,7 +361,7 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
 
   run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
 
-  def body(start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
+  def body(order_gmem, start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
     @functools.partial(
       pl.run_scoped,
       pipeline_allocs=allocations(a_gmem, (b_gmem,)),
@@ -368,7 +371,7 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
     def _(pipeline_allocs, out_smem, side_barriers=None):
       @plgpu.nd_loop((g, m_iters * n_iters), collective_axes="sm")
       def _(info):
-        gi = info.index[0]
+        gi = order_gmem[info.index[0]]
         mi, ni = plgpu.planar_snake(info.index[1], (m_iters, n_iters), 1, cfg.grid_tile_width)
         rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
         steps = steps_gmem[gi]
@@ -381,7 +384,7 @@ def _weight_grad_kernel(start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, cfg: TileC
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_type = jax.ShapeDtypeStruct((g, k, n), dtype)
-  return _launch(body, out_type, interpret)(start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
+  return _launch(body, out_type, interpret)(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
