@@ -4,6 +4,7 @@
     python experiments/bench_moe.py --paths tiled,torch   # skip the slow paths
     python experiments/bench_moe.py --tiny    # a few seconds on CPU (CI keeps it working)
     python experiments/bench_moe.py --sweep   # GPU: times tile configurations of the "tiled" kernels
+    python experiments/bench_moe.py --rows 65536 --paths tiled --profile /tmp/moe   # + device time by kernel
 
 Ops: "swiglu" is the three grouped matmuls on rows already grouped by expert (padded per expert for "tiled");
 "moe" is the whole `expert_ffn(x, ids, weights, experts)` (dispatch, matmuls, weighted combine).
@@ -20,9 +21,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
+from collections import defaultdict
 import sys
-import time
 from typing import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -68,16 +68,32 @@ def with_backward(fn: Callable, num_diff: int) -> Callable:
   return step
 
 
-def time_jax(fn: Callable, args: tuple, warmup: int, iters: int) -> tuple[float, float, float]:
+def time_jax(fn: Callable, args: tuple, warmup: int, iters: int, trace_dir: str | None = None) -> tuple:
   """ms back to back, ms waited for (see timing.waited_and_back_to_back_ms) and peak GiB beyond the inputs of
-  jit(fn)(*args)."""
+  jit(fn)(*args); with `trace_dir`, also its device ms per call by kernel (see kernel_ms)."""
   compiled = jax.jit(fn).lower(*args).compile()
   memory = compiled.memory_analysis()
   peak = (memory.temp_size_in_bytes + memory.output_size_in_bytes) / GIB if memory is not None else float("nan")
   run = lambda: compiled(*args)
   for _ in range(warmup):
     jax.block_until_ready(run())
-  return *waited_and_back_to_back_ms(run, jax.block_until_ready, iters), peak
+  kernels = kernel_ms(compiled, args, trace_dir) if trace_dir else None
+  return *waited_and_back_to_back_ms(run, jax.block_until_ready, iters), peak, kernels
+
+
+def kernel_ms(compiled, args: tuple, trace_dir: str, calls: int = 5) -> list[tuple[str, float]]:
+  """Device ms per call of each kernel of compiled(*args) (traced over `calls` calls), with the JAX operation it
+  comes from (its name stack in the compiled HLO), longest first."""
+  from trace_summary import device_lines, hlo_op_names, kernel_events, load_trace, op_path
+
+  with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
+    for _ in range(calls):
+      jax.block_until_ready(compiled(*args))
+  op_names = hlo_op_names(compiled.as_text())
+  by_kernel = defaultdict(float)
+  for event in kernel_events(device_lines(load_trace(trace_dir))):
+    by_kernel[f"{event['name'][:40]} | {op_path(event, op_names)[-100:]}"] += event.get("dur", 0) / calls / 1e3
+  return sorted(by_kernel.items(), key=lambda kv: -kv[1])
 
 
 def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float, float]:
@@ -220,7 +236,9 @@ def make_data(rows: int, k: int, experts: int, d: int, f: int, skewed: bool, see
 
 
 def run_table(args) -> dict[str, str | None]:
-  """Prints the table a row at a time; returns why paths were not measured."""
+  """Prints the table a row at a time (then, with --profile, device time by kernel); returns why paths were not
+  measured."""
+  profiles = []
   rows_list = [int(r) for r in args.rows.split(",")]
   paths = args.paths.split(",")
   unknown = sorted(set(paths) - set(PATHS))
@@ -248,17 +266,30 @@ def run_table(args) -> dict[str, str | None]:
                 results[path] = time_torch(torch_case.step(op, backward), args.warmup, args.iters)
               else:
                 fn, fn_args = jax_step(path, op, backward, data, args.swiglu == "one-op")
-                results[path] = time_jax(fn, fn_args, args.warmup, args.iters)
+                case = f"{op}_{'fwd+bwd' if backward else 'fwd'}_{data['rows']}_{'skewed' if skewed else 'even'}"
+                trace_dir = os.path.join(args.profile, f"{path}_{case}") if args.profile else None
+                results[path] = time_jax(fn, fn_args, args.warmup, args.iters, trace_dir)
+                if results[path][3] is not None:
+                  profiles.append((f"{path} {case.replace('_', ' ')}", results[path][3]))
             except Exception as err:  # a path that fails to build or run is reported, not fatal
               notes[path] = error_line(err)[:200]
               print(f"# {path} failed on {op} rows={rows}: {notes[path]}", file=sys.stderr, flush=True)
           torch_ms = results.get("torch", (None,))[0]
-          for path, (ms, waited_ms, peak) in results.items():
+          for path, (ms, waited_ms, peak, *_) in results.items():
             print_row([
               op, "fwd+bwd" if backward else "fwd", f"{data['rows']}", "skewed" if skewed else "even", path,
               f"{ms:.3f}", f"{flops / ms / 1e9:.1f}", f"{waited_ms:.3f}", f"{peak:.2f}",
               f"{torch_ms / ms:.2f}" if torch_ms else "-",
             ])
+  for label, kernels in profiles:
+    if not kernels:
+      print(f"# {label}: no kernels on a device stream line in the trace (a CPU run has none)")
+      continue
+    print(f"\n# {label}: {sum(ms for _, ms in kernels):.3f} ms of device time per call\n")
+    print_row(["kernel", "operation", "ms per call"])
+    print("|---|---|---|")
+    for kernel, ms in kernels[:12]:
+      print(f"| {kernel} | {ms:.3f} |")
   return notes
 
 
@@ -299,7 +330,7 @@ def sweep(args) -> None:
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", shipped, (lhs, dout, gs)))
     for name, cfg, fn, fn_args in cases:
       try:
-        ms, _, _ = time_jax(fn, fn_args, args.warmup, args.iters)
+        ms, *_ = time_jax(fn, fn_args, args.warmup, args.iters)
         rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
       except Exception as err:
         rows.append([name, str(cfg), "failed", error_line(err)[:120]])
@@ -332,6 +363,10 @@ def main() -> None:
                            '"tiled": gate and up in one kernel, the SiLU and its gradient in kernel epilogues), or '
                            'three grouped matmuls and the SiLU apart, to compare the two side by side')
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
+  parser.add_argument("--profile", metavar="DIR",
+                      help="also trace 5 calls of each JAX path and op into DIR and print their device time per "
+                           "call by kernel, after the table (XLA's command buffers are turned off for the run, so "
+                           "that each kernel names its operation)")
   parser.add_argument("--rows", default="16384,32768,65536", help="tokens x top-k, comma-separated")
   parser.add_argument("--paths", default=",".join(PATHS), help="comma-separated subset of " + ",".join(PATHS))
   parser.add_argument("--top-k", type=int, default=6)
@@ -343,6 +378,8 @@ def main() -> None:
   args = parser.parse_args()
   if args.tiny:
     args.rows, args.top_k, args.experts, args.d, args.f, args.warmup, args.iters = "96", 2, 4, 128, 128, 1, 2
+  if args.profile:  # read when the backend starts (below)
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}; experts={args.experts} d={args.d} f={args.f} "
         f"top_k={args.top_k} bf16", flush=True)
   if args.sweep:

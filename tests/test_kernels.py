@@ -363,10 +363,11 @@ def test_auto_is_gpu_on_hopper():
   )
 
 
-def test_bench_moe_tiny_prints_a_table():
+def test_bench_moe_tiny_prints_a_table(tmp_path):
+  """The tiny run's table; with --profile each JAX case is traced (a CPU trace has no device kernels to list)."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   proc = subprocess.run(
-    [sys.executable, str(REPO / "experiments" / "bench_moe.py"), "--tiny"],
+    [sys.executable, str(REPO / "experiments" / "bench_moe.py"), "--tiny", "--profile", str(tmp_path)],
     capture_output=True, text=True, timeout=300, env=env, check=True,
   )
   lines = proc.stdout.splitlines()
@@ -374,3 +375,5 @@ def test_bench_moe_tiny_prints_a_table():
   body = [line for line in lines[header + 2:] if line.startswith("| ")]
   assert {line.split(" | ")[4] for line in body} >= {"grouped"}
   assert len(body) >= 8
+  assert "# grouped swiglu fwd+bwd 96 even: no kernels on a device stream line" in proc.stdout
+  assert list(tmp_path.glob("grouped_swiglu_fwd+bwd_96_even/**/perfetto_trace.json.gz"))
