@@ -35,7 +35,7 @@
 #   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
-#                            before the 65k skewed rows)
+#                            before the 65k skewed rows; with --iters 10, 200 s ended it before the last row)
 #   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
 #                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
 set -u -o pipefail
