@@ -36,6 +36,8 @@
 #   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
 #   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
 #                            before the 65k skewed rows; with --iters 10, 200 s ended it before the last row)
+#   moe_profile      ~120 s  expert FFN at 65k rows, tiled only, with device time per call by kernel and operation
+#                            (new 2026-11-29, tenth session; not yet run in the suite)
 #   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
 #                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
 set -u -o pipefail
@@ -74,5 +76,7 @@ piece infer 200 "$PY" experiments/bench_infer.py --layers 8 --batch 8 --seq 2048
   --new-tokens 64 --agree 16
 piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths torch --timeout 90
 piece moe 150 "$PY" experiments/bench_moe.py --rows 16384,32768,65536 --paths tiled,torch --iters 5 --warmup 2
+piece moe_profile 150 "$PY" experiments/bench_moe.py --rows 65536 --paths tiled --iters 5 --warmup 2 \
+  --profile /tmp/trace_moe
 piece train_27_remat 300 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto+reference,auto --timeout 140
 echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"
