@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections import defaultdict
 import sys
 from typing import Callable
 
@@ -35,6 +34,7 @@ from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import expert_layout
 from timing import waited_and_back_to_back_ms
+from trace_summary import NO_KERNELS, device_lines, hlo_op_names, kernel_events, load_trace, ms_by, op_path
 
 PATHS = ("grouped", "ragged", "tiled", "torch")
 GIB = 2.0**30
@@ -84,16 +84,12 @@ def time_jax(fn: Callable, args: tuple, warmup: int, iters: int, trace_dir: str 
 def kernel_ms(compiled, args: tuple, trace_dir: str, calls: int = 5) -> list[tuple[str, float]]:
   """Device ms per call of each kernel of compiled(*args) (traced over `calls` calls), with the JAX operation it
   comes from (its name stack in the compiled HLO), longest first."""
-  from trace_summary import device_lines, hlo_op_names, kernel_events, load_trace, op_path
-
   with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
     for _ in range(calls):
       jax.block_until_ready(compiled(*args))
   op_names = hlo_op_names(compiled.as_text())
-  by_kernel = defaultdict(float)
-  for event in kernel_events(device_lines(load_trace(trace_dir))):
-    by_kernel[f"{event['name'][:40]} | {op_path(event, op_names)[-100:]}"] += event.get("dur", 0) / calls / 1e3
-  return sorted(by_kernel.items(), key=lambda kv: -kv[1])
+  kernels = kernel_events(device_lines(load_trace(trace_dir)))
+  return ms_by(kernels, calls, lambda event: f"{event['name'][:40]} | {op_path(event, op_names)[-100:]}")
 
 
 def time_torch(fn: Callable, warmup: int, iters: int) -> tuple[float, float, float]:
@@ -283,7 +279,7 @@ def run_table(args) -> dict[str, str | None]:
             ])
   for label, kernels in profiles:
     if not kernels:
-      print(f"# {label}: no kernels on a device stream line in the trace (a CPU run has none)")
+      print(f"# {label}: {NO_KERNELS}")
       continue
     print(f"\n# {label}: {sum(ms for _, ms in kernels):.3f} ms of device time per call\n")
     print_row(["kernel", "operation", "ms per call"])

@@ -145,8 +145,8 @@ def run_jax(args, path: str) -> dict:
   state, written, metrics = step(state, written, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
-  (state, written), ms, synced_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
-  result = {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss,
+  (state, written), ms, waited_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
+  result = {"ms": ms, "waited_ms": waited_ms, "first_s": first_s, "first_loss": first_loss,
             "peak_bytes": peak_bytes(path), "device": jax.devices()[0].device_kind,
             "software": f"jax {jax.__version__}", "trainable_params": count_parameters(state.trainable)}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
@@ -208,8 +208,8 @@ def run_torch(args) -> dict:
   start = time.perf_counter()
   first_loss = float(step())
   first_s = time.perf_counter() - start
-  ms, synced_ms = waited_and_back_to_back_ms(step, lambda _: sync(), args.iters)  # as the JAX paths
-  return {"ms": ms, "synced_ms": synced_ms, "first_s": first_s, "first_loss": first_loss,
+  ms, waited_ms = waited_and_back_to_back_ms(step, lambda _: sync(), args.iters)  # as the JAX paths
+  return {"ms": ms, "waited_ms": waited_ms, "first_s": first_s, "first_loss": first_loss,
           "peak_bytes": peak_bytes("torch"),
           "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
           "software": f"torch {torch.__version__}, transformers {transformers.__version__} "
@@ -350,7 +350,7 @@ def main() -> None:
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
       notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters; "
-                   f"{r['synced_ms']:.1f} ms a step when each is waited for before the next is dispatched")
+                   f"{r['waited_ms']:.1f} ms a step when each is waited for before the next is dispatched")
       if args.profile and path != "torch":
         traced = run_path(args, path, profile=True)
         profiles.append(traced.get("profile") or f"# {path} profile: {traced.get('error')}")

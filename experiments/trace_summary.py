@@ -28,6 +28,9 @@ PARTS = (("shared experts", r"(^|/)shared_experts/"), ("routed experts", r"(^|/)
          ("embedding", r"embed_tokens"), ("optimizer", r"(adam|optax|opt_state|clip|global_norm)"))
 
 
+NO_KERNELS = "no kernels on a device stream line in the trace (a CPU run has none)"
+
+
 def device_lines(trace: dict) -> dict[str, list[dict]]:
   """The complete ("X") events of every device process (named /device:...), by line (thread) name."""
   events = trace["traceEvents"] if isinstance(trace, dict) else trace
@@ -73,26 +76,27 @@ def summarize(trace: dict, steps: int, top: int = 15, op_names: dict[str, str] |
   return _summarize(kernel_events(device_lines(trace)), steps, top, op_names)
 
 
-def _summarize(kernels: list[dict], steps: int, top: int = 15, op_names: dict[str, str] | None = None):
-  parts, by_pair = defaultdict(float), defaultdict(float)
+def ms_by(kernels: list[dict], steps: int, key) -> list[tuple[object, float]]:
+  """(key(event), ms per step) summed over the kernels, longest first; a key of None leaves the event out."""
+  total = defaultdict(float)
   for event in kernels:
-    ms = event.get("dur", 0) / 1e3 / steps  # trace durations are in microseconds
-    part = part_of(op_path(event, op_names))
-    parts[part] += ms
-    by_pair[event["name"], part] += ms
-  by_part = sorted(parts.items(), key=lambda kv: -kv[1])
-  by_kernel = [(k, part, ms) for (k, part), ms in sorted(by_pair.items(), key=lambda kv: -kv[1])[:top]]
+    group = key(event)
+    if group is not None:
+      total[group] += event.get("dur", 0) / 1e3 / steps  # trace durations are in microseconds
+  return sorted(total.items(), key=lambda kv: -kv[1])
+
+
+def _summarize(kernels: list[dict], steps: int, top: int = 15, op_names: dict[str, str] | None = None):
+  part = lambda event: part_of(op_path(event, op_names))
+  by_part = ms_by(kernels, steps, part)
+  by_kernel = [(k, p, ms) for (k, p), ms in ms_by(kernels, steps, lambda e: (e["name"], part(e)))[:top]]
   return by_part, by_kernel
 
 
 def _other_ops(kernels: list[dict], steps: int, op_names: dict[str, str], top: int = 25) -> list[tuple[str, float]]:
   """The name stacks of the kernels left in "other", by ms per step: what PARTS does not place yet."""
-  by_op = defaultdict(float)
-  for event in kernels:
-    path = op_path(event, op_names)
-    if part_of(path) == "other":
-      by_op[path] += event.get("dur", 0) / 1e3 / steps
-  return sorted(by_op.items(), key=lambda kv: -kv[1])[:top]
+  path = lambda event: op_path(event, op_names)
+  return ms_by(kernels, steps, lambda e: path(e) if part_of(path(e)) == "other" else None)[:top]
 
 
 def idle_gaps(kernels: list[dict], top: int = 8) -> tuple[float, list[tuple[float, str, str]]]:
@@ -128,8 +132,7 @@ def format_summary(trace: dict, steps: int, label: str, hlo_text: str | None = N
   kernels = kernel_events(lines_seen)
   by_part, by_kernel = _summarize(kernels, steps, op_names=op_names)
   if not by_part:
-    return (f"# {label} profile: no kernels on a device stream line in the trace (a CPU run has none); device "
-            f"lines: {', '.join(name or '-' for name in lines_seen) or '-'}")
+    return (f"# {label} profile: {NO_KERNELS}; device lines: {', '.join(name or '-' for name in lines_seen) or '-'}")
   total = sum(ms for _, ms in by_part)
   fields = sorted({key for e in kernels[:100] for key in e.get("args", {})})
   lines = [f"# {label} profile: {total:.1f} ms of kernel time per step; device lines: "

@@ -140,7 +140,7 @@ def test_tiled_forward_kernel_interpreted():
 
 def test_tiled_forward_of_two_stacks_interpreted():
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
-  ragged_dot's, zeros past the last group; with `swiglu`, silu(gate) * up as well."""
+  ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up as well."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(2)
