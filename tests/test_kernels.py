@@ -18,6 +18,7 @@ import pytest
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows
+from esft_jax.model.kernels.tiled import TileConfig
 from tests.jaxprs import scatters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,17 +123,20 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-def test_tiled_forward_kernel_interpreted():
-  """The forward kernel in Pallas' GPU interpreter (CPU): an empty group, and tiles past the last group."""
+FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(64, 256, "m")]
+
+
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=lambda c: f"{c.tile_m}x{c.tile_n}{c.split}")
+def test_tiled_forward_kernel_interpreted(cfg):
+  """The forward kernel in Pallas' GPU interpreter (CPU), each tile shape forward_config picks: an empty group, and
+  tiles past the last group."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(1)
   sizes = jnp.asarray([128, 0, 256], jnp.int32)
   lhs_PxK = jnp.asarray(rng.standard_normal((640, 128)), jnp.bfloat16)
-  rhs_GxKxN = jnp.asarray(rng.standard_normal((3, 128, 128)) / 11, jnp.bfloat16)
-  out = tiled.grouped_forward(
-    lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(128), interpret=True
-  )
+  rhs_GxKxN = jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16)
+  out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   assert rel_err(out[:384], want[:384]) < 1e-2
   assert np.all(np.asarray(out[384:]) == 0)
@@ -267,6 +271,30 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
   assert rel_err(drhs, want_drhs) < 1e-2
   assert np.all(np.asarray(out[used:]) == 0) and np.all(np.asarray(dlhs[used:]) == 0)
   assert np.all(np.asarray(drhs[4]) == 0)  # expert 4 got no rows: an exact zero
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=lambda c: f"{c.tile_m}x{c.tile_n}{c.split}")
+def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
+  """Each tile shape forward_config picks, on the GPU: the product, the input gradient's (rhs read transposed), and
+  the "add" epilogue; an empty group and rows past the last group."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(7)
+  sizes = jnp.asarray([256, 0, 128, 384], jnp.int32)
+  lhs_PxK = jnp.asarray(rng.standard_normal((896, 384)), jnp.bfloat16)
+  rhs_GxKxN = jnp.asarray(rng.standard_normal((4, 384, 256)) / 20, jnp.bfloat16)
+  side_PxN = jnp.asarray(rng.standard_normal((896, 256)), jnp.bfloat16)
+  used = int(jnp.sum(sizes))
+  want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg)
+  added = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, epilogue="add",
+                                sides=(side_PxN,))
+  transposed = tiled.grouped_forward(lhs_PxK, jnp.swapaxes(rhs_GxKxN, 1, 2), sizes, transpose_rhs=True, cfg=cfg)
+  assert rel_err(out[:used], want[:used]) < 1e-2
+  assert rel_err(transposed[:used], want[:used]) < 1e-2
+  assert rel_err(added[:used], want[:used] + side_PxN[:used].astype(jnp.float32)) < 1e-2
+  assert np.all(np.asarray(out[used:]) == 0) and np.all(np.asarray(transposed[used:]) == 0)
 
 
 @needs_hopper

@@ -68,12 +68,17 @@ class TileConfig:
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
 
-def forward_config(n: int, slots: int = 1) -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n: 128 x 256 blocks where n allows and one
-  output staging tile per warpgroup leaves room for pipeline stages, else 128 x 128. (BENCHMARKS.md: kernel by
-  kernel, 64 x 256 per warpgroup looked faster for width 2048, but in one run side by side the whole SwiGLU at 65k
-  rows was slower with it: 499 against 526 TFLOP/s forward and backward.)"""
-  return TileConfig(128, 128, "n") if n % 256 == 0 and slots == 1 else TileConfig(64, 128, "m")
+WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
+
+
+def forward_config(n: int, slots: int = 1, rows: int = 0) -> TileConfig:
+  """Tiles of the forward / input-gradient kernel for output width n and `rows` (padded) rows: 128 x 256 blocks
+  where n allows and one output staging tile per warpgroup leaves room for pipeline stages, else 128 x 128. A
+  64 x 256 tile per warpgroup (one wgmma of width 256) beats two stacked 128 x 128 ones from 32k rows on, and loses
+  below (BENCHMARKS.md, eleventh session: +3% for the SwiGLU fwd+bwd at 32k and 65k rows, -3% at 16k)."""
+  if n % 256 or slots > 1:
+    return TileConfig(64, 128, "m")
+  return TileConfig(64, 256, "m") if rows >= WIDE_TILES_FROM_ROWS else TileConfig(128, 128, "n")
 
 
 # Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
@@ -81,13 +86,10 @@ def forward_config(n: int, slots: int = 1) -> TileConfig:
 SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 
-def weight_grad_config(k: int, n: int) -> TileConfig:
-  """Tiles of the weight-gradient kernel for a [k, n] weight: 128 x 256 or 256 x 128 blocks where they divide it."""
-  if n % 256 == 0:
-    return TileConfig(128, 128, "n", grid_tile_width=1)
-  if k % 256 == 0:
-    return TileConfig(128, 128, "m", grid_tile_width=1)
-  return TileConfig(64, 128, "m")
+# Tiles of the weight-gradient kernel: 128 x 256 blocks of one 64 x 256 wgmma per warpgroup. Where 256 does not
+# divide the weight's width (1408 = 5.5 x 256) the last column tile runs past it, on zero-filled loads with its stores
+# dropped; it still beat 256 x 128 blocks on [2048, 1408] (BENCHMARKS.md, eleventh session).
+WEIGHT_GRAD_TILES = TileConfig(64, 256, "m", grid_tile_width=1)
 
 
 def supported(k: int, n: int, dtype) -> bool:
@@ -101,11 +103,12 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
 
 
-def _launch(body, out_type, interpret: bool):
+def _launch(body, out_type, interpret: bool, name: str):
+  """Runs body on one block per multiprocessor; `name` is the kernel's name in profiles."""
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name yet
 
-    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams()
+    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams(out_of_bounds_reads="uninitialized")
   else:
     num_sms, mode = jax.devices()[0].core_count, None
   return plgpu.kernel(
@@ -115,8 +118,10 @@ def _launch(body, out_type, interpret: bool):
     grid_names=("sm",),
     num_threads=3,
     thread_name="wg",
-    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    # approx_math: the epilogues' exp and rsqrt as one fast instruction each
+    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True),
     interpret=mode,
+    kernel_name=name,
   )
 
 
@@ -126,14 +131,21 @@ def _wg_slice(cfg: TileConfig, wg, dim: str):
   return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
 
 
+def _sigmoid(x):
+  # 1 / (1 + e^-x) as rsqrt(1 + e^-x)^2: with the kernels' approximate math, exp and rsqrt are one fast instruction
+  # each, and a division is not (relative error ~1e-6, far below bf16's rounding).
+  r = lax.rsqrt(1.0 + jnp.exp(-x))
+  return r * r
+
+
 def _swiglu(values, _):
   gate, up = values
-  return [gate, up, gate / (1.0 + jnp.exp(-gate)) * up]
+  return [gate, up, gate * _sigmoid(gate) * up]
 
 
 def _swiglu_grad(values, sides):
   (dhidden,), (gate, up) = values, [side.astype(jnp.float32) for side in sides]
-  sigmoid = 1.0 / (1.0 + jnp.exp(-gate))
+  sigmoid = _sigmoid(gate)
   return [dhidden * up * sigmoid * (1.0 + gate * (1.0 - sigmoid)), dhidden * gate * sigmoid]
 
 
@@ -261,7 +273,8 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
-  m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
+  # The last column tile may run past n: TMA fills the loads past the array with zeros and drops such stores.
+  m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
   tile_group_M = jnp.minimum(jnp.searchsorted(tile_ends_G, tile_M, side="right"), g - 1).astype(jnp.int32)
@@ -309,7 +322,8 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
 
   outputs = len(stacks) if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
-  outs = _launch(body, out_type, interpret)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
+  name = f"expert_matmul{'_t' if transpose_rhs else ''}_{epilogue}"
+  outs = _launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
 
 
@@ -347,7 +361,7 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
   k, n = lhs_PxK.shape[1], rhs_PxN.shape[1]
   g = steps_G.shape[0]
   dtype = lhs_PxK.dtype
-  m_iters, n_iters = k // cfg.block_m, n // cfg.block_n
+  m_iters, n_iters = k // cfg.block_m, pl.cdiv(n, cfg.block_n)
   transforms = _swizzled(cfg.tile_k, dtype)
 
   def make_specs(offset):
@@ -384,7 +398,7 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_type = jax.ShapeDtypeStruct((g, k, n), dtype)
-  return _launch(body, out_type, interpret)(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
+  return _launch(body, out_type, interpret, "expert_weight_grad")(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -393,7 +407,7 @@ def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
   The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
   being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
-  cfg = forward_config(rhs_GxKxN.shape[2])
+  cfg = forward_config(rhs_GxKxN.shape[2], rows=lhs_PxK.shape[0])
   return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
 
 
@@ -429,7 +443,7 @@ def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, in
   gate_PxF, up_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
                                                  cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
   y_PxD = grouped_forward(hidden_PxF, down_GxFxD, group_sizes_G, transpose_rhs=False,
-                          cfg=forward_config(down_GxFxD.shape[2]), interpret=interpret)
+                          cfg=forward_config(down_GxFxD.shape[2], rows=x_PxD.shape[0]), interpret=interpret)
   weights = (gate_GxDxF, up_GxDxF, down_GxFxD)
   return y_PxD, (x_PxD, weights, group_sizes_G, first_group, gate_PxF, up_PxF, hidden_PxF)
 
@@ -451,7 +465,7 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
   """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
-  cfg = forward_config(rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]))
+  cfg = forward_config(rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]), dout_PxN.shape[0])
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
                          epilogue=epilogue, sides=sides)
 
@@ -460,6 +474,5 @@ def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_
   """rhs's gradient (see tiled_matmul): zeros without a kernel when nothing trains in the layer."""
   if weight_grad_groups == ():
     return jnp.zeros_like(rhs_GxKxN)
-  _, k, n = rhs_GxKxN.shape
-  return grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=weight_grad_config(k, n), interpret=interpret,
+  return grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=WEIGHT_GRAD_TILES, interpret=interpret,
                              groups=weight_grad_groups, first_group=first_group)
