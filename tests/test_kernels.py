@@ -142,6 +142,15 @@ def test_tiled_forward_kernel_interpreted(cfg):
   assert np.all(np.asarray(out[384:]) == 0)
 
 
+def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
+  from esft_jax.model.kernels import tiled
+
+  lhs_PxK, rhs_GxKxN = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)
+  with pytest.raises(ValueError, match="128 x 256 blocks"):
+    tiled.grouped_forward(lhs_PxK, rhs_GxKxN, jnp.asarray([128, 128]), transpose_rhs=False,
+                          cfg=TileConfig(64, 256, "m"), interpret=True)
+
+
 def test_tiled_forward_of_two_stacks_interpreted():
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
   ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up as well."""

@@ -74,8 +74,9 @@ WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
 def forward_config(n: int, slots: int = 1, rows: int = 0) -> TileConfig:
   """Tiles of the forward / input-gradient kernel for output width n and `rows` (padded) rows: 128 x 256 blocks
   where n allows and one output staging tile per warpgroup leaves room for pipeline stages, else 128 x 128. A
-  64 x 256 tile per warpgroup (one wgmma of width 256) beats two stacked 128 x 128 ones from 32k rows on, and loses
-  below (BENCHMARKS.md, eleventh session: +3% for the SwiGLU fwd+bwd at 32k and 65k rows, -3% at 16k)."""
+  64 x 256 tile per warpgroup (one wgmma of width 256) beat two stacked 128 x 128 ones at 32k and 65k rows (+2% for
+  the SwiGLU fwd+bwd). At 16k rows the kernels alone were slower with it, and the whole SwiGLU 1.5% faster
+  (BENCHMARKS.md, eleventh session), so below 32k rows the 128 x 128 tiles stay until a side-by-side run decides."""
   if n % 256 or slots > 1:
     return TileConfig(64, 128, "m")
   return TileConfig(64, 256, "m") if rows >= WIDE_TILES_FROM_ROWS else TileConfig(128, 128, "n")
@@ -108,7 +109,7 @@ def _launch(body, out_type, interpret: bool, name: str):
   if interpret:
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name yet
 
-    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams(out_of_bounds_reads="uninitialized")
+    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams()
   else:
     num_sms, mode = jax.devices()[0].core_count, None
   return plgpu.kernel(
@@ -234,8 +235,8 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
     def body(indices, a_smem, *rest):
       *b_smems, accs = rest
       if side_srcs:
-        # Issued halfway rather than before the first step: waiting there for the previous tile's stores to leave
-        # the slots held up every tile's first wgmma (the "add" epilogue cost 10% of its kernel).
+        # Issued halfway rather than before the first step, where they had to wait for the previous tile's stores
+        # to leave the slots before the tile's first wgmma could start.
         pl.when(indices[0] == steps // 2)(load_sides)
       for acc, b_smem in zip(accs, b_smems):
         plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
@@ -280,8 +281,10 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
-  # The last column tile may run past n: TMA fills the loads past the array with zeros and drops such stores.
-  m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
+  if n % cfg.block_n or k % cfg.tile_k or p % cfg.block_m:
+    raise ValueError(f"grouped_forward: [{p}, {k}] x [{k}, {n}] does not divide into {cfg.block_m} x {cfg.block_n} "
+                     f"blocks of K tile {cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
+  m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
   tile_group_M = jnp.minimum(jnp.searchsorted(tile_ends_G, tile_M, side="right"), g - 1).astype(jnp.int32)
@@ -368,6 +371,8 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
   k, n = lhs_PxK.shape[1], rhs_PxN.shape[1]
   g = steps_G.shape[0]
   dtype = lhs_PxK.dtype
+  # The last column tile may run past n: TMA fills the loads past the arrays with zeros and drops such stores (on
+  # the GPU only: Pallas' interpreter raises on such reads, and the CPU tests leave weight gradients to the GPU).
   m_iters, n_iters = k // cfg.block_m, pl.cdiv(n, cfg.block_n)
   transforms = _swizzled(cfg.tile_k, dtype)
 
