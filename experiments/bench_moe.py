@@ -339,16 +339,18 @@ def sweep(args) -> None:
 
 
 def sweep_configs(n: int, k: int | None = None) -> list:
-  """Candidate tiles for a forward-style kernel of output width n, or (with k) a weight gradient [k, n]."""
-  from esft_jax.model.kernels.tiled import TileConfig
+  """Candidate tiles for a forward-style kernel of output width n (blocks must divide it), or (with k) a weight
+  gradient [k, n] (blocks must divide k; the last column tile may run past n, as the shipped WEIGHT_GRAD_TILES do
+  on width 1408)."""
+  from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   if k is None:
     candidates = [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
                   TileConfig(64, 256, "m")]
-  else:
-    candidates = [TileConfig(128, 128, "n", grid_tile_width=1), TileConfig(128, 128, "m", grid_tile_width=1),
-                  TileConfig(64, 128, "m"), TileConfig(64, 256, "m", grid_tile_width=1)]
-  return [c for c in candidates if n % c.block_n == 0 and (k is None or k % c.block_m == 0)]
+    return [c for c in candidates if n % c.block_n == 0]
+  candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
+                TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]
+  return [c for c in candidates if k % c.block_m == 0]
 
 
 def main() -> None:
