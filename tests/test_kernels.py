@@ -17,7 +17,7 @@ import pytest
 
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
-from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows
+from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows, take_rows
 from esft_jax.model.kernels.tiled import TileConfig
 from tests.jaxprs import scatters
 
@@ -91,25 +91,66 @@ def test_layout_gives_experts_elsewhere_no_row(align):
   assert np.sum(source < tokens) == here.sum()
 
 
+def interpreted_gather(src_NxD, index_M, scale_M=None):
+  from esft_jax.model.kernels.gather import gather_rows
+
+  return gather_rows(src_NxD, index_M, scale_M, interpret=True)
+
+
+@pytest.mark.parametrize("gather", [take_rows, interpreted_gather], ids=["take", "kernel"])
 @pytest.mark.parametrize("align", [1, 128])
-def test_dispatch_and_combine_match_take_in_values_and_gradients(align):
+def test_dispatch_and_combine_match_take_in_values_and_gradients(align, gather):
   """The layout's row gathers, whose gradients are gathers too, against `jnp.take` and its scatter-add gradient:
-  experts elsewhere (expert parallelism), padding rows and skewed routing included."""
+  experts elsewhere (expert parallelism), padding rows and skewed routing included; with XLA's gather and with
+  the gather kernel (in Pallas' interpreter)."""
   rng = np.random.default_rng(9)
-  tokens, k, experts, d = 37, 3, 4, 8
+  tokens, k, experts, d = 37, 3, 4, 128
   ids = routing(rng, tokens, k, 2 * experts, skewed=True) - 2  # ids -2 .. 5: 0-3 here
   layout = expert_layout(jnp.asarray(ids), experts, align)
   take = lambda src, index: jnp.take(src, index, axis=0, mode="fill", fill_value=0)
-  cases = [(lambda x: dispatch(x, layout), lambda x: take(x, layout.source_P), (tokens, d)),
-           (lambda y: combine(y, layout), lambda y: take(y, layout.dest_TxK.reshape(-1)).reshape(tokens, k, d),
-            (len(layout.assignment_P), d))]
-  for fast, simple, shape in cases:
+  weights = jnp.asarray(rng.random((tokens, k)), jnp.float32)
+  rows = len(layout.assignment_P)
+  real = np.asarray(layout.source_P) < tokens  # padding rows may hold any token's values
+  cases = [(lambda x, w: dispatch(x, layout, gather), lambda x, w: take(x, layout.source_P), (tokens, d), real),
+           (lambda y, w: combine(y, w, layout, gather),
+            lambda y, w: jnp.sum(take(y, layout.dest_TxK) * w[..., None], axis=1), (rows, d), slice(None))]
+  for fast, simple, shape, compared in cases:
     src = jnp.asarray(rng.standard_normal(shape), jnp.float32)
-    out, vjp = jax.vjp(jax.jit(fast), src)
-    want, want_vjp = jax.vjp(simple, src)
-    np.testing.assert_array_equal(out, want)
+    out, vjp = jax.vjp(jax.jit(fast), src, weights)
+    want, want_vjp = jax.vjp(simple, src, weights)
+    np.testing.assert_allclose(out[compared], want[compared], rtol=1e-6, atol=1e-6)
     cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
-    np.testing.assert_allclose(vjp(cotangent)[0], want_vjp(cotangent)[0], rtol=1e-6, atol=1e-6)
+    for grad, want_grad in zip(vjp(cotangent), want_vjp(cotangent)):
+      np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+@pytest.mark.parametrize("n, d, m", [(37, 256, 128), (50, 512, 40), (9, 128, 24)])
+def test_gather_kernel_interpreted(n, d, m, scaled):
+  """The row-gather kernel in Pallas' interpreter against take_rows: indices out of range (clipped), chunks of
+  several rows, several stages per block, and a row count with an odd factor."""
+  from esft_jax.model.kernels.gather import gather_rows
+
+  rng = np.random.default_rng(n)
+  src = jnp.asarray(rng.standard_normal((n, d)), jnp.bfloat16)
+  index = jnp.asarray(rng.integers(-3, n + 3, m), jnp.int32)
+  scale = jnp.asarray(rng.standard_normal(m), jnp.float32) if scaled else None
+  np.testing.assert_array_equal(gather_rows(src, index, scale, interpret=True), take_rows(src, index, scale))
+
+
+@needs_hopper
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_gather_kernel_matches_take_on_gpu(dtype):
+  """The row-gather kernel on the GPU at DeepSeek-V2-Lite's width, plain and scaled (the combine's backward, with
+  zero scales for padding rows), against take_rows: exactly equal."""
+  from esft_jax.model.kernels.gather import gather_rows
+
+  rng = np.random.default_rng(3)
+  src = jnp.asarray(rng.standard_normal((1000, 2048)), dtype)
+  index = jnp.asarray(rng.integers(-5, 1005, 6 * 1024), jnp.int32)
+  scale = jnp.asarray(rng.standard_normal(6 * 1024) * (rng.random(6 * 1024) < 0.9), jnp.float32)
+  np.testing.assert_array_equal(gather_rows(src, index), take_rows(src, index))
+  np.testing.assert_array_equal(gather_rows(src, index, scale), take_rows(src, index, scale))
 
 
 def test_expert_backward_scatters_no_activations():

@@ -4,13 +4,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.kernels import hopper_available, tiled
-from esft_jax.model.kernels.layout import combine, dispatch, expert_layout
+from esft_jax.model.kernels import gather, hopper_available, tiled
+from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, take_rows
 
 KERNELS = ("tiled", "ragged")
 
@@ -82,8 +83,9 @@ def gpu_expert_ffn(
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
   ops = kernel_ops(kernel, interpret)
   layout = expert_layout(ids_TxK, experts["gate_proj"].shape[0], ops.align)
-  x_PxD = dispatch(x_TxD, layout)
+  rows_kernel = gather.supported(x_TxD.shape[1], x_TxD.dtype)
+  gather_rows = functools.partial(gather.gather_rows, interpret=interpret) if rows_kernel else take_rows
+  x_PxD = dispatch(x_TxD, layout, gather_rows)
   y_PxD = ops.swiglu(x_PxD, experts["gate_proj"], experts["up_proj"], experts["down_proj"], layout.group_sizes_G,
                      weight_grad_experts, first_expert)
-  y_TxKxD = combine(y_PxD, layout)
-  return jnp.sum(y_TxKxD * weights_TxK[..., None].astype(y_TxKxD.dtype), axis=1)
+  return combine(y_PxD, weights_TxK, layout, gather_rows)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,33 +47,68 @@ def expert_layout(ids_TxK: jax.Array, num_experts: int, align: int) -> ExpertLay
   return ExpertLayout(assignment_P, dest_M.reshape(t, k), padded_G)
 
 
-def dispatch(x_TxD: jax.Array, layout: ExpertLayout) -> jax.Array:
-  """[P, D]: each row's token (zeros for padding)."""
-  return _gather_rows(x_TxD, layout.source_P, layout.dest_TxK)
+def take_rows(src_NxD: jax.Array, index_M: jax.Array, scale_M: jax.Array | None = None) -> jax.Array:
+  """[M, D]: src[index[m]] (indices clipped into range), times scale[m] in fp32 when given: in XLA what
+  `gather.gather_rows` does in a kernel. Either is the `gather` of dispatch and combine."""
+  rows_MxD = jnp.take(src_NxD, index_M, axis=0, mode="clip")
+  return rows_MxD if scale_M is None else (rows_MxD.astype(jnp.float32) * scale_M[:, None]).astype(src_NxD.dtype)
 
 
-def combine(y_PxD: jax.Array, layout: ExpertLayout) -> jax.Array:
-  """[T, K, D]: each assignment's row (zeros for an expert elsewhere)."""
-  t, k = layout.dest_TxK.shape
-  return _gather_rows(y_PxD, layout.dest_TxK.reshape(-1), layout.assignment_P[:, None]).reshape(t, k, -1)
+Gather = Callable[..., jax.Array]  # (src_NxD, index_M, scale_M=None) -> [M, D], as take_rows
+
+
+def dispatch(x_TxD: jax.Array, layout: ExpertLayout, gather: Gather = take_rows) -> jax.Array:
+  """[P, D]: each row's token. Padding rows hold some token's values: their products are never read, and their
+  output gradients are zero (see combine), so they add nothing to any gradient."""
+  return _dispatch(gather, x_TxD, layout.source_P, layout.dest_TxK)
+
+
+def combine(y_PxD: jax.Array, weights_TxK: jax.Array, layout: ExpertLayout, gather: Gather = take_rows) -> jax.Array:
+  """[T, D]: each token's sum over its assignments of weight * row (an expert elsewhere contributes nothing)."""
+  return _combine(gather, y_PxD, weights_TxK, layout.dest_TxK, layout.assignment_P)
 
 
 # The layout is a permutation (plus padding), so both directions' gradients are gathers too: each source row sums
 # the rows that read it. Autodiff of a gather would scatter-add instead, which is slower on a GPU.
-@jax.custom_vjp
-def _gather_rows(src_NxD: jax.Array, index_M: jax.Array, readers_NxR: jax.Array) -> jax.Array:
-  """src[index] (out-of-range index: zeros); readers[n] lists the rows m with index[m] = n (out of range where
-  fewer than R), which is what the gradient gathers."""
-  return jnp.take(src_NxD, index_M, axis=0, mode="fill", fill_value=0)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _dispatch(gather, x_TxD, source_P, dest_TxK):
+  return gather(x_TxD, source_P)
 
 
-def _gather_rows_fwd(src_NxD, index_M, readers_NxR):
-  return _gather_rows(src_NxD, index_M, readers_NxR), readers_NxR
+def _dispatch_fwd(gather, x_TxD, source_P, dest_TxK):
+  return _dispatch(gather, x_TxD, source_P, dest_TxK), dest_TxK
 
 
-def _gather_rows_bwd(readers_NxR, d_MxD):
-  d_NxRxD = jnp.take(d_MxD, readers_NxR, axis=0, mode="fill", fill_value=0)
-  return jnp.sum(d_NxRxD, axis=1, dtype=jnp.float32).astype(d_MxD.dtype), None, None
+def _dispatch_bwd(gather, dest_TxK, dx_PxD):
+  dx_TxKxD = jnp.take(dx_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  return jnp.sum(dx_TxKxD, axis=1, dtype=jnp.float32).astype(dx_PxD.dtype), None, None
 
 
-_gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+_dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _combine(gather, y_PxD, weights_TxK, dest_TxK, assignment_P):
+  y_TxKxD = jnp.take(y_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  weighted_TxKxD = y_TxKxD.astype(jnp.float32) * weights_TxK[..., None].astype(jnp.float32)
+  return jnp.sum(weighted_TxKxD, axis=1).astype(y_PxD.dtype)
+
+
+def _combine_fwd(gather, y_PxD, weights_TxK, dest_TxK, assignment_P):
+  out_TxD = _combine(gather, y_PxD, weights_TxK, dest_TxK, assignment_P)
+  return out_TxD, (y_PxD, weights_TxK, dest_TxK, assignment_P)
+
+
+def _combine_bwd(gather, residuals, dout_TxD):
+  y_PxD, weights_TxK, dest_TxK, assignment_P = residuals
+  t, k = dest_TxK.shape
+  # Row p gets its assignment's weight times its token's output gradient; a padding row gets zero.
+  assignment_P_clipped = jnp.minimum(assignment_P, t * k - 1)
+  scale_P = jnp.where(assignment_P < t * k, weights_TxK.reshape(-1)[assignment_P_clipped].astype(jnp.float32), 0.0)
+  dy_PxD = gather(dout_TxD.astype(y_PxD.dtype), assignment_P_clipped // k, scale_P)
+  y_TxKxD = jnp.take(y_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  dweights_TxK = jnp.sum(y_TxKxD.astype(jnp.float32) * dout_TxD[:, None, :].astype(jnp.float32), axis=-1)
+  return dy_PxD, dweights_TxK.astype(weights_TxK.dtype), None, None
+
+
+_combine.defvjp(_combine_fwd, _combine_bwd)

@@ -34,10 +34,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from esft_jax.model.kernels.mosaic import launch
+
 ALIGN = 128  # every group's row count is a multiple of this
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 _MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
-_INTERPRET_SMS = 2  # blocks in interpret mode (CPU tests)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,28 +103,6 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
   bits = jnp.dtype(dtype).itemsize * 8
   swizzle = plgpu.find_swizzle(minor_elems * bits)
   return (plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle))
-
-
-def _launch(body, out_type, interpret: bool, name: str):
-  """Runs body on one block per multiprocessor; `name` is the kernel's name in profiles."""
-  if interpret:
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # no public name yet
-
-    num_sms, mode = _INTERPRET_SMS, InterpretGPUParams()
-  else:
-    num_sms, mode = jax.devices()[0].core_count, None
-  return plgpu.kernel(
-    body,
-    out_type=out_type,
-    grid=(num_sms,),
-    grid_names=("sm",),
-    num_threads=3,
-    thread_name="wg",
-    # approx_math: the epilogues' exp and rsqrt as one fast instruction each
-    compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup, approx_math=True),
-    interpret=mode,
-    kernel_name=name,
-  )
 
 
 def _wg_slice(cfg: TileConfig, wg, dim: str):
@@ -333,7 +312,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   outputs = len(stacks) if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
   name = f"expert_matmul{'_t' if transpose_rhs else ''}_{epilogue}"
-  outs = _launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
+  outs = launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
 
 
@@ -410,7 +389,7 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   out_type = jax.ShapeDtypeStruct((g, k, n), dtype)
-  return _launch(body, out_type, interpret, "expert_weight_grad")(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
+  return launch(body, out_type, interpret, "expert_weight_grad")(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
