@@ -194,7 +194,8 @@ def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
 
 def test_tiled_forward_of_two_stacks_interpreted():
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
-  ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up as well."""
+  ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up and its partial derivatives
+  in gate and up."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(2)
@@ -208,19 +209,20 @@ def test_tiled_forward_of_two_stacks_interpreted():
   for out, want in zip(outs, wants):
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
-  *products, hidden = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False,
-                                            cfg=tiled.SHARED_LHS_TILES, interpret=True, epilogue="swiglu")
-  np.testing.assert_array_equal(products[0], outs[0])
-  want = jax.nn.silu(wants[0]) * wants[1]
-  assert rel_err(hidden[:384], want[:384]) < 1e-2
-  assert np.all(np.asarray(hidden[384:]) == 0)
+  swiglu_outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.SHARED_LHS_TILES,
+                                      interpret=True, epilogue="swiglu")
+  hidden, hidden_vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, *wants)
+  for out, want in zip(swiglu_outs, (*hidden_vjp(jnp.ones_like(hidden)), hidden), strict=True):
+    assert rel_err(out[:384], want[:384]) < 1e-2
+    assert np.all(np.asarray(out[384:]) == 0)
 
 
 @pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
 def test_epilogues_with_side_arrays_interpreted(epilogue):
   """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
-  forward kernel (the input-gradient kernels that use them on the GPU cannot run there): the SiLU's gradient from
-  the hidden's gradient, gate and up; a product plus another array. Rows past the last group stay zero."""
+  forward kernel (the input-gradient kernels that use them on the GPU cannot run there): dgate and dup from the
+  hidden's gradient and its partial derivatives; a product plus another array. Rows past the last group stay
+  zero."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(5)
@@ -236,9 +238,7 @@ def test_epilogues_with_side_arrays_interpreted(epilogue):
   if epilogue == "add":
     outs, wants = (outs,), (product + sides[0],)
   else:
-    gate, up = (side.astype(jnp.float32) for side in sides)
-    _, silu_vjp = jax.vjp(jax.nn.silu, gate)
-    wants = (silu_vjp(product * up)[0], product * jax.nn.silu(gate))
+    wants = tuple(product * side.astype(jnp.float32) for side in sides)
   for out, want in zip(outs, wants, strict=True):
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
