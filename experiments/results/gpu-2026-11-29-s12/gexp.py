@@ -1,6 +1,7 @@
 """One-off (session 12): the layout's row gathers at the 27-layer step's shape, XLA against the gather kernel.
 
-    python3 gexp.py [tokens]    # default 16384 tokens x top-6, D = 2048, bf16
+    PYTHONPATH=. python3 experiments/results/gpu-2026-11-29-s12/gexp.py [tokens]   # from the repository root;
+                                                    # default 16384 tokens x top-6, D = 2048, bf16
 """
 import sys
 
