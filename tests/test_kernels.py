@@ -104,7 +104,7 @@ def test_dispatch_and_combine_match_take_in_values_and_gradients(align, gather):
   experts elsewhere (expert parallelism), padding rows and skewed routing included; with XLA's gather and with
   the gather kernel (in Pallas' interpreter)."""
   rng = np.random.default_rng(9)
-  tokens, k, experts, d = 37, 3, 4, 128
+  tokens, k, experts, d = 37, 3, 4, 1024
   ids = routing(rng, tokens, k, 2 * experts, skewed=True) - 2  # ids -2 .. 5: 0-3 here
   layout = expert_layout(jnp.asarray(ids), experts, align)
   take = lambda src, index: jnp.take(src, index, axis=0, mode="fill", fill_value=0)
@@ -125,7 +125,7 @@ def test_dispatch_and_combine_match_take_in_values_and_gradients(align, gather):
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
-@pytest.mark.parametrize("n, d, m", [(37, 256, 128), (50, 512, 40), (9, 128, 24)])
+@pytest.mark.parametrize("n, d, m", [(37, 1024, 128), (50, 2048, 40), (9, 1024, 24)])
 def test_gather_kernel_interpreted(n, d, m, scaled):
   """The row-gather kernel in Pallas' interpreter against take_rows: indices out of range (clipped), chunks of
   several rows, several stages per block, and a row count with an odd factor."""

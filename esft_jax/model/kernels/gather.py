@@ -1,8 +1,9 @@
 """Row gathers as a Mosaic GPU kernel: out[m] = src[index[m]] (times scale[m]), rows moved by TMA.
 
 The expert layout moves [tokens x K, D] activations twice a layer (the dispatch forward, the combine backward).
-XLA's gather wrote those rows at about 1.4 TB/s on the H200 (0.29 ms for 98k rows of 2048 bf16); a copy through
-shared memory is bounded by HBM bandwidth alone. One warpgroup per multiprocessor takes chunks of `rows` output
+On the H200, XLA's gather of 106k padded rows of 2048 bf16 took 0.300 ms, and this kernel 0.201 (BENCHMARKS.md,
+twelfth session): a copy through shared memory is bounded by HBM bandwidth alone. One warpgroup per multiprocessor
+takes chunks of `rows` output
 rows: it loads each chunk's source rows into a ring of shared-memory stages (TMA, `stages - 1` chunks in flight),
 optionally scales them in registers, and stores the chunk with one TMA copy.
 """
@@ -26,10 +27,11 @@ _BOX = 256  # TMA copies at most 256 elements along each dimension
 
 
 def supported(d: int, dtype) -> bool:
-  """Whether gather_rows runs rows of width d on its kernel: whole TMA boxes of at least 16 bytes per row, and at
-  least one element per thread of the warpgroup (the scaled path holds a row in registers)."""
-  width = math.gcd(d, _BOX)
-  return width * jnp.dtype(dtype).itemsize >= 16 and d >= 128 and jnp.dtype(dtype).itemsize <= 4
+  """Whether gather_rows runs rows of width d on its kernel: 16- or 32-bit rows of a multiple of 2 KiB (whole TMA
+  boxes, and a row the scaled path can spread over the warpgroup's registers; 4 and 8 KiB ran on the GPU), at most
+  one stage."""
+  row_bytes = d * jnp.dtype(dtype).itemsize
+  return jnp.dtype(dtype).itemsize in (2, 4) and row_bytes % 2048 == 0 and row_bytes <= _STAGE_BYTES
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
