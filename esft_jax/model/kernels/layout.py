@@ -1,4 +1,5 @@
-"""Where each (token, expert) assignment goes in a row layout grouped by expert, each group padded to `align` rows."""
+"""Where each (token, expert) assignment goes in a row layout grouped by expert, each group padded to `align` rows,
+and the row gathers into it (dispatch) and out of it (combine), with gathers for gradients."""
 
 from __future__ import annotations
 
