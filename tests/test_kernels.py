@@ -1,7 +1,7 @@
 """The GPU expert kernels against the reference path, forward and gradients, at bf16 tolerance on random inputs.
 
-The kernels need a Hopper GPU: those tests skip elsewhere. On CPU run the row layout, the tiled forward kernel in
-Pallas' GPU interpreter, "auto" choosing "grouped", and the benchmark's tiny smoke run."""
+The kernels need a Hopper GPU: those tests skip elsewhere. On CPU run the row layout, the tiled forward kernel and
+the row-gather kernel in Pallas' GPU interpreter, "auto" choosing "grouped", and the benchmark's tiny smoke run."""
 
 from __future__ import annotations
 
