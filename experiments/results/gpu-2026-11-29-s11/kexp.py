@@ -25,15 +25,17 @@ def err(a, b):
   return float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-9))
 
 
-def kernels(rows, skewed):
+def swiglu_operands(rows, skewed):
+  """Group sizes, real rows, dispatched x and dy, and the gate, up and down stacks of one benchmark case."""
   data = make_data(rows, 6, 64, D, F, skewed, seed=rows + skewed)
   lay = data["layouts"][128]
-  gs = lay.group_sizes_G
-  real = data["rows"]
-  x = dispatch(data["x"], lay)
-  dy = dispatch(data["cotangent"], lay)
   e = data["experts"]
-  gate, up, down = e["gate_proj"], e["up_proj"], e["down_proj"]
+  return (lay.group_sizes_G, data["rows"], dispatch(data["x"], lay), dispatch(data["cotangent"], lay),
+          e["gate_proj"], e["up_proj"], e["down_proj"])
+
+
+def kernels(rows, skewed):
+  gs, real, x, dy, gate, up, down = swiglu_operands(rows, skewed)
   fwd = lambda cfg, ep="products", t=False, sides=(): (
     lambda a, b, g, *s: grouped_forward(a, b, g, transpose_rhs=t, cfg=cfg, epilogue=ep, sides=s))
   out = []
@@ -110,14 +112,7 @@ def gathers():
 
 
 def variants(rows, skewed):
-  data = make_data(rows, 6, 64, D, F, skewed, seed=rows + skewed)
-  lay = data["layouts"][128]
-  gs = lay.group_sizes_G
-  real = data["rows"]
-  x = dispatch(data["x"], lay)
-  dy = dispatch(data["cotangent"], lay)
-  e = data["experts"]
-  gate, up, down = e["gate_proj"], e["up_proj"], e["down_proj"]
+  gs, real, x, dy, gate, up, down = swiglu_operands(rows, skewed)
   mm = 2 * real * D * F
   tag = f"{rows} {'skew' if skewed else 'even'}"
 
