@@ -51,7 +51,11 @@ class TileConfig:
   split: str
   tile_k: int = 64
   max_stages: int = 4
-  grid_tile_width: int = 4
+  # A persistent kernel visits output tiles in bands of this many column tiles (plgpu.planar_snake). 16 is wider
+  # than any output here (11 column tiles of width 1408, 8 of 2048), so each row tile's columns come one after
+  # another: each lhs row tile is read from HBM once, and the weights of the experts in flight stay in L2. Against
+  # bands of 4 the SwiGLU fwd+bwd ran 1-5% faster, most at 16k rows (BENCHMARKS.md, thirteenth session).
+  grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
 
   @property
