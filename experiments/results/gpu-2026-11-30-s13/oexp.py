@@ -13,8 +13,7 @@ sys.path.insert(0, "experiments")
 import jax
 import numpy as np
 
-from bench_moe import make_data
-from timing import waited_and_back_to_back_ms
+from bench_moe import make_data, time_jax
 from esft_jax.model.kernels import tiled
 from esft_jax.model.kernels.layout import dispatch
 
@@ -28,12 +27,9 @@ def use_width(width):
   tiled.forward_config = lambda *a, **k: dataclasses.replace(forward_config(*a, **k), grid_tile_width=width)
 
 
-def bench(fn, *args, iters=20):
-  c = jax.jit(fn).lower(*args).compile()
-  for _ in range(3):
-    jax.block_until_ready(c(*args))
-  ms, _ = waited_and_back_to_back_ms(lambda: c(*args), jax.block_until_ready, iters)
-  return ms, c(*args)
+def bench(fn, *args):
+  """ms back to back (mean of 20 after 3 warm-up calls) and the outputs."""
+  return time_jax(fn, args, warmup=3, iters=20)[0], jax.jit(fn)(*args)
 
 
 def err(a, b):  # over the first output
