@@ -20,6 +20,7 @@ from XLA's memory analysis of the compiled step (temporaries + outputs) and from
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Callable
@@ -304,33 +305,39 @@ def sweep(args) -> None:
 
   data = make_data(int(args.rows.split(",")[0]), args.top_k, args.experts, args.d, args.f, False, seed=0)
   layout = data["layouts"][tiled.ALIGN]
+  gs = layout.group_sizes_G
   rng = np.random.default_rng(1)
-  rows = []
-  for k, n in ((args.d, args.f), (args.f, args.d)):
-    lhs = jnp.asarray(rng.standard_normal((layout.source_P.shape[0], k)), jnp.bfloat16)
-    lhs = jnp.where((layout.source_P < data["x"].shape[0])[:, None], lhs, 0)
-    dout = jnp.asarray(rng.standard_normal((lhs.shape[0], n)), jnp.bfloat16)
-    w = jnp.asarray(rng.standard_normal((args.experts, k, n)) / np.sqrt(k), jnp.bfloat16)
-    gs = layout.group_sizes_G
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  forward = lambda cfg, transpose, epilogue="products": lambda a, b, g: tiled.grouped_forward(
+    a, b, g, transpose_rhs=transpose, cfg=cfg, epilogue=epilogue)
+  weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
+  cases = []  # (kernel, config, flops, fn, its arguments)
+  for widths, (k, n) in enumerate(((args.d, args.f), (args.f, args.d))):
+    lhs = jnp.where((layout.source_P < data["x"].shape[0])[:, None], normal(layout.source_P.shape[0], k), 0)
+    dout = normal(lhs.shape[0], n)
+    w = normal(args.experts, k, n) / np.sqrt(k)
     flops = 2 * data["rows"] * k * n
-    cases = []
-    forward = lambda cfg, transpose: lambda a, b, g: tiled.grouped_forward(a, b, g, transpose_rhs=transpose, cfg=cfg)
-    weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
     for cfg in sweep_configs(n):
-      cases.append((f"fwd {k}->{n}", cfg, forward(cfg, False), (lhs, w, gs)))
+      cases.append((f"fwd {k}->{n}", cfg, flops, forward(cfg, False), (lhs, w, gs)))
     for cfg in sweep_configs(k):
-      cases.append((f"dX {n}->{k}", cfg, forward(cfg, True), (dout, w, gs)))
+      cases.append((f"dX {n}->{k}", cfg, flops, forward(cfg, True), (dout, w, gs)))
     for cfg in sweep_configs(n, k):
-      cases.append((f"dW {k}x{n}", cfg, weight_grad(cfg), (lhs, dout, gs)))
+      cases.append((f"dW {k}x{n}", cfg, flops, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
-    cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", shipped, (lhs, dout, gs)))
-    for name, cfg, fn, fn_args in cases:
-      try:
-        ms, *_ = time_jax(fn, fn_args, args.warmup, args.iters)
-        rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
-      except Exception as err:
-        rows.append([name, str(cfg), "failed", error_line(err)[:120]])
-      print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+    cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
+    if widths == 0:  # d -> f: also the SwiGLU's gate and up in one kernel, as the model runs them
+      stacks = (w, normal(args.experts, k, n) / np.sqrt(k))
+      for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
+        cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
+                      (lhs, stacks, gs)))
+  rows = []
+  for name, cfg, flops, fn, fn_args in cases:
+    try:
+      ms, *_ = time_jax(fn, fn_args, args.warmup, args.iters)
+      rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
+    except Exception as err:
+      rows.append([name, str(cfg), "failed", error_line(err)[:120]])
+    print(f"# {rows[-1]}", file=sys.stderr, flush=True)
   print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows")
   print_row(["kernel", "config", "ms", "TFLOP/s"])
   print("|" + "---|" * 4)
@@ -345,8 +352,9 @@ def sweep_configs(n: int, k: int | None = None) -> list:
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   if k is None:
+    # store_n: outputs staged in pieces, so that 4 pipeline stages fit rather than 3
     candidates = [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
-                  TileConfig(64, 256, "m")]
+                  TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(64, 256, "m", store_n=32)]
     return [c for c in candidates if n % c.block_n == 0]
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
                 TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]

@@ -5,6 +5,7 @@ the row-gather kernel in Pallas' GPU interpreter, "auto" choosing "grouped", and
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -164,13 +165,16 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(64, 256, "m")]
+# The tiles forward_config picks, and outputs stored in pieces of 32 columns (TileConfig.store_n)
+FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(64, 256, "m"),
+                 TileConfig(64, 128, "m", store_n=32)]
+tile_id = lambda c: f"{c.tile_m}x{c.tile_n}{c.split}" + (f"-store{c.store_n}" if c.store_n else "")
 
 
-@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=lambda c: f"{c.tile_m}x{c.tile_n}{c.split}")
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=tile_id)
 def test_tiled_forward_kernel_interpreted(cfg):
-  """The forward kernel in Pallas' GPU interpreter (CPU), each tile shape forward_config picks: an empty group, and
-  tiles past the last group."""
+  """The forward kernel in Pallas' GPU interpreter (CPU), each of FORWARD_TILES: an empty group, and tiles past the
+  last group."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(1)
@@ -183,6 +187,22 @@ def test_tiled_forward_kernel_interpreted(cfg):
   assert np.all(np.asarray(out[384:]) == 0)
 
 
+def test_output_pieces_leave_room_for_a_pipeline_stage():
+  """Staging gate/up's outputs 32 columns at a time fits a 4th stage of 48 KB where whole tiles leave 3; epilogues
+  with side arrays (loaded as whole tiles) refuse it; the pieces must divide the tile."""
+  from esft_jax.model.kernels import tiled
+
+  pieces = dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)
+  slots = tiled._slots(2, tiled.EPILOGUES["swiglu"])
+  assert (tiled.SHARED_LHS_TILES.stages(2, 2, slots), pieces.stages(2, 2, slots)) == (3, 4)
+  zeros = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 128, 256), jnp.bfloat16)
+  with pytest.raises(ValueError, match="without store_n"):
+    tiled.grouped_forward(*zeros, jnp.asarray([128, 128]), transpose_rhs=False, cfg=pieces, interpret=True,
+                          epilogue="add", sides=(jnp.zeros((256, 256), jnp.bfloat16),))
+  with pytest.raises(ValueError, match="must divide tile_n"):
+    TileConfig(64, 128, "m", store_n=48)
+
+
 def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
   from esft_jax.model.kernels import tiled
 
@@ -192,25 +212,26 @@ def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
                           cfg=TileConfig(64, 256, "m"), interpret=True)
 
 
-def test_tiled_forward_of_two_stacks_interpreted():
+@pytest.mark.parametrize("store_n", [None, 32], ids=["tiles", "pieces"])
+def test_tiled_forward_of_two_stacks_interpreted(store_n):
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
   ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up and its partial derivatives
-  in gate and up."""
+  in gate and up. Outputs staged as whole tiles, and in pieces of 32 columns."""
   from esft_jax.model.kernels import tiled
 
+  cfg = dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=store_n)
   rng = np.random.default_rng(2)
   sizes = jnp.asarray([256, 0, 128], jnp.int32)
   lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
   stacks = tuple(jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16) for _ in range(2))
-  outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.SHARED_LHS_TILES,
-                               interpret=True)
+  outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   assert isinstance(outs, tuple) and len(outs) == 2
   wants = [jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32) for rhs_GxKxN in stacks]
   for out, want in zip(outs, wants):
     assert rel_err(out[:384], want[:384]) < 1e-2
     assert np.all(np.asarray(out[384:]) == 0)
-  swiglu_outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=tiled.SHARED_LHS_TILES,
-                                      interpret=True, epilogue="swiglu")
+  swiglu_outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
+                                      epilogue="swiglu")
   hidden, hidden_vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, *wants)
   for out, want in zip(swiglu_outs, (*hidden_vjp(jnp.ones_like(hidden)), hidden), strict=True):
     assert rel_err(out[:384], want[:384]) < 1e-2
@@ -324,7 +345,7 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
 
 
 @needs_hopper
-@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=lambda c: f"{c.tile_m}x{c.tile_n}{c.split}")
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=tile_id)
 def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
   """Each tile shape forward_config picks, on the GPU: the product, the input gradient's (rhs read transposed), and
   the "add" epilogue; an empty group and rows past the last group."""
@@ -338,8 +359,8 @@ def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
   used = int(jnp.sum(sizes))
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg)
-  added = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, epilogue="add",
-                                sides=(side_PxN,))
+  added = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, epilogue="add", sides=(side_PxN,),
+                                cfg=dataclasses.replace(cfg, store_n=None))  # a side array: whole tiles
   transposed = tiled.grouped_forward(lhs_PxK, jnp.swapaxes(rhs_GxKxN, 1, 2), sizes, transpose_rhs=True, cfg=cfg)
   assert rel_err(out[:used], want[:used]) < 1e-2
   assert rel_err(transposed[:used], want[:used]) < 1e-2

@@ -57,6 +57,14 @@ class TileConfig:
   # bands of 4 the SwiGLU fwd+bwd ran 1-5% faster, most at 16k rows (BENCHMARKS.md, thirteenth session).
   grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
+  # Output staging: None holds each output slot as a whole warpgroup tile; a width stores the outputs in pieces of
+  # that many columns through a ring of two buffers per warpgroup, which leaves shared memory for more pipeline
+  # stages (e.g. 4 instead of 3 with 48 KB stages). Epilogues without side arrays only: those load whole tiles.
+  store_n: int | None = None
+
+  def __post_init__(self):
+    if self.store_n is not None and (self.store_n <= 0 or self.tile_n % self.store_n):
+      raise ValueError(f"TileConfig: store_n={self.store_n} must divide tile_n={self.tile_n}")
 
   @property
   def block_m(self) -> int:
@@ -66,11 +74,16 @@ class TileConfig:
   def block_n(self) -> int:
     return self.tile_n * (2 if self.split == "n" else 1)
 
+  def staging(self, slots: int) -> tuple[int, int]:
+    """(buffers, columns of each) of a warpgroup's output staging, for an epilogue of `slots` whole tiles."""
+    return (2, self.store_n) if self.store_n else (slots, self.tile_n)
+
   def stages(self, itemsize: int, products: int = 1, slots: int = 1) -> int:
-    """Pipeline depth that fits shared memory beside `slots` output staging tiles per warpgroup, for `products`
-    that share the lhs tile (each with its own rhs tile)."""
+    """Pipeline depth that fits shared memory beside the output staging (`staging(slots)`), for `products` that
+    share the lhs tile (each with its own rhs tile)."""
     stage_bytes = (self.block_m + products * self.block_n) * self.tile_k * itemsize
-    out_bytes = 2 * slots * self.tile_m * self.tile_n * itemsize
+    buffers, columns = self.staging(slots)
+    out_bytes = 2 * buffers * self.tile_m * columns * itemsize
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
 
@@ -193,6 +206,26 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
       for i, side_src in enumerate(side_srcs):
         plgpu.copy_gmem_to_smem(tile(side_src), out_smem.at[wg, i], barrier(i))
 
+    def store_tiles(outs):  # whole tiles; outputs past the slots reuse them once their copies have read
+      for first in range(0, len(outs), slots):
+        chunk = outs[first:first + slots]
+        if first:
+          plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
+        for slot, out in enumerate(chunk):
+          out_smem[wg, slot] = out.astype(dtype)
+        plgpu.commit_smem()
+        for slot in range(len(chunk)):
+          plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], tile(out_dsts[first + slot]))
+
+    def store_pieces(outs):  # store_n columns at a time, through two buffers
+      pieces = [(out, dst, first) for out, dst in zip(outs, out_dsts) for first in range(0, cfg.tile_n, cfg.store_n)]
+      for i, (out, dst, first) in enumerate(pieces):
+        if i >= 2:
+          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that read this buffer two pieces ago is done
+        out_smem[wg, i % 2] = out[:, first:first + cfg.store_n].astype(dtype)
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[wg, i % 2], tile(dst).at[:, pl.ds(first, cfg.store_n)])
+
     def context(pipeline):
       def compute(**accs):
         if side_srcs:
@@ -208,16 +241,7 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
           plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
         else:
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the slots
-        outs = epilogue.fn(values, sides)
-        for first in range(0, len(outs), slots):  # outputs past the slots reuse them once their copies have read
-          chunk = outs[first:first + slots]
-          if first:
-            plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
-          for slot, out in enumerate(chunk):
-            out_smem[wg, slot] = out.astype(dtype)
-          plgpu.commit_smem()
-          for slot in range(len(chunk)):
-            plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], tile(out_dsts[first + slot]))
+        (store_pieces if cfg.store_n else store_tiles)(epilogue.fn(values, sides))
 
       pl.run_scoped(compute, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(products)})
 
@@ -244,10 +268,10 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
 
 
 def _scratch(cfg: TileConfig, dtype, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> dict:
-  """The run_scoped allocations of `_tile_runner`'s run: output staging (two warpgroups x slots tiles), and one
-  barrier per warpgroup and side."""
-  out_smem = plgpu.SMEM((2, _slots(products, epilogue), cfg.tile_m, cfg.tile_n), dtype,
-                        transforms=_swizzled(cfg.tile_n, dtype))
+  """The run_scoped allocations of `_tile_runner`'s run: output staging (two warpgroups x `cfg.staging` buffers),
+  and one barrier per warpgroup and side."""
+  buffers, columns = cfg.staging(_slots(products, epilogue))
+  out_smem = plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype))
   if not epilogue.sides:
     return {"out_smem": out_smem}
   return {"out_smem": out_smem, "side_barriers": plgpu.Barrier(num_barriers=2 * epilogue.sides)}
@@ -267,6 +291,9 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   post = EPILOGUES[epilogue]
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
+  if post.sides and cfg.store_n:
+    raise ValueError(f"epilogue {epilogue!r} loads whole tiles of its side arrays into the output staging: use a "
+                     f"TileConfig without store_n (got {cfg})")
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
