@@ -312,7 +312,7 @@ def sweep(args) -> None:
     a, b, g, transpose_rhs=transpose, cfg=cfg, epilogue=epilogue)
   weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
   cases = []  # (kernel, config, flops, fn, its arguments)
-  for widths, (k, n) in enumerate(((args.d, args.f), (args.f, args.d))):
+  for d_to_f, (k, n) in zip((True, False), ((args.d, args.f), (args.f, args.d))):
     lhs = jnp.where((layout.source_P < data["x"].shape[0])[:, None], normal(layout.source_P.shape[0], k), 0)
     dout = normal(lhs.shape[0], n)
     w = normal(args.experts, k, n) / np.sqrt(k)
@@ -325,7 +325,7 @@ def sweep(args) -> None:
       cases.append((f"dW {k}x{n}", cfg, flops, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
-    if widths == 0:  # d -> f: also the SwiGLU's gate and up in one kernel, as the model runs them
+    if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
       stacks = (w, normal(args.experts, k, n) / np.sqrt(k))
       for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
