@@ -80,8 +80,13 @@ def _dispatch_fwd(gather, x_TxD, source_P, dest_TxK):
   return _dispatch(gather, x_TxD, source_P, dest_TxK), dest_TxK
 
 
+def _assignment_rows(rows_PxD, dest_TxK):
+  """[T, K, D]: each assignment's row (zeros for an expert elsewhere, whose row is out of range)."""
+  return jnp.take(rows_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+
+
 def _dispatch_bwd(gather, dest_TxK, dx_PxD):
-  dx_TxKxD = jnp.take(dx_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  dx_TxKxD = _assignment_rows(dx_PxD, dest_TxK)
   return jnp.sum(dx_TxKxD, axis=1, dtype=jnp.float32).astype(dx_PxD.dtype), None, None
 
 
@@ -90,7 +95,7 @@ _dispatch.defvjp(_dispatch_fwd, _dispatch_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _combine(gather, y_PxD, weights_TxK, dest_TxK, assignment_P):
-  y_TxKxD = jnp.take(y_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  y_TxKxD = _assignment_rows(y_PxD, dest_TxK)
   weighted_TxKxD = y_TxKxD.astype(jnp.float32) * weights_TxK[..., None].astype(jnp.float32)
   return jnp.sum(weighted_TxKxD, axis=1).astype(y_PxD.dtype)
 
@@ -107,7 +112,7 @@ def _combine_bwd(gather, residuals, dout_TxD):
   assignment_P_clipped = jnp.minimum(assignment_P, t * k - 1)
   scale_P = jnp.where(assignment_P < t * k, weights_TxK.reshape(-1)[assignment_P_clipped].astype(jnp.float32), 0.0)
   dy_PxD = gather(dout_TxD.astype(y_PxD.dtype), assignment_P_clipped // k, scale_P)
-  y_TxKxD = jnp.take(y_PxD, dest_TxK, axis=0, mode="fill", fill_value=0)
+  y_TxKxD = _assignment_rows(y_PxD, dest_TxK)  # recomputed: keeping [T, K, D] costs more memory than a gather
   dweights_TxK = jnp.sum(y_TxKxD.astype(jnp.float32) * dout_TxD[:, None, :].astype(jnp.float32), axis=-1)
   return dy_PxD, dweights_TxK.astype(weights_TxK.dtype), None, None
 
