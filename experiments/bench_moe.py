@@ -307,7 +307,7 @@ def sweep(args) -> None:
   layout = data["layouts"][tiled.ALIGN]
   gs = layout.group_sizes_G
   rng = np.random.default_rng(1)
-  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.bfloat16)
   forward = lambda cfg, transpose, epilogue="products": lambda a, b, g: tiled.grouped_forward(
     a, b, g, transpose_rhs=transpose, cfg=cfg, epilogue=epilogue)
   weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
@@ -315,7 +315,7 @@ def sweep(args) -> None:
   for d_to_f, (k, n) in zip((True, False), ((args.d, args.f), (args.f, args.d))):
     lhs = jnp.where((layout.source_P < data["x"].shape[0])[:, None], normal(layout.source_P.shape[0], k), 0)
     dout = normal(lhs.shape[0], n)
-    w = normal(args.experts, k, n) / np.sqrt(k)
+    w = normal(args.experts, k, n, scale=k ** -0.5)
     flops = 2 * data["rows"] * k * n
     for cfg in sweep_configs(n):
       cases.append((f"fwd {k}->{n}", cfg, flops, forward(cfg, False), (lhs, w, gs)))
@@ -326,7 +326,7 @@ def sweep(args) -> None:
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
     if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
-      stacks = (w, normal(args.experts, k, n) / np.sqrt(k))
+      stacks = (w, normal(args.experts, k, n, scale=k ** -0.5))
       for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))

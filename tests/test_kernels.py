@@ -212,6 +212,20 @@ def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
                           cfg=TileConfig(64, 256, "m"), interpret=True)
 
 
+def test_tiled_kernels_refuse_mixed_dtypes():
+  """A float32 weight stack beside bfloat16 rows (a bf16 array divided by a NumPy scalar, say) is named in the error
+  rather than failing deep in Mosaic's swizzle checks."""
+  from esft_jax.model.kernels import tiled
+
+  lhs_PxK, sizes = jnp.zeros((256, 128), jnp.bfloat16), jnp.asarray([128, 128])
+  with pytest.raises(ValueError, match=r"grouped_forward: .*\['bfloat16', 'float32'\]"):
+    tiled.grouped_forward(lhs_PxK, jnp.zeros((2, 128, 128), jnp.float32), sizes, transpose_rhs=False,
+                          cfg=TileConfig(128, 128, "n"), interpret=True)
+  with pytest.raises(ValueError, match="grouped_weight_grad: .*float32"):
+    tiled.grouped_weight_grad(lhs_PxK, jnp.zeros((256, 128), jnp.float32), sizes, cfg=tiled.WEIGHT_GRAD_TILES,
+                              interpret=True)
+
+
 @pytest.mark.parametrize("store_n", [None, 32], ids=["tiles", "pieces"])
 def test_tiled_forward_of_two_stacks_interpreted(store_n):
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as

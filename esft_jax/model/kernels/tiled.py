@@ -117,6 +117,14 @@ def supported(k: int, n: int, dtype) -> bool:
   return k % 128 == 0 and n % 128 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
 
 
+def _check_dtypes(kernel: str, *operands) -> None:
+  """The kernels stage every operand with one swizzle, so all must share one 16-bit dtype."""
+  dtypes = [jnp.dtype(x.dtype) for x in operands]
+  if len(set(dtypes)) > 1 or dtypes[0] not in (jnp.bfloat16, jnp.float16):
+    raise ValueError(f"{kernel}: operands must all be bfloat16 or all float16, got {[d.name for d in dtypes]}; cast "
+                     "them (e.g. .astype(jnp.bfloat16)) before the call")
+
+
 def _swizzled(minor_elems: int, dtype) -> tuple:
   bits = jnp.dtype(dtype).itemsize * 8
   swizzle = plgpu.find_swizzle(minor_elems * bits)
@@ -294,6 +302,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   if post.sides and cfg.store_n:
     raise ValueError(f"epilogue {epilogue!r} loads whole tiles of its side arrays into the output staging: use a "
                      f"TileConfig without store_n (got {cfg})")
+  _check_dtypes("grouped_forward", lhs_PxK, *stacks, *sides)
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
@@ -371,6 +380,7 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   global ids, group g being expert first_group + g); zero for such an expert with no rows. The others' entries
   are left unwritten (whatever the buffer held): writing zeros there was 1 GB a layer at DeepSeek-V2-Lite's
   size, for values ESFT never reads."""
+  _check_dtypes("grouped_weight_grad", lhs_PxK, rhs_PxN)
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
   steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups, first_group)
