@@ -165,9 +165,9 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-# The tiles forward_config picks, and outputs stored in pieces of 32 columns (TileConfig.store_n)
-FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(64, 256, "m"),
-                 TileConfig(64, 128, "m", store_n=32)]
+# The tiles forward_config picks, and gate/up's tiles with outputs stored in pieces of 32 columns
+FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
+                 TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32)]
 tile_id = lambda c: f"{c.tile_m}x{c.tile_n}{c.split}" + (f"-store{c.store_n}" if c.store_n else "")
 
 
@@ -266,7 +266,7 @@ def test_epilogues_with_side_arrays_interpreted(epilogue):
   past = jnp.arange(512)[:, None] >= 384
   lhs_PxK, rhs_GxKxN = jnp.where(past, 0, normal(512, 128)), normal(3, 128, 256) / 11
   sides = tuple(jnp.where(past, 0, normal(512, 256)) for _ in range(tiled.EPILOGUES[epilogue].sides))
-  cfg = tiled.forward_config(256, len(sides))
+  cfg = tiled.forward_config(256, epilogue=epilogue)
   outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                epilogue=epilogue, sides=sides)
   product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)

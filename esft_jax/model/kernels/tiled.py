@@ -90,15 +90,20 @@ class TileConfig:
 WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
 
 
-def forward_config(n: int, slots: int = 1, rows: int = 0) -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n and `rows` (padded) rows: 128 x 256 blocks
-  where n allows and one output staging tile per warpgroup leaves room for pipeline stages, else 128 x 128. A
-  64 x 256 tile per warpgroup (one wgmma of width 256) beat two stacked 128 x 128 ones at 32k and 65k rows (+2% for
-  the SwiGLU fwd+bwd). At 16k rows the kernels alone were slower with it, and the whole SwiGLU 1.5% faster
-  (BENCHMARKS.md, eleventh session), so below 32k rows the 128 x 128 tiles stay until a side-by-side run decides."""
-  if n % 256 or slots > 1:
+def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileConfig:
+  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`:
+  128 x 256 blocks where n allows and the epilogue stores one tile per warpgroup, else 128 x 128.
+  - From 32k rows a 64 x 256 tile per warpgroup (one wgmma of width 256) beat two stacked 128 x 128 ones (+2% for
+    the SwiGLU fwd+bwd; BENCHMARKS.md, eleventh session).
+  - Below that, 128 x 128 per warpgroup; without side arrays the outputs are stored in pieces of 16 columns
+    (`store_n`), which leaves room for a 4th pipeline stage: at 16k rows the down projection's forward ran 7%
+    faster and gate's input gradient 12% (fourteenth session)."""
+  post = EPILOGUES[epilogue]
+  if n % 256 or _slots(1, post) > 1:
     return TileConfig(64, 128, "m")
-  return TileConfig(64, 256, "m") if rows >= WIDE_TILES_FROM_ROWS else TileConfig(128, 128, "n")
+  if rows >= WIDE_TILES_FROM_ROWS:
+    return TileConfig(64, 256, "m")
+  return TileConfig(128, 128, "n", store_n=None if post.sides else 16)
 
 
 # Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
@@ -504,7 +509,7 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
   """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
-  cfg = forward_config(rhs_GxKxN.shape[1], _slots(1, EPILOGUES[epilogue]), dout_PxN.shape[0])
+  cfg = forward_config(rhs_GxKxN.shape[1], dout_PxN.shape[0], epilogue)
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
                          epilogue=epilogue, sides=sides)
 
