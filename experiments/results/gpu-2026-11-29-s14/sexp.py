@@ -6,7 +6,8 @@ for a 4th pipeline stage of 128 x 128 tiles. Compares, per kernel and for the wh
 - "pieces": 128 x 128 in pieces of 16 at every size.
 Outputs are compared with "whole"'s (same K order: they should be equal).
 
-    PYTHONPATH=. python3 experiments/results/gpu-2026-11-29-s14/sexp.py
+    PYTHONPATH=. python3 experiments/results/gpu-2026-11-29-s14/sexp.py          # call 3: each kernel and the whole
+    PYTHONPATH=. python3 experiments/results/gpu-2026-11-29-s14/sexp.py repeat   # call 4: the whole at 16k, 3 rounds
 """
 import dataclasses
 import sys
@@ -39,7 +40,7 @@ def err(a, b):
   return float(np.max(np.abs(a - b)))
 
 
-def case(rows, skewed):
+def case(rows, skewed, only_whole=False, variants=VARIANTS, iters=20):
   data = make_data(rows, 6, 64, D, F, skewed, seed=rows + skewed)
   lay, e = data["layouts"][128], data["experts"]
   gs, real = lay.group_sizes_G, data["rows"]
@@ -61,11 +62,13 @@ def case(rows, skewed):
                              (x, gate, up, down, dy)),
   }
   for name, (flops, make, args) in ops.items():
+    if only_whole and name != "whole SwiGLU fwd+bwd":
+      continue
     ref = None
-    for variant, config in VARIANTS.items():
+    for variant, config in variants.items():
       tiled.forward_config = config
       try:
-        ms = time_jax(make(), args, warmup=3, iters=20)[0]
+        ms = time_jax(make(), args, warmup=3, iters=iters)[0]
         val = jax.jit(make())(*args)
         ref = val if ref is None else ref
         diff = "" if val is ref else f"{err(val, ref):.1e}"
@@ -78,6 +81,11 @@ def case(rows, skewed):
 
 print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}")
 print("| rows | op | variant | down fwd tiles | ms | TFLOP/s | max diff vs whole |\n|---|---|---|---|---|---|---|")
-for rows in (16384, 32768, 65536):
-  for skewed in (False, True):
-    case(rows, skewed)
+if sys.argv[1:] == ["repeat"]:  # the whole SwiGLU at 16k, variants interleaved, three rounds of 50 steps
+  for _ in range(3):
+    for skewed in (False, True):
+      case(16384, skewed, only_whole=True, variants={k: VARIANTS[k] for k in ("whole", "pieces<32k")}, iters=50)
+else:
+  for rows in (16384, 32768, 65536):
+    for skewed in (False, True):
+      case(rows, skewed)
