@@ -96,8 +96,9 @@ def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileCon
   - From 32k rows a 64 x 256 tile per warpgroup (one wgmma of width 256) beat two stacked 128 x 128 ones (+2% for
     the SwiGLU fwd+bwd; BENCHMARKS.md, eleventh session).
   - Below that, 128 x 128 per warpgroup; without side arrays the outputs are stored in pieces of 16 columns
-    (`store_n`), which leaves room for a 4th pipeline stage: at 16k rows the down projection's forward ran 7%
-    faster and gate's input gradient 12% (fourteenth session)."""
+    (`store_n`), which leaves room for a 4th pipeline stage. At 16k rows the whole SwiGLU fwd+bwd ran 1-2.5%
+    faster (even routing) and 0-3% (skewed) in three interleaved rounds. At 32k the two timed within 1% of each
+    other, so 64 x 256 stays from there (BENCHMARKS.md, fourteenth session)."""
   post = EPILOGUES[epilogue]
   if n % 256 or _slots(1, post) > 1:
     return TileConfig(64, 128, "m")
@@ -317,7 +318,10 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
-  tile_group_M = jnp.minimum(jnp.searchsorted(tile_ends_G, tile_M, side="right"), g - 1).astype(jnp.int32)
+  # compare_all: one small fusion. The default method is a while loop, which on the GPU ran as a chain of tiny
+  # kernels and copies before every call of the kernel (fourteenth session's traces).
+  tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
+  tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
   tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, 0).astype(jnp.int32)
   transforms = _swizzled(cfg.tile_k, dtype)
 
