@@ -299,7 +299,10 @@ def print_row(cells: list[str]) -> None:
 
 
 def sweep(args) -> None:
-  """Times each tile configuration of the "tiled" kernels on the benchmark widths (even routing, first --rows)."""
+  """Times each tile configuration of the "tiled" kernels on the benchmark widths (even routing, first --rows):
+  each kernel alone, --iters calls back to back, in --rounds rounds that visit every configuration in turn, so that
+  a drift of the machine reaches all alike. Such kernels of 0.2-0.4 ms timed up to 20% apart in two single runs of
+  one configuration (BENCHMARKS.md, fourteenth session): compare medians, and mind the spread."""
   from esft_jax.model.kernels import ragged, tiled
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
@@ -330,19 +333,32 @@ def sweep(args) -> None:
       for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))
-  rows = []
-  for name, cfg, flops, fn, fn_args in cases:
+  compiled = []
+  for name, cfg, _, fn, fn_args in cases:
     try:
-      ms, *_ = time_jax(fn, fn_args, args.warmup, args.iters)
-      rows.append([name, str(cfg), f"{ms:.3f}", f"{flops / ms / 1e9:.1f}"])
+      compiled.append(jax.jit(fn).lower(*fn_args).compile())
     except Exception as err:
-      rows.append([name, str(cfg), "failed", error_line(err)[:120]])
-    print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-  print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows")
-  print_row(["kernel", "config", "ms", "TFLOP/s"])
-  print("|" + "---|" * 4)
-  for row in rows:
-    print_row(row)
+      compiled.append(err)
+      print(f"# {name} {cfg}: {error_line(err)}", file=sys.stderr, flush=True)
+  times = [[] for _ in cases]
+  for round_ in range(args.rounds):
+    for (name, cfg, _, _, fn_args), exe, ms in zip(cases, compiled, times):
+      if not isinstance(exe, Exception):
+        run = lambda: exe(*fn_args)
+        for _ in range(args.warmup):
+          jax.block_until_ready(run())
+        ms.append(waited_and_back_to_back_ms(run, jax.block_until_ready, args.iters)[0])
+    print(f"# round {round_ + 1} of {args.rounds} timed", file=sys.stderr, flush=True)
+  print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows; ms: the median of "
+        f"{args.rounds} rounds of {args.iters} calls back to back, and their range")
+  print_row(["kernel", "config", "ms", "range ms", "TFLOP/s"])
+  print("|" + "---|" * 5)
+  for (name, cfg, flops, _, _), exe, ms in zip(cases, compiled, times):
+    if isinstance(exe, Exception):
+      print_row([name, str(cfg), "failed", error_line(exe)[:120], ""])
+    else:
+      median = float(np.median(ms))
+      print_row([name, str(cfg), f"{median:.3f}", f"{min(ms):.3f}-{max(ms):.3f}", f"{flops / median / 1e9:.1f}"])
 
 
 def sweep_configs(n: int, k: int | None = None) -> list:
@@ -381,6 +397,7 @@ def main() -> None:
   parser.add_argument("--f", type=int, default=1408)
   parser.add_argument("--warmup", type=int, default=3)
   parser.add_argument("--iters", type=int, default=10)
+  parser.add_argument("--rounds", type=int, default=3, help="--sweep: rounds over all configurations (see sweep)")
   args = parser.parse_args()
   if args.tiny:
     args.rows, args.top_k, args.experts, args.d, args.f, args.warmup, args.iters = "96", 2, 4, 128, 128, 1, 2
