@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -228,7 +229,7 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--preset", default="tiny", choices=["tiny", "small"],
                       help="tiny: a laptop CPU; small: one GPU (64 experts top-6, 8 layers)")
   parser.add_argument("--out", type=Path, default=Path("runs/demo"),
-                      help="the demo workspace: output directory (default runs/demo)")
+                      help="the demo workspace: output directory")
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
   parser.add_argument("--workers", type=_at_least_one,
                       help="fine-tune-and-evaluate jobs run at once in worker processes (default: 1 for tiny, 4 for "
@@ -258,10 +259,21 @@ def cmd_ablate(args: argparse.Namespace) -> None:
   run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+  """Shows each option's default after its help, unless it has none worth showing or the help already says it."""
+
+  def _get_help_string(self, action):
+    text = action.help or ""
+    unset = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+    if not action.option_strings or unset or "default" in text:
+      return text
+    return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+  parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION, formatter_class=_HelpFormatter)
+  command_parser = functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter)
+  sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=command_parser)
 
   info = sub.add_parser("info", help="architecture and parameter counts of a model",
                         description="Print the architecture, total and per-token-active parameter counts, MoE "
@@ -274,8 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "as a Hugging Face directory (for tests, benchmarks and the demo).")
   init.add_argument("--model", required=True, help="preset name or directory holding config.json")
   init.add_argument("--out", required=True, type=Path, help="output directory")
-  init.add_argument("--seed", type=int, default=0)
-  init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+  init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+  init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
   init.set_defaults(func=cmd_init)
 
   score = sub.add_parser("score", help="routing statistics of a task (ESFT's expert relevance scores)",
@@ -283,15 +295,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "ESFT's summary.json: per MoE layer and routed expert, the token-selection "
                                      "ratio (token score) and the mean gate value (gate score). Or import routing "
                                      "logs of the official PyTorch scorer with --from-logs.")
-  score.add_argument("--model", help="HF model directory")
+  score.add_argument("--model", help="HF model directory (with --data and --n-tokens; not with --from-logs)")
   score.add_argument("--adapter", type=Path, help="adapter directory to apply first")
   score.add_argument("--data", help="training JSONL (ESFT messages format) or tfds:NAME[/CONFIG]:SPLIT")
   score.add_argument("--data-dir", help="TFDS data directory for tfds: data")
-  score.add_argument("--n-tokens", type=int, help="token budget of the sample (the paper uses 131072)")
-  score.add_argument("--seed", type=int, default=5934875, help="shuffle seed (ESFT's default)")
+  score.add_argument("--n-tokens", type=int, help="token budget of the sample (the paper uses 131072; no default)")
+  score.add_argument("--seed", type=int, default=5934875, help="shuffle seed, as ESFT's scorer")
   score.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (each unpacked)")
-  score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-  score.add_argument("--write-logs", action="store_true", help="also write expert_weights_{layer}.txt logs")
+  score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+  score.add_argument("--write-logs", action="store_true",
+                     help="also write the official expert_weights_{layer}.txt logs (what `esft-jax figures` reads)")
   score.add_argument("--from-logs", type=Path, help="directory of official routing logs to import instead")
   score.add_argument("--out", required=True, type=Path, help="output directory for summary.json (and logs)")
   _add_mesh_flags(score)
@@ -302,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
                                       "reaches p (the crossing expert included). Paper defaults: token p=0.2, "
                                       "gate p=0.1. Writes ESFT's expert-config JSON.")
   select.add_argument("--scores", type=Path, help="summary.json from `esft-jax score`")
-  select.add_argument("--method", default="token", help="token | gate")
+  select.add_argument("--method", default="token", choices=["token", "gate"],
+                      help="token: share of the tokens routed to the expert; gate: its mean gate value")
   select.add_argument("--top-p", type=float, help="cumulative threshold in (0, 1] (default: the paper's)")
   select.add_argument("--train-shared-experts", action="store_true", help="also train the shared experts")
   select.add_argument("--train-non-expert-modules", action="store_true",
@@ -322,25 +336,28 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--model", required=True, help="HF model directory (with tokenizer.json)")
   tr.add_argument("--data", required=True, help="training JSONL or tfds:NAME[/CONFIG]:SPLIT")
   tr.add_argument("--data-dir", help="TFDS data directory")
-  tr.add_argument("--method", required=True, choices=["esft", "fft", "lora"])
+  tr.add_argument("--method", required=True, choices=["esft", "fft", "lora"],
+                  help="what trains: the experts of --expert-config, every parameter, or LoRA adapters")
   tr.add_argument("--expert-config", type=Path, help="expert config from `esft-jax select` (esft only)")
-  tr.add_argument("--out", required=True, type=Path)
-  tr.add_argument("--steps", type=int, default=500)
-  tr.add_argument("--seq-length", type=int, default=4096)
+  tr.add_argument("--out", required=True, type=Path, help="run directory (adapter, checkpoints, logs)")
+  tr.add_argument("--steps", type=int, default=500, help="optimizer steps")
+  tr.add_argument("--seq-length", type=int, default=4096, help="tokens per packed sequence")
   tr.add_argument("--packing", default="esft", choices=["esft", "documents", "unpacked"],
                   help="esft: ESFT's greedy packing; documents: whole samples with segment ids")
   tr.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
-  tr.add_argument("--grad-accum", type=int, default=16, help="micro-batches per step (ESFT: 16)")
+  tr.add_argument("--grad-accum", type=int, default=16, help="micro-batches per step (the default is ESFT's)")
   tr.add_argument("--lr", type=float, help="learning rate (default: esft 1e-5, fft 3e-5, lora 1e-4)")
-  tr.add_argument("--schedule", default="constant", choices=["constant", "cosine"])
-  tr.add_argument("--warmup-steps", type=int, default=0)
-  tr.add_argument("--weight-decay", type=float, default=0.1)
-  tr.add_argument("--lora-rank", type=int, default=8)
-  tr.add_argument("--eval-every", type=int, default=100)
-  tr.add_argument("--save-every", type=int, default=100)
-  tr.add_argument("--log-every", type=int, default=10)
-  tr.add_argument("--seed", type=int, default=0)
-  tr.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"])
+  tr.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
+  tr.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the learning rate")
+  tr.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's weight decay")
+  tr.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (lora only)")
+  tr.add_argument("--eval-every", type=int, default=100,
+                  help="steps between validation losses; the adapter of the best one is kept")
+  tr.add_argument("--save-every", type=int, default=100, help="steps between orbax checkpoints")
+  tr.add_argument("--log-every", type=int, default=10, help="steps between metric lines (and TensorBoard points)")
+  tr.add_argument("--seed", type=int, default=0, help="seed of the data order and of LoRA's initialisation")
+  tr.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+                  help="dtype of the forward and backward passes")
   tr.add_argument("--remat", action="store_true",
                   help="recompute each decoder layer in the backward pass: activation memory of one layer "
                        "instead of all (larger batches on the full model) for about a third more compute")
@@ -359,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                                       "directory that transformers loads.")
   export.add_argument("--model", required=True, help="base HF model directory")
   export.add_argument("--adapter", required=True, type=Path, help="adapter directory")
-  export.add_argument("--out", required=True, type=Path)
+  export.add_argument("--out", required=True, type=Path, help="output HF model directory")
   export.set_defaults(func=cmd_export)
 
   ev = sub.add_parser("eval", help="evaluate a model (or saved generations) with the paper's metrics",
@@ -372,12 +389,16 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--adapter", type=Path, help="adapter directory to apply (ESFT, FFT or LoRA)")
   ev.add_argument("--data", help="evaluation JSONL or tfds:NAME[/CONFIG]:SPLIT")
   ev.add_argument("--data-dir", help="TFDS data directory for tfds: data")
-  ev.add_argument("--completions", type=Path, help="completions JSONL to re-score instead of generating")
+  ev.add_argument("--completions", type=Path,
+                  help="saved generations to re-score instead of generating: the results JSON of `eval --out`, "
+                       "or JSONL of ESFT's {\"example\": {\"raw_prediction\", \"raw_answers\"}} or "
+                       "{\"prediction\", <item fields>} objects")
   ev.add_argument("--metric", required=True,
-                  help="intent | math | code | translation | summary | law | loss | choice")
-  ev.add_argument("--max-new-tokens", type=int, default=128)
-  ev.add_argument("--batch-size", type=int, default=8)
-  ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+                  choices=["intent", "math", "code", "translation", "summary", "law", "loss", "choice"],
+                  help="the task's metric")
+  ev.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per item")
+  ev.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
+  ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   ev.add_argument("--out", type=Path, help="results JSON with per-item scores")
   ev.set_defaults(func=cmd_eval)
 
@@ -418,16 +439,17 @@ def build_parser() -> argparse.ArgumentParser:
   _add_workspace_flags(ablate)
   ablate.set_defaults(func=cmd_ablate)
 
-  data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True)
+  data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True,
+                                                                      parser_class=command_parser)
   prep = data.add_parser("prepare", help="build a TFDS dataset (ArrayRecord) from a JSONL file",
                          description="Build a tensorflow-datasets dataset from ESFT-format JSONL, readable as "
                                      "--data tfds:NAME:SPLIT by every command. No TensorFlow needed.")
-  prep.add_argument("--jsonl", required=True, type=Path)
-  prep.add_argument("--name", required=True)
-  prep.add_argument("--data-dir", required=True, type=Path)
+  prep.add_argument("--jsonl", required=True, type=Path, help="ESFT-format JSONL (training or evaluation items)")
+  prep.add_argument("--name", required=True, help="dataset name (NAME in tfds:NAME:SPLIT)")
+  prep.add_argument("--data-dir", required=True, type=Path, help="TFDS data directory to write into")
   prep.add_argument("--config", help="builder config name")
-  prep.add_argument("--split", default="train")
-  prep.add_argument("--overwrite", action="store_true")
+  prep.add_argument("--split", default="train", help="split name")
+  prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this name")
   prep.set_defaults(func=cmd_data_prepare)
   return parser
 

@@ -1,12 +1,13 @@
 """The command line end to end on a tiny model: score -> select -> train -> export, plus eval and errors."""
 
+import argparse
 import json
 
 import numpy as np
 import pytest
 import transformers
 
-from esft_jax.cli import main
+from esft_jax.cli import build_parser, main
 from esft_jax.data.tokenizer_training import train_bpe_tokenizer
 from esft_jax.esft.trainable import TrainPlan, init_trainable
 from esft_jax.interop.adapter import save_adapter
@@ -122,3 +123,19 @@ def test_figures_rejects_a_bad_task_spec(tmp_path, capsys):
   with pytest.raises(SystemExit):
     _cli("figures", "--logs", "no-equals-sign", "--out", tmp_path)
   assert "expected TASK=DIR" in capsys.readouterr().err
+
+
+def test_every_option_has_help_and_shows_its_default():
+  def parsers(parser):
+    yield parser
+    for action in parser._actions:
+      if isinstance(action, argparse._SubParsersAction):
+        for sub in action.choices.values():
+          yield from parsers(sub)
+
+  all_parsers = list(parsers(build_parser()))
+  silent = [f"{p.prog} {a.option_strings[0]}" for p in all_parsers for a in p._actions if a.option_strings and not a.help]
+  assert not silent, f"options without help: {silent}"
+  train = next(p for p in all_parsers if p.prog.endswith(" train")).format_help()
+  assert "(default: 500)" in train and "(default: 0)" in train  # --steps, and a zero default (--warmup-steps)
+  assert "(default: None)" not in train

@@ -298,6 +298,19 @@ def test_flat_completions_format(tmp_path):
   assert score_completions(path, lambda prediction, item: 0.25) == (0.25, [0.25, 0.25])
 
 
+def test_results_of_eval_are_rescored(tmp_path):
+  """The results JSON that `esft-jax eval --out` writes re-scores as completions, item by item."""
+  items = [{"example": {"prompt": "p", "raw_prediction": f"The answer is {n}.", "raw_answers": ["3"]},
+            "score": float(n == 3), "source": "s"} for n in (3, 4)]
+  path = tmp_path / "r.json"
+  path.write_text(json.dumps({"metric": "math", "mean": 0.5, "items": items}, indent=1), encoding="utf-8")
+  assert score_completions(path, "math") == (0.5, [1.0, 0.0])
+  items[1]["example"].pop("raw_prediction")
+  path.write_text(json.dumps({"metric": "math", "mean": 0.5, "items": items}), encoding="utf-8")
+  with pytest.raises(ValueError, match=r"r\.json: items\[1\]: .*raw_prediction"):
+    score_completions(path, "math")
+
+
 @pytest.mark.parametrize("second_line, message", [
     ('{"prediction": "x", "answers": ["1"]', "not valid JSON"),
     ('{"answers": ["1"]}', "expected ESFT's"),

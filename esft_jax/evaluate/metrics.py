@@ -413,36 +413,51 @@ def _completion_record(record: Any) -> tuple[str, dict]:
 
 
 def score_completions(path: str | os.PathLike, metric: str | Metric) -> tuple[float, list[float]]:
-  """Re-scores a completions JSONL file; returns (mean, per-line scores in file order).
+  """Re-scores saved completions; returns (mean, per-completion scores in file order).
 
-  Each non-blank line is one JSON object in either format:
+  The file is a results JSON of `esft-jax eval --out` (its "items"), or JSONL with one object per non-blank line,
+  in either format:
     ESFT's:  {"example": {"prompt", "raw_prediction", "raw_answers"}, "score"}  (the stored score is ignored)
     ours:    {"prediction": "<generated text>", <the eval item's fields: "answers", "tests", ...>}
   `metric` is a METRICS name or any `score(prediction, item)` function, e.g. a functools.partial of
-  `llm_judge`. Malformed lines and items raise ValueError naming the file and line.
+  `llm_judge`. Malformed lines and items raise ValueError naming the file and line (or item).
   """
   if isinstance(metric, str):
     if metric not in METRICS:
       raise ValueError(f"unknown metric {metric!r}; choose one of {sorted(METRICS)} or pass a function")
     metric = METRICS[metric]
   scores = []
-  with open(path, encoding="utf-8") as lines:
-    for line_number, line in enumerate(lines, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}, column {err.colno}); each line must "
-                         f"be one completion object") from None
-      try:
-        prediction, item = _completion_record(record)
-        scores.append(float(metric(prediction, item)))
-      except ValueError as err:
-        raise ValueError(f"{path}:{line_number}: {err}") from err
+  for where, record in _completion_records(path):
+    try:
+      prediction, item = _completion_record(record)
+      scores.append(float(metric(prediction, item)))
+    except ValueError as err:
+      raise ValueError(f"{where}: {err}") from err
   if not scores:
-    raise ValueError(f"{path}: no completions found; expected one JSON object a line")
+    raise ValueError(f"{path}: no completions found; expected one JSON object a line, or the results JSON of "
+                     "`esft-jax eval --out`")
   return sum(scores) / len(scores), scores
+
+
+def _completion_records(path: str | os.PathLike) -> list[tuple[str, Any]]:
+  """(where, parsed record) of each completion in a results JSON of `esft-jax eval --out` or a JSONL file."""
+  text = Path(path).read_text(encoding="utf-8")
+  try:
+    whole = json.loads(text)
+  except json.JSONDecodeError:
+    whole = None
+  if isinstance(whole, dict) and isinstance(whole.get("items"), list):
+    return [(f"{path}: items[{i}]", record) for i, record in enumerate(whole["items"])]
+  records = []
+  for line_number, line in enumerate(text.splitlines(), start=1):
+    if not line.strip():
+      continue
+    try:
+      records.append((f"{path}:{line_number}", json.loads(line)))
+    except json.JSONDecodeError as err:
+      raise ValueError(f"{path}:{line_number}: not valid JSON ({err.msg}, column {err.colno}); each line must "
+                       f"be one completion object") from None
+  return records
 
 
 # --- optional LLM judge ------------------------------------------------------------------------------------
