@@ -142,7 +142,9 @@ def cmd_train(args: argparse.Namespace) -> None:
   result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
                     args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype, mesh)
   best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
-  print(f"trained {result.trainable_params:,} parameters for {result.steps} steps in {result.wall_seconds:.0f}s; "
+  steps = f"{result.steps - result.first_step} steps" + (f" (from step {result.first_step} to {result.steps})"
+                                                         if result.first_step else "")
+  print(f"trained {result.trainable_params:,} parameters for {steps} in {result.wall_seconds:.0f}s; "
         f"best validation loss {best}; adapter in {args.out / 'adapter'}")
 
 

@@ -323,6 +323,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   full = _run(cfg, params, plan, tmp_path / "full", 4, batches)
   _run(cfg, params, plan, tmp_path / "split", 2, batches)
   resumed = _run(cfg, params, plan, tmp_path / "split", 4, batches, resume=True)
+  assert (full.first_step, full.steps, resumed.first_step, resumed.steps) == (0, 4, 2, 4)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
                          full.trainable, resumed.trainable)
 

@@ -230,7 +230,8 @@ class Checkpoints:
 class TrainResult:
   trainable: Any
   best_val_loss: float | None
-  steps: int
+  steps: int  # the step reached
+  first_step: int  # the step this call started from (> 0 when it resumed)
   trainable_params: int
   optimizer_state_bytes: int
   wall_seconds: float
@@ -303,7 +304,7 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   start = time.time()
   tokens_since, time_since = 0, time.time()
   # Counted on the host: reading state.step would wait for each step to finish before dispatching the next.
-  step = int(state.step)
+  step = first_step = int(state.step)
   bar = progress(total=cfg.steps, initial=step, desc=f"train {plan.method}")
   while step < cfg.steps:
     micro = [next(train_batches) for _ in range(cfg.grad_accum)]
@@ -340,4 +341,5 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
     writer.close()
   if not val_batches:
     best_so_far(state.trainable)
-  return TrainResult(state.trainable, best, step, n_trainable, opt_bytes, time.time() - start, step_peak)
+  return TrainResult(state.trainable, best, step, first_step, n_trainable, opt_bytes, time.time() - start,
+                     step_peak)
