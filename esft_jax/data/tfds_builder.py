@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -114,6 +115,7 @@ def prepare_tfds(jsonl: str | Path, name: str, data_dir: str | Path, *, config: 
       raise FileExistsError(f"{folder}: the TFDS dataset {name} is already built; delete it or pass overwrite")
     shutil.rmtree(folder)
     builder = JsonlBuilder(name=name, records=records, split=split, config=config, data_dir=data_dir)
+  tfds.display_progress_bar(sys.stderr.isatty())  # TFDS's bars would write their cursor codes into logs
   builder.download_and_prepare()
   return folder
 
