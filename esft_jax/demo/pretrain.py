@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -148,4 +149,9 @@ def _pretrain(spec: BaseSpec, tasks: dict[str, Task], train_texts: list[str], wo
   save_hf_model(work / "model", config, best.get("params", result.trainable), hf, tokenizer_dir=work)
   atomic_write_text(work / "model" / "pretraining.json", json.dumps(
       {"spec": dataclasses.asdict(spec), "val_loss": result.best_val_loss, "seconds": result.wall_seconds}))
+  # The run's metrics.jsonl and TensorBoard logs go with the base; its checkpoints and the tokenizer's working
+  # files do not.
+  shutil.rmtree(work / "pretrain" / "checkpoints")
+  (work / "pretrain").rename(work / "model" / "pretraining")
   work.joinpath("model").rename(model_dir)
+  shutil.rmtree(work)
