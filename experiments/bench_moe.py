@@ -340,20 +340,25 @@ def sweep(args) -> None:
     except Exception as err:
       compiled.append(err)
       print(f"# {name} {cfg}: {error_line(err)}", file=sys.stderr, flush=True)
-  times = [[] for _ in cases]
+  case_ms = [[] for _ in cases]
   for round_ in range(args.rounds):
-    for (name, cfg, _, _, fn_args), exe, ms in zip(cases, compiled, times):
-      if not isinstance(exe, Exception):
-        run = lambda: exe(*fn_args)
+    for i, (name, cfg, _, _, fn_args) in enumerate(cases):
+      if isinstance(compiled[i], Exception):
+        continue
+      run = lambda: compiled[i](*fn_args)
+      try:
         for _ in range(args.warmup):
           jax.block_until_ready(run())
-        ms.append(waited_and_back_to_back_ms(run, jax.block_until_ready, args.iters)[0])
-    print(f"# round {round_ + 1} of {args.rounds} timed", file=sys.stderr, flush=True)
+        case_ms[i].append(waited_and_back_to_back_ms(run, jax.block_until_ready, args.iters)[0])
+        print(f"# round {round_ + 1}: {name} {cfg}: {case_ms[i][-1]:.3f} ms", file=sys.stderr, flush=True)
+      except Exception as err:  # a launch that fails: the case is dropped from later rounds, the others go on
+        compiled[i] = err
+        print(f"# round {round_ + 1}: {name} {cfg}: {error_line(err)}", file=sys.stderr, flush=True)
   print(f"rows={data['rows']} (padded {layout.source_P.shape[0]}), TFLOP/s on real rows; ms: the median of "
         f"{args.rounds} rounds of {args.iters} calls back to back, and their range")
   print_row(["kernel", "config", "ms", "range ms", "TFLOP/s"])
   print("|" + "---|" * 5)
-  for (name, cfg, flops, _, _), exe, ms in zip(cases, compiled, times):
+  for (name, cfg, flops, _, _), exe, ms in zip(cases, compiled, case_ms):
     if isinstance(exe, Exception):
       print_row([name, str(cfg), "failed", error_line(exe)[:120], ""])
     else:
@@ -377,6 +382,12 @@ def sweep_configs(n: int, k: int | None = None) -> list:
   return [c for c in candidates if k % c.block_m == 0]
 
 
+def at_least_one(text: str) -> int:
+  if int(text) < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+  return int(text)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--tiny", action="store_true", help="tiny shapes for a CPU smoke run")
@@ -396,8 +407,9 @@ def main() -> None:
   parser.add_argument("--d", type=int, default=2048)
   parser.add_argument("--f", type=int, default=1408)
   parser.add_argument("--warmup", type=int, default=3)
-  parser.add_argument("--iters", type=int, default=10)
-  parser.add_argument("--rounds", type=int, default=3, help="--sweep: rounds over all configurations (see sweep)")
+  parser.add_argument("--iters", type=at_least_one, default=10)
+  parser.add_argument("--rounds", type=at_least_one, default=3,
+                      help="--sweep: rounds over all configurations (see sweep)")
   args = parser.parse_args()
   if args.tiny:
     args.rows, args.top_k, args.experts, args.d, args.f, args.warmup, args.iters = "96", 2, 4, 128, 128, 1, 2

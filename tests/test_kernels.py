@@ -154,6 +154,18 @@ def test_gather_kernel_matches_take_on_gpu(dtype):
   np.testing.assert_array_equal(gather_rows(src, index, scale), take_rows(src, index, scale))
 
 
+@pytest.mark.parametrize("odd_one", ["gate_proj", "up_proj", "down_proj"])
+def test_swiglu_with_a_float32_weight_falls_back_to_ragged_dot(odd_one):
+  """One float32 weight among bf16 ones takes XLA's ragged_dot for the whole SwiGLU rather than the kernels (which
+  need one 16-bit dtype): the output is the reference's."""
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(11), 64, 2, 4, 128, 128, skewed=False)
+  experts[odd_one] = experts[odd_one].astype(jnp.float32)
+  out = gpu_expert_ffn(x, ids, weights, experts, interpret=True)
+  assert rel_err(out, expert_ffn(x, ids, weights, experts, impl="reference")) < 2e-2
+
+
 def test_expert_backward_scatters_no_activations():
   """On the kernels' path, the gradients of dispatch and combine are gathers: the backward's only scatters are the
   layout's own integer ones (autodiff of a gather would scatter-add [rows, D] activations)."""
@@ -201,6 +213,15 @@ def test_output_pieces_leave_room_for_a_pipeline_stage():
                           epilogue="add", sides=(jnp.zeros((256, 256), jnp.bfloat16),))
   with pytest.raises(ValueError, match="must divide tile_n"):
     TileConfig(64, 128, "m", store_n=48)
+
+
+def test_misnamed_tiles_and_epilogues_are_refused():
+  from esft_jax.model.kernels import tiled
+
+  with pytest.raises(ValueError, match="split='x' must be 'm'"):
+    TileConfig(64, 128, "x")
+  with pytest.raises(ValueError, match="epilogue 'swiglu-grad' is unknown; use one of"):
+    tiled.forward_config(256, epilogue="swiglu-grad")
 
 
 def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
@@ -361,8 +382,8 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
 @needs_hopper
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=tile_id)
 def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
-  """Each tile shape forward_config picks, on the GPU: the product, the input gradient's (rhs read transposed), and
-  the "add" epilogue; an empty group and rows past the last group."""
+  """Each of FORWARD_TILES on the GPU: the product, the input gradient's (rhs read transposed), and the "add"
+  epilogue; an empty group and rows past the last group."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(7)

@@ -3,7 +3,8 @@
 - `tiled`: our own Mosaic GPU kernels on expert-aligned row tiles (forward, input and weight gradients).
 - `ragged`: the Mosaic GPU ragged-dot kernels that jax ships, wrapped with a VJP.
 - `ffn.gpu_expert_ffn`: the expert SwiGLU on either family; `layout`: the expert-grouped row layout, and the
-  dispatch into it and combine out of it, whose row gathers run on `gather`'s kernel where rows allow.
+  dispatch into it and combine out of it; `gather`: the row-gather kernel of the dispatch forward and the
+  combine backward, where rows allow.
 - `mosaic`: how our Mosaic GPU kernels are launched (or interpreted on the CPU).
 
 Importing this package is cheap; the kernel modules import Pallas' Mosaic GPU backend.

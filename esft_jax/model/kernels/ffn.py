@@ -32,13 +32,13 @@ class KernelOps(NamedTuple):
 def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
   """The grouped matmuls of a kernel family; widths the kernels don't tile fall back to `jax.lax.ragged_dot`."""
   if kernel == "tiled":
-    supported, align = tiled.supported, tiled.ALIGN
+    align = tiled.ALIGN
     fast = lambda a, b, g, w, first: tiled.tiled_matmul(a, b, g, interpret, w, first)
     fast_swiglu = lambda x, gate, up, down, g, w, first: tiled.tiled_swiglu(x, gate, up, down, g, interpret, w, first)
   elif kernel == "ragged":
     from esft_jax.model.kernels import ragged  # imports jax's kernels, which import jax's test utilities
 
-    supported, align = ragged.supported, 1
+    align = 1
     # jax's kernels need sum(group_sizes) = rows: the rows past the groups (padding, zeros) join the last group,
     # exact but computed; under expert parallelism that is every other device's assignments, so prefer "tiled".
     fast = lambda a, b, g, *_: ragged.ragged_matmul(a, b, g.at[-1].add(a.shape[0] - jnp.sum(g)))
@@ -47,7 +47,7 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
     raise ValueError(f"GPU kernel {kernel!r} is unknown; use one of {KERNELS}")
 
   def runs_fast(lhs_PxK, rhs_GxKxN):
-    return supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype
+    return tiled.supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype
 
   def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
     if runs_fast(lhs_PxK, rhs_GxKxN):
@@ -56,7 +56,7 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
 
   def swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, weight_grad_groups=None, first_group=0):
     groups = (group_sizes_G, weight_grad_groups, first_group)
-    if fast_swiglu is not None and all(runs_fast(x_PxD, w) for w in (gate_GxDxF, down_GxFxD)):
+    if fast_swiglu is not None and all(runs_fast(x_PxD, w) for w in (gate_GxDxF, up_GxDxF, down_GxFxD)):
       return fast_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, *groups)
     gate_PxF, up_PxF = (matmul(x_PxD, w, *groups) for w in (gate_GxDxF, up_GxDxF))
     return matmul(jax.nn.silu(gate_PxF) * up_PxF, down_GxFxD, *groups)

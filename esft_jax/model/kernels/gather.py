@@ -3,9 +3,8 @@
 The expert layout moves [tokens x K, D] activations twice a layer (the dispatch forward, the combine backward).
 On the H200, XLA's gather of 106k padded rows of 2048 bf16 took 0.300 ms, and this kernel 0.201 (BENCHMARKS.md,
 twelfth session): a copy through shared memory is bounded by HBM bandwidth alone. One warpgroup per multiprocessor
-takes chunks of `rows` output
-rows: it loads each chunk's source rows into a ring of shared-memory stages (TMA, `stages - 1` chunks in flight),
-optionally scales them in registers, and stores the chunk with one TMA copy.
+takes chunks of `rows` output rows: it loads each chunk's source rows into a ring of shared-memory stages (TMA,
+`stages - 1` chunks in flight), optionally scales them in registers, and stores the chunk with one TMA copy.
 """
 
 from __future__ import annotations

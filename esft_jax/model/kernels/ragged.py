@@ -18,11 +18,6 @@ from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu, transposed_ragged_d
 BLOCKS = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=4)
 
 
-def supported(k: int, n: int, dtype) -> bool:
-  """Whether ragged_matmul runs a [*, k] x [k, n] product (forward and both gradients) on these kernels."""
-  return k % 128 == 0 and n % 128 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-
-
 def _rows_to_multiple_of_8(rows_MxN, group_sizes_G):
   pad = -rows_MxN.shape[0] % 8
   return jnp.pad(rows_MxN, ((0, pad), (0, 0))), group_sizes_G.at[-1].add(pad)

@@ -63,6 +63,8 @@ class TileConfig:
   store_n: int | None = None
 
   def __post_init__(self):
+    if self.split not in ("m", "n"):
+      raise ValueError(f"TileConfig: split={self.split!r} must be 'm' (warpgroups stacked along rows) or 'n'")
     if self.store_n is not None and (self.store_n <= 0 or self.tile_n % self.store_n):
       raise ValueError(f"TileConfig: store_n={self.store_n} must divide tile_n={self.tile_n}")
 
@@ -97,9 +99,10 @@ def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileCon
     the SwiGLU fwd+bwd; BENCHMARKS.md, eleventh session).
   - Below that, 128 x 128 per warpgroup; without side arrays the outputs are stored in pieces of 16 columns
     (`store_n`), which leaves room for a 4th pipeline stage. At 16k rows the whole SwiGLU fwd+bwd ran 1-2.5%
-    faster (even routing) and 0-3% (skewed) in three interleaved rounds. At 32k the two timed within 1% of each
-    other, so 64 x 256 stays from there (BENCHMARKS.md, fourteenth session)."""
-  post = EPILOGUES[epilogue]
+    faster than with whole 128 x 128 tiles (even routing) and 0-3% (skewed) in three interleaved rounds. At 32k
+    pieces and 64 x 256 timed within 1% of each other, so 64 x 256 stays from there; at 16k these two have been
+    compared only kernel by kernel (BENCHMARKS.md, fourteenth session)."""
+  post = _epilogue(epilogue)
   if n % 256 or _slots(1, post) > 1:
     return TileConfig(64, 128, "m")
   if rows >= WIDE_TILES_FROM_ROWS:
@@ -118,15 +121,19 @@ SHARED_LHS_TILES = TileConfig(64, 128, "m")
 WEIGHT_GRAD_TILES = TileConfig(64, 256, "m", grid_tile_width=1)
 
 
+DTYPES = (jnp.bfloat16, jnp.float16)  # what wgmma multiplies here
+
+
 def supported(k: int, n: int, dtype) -> bool:
-  """Whether tiled_matmul runs a [*, k] x [k, n] product (forward and both gradients) on its own kernels."""
-  return k % 128 == 0 and n % 128 == 0 and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+  """Whether a [*, k] x [k, n] product (forward and both gradients) runs on the grouped-matmul kernels, ours and
+  jax's (`ragged`) alike: whole 128-wide tiles of a 16-bit dtype."""
+  return k % 128 == 0 and n % 128 == 0 and jnp.dtype(dtype) in DTYPES
 
 
 def _check_dtypes(kernel: str, *operands) -> None:
   """The kernels stage every operand with one swizzle, so all must share one 16-bit dtype."""
   dtypes = [jnp.dtype(x.dtype) for x in operands]
-  if len(set(dtypes)) > 1 or dtypes[0] not in (jnp.bfloat16, jnp.float16):
+  if len(set(dtypes)) > 1 or dtypes[0] not in DTYPES:
     raise ValueError(f"{kernel}: operands must all be bfloat16 or all float16, got {[d.name for d in dtypes]}; cast "
                      "them (e.g. .astype(jnp.bfloat16)) before the call")
 
@@ -181,6 +188,12 @@ EPILOGUES = {
   "swiglu_grad": Epilogue(2, 2, _swiglu_grad),  # product dhidden, sides the two partials -> dgate, dup
   "add": Epilogue(1, 1, lambda values, sides: [values[0] + sides[0].astype(jnp.float32)]),  # product + side
 }
+
+
+def _epilogue(name: str) -> Epilogue:
+  if name not in EPILOGUES:
+    raise ValueError(f"epilogue {name!r} is unknown; use one of {list(EPILOGUES)}")
+  return EPILOGUES[name]
 
 
 def _slots(products: int, epilogue: Epilogue) -> int:
@@ -302,7 +315,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   `epilogue` (a name in EPILOGUES) computes what is stored from the fp32 products and from `sides` ([P, N]
   arrays); a tuple when it stores more than one array."""
   stacks = rhs if isinstance(rhs, tuple) else (rhs,)
-  post = EPILOGUES[epilogue]
+  post = _epilogue(epilogue)
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
   if post.sides and cfg.store_n:
@@ -318,7 +331,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
-  # compare_all: one small fusion. The default method is a while loop, which on the GPU ran as a chain of tiny
+  # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
   # kernels and copies before every call of the kernel (fourteenth session's traces).
   tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
   tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
