@@ -134,7 +134,8 @@ def test_every_option_has_help_and_shows_its_default():
           yield from parsers(sub)
 
   all_parsers = list(parsers(build_parser()))
-  silent = [f"{p.prog} {a.option_strings[0]}" for p in all_parsers for a in p._actions if a.option_strings and not a.help]
+  silent = [f"{p.prog} {a.option_strings[0]}" for p in all_parsers for a in p._actions
+            if a.option_strings and not a.help]
   assert not silent, f"options without help: {silent}"
   train = next(p for p in all_parsers if p.prog.endswith(" train")).format_help()
   assert "(default: 500)" in train and "(default: 0)" in train  # --steps, and a zero default (--warmup-steps)
