@@ -219,7 +219,8 @@ def cmd_figures(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
+  """An argparse type: an integer of at least 1."""
   value = int(text)
   if value < 1:
     raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
@@ -233,7 +234,7 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--out", type=Path, default=Path("runs/demo"),
                       help="the demo workspace: output directory")
   parser.add_argument("--cache", type=Path, help="where the pretrained base is cached (default OUT/cache)")
-  parser.add_argument("--workers", type=_at_least_one,
+  parser.add_argument("--workers", type=at_least_one,
                       help="fine-tune-and-evaluate jobs run at once in worker processes (default: 1 for tiny, 4 for "
                            "small, where compilation would otherwise dominate)")
 
@@ -273,6 +274,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from esft_jax.evaluate.metrics import METRICS, NON_GENERATIVE  # numpy only: --help stays quick
+
   parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION, formatter_class=_HelpFormatter)
   command_parser = functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter)
   sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=command_parser)
@@ -395,9 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
                   help="saved generations to re-score instead of generating: the results JSON of `eval --out`, "
                        "or JSONL of ESFT's {\"example\": {\"raw_prediction\", \"raw_answers\"}} or "
                        "{\"prediction\", <item fields>} objects")
-  ev.add_argument("--metric", required=True,
-                  choices=["intent", "math", "code", "translation", "summary", "law", "loss", "choice"],
-                  help="the task's metric")
+  ev.add_argument("--metric", required=True, choices=[*METRICS, *NON_GENERATIVE], help="the task's metric")
   ev.add_argument("--max-new-tokens", type=int, default=128, help="generation budget per item")
   ev.add_argument("--batch-size", type=int, default=8, help="prompts generated at once")
   ev.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from esft_jax.cli import at_least_one
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import expert_layout
@@ -380,12 +381,6 @@ def sweep_configs(n: int, k: int | None = None) -> list:
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
                 TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]
   return [c for c in candidates if k % c.block_m == 0]
-
-
-def at_least_one(text: str) -> int:
-  if int(text) < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-  return int(text)
 
 
 def main() -> None:

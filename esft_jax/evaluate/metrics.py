@@ -367,6 +367,7 @@ METRICS: dict[str, Metric] = {
     "summary": rouge_l_f1,
     "law": rouge_l_f1,
 }
+NON_GENERATIVE = ("loss", "choice")  # `esft-jax eval` metrics scored without generating (see evaluate.runner)
 
 
 # --- multiple choice ---------------------------------------------------------------------------------------

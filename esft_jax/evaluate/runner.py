@@ -21,7 +21,7 @@ from esft_jax.data.formatting import Example, format_conversation
 from esft_jax.data.jsonl import Conversation, EvalItem
 from esft_jax.data.sources import open_examples
 from esft_jax.esft.routing_pass import padded_batches
-from esft_jax.evaluate.metrics import METRICS, multiple_choice_accuracy
+from esft_jax.evaluate.metrics import METRICS, NON_GENERATIVE, multiple_choice_accuracy
 from esft_jax.generate import SamplingConfig, generate
 from esft_jax.interop.tokenizer import Tokenizer
 from esft_jax.model.transformer import Transformer
@@ -29,7 +29,6 @@ from esft_jax.train.loss import token_cross_entropy
 from esft_jax.train.metrics import progress
 
 STOP_STRINGS = {"translation": ("\n\n",)}
-NON_GENERATIVE = ("loss", "choice")
 
 
 def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
