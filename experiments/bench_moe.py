@@ -312,8 +312,8 @@ def sweep(args) -> None:
   gs = layout.group_sizes_G
   rng = np.random.default_rng(1)
   normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), jnp.bfloat16)
-  forward = lambda cfg, transpose, epilogue="products": lambda a, b, g: tiled.grouped_forward(
-    a, b, g, transpose_rhs=transpose, cfg=cfg, epilogue=epilogue)
+  forward = lambda cfg, transpose, epilogue="products": lambda a, b, g, *sides: tiled.grouped_forward(
+    a, b, g, transpose_rhs=transpose, cfg=cfg, epilogue=epilogue, sides=sides)
   weight_grad = lambda cfg: lambda a, b, g: tiled.grouped_weight_grad(a, b, g, cfg=cfg)
   cases = []  # (kernel, config, flops, fn, its arguments)
   for d_to_f, (k, n) in zip((True, False), ((args.d, args.f), (args.f, args.d))):
@@ -329,11 +329,17 @@ def sweep(args) -> None:
       cases.append((f"dW {k}x{n}", cfg, flops, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
+    # The input gradients with the epilogues the SwiGLU's backward runs: up's adds gate's, down's makes dgate, dup
+    epilogue = "add" if d_to_f else "swiglu_grad"
+    sides = tuple(normal(lhs.shape[0], k) for _ in range(tiled.EPILOGUES[epilogue].sides))
+    for cfg in sweep_configs(k):
+      cases.append((f"dX {n}->{k} +{epilogue}", cfg, flops, forward(cfg, True, epilogue), (dout, w, gs, *sides)))
     if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
       stacks = (w, normal(args.experts, k, n, scale=k ** -0.5))
       for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))
+  cases = [case for case in cases if args.kernels in case[0]]
   compiled = []
   for name, cfg, _, fn, fn_args in cases:
     try:
@@ -368,16 +374,15 @@ def sweep(args) -> None:
 
 
 def sweep_configs(n: int, k: int | None = None) -> list:
-  """Candidate tiles for a forward-style kernel of output width n (blocks must divide it), or (with k) a weight
-  gradient [k, n] (blocks must divide k; the last column tile may run past n, as the shipped WEIGHT_GRAD_TILES do
-  on width 1408)."""
+  """Candidate tiles for a forward-style kernel of output width n, or (with k) a weight gradient [k, n] (blocks must
+  divide k). In both the last column tile may run past n, as the shipped WEIGHT_GRAD_TILES do on width 1408."""
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   if k is None:
-    # store_n: outputs staged in pieces, so that 4 pipeline stages fit rather than 3
-    candidates = [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
-                  TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(64, 256, "m", store_n=32)]
-    return [c for c in candidates if n % c.block_n == 0]
+    # store_n: outputs (and side arrays) staged in pieces, so that more pipeline stages fit
+    return [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
+            TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(128, 128, "n", store_n=32),
+            TileConfig(64, 256, "m", store_n=32), TileConfig(64, 256, "m", store_n=64)]
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
                 TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]
   return [c for c in candidates if k % c.block_m == 0]
@@ -391,6 +396,9 @@ def main() -> None:
                            '"tiled": gate and up in one kernel, the SiLU and its gradient in kernel epilogues), or '
                            'three grouped matmuls and the SiLU apart, to compare the two side by side')
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
+  parser.add_argument("--kernels", default="", metavar="TEXT",
+                      help="--sweep: only the kernels whose name contains TEXT (e.g. '+swiglu_grad'; names as in "
+                           "the sweep's table)")
   parser.add_argument("--profile", metavar="DIR",
                       help="also trace 5 calls of each JAX path and op into DIR and print their device time per "
                            "call by kernel, after the table (XLA's command buffers are turned off for the run, so "

@@ -6,6 +6,7 @@ the row-gather kernel in Pallas' GPU interpreter, "auto" choosing "grouped", and
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import subprocess
 import sys
@@ -200,17 +201,21 @@ def test_tiled_forward_kernel_interpreted(cfg):
 
 
 def test_output_pieces_leave_room_for_a_pipeline_stage():
-  """Staging gate/up's outputs 32 columns at a time fits a 4th stage of 48 KB where whole tiles leave 3; epilogues
-  with side arrays (loaded as whole tiles) refuse it; the pieces must divide the tile."""
+  """Staged 16 columns at a time, a 128 x 256 block's output (and a side array) fit a 4th stage of 48 KB where whole
+  tiles leave 3; a 64 x 256 tile per warpgroup with two side arrays fits 3 stages only in pieces. The pieces must
+  divide the tile."""
   from esft_jax.model.kernels import tiled
 
-  pieces = dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)
-  slots = tiled._slots(2, tiled.EPILOGUES["swiglu"])
-  assert (tiled.SHARED_LHS_TILES.stages(2, 2, slots), pieces.stages(2, 2, slots)) == (3, 4)
-  zeros = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 128, 256), jnp.bfloat16)
-  with pytest.raises(ValueError, match="without store_n"):
-    tiled.grouped_forward(*zeros, jnp.asarray([128, 128]), transpose_rhs=False, cfg=pieces, interpret=True,
-                          epilogue="add", sides=(jnp.zeros((256, 256), jnp.bfloat16),))
+  whole = TileConfig(128, 128, "n")
+  for epilogue in ("products", "add"):
+    slots = tiled._slots(1, tiled.EPILOGUES[epilogue])
+    assert (whole.stages(2, 1, slots), dataclasses.replace(whole, store_n=16).stages(2, 1, slots)) == (3, 4)
+  wide, slots = TileConfig(64, 256, "m"), tiled._slots(1, tiled.EPILOGUES["swiglu_grad"])
+  assert (wide.stages(2, 1, slots), dataclasses.replace(wide, store_n=64).stages(2, 1, slots)) == (1, 3)
+  zeros = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 256, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="1 pipeline stage"):
+    tiled.grouped_forward(*zeros, jnp.asarray([128, 128]), transpose_rhs=True, cfg=wide, interpret=True,
+                          epilogue="swiglu_grad", sides=(jnp.zeros((256, 256), jnp.bfloat16),) * 2)
   with pytest.raises(ValueError, match="must divide tile_n"):
     TileConfig(64, 128, "m", store_n=48)
 
@@ -273,12 +278,17 @@ def test_tiled_forward_of_two_stacks_interpreted(store_n):
     assert np.all(np.asarray(out[384:]) == 0)
 
 
+# Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue)
+SIDE_TILES = [None, TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32)]
+
+
+@pytest.mark.parametrize("cfg", SIDE_TILES, ids=lambda c: "forward_config" if c is None else tile_id(c))
 @pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
-def test_epilogues_with_side_arrays_interpreted(epilogue):
+def test_epilogues_with_side_arrays_interpreted(epilogue, cfg):
   """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
   forward kernel (the input-gradient kernels that use them on the GPU cannot run there): dgate and dup from the
-  hidden's gradient and its partial derivatives; a product plus another array. Rows past the last group stay
-  zero."""
+  hidden's gradient and its partial derivatives; a product plus another array. Sides and outputs staged as whole
+  tiles or in pieces. Rows past the last group stay zero."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(5)
@@ -287,7 +297,7 @@ def test_epilogues_with_side_arrays_interpreted(epilogue):
   past = jnp.arange(512)[:, None] >= 384
   lhs_PxK, rhs_GxKxN = jnp.where(past, 0, normal(512, 128)), normal(3, 128, 256) / 11
   sides = tuple(jnp.where(past, 0, normal(512, 256)) for _ in range(tiled.EPILOGUES[epilogue].sides))
-  cfg = tiled.forward_config(256, epilogue=epilogue)
+  cfg = cfg or tiled.forward_config(256, epilogue=epilogue)
   outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                epilogue=epilogue, sides=sides)
   product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
@@ -395,12 +405,40 @@ def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg)
   added = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, epilogue="add", sides=(side_PxN,),
-                                cfg=dataclasses.replace(cfg, store_n=None))  # a side array: whole tiles
+                                cfg=cfg)
   transposed = tiled.grouped_forward(lhs_PxK, jnp.swapaxes(rhs_GxKxN, 1, 2), sizes, transpose_rhs=True, cfg=cfg)
   assert rel_err(out[:used], want[:used]) < 1e-2
   assert rel_err(transposed[:used], want[:used]) < 1e-2
   assert rel_err(added[:used], want[:used] + side_PxN[:used].astype(jnp.float32)) < 1e-2
   assert np.all(np.asarray(out[used:]) == 0) and np.all(np.asarray(transposed[used:]) == 0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", [TileConfig(64, 256, "m", store_n=64), TileConfig(64, 256, "m", store_n=32),
+                                 TileConfig(128, 128, "n", store_n=32), TileConfig(128, 128, "n", store_n=16)],
+                         ids=tile_id)
+def test_forward_tiles_past_the_output_width_on_gpu(cfg):
+  """Blocks 256 wide on an output 384 wide: the last column tile runs past it (zero-filled loads, dropped stores),
+  for the product, the input gradient's (rhs read transposed) and the epilogues with side arrays."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(8)
+  sizes = jnp.asarray([128, 0, 384, 128], jnp.int32)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  lhs_PxK, rhs_GxKxN = normal(768, 256), normal(4, 256, 384) / 16
+  sides = normal(768, 384), normal(768, 384)
+  used = int(jnp.sum(sizes))
+  want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  forward = functools.partial(tiled.grouped_forward, lhs_PxK, group_sizes_G=sizes, cfg=cfg)
+  out = forward(rhs_GxKxN, transpose_rhs=False)
+  transposed = forward(jnp.swapaxes(rhs_GxKxN, 1, 2), transpose_rhs=True)
+  added = forward(rhs_GxKxN, transpose_rhs=False, epilogue="add", sides=sides[:1])
+  dgate, dup = forward(jnp.swapaxes(rhs_GxKxN, 1, 2), transpose_rhs=True, epilogue="swiglu_grad", sides=sides)
+  wants = (want, want, want + sides[0].astype(jnp.float32), want * sides[0].astype(jnp.float32),
+           want * sides[1].astype(jnp.float32))
+  for got, expected in zip((out, transposed, added, dgate, dup), wants, strict=True):
+    assert rel_err(got[:used], expected[:used]) < 1e-2
+    assert np.all(np.asarray(got[used:]) == 0)
 
 
 @needs_hopper

@@ -57,9 +57,10 @@ class TileConfig:
   # bands of 4 the SwiGLU fwd+bwd ran 1-5% faster, most at 16k rows (BENCHMARKS.md, thirteenth session).
   grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
-  # Output staging: None holds each output slot as a whole warpgroup tile; a width stores the outputs in pieces of
-  # that many columns through a ring of two buffers per warpgroup, which leaves shared memory for more pipeline
-  # stages (e.g. 4 instead of 3 with 48 KB stages). Epilogues without side arrays only: those load whole tiles.
+  # Output staging: None holds each slot (side array or output) as a whole warpgroup tile; a width stages the tile
+  # in pieces of that many columns, through a ring of two sets of slots per warpgroup: one piece's sides load while
+  # the other's outputs leave. That leaves shared memory for more pipeline stages (e.g. 4 instead of 3 with 48 KB
+  # stages), or for 128 x 256 blocks whose epilogue reads two side arrays.
   store_n: int | None = None
 
   def __post_init__(self):
@@ -77,8 +78,8 @@ class TileConfig:
     return self.tile_n * (2 if self.split == "n" else 1)
 
   def staging(self, slots: int) -> tuple[int, int]:
-    """(buffers, columns of each) of a warpgroup's output staging, for an epilogue of `slots` whole tiles."""
-    return (2, self.store_n) if self.store_n else (slots, self.tile_n)
+    """(buffers, columns of each) of a warpgroup's output staging, for an epilogue of `slots` slots."""
+    return (2 * slots, self.store_n) if self.store_n else (slots, self.tile_n)
 
   def stages(self, itemsize: int, products: int = 1, slots: int = 1) -> int:
     """Pipeline depth that fits shared memory beside the output staging (`staging(slots)`), for `products` that
@@ -197,7 +198,7 @@ def _epilogue(name: str) -> Epilogue:
 
 
 def _slots(products: int, epilogue: Epilogue) -> int:
-  """Output staging buffers per warpgroup: one per product or side; more outputs reuse them."""
+  """Output staging slots per warpgroup (and piece): one per product or side; more outputs reuse them."""
   return max(products, epilogue.sides)
 
 
@@ -209,6 +210,11 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
   shaped like (a_src, b_srcs). scratch: (out_smem, side_barriers) from `_scratch`."""
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
+  if stages < 2:
+    raise ValueError(f"{cfg} leaves shared memory for {stages} pipeline stage(s) beside {slots} output slot(s) per "
+                     "warpgroup: stage the outputs in pieces (store_n) or use smaller tiles")
+  buffers, columns = cfg.staging(slots)
+  pieces, sets = cfg.tile_n // columns, buffers // slots
 
   def build(body, context, steps, offset):
     return plgpu.emit_pipeline_warp_specialized(
@@ -226,49 +232,56 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
     wg = lax.axis_index("wg")
     out_smem, side_barriers = scratch
     tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
-    barrier = lambda i: side_barriers.at[wg * epilogue.sides + i]
+    piece_of = lambda ref, piece: tile(ref).at[:, pl.ds(piece * columns, columns)]
+    buffer = lambda piece, i: out_smem.at[wg, piece % sets * slots + i]
+    barrier = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
 
-    def load_sides():
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the slots
+    def load_sides(piece):
       for i, side_src in enumerate(side_srcs):
-        plgpu.copy_gmem_to_smem(tile(side_src), out_smem.at[wg, i], barrier(i))
+        plgpu.copy_gmem_to_smem(piece_of(side_src, piece), buffer(piece, i), barrier(piece, i))
 
-    def store_tiles(outs):  # whole tiles; outputs past the slots reuse them once their copies have read
-      for first in range(0, len(outs), slots):
-        chunk = outs[first:first + slots]
-        if first:
-          plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
-        for slot, out in enumerate(chunk):
-          out_smem[wg, slot] = out.astype(dtype)
-        plgpu.commit_smem()
-        for slot in range(len(chunk)):
-          plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], tile(out_dsts[first + slot]))
+    def load_first_sides():  # one piece per set; the later pieces load in the epilogue
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
+      for piece in range(min(sets, pieces)):
+        load_sides(piece)
 
-    def store_pieces(outs):  # store_n columns at a time, through two buffers
-      pieces = [(out, dst, first) for out, dst in zip(outs, out_dsts) for first in range(0, cfg.tile_n, cfg.store_n)]
-      for i, (out, dst, first) in enumerate(pieces):
-        if i >= 2:
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)  # the copy that read this buffer two pieces ago is done
-        out_smem[wg, i % 2] = out[:, first:first + cfg.store_n].astype(dtype)
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem.at[wg, i % 2], tile(dst).at[:, pl.ds(first, cfg.store_n)])
+    def store(values):
+      """Column piece by piece: its sides (if any) are read from its set, then its outputs leave from the same
+      buffers; outputs past the set's buffers reuse them once their copies have read."""
+      if not side_srcs:
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
+      for piece in range(pieces):
+        if side_srcs and 0 < piece < pieces - 1:
+          # The next piece's sides go to the other set once the previous piece's stores have read it.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          load_sides(piece + 1)
+        sides = []
+        for i in range(epilogue.sides):
+          plgpu.barrier_wait(barrier(piece, i))
+          sides.append(buffer(piece, i)[...])
+        cols = slice(piece * columns, (piece + 1) * columns)
+        outs = epilogue.fn([value[:, cols] for value in values], sides)
+        if side_srcs:
+          plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
+        elif piece >= sets:
+          plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)  # the stores of this set's last piece have read
+        for first in range(0, len(outs), slots):
+          chunk = outs[first:first + slots]
+          if first:
+            plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
+          for i, out in enumerate(chunk):
+            buffer(piece, i)[...] = out.astype(dtype)
+          plgpu.commit_smem()
+          for i in range(len(chunk)):
+            plgpu.copy_smem_to_gmem(buffer(piece, i), piece_of(out_dsts[first + i], piece))
 
     def context(pipeline):
       def compute(**accs):
         if side_srcs:
-          pl.when(steps == 0)(load_sides)  # else halfway through the steps (body)
+          pl.when(steps == 0)(load_first_sides)  # else halfway through the steps (body)
         refs = tuple(accs[f"acc{i}"] for i in range(products))
         pipeline(refs)
-        values = [acc[...] for acc in refs]
-        sides = []
-        for i in range(len(side_srcs)):
-          plgpu.barrier_wait(barrier(i))
-          sides.append(out_smem[wg, i])
-        if side_srcs:
-          plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
-        else:
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the slots
-        (store_pieces if cfg.store_n else store_tiles)(epilogue.fn(values, sides))
+        store([acc[...] for acc in refs])
 
       pl.run_scoped(compute, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(products)})
 
@@ -277,7 +290,7 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
       if side_srcs:
         # Issued halfway rather than before the first step, where they had to wait for the previous tile's stores
         # to leave the slots before the tile's first wgmma could start.
-        pl.when(indices[0] == steps // 2)(load_sides)
+        pl.when(indices[0] == steps // 2)(load_first_sides)
       for acc, b_smem in zip(accs, b_smems):
         plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
       plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
@@ -296,12 +309,13 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
 
 def _scratch(cfg: TileConfig, dtype, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> dict:
   """The run_scoped allocations of `_tile_runner`'s run: output staging (two warpgroups x `cfg.staging` buffers),
-  and one barrier per warpgroup and side."""
-  buffers, columns = cfg.staging(_slots(products, epilogue))
+  and one barrier per warpgroup, set of slots and side."""
+  slots = _slots(products, epilogue)
+  buffers, columns = cfg.staging(slots)
   out_smem = plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype))
   if not epilogue.sides:
     return {"out_smem": out_smem}
-  return {"out_smem": out_smem, "side_barriers": plgpu.Barrier(num_barriers=2 * epilogue.sides)}
+  return {"out_smem": out_smem, "side_barriers": plgpu.Barrier(num_barriers=2 * buffers // slots * epilogue.sides)}
 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
@@ -318,17 +332,16 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   post = _epilogue(epilogue)
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
-  if post.sides and cfg.store_n:
-    raise ValueError(f"epilogue {epilogue!r} loads whole tiles of its side arrays into the output staging: use a "
-                     f"TileConfig without store_n (got {cfg})")
   _check_dtypes("grouped_forward", lhs_PxK, *stacks, *sides)
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
-  if n % cfg.block_n or k % cfg.tile_k or p % cfg.block_m:
+  if k % cfg.tile_k or p % cfg.block_m or (interpret and n % cfg.block_n):
     raise ValueError(f"grouped_forward: [{p}, {k}] x [{k}, {n}] does not divide into {cfg.block_m} x {cfg.block_n} "
-                     f"blocks of K tile {cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
-  m_iters, n_iters, k_iters = p // cfg.block_m, n // cfg.block_n, k // cfg.tile_k
+                     f"blocks of K tile {cfg.tile_k}{' (in the interpreter)' if interpret else ''}; pick a TileConfig "
+                     "that divides it (see forward_config)")
+  # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
+  m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
   # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
