@@ -279,10 +279,10 @@ def test_tiled_forward_of_two_stacks_interpreted(store_n):
 
 
 # Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue)
-SIDE_TILES = [None, TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32)]
+SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32)]
 
 
-@pytest.mark.parametrize("cfg", SIDE_TILES, ids=lambda c: "forward_config" if c is None else tile_id(c))
+@pytest.mark.parametrize("cfg", SIDE_TILES, ids=tile_id)
 @pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
 def test_epilogues_with_side_arrays_interpreted(epilogue, cfg):
   """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
@@ -297,7 +297,6 @@ def test_epilogues_with_side_arrays_interpreted(epilogue, cfg):
   past = jnp.arange(512)[:, None] >= 384
   lhs_PxK, rhs_GxKxN = jnp.where(past, 0, normal(512, 128)), normal(3, 128, 256) / 11
   sides = tuple(jnp.where(past, 0, normal(512, 256)) for _ in range(tiled.EPILOGUES[epilogue].sides))
-  cfg = cfg or tiled.forward_config(256, epilogue=epilogue)
   outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                epilogue=epilogue, sides=sides)
   product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
@@ -425,9 +424,10 @@ def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   rng = np.random.default_rng(8)
   sizes = jnp.asarray([128, 0, 384, 128], jnp.int32)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  lhs_PxK, rhs_GxKxN = normal(768, 256), normal(4, 256, 384) / 16
-  sides = normal(768, 384), normal(768, 384)
   used = int(jnp.sum(sizes))
+  lhs_PxK, rhs_GxKxN = normal(768, 256), normal(4, 256, 384) / 16
+  # Sides are zero past the used rows, as the model's are: there "add" stores 0 + side
+  sides = tuple(normal(768, 384).at[used:].set(0) for _ in range(2))
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   forward = functools.partial(tiled.grouped_forward, lhs_PxK, group_sizes_G=sizes, cfg=cfg)
   out = forward(rhs_GxKxN, transpose_rhs=False)

@@ -94,21 +94,25 @@ WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
 
 
 def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`:
-  128 x 256 blocks where n allows and the epilogue stores one tile per warpgroup, else 128 x 128.
-  - From 32k rows a 64 x 256 tile per warpgroup (one wgmma of width 256) beat two stacked 128 x 128 ones (+2% for
-    the SwiGLU fwd+bwd; BENCHMARKS.md, eleventh session).
-  - Below that, 128 x 128 per warpgroup; without side arrays the outputs are stored in pieces of 16 columns
-    (`store_n`), which leaves room for a 4th pipeline stage. At 16k rows the whole SwiGLU fwd+bwd ran 1-2.5%
-    faster than with whole 128 x 128 tiles (even routing) and 0-3% (skewed) in three interleaved rounds. At 32k
-    pieces and 64 x 256 timed within 1% of each other, so 64 x 256 stays from there; at 16k these two have been
-    compared only kernel by kernel (BENCHMARKS.md, fourteenth session)."""
+  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`; blocks
+  of 128 x 256 where they fit, else 128 x 128. Measured on the benchmark's widths (BENCHMARKS.md):
+  - swiglu_grad (two side arrays): 64 x 256 per warpgroup, sides and outputs staged in pieces of 64 columns, the last
+    column tile running past n (1408 = 5.5 x 256). Despite the products wasted past n it beat 128 x 128 blocks of
+    whole tiles by 5% at 16k rows and 2% at 32k (fifteenth session). Where the waste would pass 1/8 of n, 128 x 128.
+  - add (one side array), and from 32k rows any epilogue: a 64 x 256 tile per warpgroup (one wgmma of width 256).
+    It beat two stacked 128 x 128 ones by 2% for the SwiGLU fwd+bwd at 32k (eleventh session), and add by 5% at 16k
+    (fifteenth).
+  - Below 32k rows without side arrays: 128 x 128 per warpgroup, the outputs stored in pieces of 16 columns
+    (`store_n`), which leaves room for a 4th pipeline stage: 1-2.5% faster than whole tiles for the SwiGLU fwd+bwd
+    at 16k (fourteenth session); at 32k it timed within 1% of 64 x 256."""
   post = _epilogue(epilogue)
-  if n % 256 or _slots(1, post) > 1:
+  if post.sides > 1:
+    return TileConfig(64, 256, "m", store_n=64) if -n % 256 <= n // 8 else TileConfig(64, 128, "m")
+  if n % 256:
     return TileConfig(64, 128, "m")
-  if rows >= WIDE_TILES_FROM_ROWS:
+  if post.sides or rows >= WIDE_TILES_FROM_ROWS:
     return TileConfig(64, 256, "m")
-  return TileConfig(128, 128, "n", store_n=None if post.sides else 16)
+  return TileConfig(128, 128, "n", store_n=16)
 
 
 # Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
