@@ -181,10 +181,9 @@ def test_expert_backward_scatters_no_activations():
 # The tiles forward_config picks, and gate/up's tiles with outputs stored in pieces of 32 columns
 FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
                  TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32)]
-tile_id = lambda c: f"{c.tile_m}x{c.tile_n}{c.split}" + (f"-store{c.store_n}" if c.store_n else "")
 
 
-@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=tile_id)
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
 def test_tiled_forward_kernel_interpreted(cfg):
   """The forward kernel in Pallas' GPU interpreter (CPU), each of FORWARD_TILES: an empty group, and tiles past the
   last group."""
@@ -282,7 +281,7 @@ def test_tiled_forward_of_two_stacks_interpreted(store_n):
 SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32)]
 
 
-@pytest.mark.parametrize("cfg", SIDE_TILES, ids=tile_id)
+@pytest.mark.parametrize("cfg", SIDE_TILES, ids=str)
 @pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
 def test_epilogues_with_side_arrays_interpreted(epilogue, cfg):
   """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
@@ -389,7 +388,7 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
 
 
 @needs_hopper
-@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=tile_id)
+@pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
 def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
   """Each of FORWARD_TILES on the GPU: the product, the input gradient's (rhs read transposed), and the "add"
   epilogue; an empty group and rows past the last group."""
@@ -415,7 +414,7 @@ def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
 @needs_hopper
 @pytest.mark.parametrize("cfg", [TileConfig(64, 256, "m", store_n=64), TileConfig(64, 256, "m", store_n=32),
                                  TileConfig(128, 128, "n", store_n=32), TileConfig(128, 128, "n", store_n=16)],
-                         ids=tile_id)
+                         ids=str)
 def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   """Blocks 256 wide on an output 384 wide: the last column tile runs past it (zero-filled loads, dropped stores),
   for the product, the input gradient's (rhs read transposed) and the epilogues with side arrays."""

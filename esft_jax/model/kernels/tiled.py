@@ -69,6 +69,16 @@ class TileConfig:
     if self.store_n is not None and (self.store_n <= 0 or self.tile_n % self.store_n):
       raise ValueError(f"TileConfig: store_n={self.store_n} must divide tile_n={self.tile_n}")
 
+  def __str__(self) -> str:
+    """Short name for tables and test ids, e.g. 64x256m-store64 (fields at their defaults left out)."""
+    short = {"tile_k": "k", "max_stages": "stages", "grid_tile_width": "width", "delay_release": "delay",
+             "store_n": "store"}
+    name = f"{self.tile_m}x{self.tile_n}{self.split}"
+    for field in dataclasses.fields(self)[3:]:
+      if getattr(self, field.name) != field.default:
+        name += f"-{short[field.name]}{getattr(self, field.name)}"
+    return name
+
   @property
   def block_m(self) -> int:
     return self.tile_m * (2 if self.split == "m" else 1)
