@@ -40,6 +40,8 @@ from esft_jax.model.kernels.mosaic import launch
 ALIGN = 128  # every group's row count is a multiple of this
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 _MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
+# each compute warpgroup's share: the 64k registers are 512 per thread of one warpgroup, in multiples of 8
+_COMPUTE_REGISTERS = (512 - _MEMORY_REGISTERS) // 2 // 8 * 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,12 +218,23 @@ def _slots(products: int, epilogue: Epilogue) -> int:
   return max(products, epilogue.sides)
 
 
-def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
-                 epilogue: Epilogue = EPILOGUES["products"]):
-  """Returns run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations), which accumulates one
-  block's products (one per rhs in b_srcs, all sharing the lhs a_src) over `steps` operand blocks (from block
-  `offset` on) and stores the epilogue's outputs to out_dsts, and the allocations that run needs for operands
-  shaped like (a_src, b_srcs). scratch: (out_smem, side_barriers) from `_scratch`."""
+class TileWork(NamedTuple):
+  """One output tile of a persistent kernel, as its memory and compute warpgroups both see it."""
+
+  steps: jax.Array  # K blocks to accumulate; 0: store the epilogue of zero products; < 0: skip the tile
+  operands: Callable  # k -> (lhs block, rhs blocks): GMEM refs of the tile's k-th K block
+  outs: tuple  # GMEM refs at the tile's place: the epilogue's outputs
+  sides: tuple = ()  # and its side arrays
+
+
+def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: tuple, b_block: tuple,
+               mma: Callable, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> None:
+  """The body of a persistent kernel over `grid`'s output tiles (split among the blocks along "sm"): for each,
+  `work_at(index)` says what to accumulate and where the epilogue stores. The memory warpgroup streams operand
+  blocks (a_block and `products` b_block shapes) through one ring of stages for all the block's tiles, so the next
+  tile's first blocks arrive while the compute warpgroups finish the last one and store it (a pipeline per tile
+  waits for its last step to be consumed before it starts loading the next tile). mma(wg, a_smem, b_smem) gives
+  warpgroup wg's wgmma operands."""
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
   if stages < 2:
@@ -229,53 +242,50 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
                      "warpgroup: stage the outputs in pieces (store_n) or use smaller tiles")
   buffers, columns = cfg.staging(slots)
   pieces, sets = cfg.tile_n // columns, buffers // slots
+  operand_transforms = _swizzled(cfg.tile_k, dtype)
+  scratch = {
+    "a_ring": plgpu.SMEM((stages, *a_block), dtype, transforms=operand_transforms),
+    "b_rings": [plgpu.SMEM((stages, *b_block), dtype, transforms=operand_transforms) for _ in range(products)],
+    "loaded": plgpu.Barrier(num_arrivals=1 + products, num_barriers=stages),
+    "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # by both compute warpgroups
+    "out_smem": plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype)),
+  }
+  if epilogue.sides:  # one per warpgroup, set of slots and side
+    scratch["side_barriers"] = plgpu.Barrier(num_barriers=2 * sets * epilogue.sides)
 
-  def build(body, context, steps, offset):
-    return plgpu.emit_pipeline_warp_specialized(
-      body,
-      grid=(steps,),
-      memory_registers=_MEMORY_REGISTERS,
-      in_specs=make_specs(offset),
-      wg_axis="wg",
-      num_compute_wgs=2,
-      max_concurrent_steps=stages,
-      compute_context=context,
-    )
-
-  def run(steps, offset, a_src, b_srcs, out_dsts, side_srcs, scratch, allocations):
+  def kernel(a_ring, b_rings, loaded, consumed, out_smem, side_barriers=None):
     wg = lax.axis_index("wg")
-    out_smem, side_barriers = scratch
     tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
     piece_of = lambda ref, piece: tile(ref).at[:, pl.ds(piece * columns, columns)]
     buffer = lambda piece, i: out_smem.at[wg, piece % sets * slots + i]
     barrier = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
 
-    def load_sides(piece):
+    def load_sides(side_srcs, piece):
       for i, side_src in enumerate(side_srcs):
         plgpu.copy_gmem_to_smem(piece_of(side_src, piece), buffer(piece, i), barrier(piece, i))
 
-    def load_first_sides():  # one piece per set; the later pieces load in the epilogue
+    def load_first_sides(side_srcs):  # one piece per set; the later pieces load in the epilogue
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
       for piece in range(min(sets, pieces)):
-        load_sides(piece)
+        load_sides(side_srcs, piece)
 
-    def store(values):
+    def store(values, work):
       """Column piece by piece: its sides (if any) are read from its set, then its outputs leave from the same
       buffers; outputs past the set's buffers reuse them once their copies have read."""
-      if not side_srcs:
+      if not work.sides:
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
       for piece in range(pieces):
-        if side_srcs and 0 < piece < pieces - 1:
+        if work.sides and 0 < piece < pieces - 1:
           # The next piece's sides go to the other set once the previous piece's stores have read it.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_sides(piece + 1)
+          load_sides(work.sides, piece + 1)
         sides = []
         for i in range(epilogue.sides):
           plgpu.barrier_wait(barrier(piece, i))
           sides.append(buffer(piece, i)[...])
         cols = slice(piece * columns, (piece + 1) * columns)
         outs = epilogue.fn([value[:, cols] for value in values], sides)
-        if side_srcs:
+        if work.sides:
           plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
         elif piece >= sets:
           plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)  # the stores of this set's last piece have read
@@ -287,49 +297,76 @@ def _tile_runner(cfg: TileConfig, dtype, make_specs, mma, products: int = 1,
             buffer(piece, i)[...] = out.astype(dtype)
           plgpu.commit_smem()
           for i in range(len(chunk)):
-            plgpu.copy_smem_to_gmem(buffer(piece, i), piece_of(out_dsts[first + i], piece))
+            plgpu.copy_smem_to_gmem(buffer(piece, i), piece_of(work.outs[first + i], piece))
 
-    def context(pipeline):
-      def compute(**accs):
-        if side_srcs:
-          pl.when(steps == 0)(load_first_sides)  # else halfway through the steps (body)
-        refs = tuple(accs[f"acc{i}"] for i in range(products))
-        pipeline(refs)
-        store([acc[...] for acc in refs])
+    def memory():
+      plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
-      pl.run_scoped(compute, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32) for i in range(products)})
+      def await_consumed(step):
+        plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
 
-    def body(indices, a_smem, *rest):
-      *b_smems, accs = rest
-      if side_srcs:
-        # Issued halfway rather than before the first step, where they had to wait for the previous tile's stores
-        # to leave the slots before the tile's first wgmma could start.
-        pl.when(indices[0] == steps // 2)(load_first_sides)
-      for acc, b_smem in zip(accs, b_smems):
-        plgpu.wgmma(acc, *mma(wg, a_smem, b_smem))
-      plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
-      return accs
+      @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+      def loaded_steps(info, carry):  # carry: operand blocks loaded so far, which names the next stage
+        work = work_at(info.index)
+        steps = jnp.maximum(work.steps, 0)
 
-    build(body, context, steps, offset)(a_src, *b_srcs, allocations=allocations)
+        @pl.loop(0, steps)
+        def _(k):
+          step = carry + k
+          stage = lax.rem(step, stages)
+          pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
+          a_src, b_srcs = work.operands(k)
+          plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], loaded.at[stage])
+          for b_src, b_ring in zip(b_srcs, b_rings):
+            plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], loaded.at[stage])
 
-  def ignore(*_, **__):
-    return None
+        return carry + steps
 
-  def allocations(a_src, b_srcs):
-    return build(ignore, ignore, jnp.int32(1), 0).get_allocations(a_src, *b_srcs)
+      # The last stages' releases too: every phase of a barrier must be awaited (Pallas' interpreter checks this).
+      pl.loop(jnp.maximum(loaded_steps - stages, 0), loaded_steps)(await_consumed)
 
-  return run, allocations
+    def compute():
+      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+      release = lambda step: plgpu.barrier_arrive(consumed.at[lax.rem(step, stages)])
 
+      @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+      def _(info, carry):
+        work = work_at(info.index)
+        steps = jnp.maximum(work.steps, 0)
 
-def _scratch(cfg: TileConfig, dtype, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> dict:
-  """The run_scoped allocations of `_tile_runner`'s run: output staging (two warpgroups x `cfg.staging` buffers),
-  and one barrier per warpgroup, set of slots and side."""
-  slots = _slots(products, epilogue)
-  buffers, columns = cfg.staging(slots)
-  out_smem = plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype))
-  if not epilogue.sides:
-    return {"out_smem": out_smem}
-  return {"out_smem": out_smem, "side_barriers": plgpu.Barrier(num_barriers=2 * buffers // slots * epilogue.sides)}
+        def accumulate(**accs):
+          accs = [accs[f"acc{i}"] for i in range(products)]
+          if work.sides:
+            pl.when(steps == 0)(lambda: load_first_sides(work.sides))
+
+          @pl.loop(0, steps)
+          def _(k):
+            step = carry + k
+            stage = lax.rem(step, stages)
+            plgpu.barrier_wait(loaded.at[stage])
+            if work.sides:
+              # Issued halfway rather than before the first step, where they had to wait for the previous tile's
+              # stores to leave the slots before the tile's first wgmma could start.
+              pl.when(k == steps // 2)(lambda: load_first_sides(work.sides))
+            for acc, b_ring in zip(accs, b_rings):
+              plgpu.wgmma(acc, *mma(wg, a_ring.at[stage], b_ring.at[stage]))
+            plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
+            pl.when(k >= cfg.delay_release)(lambda: release(step - cfg.delay_release))
+
+          plgpu.wgmma_wait(0)
+          for late in range(cfg.delay_release):  # the tile's last blocks, still held above
+            pl.when(steps > late)(lambda late=late: release(carry + steps - 1 - late))
+          store([acc[...] for acc in accs], work)
+
+        pl.when(work.steps >= 0)(
+          lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
+                                               for i in range(products)}))
+        return carry + steps
+
+    lax.cond(wg == 2, memory, compute)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+  pl.run_scoped(kernel, **scratch, collective_axes="wg")
 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
@@ -363,14 +400,6 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
   tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
   tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, 0).astype(jnp.int32)
-  transforms = _swizzled(cfg.tile_k, dtype)
-
-  def make_specs(_):
-    spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
-    a_spec = spec((cfg.block_m, cfg.tile_k), lambda kk: (0, kk))
-    if transpose_rhs:
-      return [a_spec, spec((cfg.block_n, cfg.tile_k), lambda kk: (0, kk))]
-    return [a_spec] + [spec((cfg.tile_k, cfg.block_n), lambda kk: (kk, 0)) for _ in stacks]
 
   def mma(wg, a_smem, b_smem):
     if transpose_rhs:
@@ -379,30 +408,24 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma, len(stacks), post)
-
   def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
     b_gmems, side_gmems = refs[:len(stacks)], refs[len(stacks):len(stacks) + post.sides]
     out_gmems = refs[len(stacks) + post.sides:]
 
-    @functools.partial(
-      pl.run_scoped,
-      pipeline_allocs=allocations(a_gmem, tuple(b.at[0] for b in b_gmems)),
-      **_scratch(cfg, dtype, len(stacks), post),
-      collective_axes="wg",
-    )
-    def _(pipeline_allocs, out_smem, side_barriers=None):
-      @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
-      def _(info):
-        mi, ni = plgpu.planar_snake(info.index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
-        rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
-        weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
-        b_srcs = tuple(w.at[cols, :] if transpose_rhs else w.at[:, cols] for w in weights)
-        at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
-        run(tile_steps_gmem[mi], 0, a_gmem.at[rows, :], b_srcs, at_tile(out_gmems), at_tile(side_gmems),
-            (out_smem, side_barriers), pipeline_allocs)
+    def work_at(index):
+      mi, ni = plgpu.planar_snake(index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
+      rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
+      weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
 
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      def operands(k):
+        kk = pl.ds(k * cfg.tile_k, cfg.tile_k)
+        return a_gmem.at[rows, kk], tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights)
+
+      at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
+      return TileWork(tile_steps_gmem[mi], operands, at_tile(out_gmems), at_tile(side_gmems))
+
+    b_block = (cfg.block_n, cfg.tile_k) if transpose_rhs else (cfg.tile_k, cfg.block_n)
+    _run_tiles(cfg, dtype, (m_iters * n_iters,), work_at, (cfg.block_m, cfg.tile_k), b_block, mma, len(stacks), post)
 
   outputs = len(stacks) if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
@@ -449,40 +472,25 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
   # The last column tile may run past n: TMA fills the loads past the arrays with zeros and drops such stores (on
   # the GPU only: Pallas' interpreter raises on such reads, and the CPU tests leave weight gradients to the GPU).
   m_iters, n_iters = k // cfg.block_m, pl.cdiv(n, cfg.block_n)
-  transforms = _swizzled(cfg.tile_k, dtype)
-
-  def make_specs(offset):
-    spec = functools.partial(plgpu.BlockSpec, transforms=transforms, delay_release=cfg.delay_release)
-    return [spec((cfg.tile_k, cfg.block_m), lambda kk: (offset + kk, 0)),
-            spec((cfg.tile_k, cfg.block_n), lambda kk: (offset + kk, 0))]
 
   def mma(wg, a_smem, b_smem):
     a = a_smem.at[:, _wg_slice(cfg, wg, "m")].transpose((1, 0))
     return a, b_smem.at[:, _wg_slice(cfg, wg, "n")]
 
-  run, allocations = _tile_runner(cfg, dtype, make_specs, mma)
-
   def body(order_gmem, start_blocks_gmem, steps_gmem, a_gmem, b_gmem, out_gmem):
-    @functools.partial(
-      pl.run_scoped,
-      pipeline_allocs=allocations(a_gmem, (b_gmem,)),
-      **_scratch(cfg, dtype),
-      collective_axes="wg",
-    )
-    def _(pipeline_allocs, out_smem, side_barriers=None):
-      @plgpu.nd_loop((g, m_iters * n_iters), collective_axes="sm")
-      def _(info):
-        gi = order_gmem[info.index[0]]
-        mi, ni = plgpu.planar_snake(info.index[1], (m_iters, n_iters), 1, cfg.grid_tile_width)
-        rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
-        steps = steps_gmem[gi]
+    def work_at(index):
+      gi = order_gmem[index[0]]
+      mi, ni = plgpu.planar_snake(index[1], (m_iters, n_iters), 1, cfg.grid_tile_width)
+      rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
+      first = start_blocks_gmem[gi]
 
-        @pl.when(steps >= 0)
-        def _():
-          run(steps, start_blocks_gmem[gi], a_gmem.at[:, rows], (b_gmem.at[:, cols],),
-              (out_gmem.at[gi, rows, cols],), (), (out_smem, side_barriers), pipeline_allocs)
+      def operands(k):
+        kk = pl.ds((first + k) * cfg.tile_k, cfg.tile_k)
+        return a_gmem.at[kk, rows], (b_gmem.at[kk, cols],)
 
-    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      return TileWork(steps_gmem[gi], operands, (out_gmem.at[gi, rows, cols],))
+
+    _run_tiles(cfg, dtype, (g, m_iters * n_iters), work_at, (cfg.tile_k, cfg.block_m), (cfg.tile_k, cfg.block_n), mma)
 
   out_type = jax.ShapeDtypeStruct((g, k, n), dtype)
   return launch(body, out_type, interpret, "expert_weight_grad")(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN)
