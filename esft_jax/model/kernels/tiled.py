@@ -8,7 +8,9 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
 
 - forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
-  while two compute warpgroups run wgmma. Tiles past the last group run zero pipeline steps and store zeros.
+  while two compute warpgroups run wgmma. One ring of stages serves all the block's tiles, so the next tile's first
+  operands load while the compute warpgroups store the last one. Tiles past the last group run zero steps and
+  store zeros.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
   once and each warpgroup keeps one accumulator per stack.
 - epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
@@ -232,8 +234,9 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
   """The body of a persistent kernel over `grid`'s output tiles (split among the blocks along "sm"): for each,
   `work_at(index)` says what to accumulate and where the epilogue stores. The memory warpgroup streams operand
   blocks (a_block and `products` b_block shapes) through one ring of stages for all the block's tiles, so the next
-  tile's first blocks arrive while the compute warpgroups finish the last one and store it (a pipeline per tile
-  waits for its last step to be consumed before it starts loading the next tile). mma(wg, a_smem, b_smem) gives
+  tile's first blocks arrive while the compute warpgroups finish the last one and store it. (Pallas' warp-specialized
+  pipeline, one per tile, waits for the tile's steps to be consumed before loading the next: the SwiGLU fwd+bwd ran
+  0.6-2.7% slower so, with equal outputs; BENCHMARKS.md, fifteenth session.) mma(wg, a_smem, b_smem) gives
   warpgroup wg's wgmma operands."""
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)

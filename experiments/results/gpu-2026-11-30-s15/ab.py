@@ -54,8 +54,9 @@ def main() -> None:
           ms[name].append(waited_and_back_to_back_ms(lambda: step(*fn_args), jax.block_until_ready, args.iters)[0])
       for name in steps:
         median = float(np.median(ms[name]))
-        print(f"| {data['rows']} | {'skewed' if skewed else 'even'} | {name} | {' / '.join(f'{m:.3f}' for m in ms[name])} "
-              f"| {median:.3f} | {18 * data['rows'] * 2048 * 1408 / median / 1e9:.1f} | {same} |", flush=True)
+        rounds = " / ".join(f"{m:.3f}" for m in ms[name])
+        print(f"| {data['rows']} | {'skewed' if skewed else 'even'} | {name} | {rounds} | {median:.3f} "
+              f"| {18 * data['rows'] * 2048 * 1408 / median / 1e9:.1f} | {same} |", flush=True)
 
 
 if __name__ == "__main__":
