@@ -321,25 +321,27 @@ def sweep(args) -> None:
     dout = normal(lhs.shape[0], n)
     w = normal(args.experts, k, n, scale=k ** -0.5)
     flops = 2 * data["rows"] * k * n
-    for cfg in sweep_configs(n):
+    for cfg in forward_candidates():
       cases.append((f"fwd {k}->{n}", cfg, flops, forward(cfg, False), (lhs, w, gs)))
-    for cfg in sweep_configs(k):
       cases.append((f"dX {n}->{k}", cfg, flops, forward(cfg, True), (dout, w, gs)))
-    for cfg in sweep_configs(n, k):
+    for cfg in weight_grad_candidates(k):
       cases.append((f"dW {k}x{n}", cfg, flops, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
     # The input gradients with the epilogues the SwiGLU's backward runs: up's adds gate's, down's makes dgate, dup
     epilogue = "add" if d_to_f else "swiglu_grad"
     sides = tuple(normal(lhs.shape[0], k) for _ in range(tiled.EPILOGUES[epilogue].sides))
-    for cfg in sweep_configs(k):
+    for cfg in forward_candidates():
       cases.append((f"dX {n}->{k} +{epilogue}", cfg, flops, forward(cfg, True, epilogue), (dout, w, gs, *sides)))
     if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
       stacks = (w, normal(args.experts, k, n, scale=k ** -0.5))
       for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))
+  names = sorted({case[0] for case in cases})
   cases = [case for case in cases if args.kernels in case[0]]
+  if not cases:
+    raise SystemExit(f"--kernels {args.kernels!r} matches none of the kernels: {', '.join(names)}")
   compiled = []
   for name, cfg, _, fn, fn_args in cases:
     try:
@@ -373,16 +375,21 @@ def sweep(args) -> None:
       print_row([name, str(cfg), f"{median:.3f}", f"{min(ms):.3f}-{max(ms):.3f}", f"{flops / median / 1e9:.1f}"])
 
 
-def sweep_configs(n: int, k: int | None = None) -> list:
-  """Candidate tiles for a forward-style kernel of output width n, or (with k) a weight gradient [k, n] (blocks must
-  divide k). In both the last column tile may run past n, as the shipped WEIGHT_GRAD_TILES do on width 1408."""
+def forward_candidates() -> list:
+  """Candidate tiles for a forward-style kernel of any output width: the last column tile may run past it.
+  store_n: outputs (and side arrays) staged in pieces, so that more pipeline stages fit."""
+  from esft_jax.model.kernels.tiled import TileConfig
+
+  return [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
+          TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(128, 128, "n", store_n=32),
+          TileConfig(64, 256, "m", store_n=32), TileConfig(64, 256, "m", store_n=64)]
+
+
+def weight_grad_candidates(k: int) -> list:
+  """Candidate tiles for a weight gradient [k, n]: blocks must divide k; the last column tile may run past n, as the
+  shipped WEIGHT_GRAD_TILES do on width 1408."""
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
-  if k is None:
-    # store_n: outputs (and side arrays) staged in pieces, so that more pipeline stages fit
-    return [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
-            TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(128, 128, "n", store_n=32),
-            TileConfig(64, 256, "m", store_n=32), TileConfig(64, 256, "m", store_n=64)]
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
                 TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]
   return [c for c in candidates if k % c.block_m == 0]
@@ -397,8 +404,8 @@ def main() -> None:
                            'three grouped matmuls and the SiLU apart, to compare the two side by side')
   parser.add_argument("--sweep", action="store_true", help="time tile configurations of the tiled kernels")
   parser.add_argument("--kernels", default="", metavar="TEXT",
-                      help="--sweep: only the kernels whose name contains TEXT (e.g. '+swiglu_grad'; names as in "
-                           "the sweep's table)")
+                      help="--sweep: only the kernels whose name contains TEXT as a substring (e.g. "
+                           "'+swiglu_grad'; names as in the sweep's table)")
   parser.add_argument("--profile", metavar="DIR",
                       help="also trace 5 calls of each JAX path and op into DIR and print their device time per "
                            "call by kernel, after the table (XLA's command buffers are turned off for the run, so "
@@ -414,6 +421,8 @@ def main() -> None:
   parser.add_argument("--rounds", type=at_least_one, default=3,
                       help="--sweep: rounds over all configurations (see sweep)")
   args = parser.parse_args()
+  if args.kernels and not args.sweep:
+    parser.error("--kernels picks kernels of --sweep; add --sweep")
   if args.tiny:
     args.rows, args.top_k, args.experts, args.d, args.f, args.warmup, args.iters = "96", 2, 4, 128, 128, 1, 2
   if args.profile:  # read when the backend starts (below)

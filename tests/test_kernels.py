@@ -178,7 +178,8 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-# The tiles forward_config picks, and gate/up's tiles with outputs stored in pieces of 32 columns
+# forward_config's picks without side arrays (64x128m, 128x128n-store16, 64x256m), whole 128x128n tiles, and gate/up's
+# tiles in pieces of 32 columns; its swiglu_grad pick (64x256m-store64) is in SIDE_TILES and the past-width GPU test
 FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
                  TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32)]
 
@@ -205,14 +206,12 @@ def test_output_pieces_leave_room_for_a_pipeline_stage():
   divide the tile."""
   from esft_jax.model.kernels import tiled
 
-  whole = TileConfig(128, 128, "n")
-  for epilogue in ("products", "add"):
-    slots = tiled._slots(1, tiled.EPILOGUES[epilogue])
-    assert (whole.stages(2, 1, slots), dataclasses.replace(whole, store_n=16).stages(2, 1, slots)) == (3, 4)
+  whole, slots = TileConfig(128, 128, "n"), tiled._slots(1, tiled.EPILOGUES["add"])
+  assert (whole.stages(2, 1, slots), dataclasses.replace(whole, store_n=16).stages(2, 1, slots)) == (3, 4)
   wide, slots = TileConfig(64, 256, "m"), tiled._slots(1, tiled.EPILOGUES["swiglu_grad"])
   assert (wide.stages(2, 1, slots), dataclasses.replace(wide, store_n=64).stages(2, 1, slots)) == (1, 3)
   zeros = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 256, 128), jnp.bfloat16)
-  with pytest.raises(ValueError, match="1 pipeline stage"):
+  with pytest.raises(ValueError, match="1 pipeline stage.*must exceed delay_release=1"):
     tiled.grouped_forward(*zeros, jnp.asarray([128, 128]), transpose_rhs=True, cfg=wide, interpret=True,
                           epilogue="swiglu_grad", sides=(jnp.zeros((256, 256), jnp.bfloat16),) * 2)
   with pytest.raises(ValueError, match="must divide tile_n"):
@@ -228,13 +227,29 @@ def test_misnamed_tiles_and_epilogues_are_refused():
     tiled.forward_config(256, epilogue="swiglu-grad")
 
 
-def test_tiled_forward_refuses_tiles_that_do_not_divide_the_output():
+def test_interpreter_refuses_tiles_past_the_output_width():
+  """The GPU runs a last column tile past n (TMA zero-fills and drops); Pallas' interpreter cannot, so it refuses
+  such tiles, and forward_config picks none for it."""
   from esft_jax.model.kernels import tiled
 
   lhs_PxK, rhs_GxKxN = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)
-  with pytest.raises(ValueError, match="128 x 256 blocks"):
+  with pytest.raises(ValueError, match=r"interpreter cannot run a column tile past n=384 \(block_n=256\)"):
     tiled.grouped_forward(lhs_PxK, rhs_GxKxN, jnp.asarray([128, 128]), transpose_rhs=False,
                           cfg=TileConfig(64, 256, "m"), interpret=True)
+  assert 1408 % tiled.forward_config(1408, 16384, "swiglu_grad", interpret=True).block_n == 0
+
+
+def test_forward_config_follows_the_measured_rules():
+  """The tiles BENCHMARKS.md measured fastest: swiglu_grad on 128 x 256 blocks in pieces of 64 (past n = 1408, not
+  past 384, whose overhang would be a third of it), add on 64 x 256, other epilogues on 64 x 256 from 32k rows and
+  on 128 x 128 in pieces of 16 below; 128 x 128 where 256 does not divide n."""
+  from esft_jax.model.kernels import tiled
+
+  picks = {(1408, 16384, "swiglu_grad"): "64x256m-store64", (384, 16384, "swiglu_grad"): "64x128m",
+           (2048, 16384, "add"): "64x256m", (1408, 16384, "add"): "64x128m",
+           (2048, 16384, "products"): "128x128n-store16", (2048, 32768, "products"): "64x256m",
+           (1408, 32768, "products"): "64x128m"}
+  assert {key: str(tiled.forward_config(*key)) for key in picks} == picks
 
 
 def test_tiled_kernels_refuse_mixed_dtypes():

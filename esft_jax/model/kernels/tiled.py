@@ -10,7 +10,7 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. One ring of stages serves all the block's tiles, so the next tile's first
   operands load while the compute warpgroups store the last one. Tiles past the last group run zero steps and
-  store zeros.
+  store zeros. On the GPU the last column tile may run past the output width (zero-filled loads, dropped stores).
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
   once and each warpgroup keeps one accumulator per stack.
 - epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
@@ -77,10 +77,11 @@ class TileConfig:
     """Short name for tables and test ids, e.g. 64x256m-store64 (fields at their defaults left out)."""
     short = {"tile_k": "k", "max_stages": "stages", "grid_tile_width": "width", "delay_release": "delay",
              "store_n": "store"}
+    defaults = {field.name: field.default for field in dataclasses.fields(self)}
     name = f"{self.tile_m}x{self.tile_n}{self.split}"
-    for field in dataclasses.fields(self)[3:]:
-      if getattr(self, field.name) != field.default:
-        name += f"-{short[field.name]}{getattr(self, field.name)}"
+    for field, label in short.items():
+      if getattr(self, field) != defaults[field]:
+        name += f"-{label}{getattr(self, field)}"
     return name
 
   @property
@@ -107,13 +108,15 @@ class TileConfig:
 WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
 
 
-def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`; blocks
-  of 128 x 256 where they fit, else 128 x 128. Measured on the benchmark's widths (BENCHMARKS.md):
+def forward_config(n: int, rows: int = 0, epilogue: str = "products", interpret: bool = False) -> TileConfig:
+  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`: blocks
+  of 128 x 256 where 256 divides n (swiglu_grad on the GPU: or where they run past n by at most n / 8), else
+  128 x 128. In Pallas' interpreter (`interpret`), which cannot read past an array, blocks always divide n.
+  Measured on the benchmark's widths (BENCHMARKS.md):
   - swiglu_grad (two side arrays): 64 x 256 per warpgroup, sides and outputs staged in pieces of 64 columns, the last
     column tile running past n (1408 = 5.5 x 256). Despite the products wasted past n it beat 128 x 128 blocks of
     whole tiles by 5% at 16k rows and 2% at 32k (fifteenth session). Where the waste would pass 1/8 of n, 128 x 128.
-  - add (one side array), and from 32k rows any epilogue: a 64 x 256 tile per warpgroup (one wgmma of width 256).
+  - add (one side array), and from 32k rows any other epilogue: a 64 x 256 tile per warpgroup (one wgmma of width 256).
     It beat two stacked 128 x 128 ones by 2% for the SwiGLU fwd+bwd at 32k (eleventh session), and add by 5% at 16k
     (fifteenth).
   - Below 32k rows without side arrays: 128 x 128 per warpgroup, the outputs stored in pieces of 16 columns
@@ -121,7 +124,8 @@ def forward_config(n: int, rows: int = 0, epilogue: str = "products") -> TileCon
     at 16k (fourteenth session); at 32k it timed within 1% of 64 x 256."""
   post = _epilogue(epilogue)
   if post.sides > 1:
-    return TileConfig(64, 256, "m", store_n=64) if -n % 256 <= n // 8 else TileConfig(64, 128, "m")
+    past_n_ok = not interpret and -n % 256 <= n // 8
+    return TileConfig(64, 256, "m", store_n=64) if n % 256 == 0 or past_n_ok else TileConfig(64, 128, "m")
   if n % 256:
     return TileConfig(64, 128, "m")
   if post.sides or rows >= WIDE_TILES_FROM_ROWS:
@@ -216,7 +220,7 @@ def _epilogue(name: str) -> Epilogue:
 
 
 def _slots(products: int, epilogue: Epilogue) -> int:
-  """Output staging slots per warpgroup (and piece): one per product or side; more outputs reuse them."""
+  """Output staging slots per warpgroup and set: one per product or side; more outputs reuse them."""
   return max(products, epilogue.sides)
 
 
@@ -240,9 +244,11 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
   warpgroup wg's wgmma operands."""
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
-  if stages < 2:
-    raise ValueError(f"{cfg} leaves shared memory for {stages} pipeline stage(s) beside {slots} output slot(s) per "
-                     "warpgroup: stage the outputs in pieces (store_n) or use smaller tiles")
+  if stages <= cfg.delay_release:  # else the memory warpgroup would wait for a release that never comes
+    raise ValueError(f"TileConfig {cfg}: {stages} pipeline stage(s) fit (max_stages={cfg.max_stages}, shared memory "
+                     f"beside {slots} output slot(s) per warpgroup), which must exceed delay_release="
+                     f"{cfg.delay_release}: stage the outputs in pieces (store_n), use smaller tiles or a smaller "
+                     "delay_release")
   buffers, columns = cfg.staging(slots)
   pieces, sets = cfg.tile_n // columns, buffers // slots
   operand_transforms = _swizzled(cfg.tile_k, dtype)
@@ -260,12 +266,13 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     wg = lax.axis_index("wg")
     tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
     piece_of = lambda ref, piece: tile(ref).at[:, pl.ds(piece * columns, columns)]
-    buffer = lambda piece, i: out_smem.at[wg, piece % sets * slots + i]
-    barrier = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
+    slot = lambda piece, i: out_smem.at[wg, (piece % sets) * slots + i]  # slot i of the piece's set
+    side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
+    stage_of = lambda step: lax.rem(step, stages)
 
     def load_sides(side_srcs, piece):
       for i, side_src in enumerate(side_srcs):
-        plgpu.copy_gmem_to_smem(piece_of(side_src, piece), buffer(piece, i), barrier(piece, i))
+        plgpu.copy_gmem_to_smem(piece_of(side_src, piece), slot(piece, i), side_loaded(piece, i))
 
     def load_first_sides(side_srcs):  # one piece per set; the later pieces load in the epilogue
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
@@ -274,80 +281,81 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 
     def store(values, work):
       """Column piece by piece: its sides (if any) are read from its set, then its outputs leave from the same
-      buffers; outputs past the set's buffers reuse them once their copies have read."""
-      if not work.sides:
+      slots; outputs past the set's slots reuse them once their copies have read."""
+      if not epilogue.sides:  # (with side arrays, load_first_sides has waited)
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
       for piece in range(pieces):
-        if work.sides and 0 < piece < pieces - 1:
+        if epilogue.sides and 0 < piece < pieces - 1:
           # The next piece's sides go to the other set once the previous piece's stores have read it.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           load_sides(work.sides, piece + 1)
         sides = []
         for i in range(epilogue.sides):
-          plgpu.barrier_wait(barrier(piece, i))
-          sides.append(buffer(piece, i)[...])
+          plgpu.barrier_wait(side_loaded(piece, i))
+          sides.append(slot(piece, i)[...])
         cols = slice(piece * columns, (piece + 1) * columns)
         outs = epilogue.fn([value[:, cols] for value in values], sides)
-        if work.sides:
+        if epilogue.sides:
           plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
         elif piece >= sets:
-          plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)  # the stores of this set's last piece have read
+          # The stores of this set's last piece (piece - 2) have read it; piece - 1's may still be in flight.
+          plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)
         for first in range(0, len(outs), slots):
           chunk = outs[first:first + slots]
           if first:
             plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
           for i, out in enumerate(chunk):
-            buffer(piece, i)[...] = out.astype(dtype)
+            slot(piece, i)[...] = out.astype(dtype)
           plgpu.commit_smem()
           for i in range(len(chunk)):
-            plgpu.copy_smem_to_gmem(buffer(piece, i), piece_of(work.outs[first + i], piece))
+            plgpu.copy_smem_to_gmem(slot(piece, i), piece_of(work.outs[first + i], piece))
 
     def memory():
       plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
 
       def await_consumed(step):
-        plgpu.barrier_wait(consumed.at[lax.rem(step, stages)])
+        plgpu.barrier_wait(consumed.at[stage_of(step)])
 
       @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
-      def loaded_steps(info, carry):  # carry: operand blocks loaded so far, which names the next stage
-        work = work_at(info.index)
+      def loaded_steps(info, carry):  # (nd_loop passes the carry by this name)
+        first_step, work = carry, work_at(info.index)  # operand blocks loaded so far, which name the next stage
         steps = jnp.maximum(work.steps, 0)
 
         @pl.loop(0, steps)
         def _(k):
-          step = carry + k
-          stage = lax.rem(step, stages)
+          step = first_step + k
+          stage = stage_of(step)
           pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
           a_src, b_srcs = work.operands(k)
           plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], loaded.at[stage])
           for b_src, b_ring in zip(b_srcs, b_rings):
             plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], loaded.at[stage])
 
-        return carry + steps
+        return first_step + steps
 
       # The last stages' releases too: every phase of a barrier must be awaited (Pallas' interpreter checks this).
       pl.loop(jnp.maximum(loaded_steps - stages, 0), loaded_steps)(await_consumed)
 
     def compute():
       plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
-      release = lambda step: plgpu.barrier_arrive(consumed.at[lax.rem(step, stages)])
+      release = lambda step: plgpu.barrier_arrive(consumed.at[stage_of(step)])
 
       @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
       def _(info, carry):
-        work = work_at(info.index)
+        first_step, work = carry, work_at(info.index)  # as the memory warpgroup's
         steps = jnp.maximum(work.steps, 0)
 
         def accumulate(**accs):
           accs = [accs[f"acc{i}"] for i in range(products)]
-          if work.sides:
+          if epilogue.sides:
             pl.when(steps == 0)(lambda: load_first_sides(work.sides))
 
           @pl.loop(0, steps)
           def _(k):
-            step = carry + k
-            stage = lax.rem(step, stages)
+            step = first_step + k
+            stage = stage_of(step)
             plgpu.barrier_wait(loaded.at[stage])
-            if work.sides:
+            if epilogue.sides:
               # Issued halfway rather than before the first step, where they had to wait for the previous tile's
               # stores to leave the slots before the tile's first wgmma could start.
               pl.when(k == steps // 2)(lambda: load_first_sides(work.sides))
@@ -358,13 +366,13 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 
           plgpu.wgmma_wait(0)
           for late in range(cfg.delay_release):  # the tile's last blocks, still held above
-            pl.when(steps > late)(lambda late=late: release(carry + steps - 1 - late))
+            pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
           store([acc[...] for acc in accs], work)
 
         pl.when(work.steps >= 0)(
           lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
                                                for i in range(products)}))
-        return carry + steps
+        return first_step + steps
 
     lax.cond(wg == 2, memory, compute)
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
@@ -390,10 +398,12 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   p, k = lhs_PxK.shape
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_PxK.dtype
-  if k % cfg.tile_k or p % cfg.block_m or (interpret and n % cfg.block_n):
-    raise ValueError(f"grouped_forward: [{p}, {k}] x [{k}, {n}] does not divide into {cfg.block_m} x {cfg.block_n} "
-                     f"blocks of K tile {cfg.tile_k}{' (in the interpreter)' if interpret else ''}; pick a TileConfig "
-                     "that divides it (see forward_config)")
+  if k % cfg.tile_k or p % cfg.block_m:
+    raise ValueError(f"grouped_forward: [{p}, {k}] x [{k}, {n}] does not divide into {cfg.block_m}-row blocks of K "
+                     f"tile {cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
+  if interpret and n % cfg.block_n:
+    raise ValueError(f"grouped_forward: Pallas' interpreter cannot run a column tile past n={n} (block_n="
+                     f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config(..., interpret=True))")
   # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
   m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
@@ -505,7 +515,7 @@ def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
   The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
   being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
-  cfg = forward_config(rhs_GxKxN.shape[2], rows=lhs_PxK.shape[0])
+  cfg = forward_config(rhs_GxKxN.shape[2], rows=lhs_PxK.shape[0], interpret=interpret)
   return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
 
 
@@ -542,7 +552,8 @@ def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, in
   *partials_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
                                               cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
   y_PxD = grouped_forward(hidden_PxF, down_GxFxD, group_sizes_G, transpose_rhs=False,
-                          cfg=forward_config(down_GxFxD.shape[2], rows=x_PxD.shape[0]), interpret=interpret)
+                          cfg=forward_config(down_GxFxD.shape[2], x_PxD.shape[0], interpret=interpret),
+                          interpret=interpret)
   weights = (gate_GxDxF, up_GxDxF, down_GxFxD)
   return y_PxD, (x_PxD, weights, group_sizes_G, first_group, *partials_PxF, hidden_PxF)
 
@@ -564,7 +575,7 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
   """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
-  cfg = forward_config(rhs_GxKxN.shape[1], dout_PxN.shape[0], epilogue)
+  cfg = forward_config(rhs_GxKxN.shape[1], dout_PxN.shape[0], epilogue, interpret)
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
                          epilogue=epilogue, sides=sides)
 
