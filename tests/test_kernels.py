@@ -239,6 +239,18 @@ def test_interpreter_refuses_tiles_past_the_output_width():
   assert 1408 % tiled.forward_config(1408, 16384, "swiglu_grad", interpret=True).block_n == 0
 
 
+def test_interpreted_swiglu_backward_keeps_its_tiles_inside_the_width():
+  """At F = 1152 the GPU's swiglu_grad tiles would run past F (by 1/9 of it); the interpreted SwiGLU's backward
+  picks tiles that divide F instead, so it traces."""
+  from esft_jax.model.kernels import tiled
+
+  x, _, _, experts = moe_inputs(np.random.default_rng(12), 128, 1, 2, 128, 1152, skewed=False)
+  sizes = jnp.asarray([128, 0], jnp.int32)
+  loss = lambda x, *weights: jnp.sum(tiled.tiled_swiglu(x, *weights, sizes, True).astype(jnp.float32))
+  weights = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
+  jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, *weights)  # raised when the tiles ran past F
+
+
 def test_forward_config_follows_the_measured_rules():
   """The tiles BENCHMARKS.md measured fastest: swiglu_grad on 128 x 256 blocks in pieces of 64 (past n = 1408, not
   past 384, whose overhang would be a third of it), add on 64 x 256, other epilogues on 64 x 256 from 32k rows and
