@@ -335,7 +335,7 @@ def sweep(args) -> None:
       cases.append((f"dX {n}->{k} +{epilogue}", cfg, flops, forward(cfg, True, epilogue), (dout, w, gs, *sides)))
     if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
       stacks = (w, normal(args.experts, k, n, scale=k ** -0.5))
-      for cfg in (tiled.SHARED_LHS_TILES, dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=32)):
+      for cfg in shared_lhs_candidates():
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))
   names = sorted({case[0] for case in cases})
@@ -377,12 +377,23 @@ def sweep(args) -> None:
 
 def forward_candidates() -> list:
   """Candidate tiles for a forward-style kernel of any output width: the last column tile may run past it.
-  store_n: outputs (and side arrays) staged in pieces, so that more pipeline stages fit."""
+  store_n: outputs (and side arrays) staged in pieces, so that more pipeline stages fit. "pingpong": each compute
+  warpgroup its own blocks, in turn, so that one's epilogue overlaps the other's mainloop."""
   from esft_jax.model.kernels.tiled import TileConfig
 
-  return [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", tile_k=128), TileConfig(128, 128, "n"),
-          TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16), TileConfig(128, 128, "n", store_n=32),
-          TileConfig(64, 256, "m", store_n=32), TileConfig(64, 256, "m", store_n=64)]
+  cooperative = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16),
+                 TileConfig(128, 128, "n", store_n=32), TileConfig(64, 256, "m", store_n=64)]
+  pingpong = [TileConfig(128, 128, "pingpong"), TileConfig(128, 128, "pingpong", store_n=32, max_stages=6),
+              TileConfig(64, 256, "pingpong", store_n=64), TileConfig(64, 256, "pingpong", store_n=32)]
+  return cooperative + pingpong
+
+
+def shared_lhs_candidates() -> list:
+  """Candidate tiles for gate and up in one kernel (two fp32 accumulators per warpgroup)."""
+  from esft_jax.model.kernels.tiled import SHARED_LHS_TILES, TileConfig
+
+  return [SHARED_LHS_TILES, dataclasses.replace(SHARED_LHS_TILES, store_n=32), TileConfig(64, 128, "pingpong"),
+          TileConfig(64, 128, "pingpong", store_n=32)]
 
 
 def weight_grad_candidates(k: int) -> list:
@@ -391,7 +402,9 @@ def weight_grad_candidates(k: int) -> list:
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
-                TileConfig(128, 128, "m", grid_tile_width=1), TileConfig(64, 128, "m")]
+                TileConfig(128, 128, "pingpong", grid_tile_width=1),
+                TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=6),
+                TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=64)]
   return [c for c in candidates if k % c.block_m == 0]
 
 

@@ -20,7 +20,7 @@ import pytest
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.kernels.layout import combine, dispatch, expert_layout, padded_rows, take_rows
-from esft_jax.model.kernels.tiled import TileConfig
+from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 from tests.jaxprs import scatters
 
 REPO = Path(__file__).resolve().parents[1]
@@ -178,10 +178,12 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-# forward_config's picks without side arrays (64x128m, 128x128n-store16, 64x256m), whole 128x128n tiles, and gate/up's
-# tiles in pieces of 32 columns; its swiglu_grad pick (64x256m-store64) is in SIDE_TILES and the past-width GPU test
+# forward_config's picks without side arrays (64x128m, 128x128n-store16, 64x256m), whole 128x128n tiles, gate/up's
+# tiles in pieces of 32 columns, and ping-pong blocks (whole, and in pieces); its swiglu_grad pick (64x256m-store64) is
+# in SIDE_TILES and the past-width GPU test
 FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
-                 TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32)]
+                 TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32), TileConfig(128, 128, "pingpong"),
+                 TileConfig(64, 256, "pingpong", store_n=64)]
 
 
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
@@ -278,14 +280,14 @@ def test_tiled_kernels_refuse_mixed_dtypes():
                               interpret=True)
 
 
-@pytest.mark.parametrize("store_n", [None, 32], ids=["tiles", "pieces"])
-def test_tiled_forward_of_two_stacks_interpreted(store_n):
+@pytest.mark.parametrize("cfg", [TileConfig(64, 128, "m"), TileConfig(64, 128, "m", store_n=32),
+                                 TileConfig(64, 128, "pingpong", store_n=32)], ids=str)
+def test_tiled_forward_of_two_stacks_interpreted(cfg):
   """Gate and up in one kernel (each lhs tile loaded once for both), in the interpreter: each product as
   ragged_dot's, zeros past the last group; with the "swiglu" epilogue, silu(gate) * up and its partial derivatives
-  in gate and up. Outputs staged as whole tiles, and in pieces of 32 columns."""
+  in gate and up. Outputs staged as whole tiles, in pieces of 32 columns, and on ping-pong blocks."""
   from esft_jax.model.kernels import tiled
 
-  cfg = dataclasses.replace(tiled.SHARED_LHS_TILES, store_n=store_n)
   rng = np.random.default_rng(2)
   sizes = jnp.asarray([256, 0, 128], jnp.int32)
   lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
@@ -304,8 +306,9 @@ def test_tiled_forward_of_two_stacks_interpreted(store_n):
     assert np.all(np.asarray(out[384:]) == 0)
 
 
-# Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue)
-SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32)]
+# Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue), also on ping-pong blocks
+SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32),
+              TileConfig(128, 128, "pingpong", store_n=32)]
 
 
 @pytest.mark.parametrize("cfg", SIDE_TILES, ids=str)
@@ -440,8 +443,8 @@ def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
 
 @needs_hopper
 @pytest.mark.parametrize("cfg", [TileConfig(64, 256, "m", store_n=64), TileConfig(64, 256, "m", store_n=32),
-                                 TileConfig(128, 128, "n", store_n=32), TileConfig(128, 128, "n", store_n=16)],
-                         ids=str)
+                                 TileConfig(128, 128, "n", store_n=32), TileConfig(128, 128, "n", store_n=16),
+                                 TileConfig(64, 256, "pingpong", store_n=64)], ids=str)
 def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   """Blocks 256 wide on an output 384 wide: the last column tile runs past it (zero-filled loads, dropped stores),
   for the product, the input gradient's (rhs read transposed) and the epilogues with side arrays."""
@@ -465,6 +468,31 @@ def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   for got, expected in zip((out, transposed, added, dgate, dup), wants, strict=True):
     assert rel_err(got[:used], expected[:used]) < 1e-2
     assert np.all(np.asarray(got[used:]) == 0)
+
+
+@needs_hopper
+@pytest.mark.parametrize("cfg", [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
+                                 TileConfig(128, 128, "pingpong", grid_tile_width=1),
+                                 TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=6),
+                                 TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=64)], ids=str)
+def test_weight_grad_tiles_match_ragged_dot_on_gpu(cfg):
+  """Each weight-gradient tiling on the GPU against lhs[rows of e].T @ dout[rows of e], on a width of 384 (256-wide
+  blocks run past it): an expert with no rows gets an exact zero; one not named is skipped."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(9)
+  sizes = jnp.asarray([256, 0, 128, 384, 128], jnp.int32)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  lhs_PxK, dout_PxN = normal(896, 256), normal(896, 384)
+  grads = tiled.grouped_weight_grad(lhs_PxK, dout_PxN, sizes, cfg=cfg, groups=(0, 1, 3, 4))
+  starts = np.concatenate([[0], np.cumsum(sizes)])
+  for e in (0, 1, 3, 4):
+    rows = slice(starts[e], starts[e + 1])
+    want = lhs_PxK[rows].astype(jnp.float32).T @ dout_PxN[rows].astype(jnp.float32)
+    if e == 1:
+      assert np.all(np.asarray(grads[e]) == 0)
+    else:
+      assert rel_err(grads[e], want) < 1e-2
 
 
 @needs_hopper

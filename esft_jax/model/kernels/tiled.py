@@ -11,6 +11,8 @@ each tile reads one expert's weights, found in a per-tile table. Rows past sum(g
   while two compute warpgroups run wgmma. One ring of stages serves all the block's tiles, so the next tile's first
   operands load while the compute warpgroups store the last one. Tiles past the last group run zero steps and
   store zeros. On the GPU the last column tile may run past the output width (zero-filled loads, dropped stores).
+  Either both compute warpgroups share each block (each one half of it), or in a ping-pong schedule each takes
+  whole blocks in turn, so that one's epilogue overlaps the other's mainloop.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
   once and each warpgroup keeps one accumulator per stack.
 - epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
@@ -48,7 +50,10 @@ _COMPUTE_REGISTERS = (512 - _MEMORY_REGISTERS) // 2 // 8 * 8
 
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
-  """A block's output tile: two compute warpgroups of tile_m x tile_n each, stacked along `split` ("m" or "n")."""
+  """A block's output tile: two compute warpgroups of tile_m x tile_n each, stacked along `split` ("m" or "n"); or
+  with split "pingpong", a warpgroup's own tile_m x tile_n block, the two warpgroups taking the block's tiles in turn:
+  the memory warpgroup loads one tile's operands after the other's, so one warpgroup's mainloop runs while the
+  other's epilogue stores, and the tensor cores are not left idle during epilogues (CUTLASS's ping-pong schedule)."""
 
   tile_m: int
   tile_n: int
@@ -68,8 +73,9 @@ class TileConfig:
   store_n: int | None = None
 
   def __post_init__(self):
-    if self.split not in ("m", "n"):
-      raise ValueError(f"TileConfig: split={self.split!r} must be 'm' (warpgroups stacked along rows) or 'n'")
+    if self.split not in ("m", "n", "pingpong"):
+      raise ValueError(f"TileConfig: split={self.split!r} must be 'm' (warpgroups stacked along rows), 'n' or "
+                       "'pingpong' (each warpgroup its own blocks, in turn)")
     if self.store_n is not None and (self.store_n <= 0 or self.tile_n % self.store_n):
       raise ValueError(f"TileConfig: store_n={self.store_n} must divide tile_n={self.tile_n}")
 
@@ -168,7 +174,7 @@ def _swizzled(minor_elems: int, dtype) -> tuple:
 
 
 def _wg_slice(cfg: TileConfig, wg, dim: str):
-  """The part of the block's tile (along `dim`) that compute warpgroup `wg` owns."""
+  """The part of the block's tile (along `dim`) that compute warpgroup `wg` owns (in ping-pong: all of it)."""
   size = cfg.tile_m if dim == "m" else cfg.tile_n
   return pl.ds(wg * size, size) if cfg.split == dim else slice(None)
 
@@ -241,7 +247,10 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
   tile's first blocks arrive while the compute warpgroups finish the last one and store it. (Pallas' warp-specialized
   pipeline, one per tile, waits for the tile's steps to be consumed before loading the next: the SwiGLU fwd+bwd ran
   0.6-2.7% slower so, with equal outputs; BENCHMARKS.md, fifteenth session.) mma(wg, a_smem, b_smem) gives
-  warpgroup wg's wgmma operands."""
+  warpgroup wg's wgmma operands. With cfg.split "pingpong" the block's tiles go to the compute warpgroups in turn,
+  and each stage's loads are signalled to its tile's warpgroup alone: Mosaic tracks a barrier's phase per thread,
+  so a warpgroup must await every phase of the barriers it waits on, and none of the others'."""
+  pingpong = cfg.split == "pingpong"
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
   if stages <= cfg.delay_release:  # else the memory warpgroup would wait for a release that never comes
@@ -255,8 +264,9 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
   scratch = {
     "a_ring": plgpu.SMEM((stages, *a_block), dtype, transforms=operand_transforms),
     "b_rings": [plgpu.SMEM((stages, *b_block), dtype, transforms=operand_transforms) for _ in range(products)],
-    "loaded": plgpu.Barrier(num_arrivals=1 + products, num_barriers=stages),
-    "consumed": plgpu.Barrier(num_arrivals=2, num_barriers=stages),  # by both compute warpgroups
+    # per stage, and in ping-pong per compute warpgroup too
+    "loaded": plgpu.Barrier(num_arrivals=1 + products, num_barriers=stages * (2 if pingpong else 1)),
+    "consumed": plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=stages),  # by the step's warpgroups
     "out_smem": plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype)),
   }
   if epilogue.sides:  # one per warpgroup, set of slots and side
@@ -269,6 +279,9 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     slot = lambda piece, i: out_smem.at[wg, (piece % sets) * slots + i]  # slot i of the piece's set
     side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
     stage_of = lambda step: lax.rem(step, stages)
+    # The compute warpgroup that takes the block's local_index-th tile (in ping-pong; else both do)
+    owner = lambda local_index: lax.rem(local_index, 2) if pingpong else 0
+    loaded_at = lambda owner, step: loaded.at[owner * stages + stage_of(step)]
 
     def load_sides(side_srcs, piece):
       for i, side_src in enumerate(side_srcs):
@@ -327,9 +340,10 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           stage = stage_of(step)
           pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
           a_src, b_srcs = work.operands(k)
-          plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], loaded.at[stage])
+          signal = loaded_at(owner(info.local_index), step)
+          plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], signal)
           for b_src, b_ring in zip(b_srcs, b_rings):
-            plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], loaded.at[stage])
+            plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
 
         return first_step + steps
 
@@ -354,7 +368,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           def _(k):
             step = first_step + k
             stage = stage_of(step)
-            plgpu.barrier_wait(loaded.at[stage])
+            plgpu.barrier_wait(loaded_at(wg if pingpong else 0, step))
             if epilogue.sides:
               # Issued halfway rather than before the first step, where they had to wait for the previous tile's
               # stores to leave the slots before the tile's first wgmma could start.
@@ -369,7 +383,8 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
             pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
           store([acc[...] for acc in accs], work)
 
-        pl.when(work.steps >= 0)(
+        takes_tile = (owner(info.local_index) == wg) if pingpong else True
+        pl.when((work.steps >= 0) & takes_tile)(
           lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
                                                for i in range(products)}))
         return first_step + steps
