@@ -382,9 +382,11 @@ def forward_candidates() -> list:
   from esft_jax.model.kernels.tiled import TileConfig
 
   cooperative = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m"), TileConfig(128, 128, "n", store_n=16),
-                 TileConfig(128, 128, "n", store_n=32), TileConfig(64, 256, "m", store_n=64)]
-  pingpong = [TileConfig(128, 128, "pingpong"), TileConfig(128, 128, "pingpong", store_n=32, max_stages=6),
-              TileConfig(64, 256, "pingpong", store_n=64), TileConfig(64, 256, "pingpong", store_n=32)]
+                 TileConfig(64, 256, "m", store_n=64)]
+  # max_stages=8: as many stages as fit beside the staging
+  pingpong = [TileConfig(128, 128, "pingpong", store_n=32, max_stages=8),
+              TileConfig(128, 128, "pingpong", store_n=16, max_stages=8),
+              TileConfig(64, 256, "pingpong", store_n=32, max_stages=8)]
   return cooperative + pingpong
 
 
@@ -402,9 +404,9 @@ def weight_grad_candidates(k: int) -> list:
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
-                TileConfig(128, 128, "pingpong", grid_tile_width=1),
-                TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=6),
-                TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=64)]
+                TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=8),
+                TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=16, max_stages=8),
+                TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=32, max_stages=8)]
   return [c for c in candidates if k % c.block_m == 0]
 
 
