@@ -178,12 +178,11 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
-# forward_config's picks without side arrays (64x128m, 128x128n-store16, 64x256m), whole 128x128n tiles, gate/up's
-# tiles in pieces of 32 columns, and ping-pong blocks (whole, and in pieces); its swiglu_grad pick (64x256m-store64) is
-# in SIDE_TILES and the past-width GPU test
+# Blocks shared by both warpgroups (split along m or n; whole tiles or in pieces) and ping-pong blocks: whole, and in
+# pieces of 32 as forward_config's (its swiglu_grad pick is in SIDE_TILES)
 FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
                  TileConfig(64, 256, "m"), TileConfig(64, 128, "m", store_n=32), TileConfig(128, 128, "pingpong"),
-                 TileConfig(64, 256, "pingpong", store_n=64)]
+                 TileConfig(128, 128, "pingpong", store_n=32, max_stages=8)]
 
 
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
@@ -226,44 +225,30 @@ def test_misnamed_tiles_and_epilogues_are_refused():
   with pytest.raises(ValueError, match="split='x' must be 'm'"):
     TileConfig(64, 128, "x")
   with pytest.raises(ValueError, match="epilogue 'swiglu-grad' is unknown; use one of"):
-    tiled.forward_config(256, epilogue="swiglu-grad")
+    tiled.forward_config("swiglu-grad")
 
 
 def test_interpreter_refuses_tiles_past_the_output_width():
   """The GPU runs a last column tile past n (TMA zero-fills and drops); Pallas' interpreter cannot, so it refuses
-  such tiles, and forward_config picks none for it."""
+  such tiles (forward_config's 128-wide blocks divide every width the kernels take)."""
   from esft_jax.model.kernels import tiled
 
   lhs_PxK, rhs_GxKxN = jnp.zeros((256, 128), jnp.bfloat16), jnp.zeros((2, 128, 384), jnp.bfloat16)
   with pytest.raises(ValueError, match=r"interpreter cannot run a column tile past n=384 \(block_n=256\)"):
     tiled.grouped_forward(lhs_PxK, rhs_GxKxN, jnp.asarray([128, 128]), transpose_rhs=False,
                           cfg=TileConfig(64, 256, "m"), interpret=True)
-  assert 1408 % tiled.forward_config(1408, 16384, "swiglu_grad", interpret=True).block_n == 0
-
-
-def test_interpreted_swiglu_backward_keeps_its_tiles_inside_the_width():
-  """At F = 1152 the GPU's swiglu_grad tiles would run past F (by 1/9 of it); the interpreted SwiGLU's backward
-  picks tiles that divide F instead, so it traces."""
-  from esft_jax.model.kernels import tiled
-
-  x, _, _, experts = moe_inputs(np.random.default_rng(12), 128, 1, 2, 128, 1152, skewed=False)
-  sizes = jnp.asarray([128, 0], jnp.int32)
-  loss = lambda x, *weights: jnp.sum(tiled.tiled_swiglu(x, *weights, sizes, True).astype(jnp.float32))
-  weights = experts["gate_proj"], experts["up_proj"], experts["down_proj"]
-  jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2, 3)))(x, *weights)  # raised when the tiles ran past F
 
 
 def test_forward_config_follows_the_measured_rules():
-  """The tiles BENCHMARKS.md measured fastest: swiglu_grad on 128 x 256 blocks in pieces of 64 (past n = 1408, not
-  past 384, whose overhang would be a third of it), add on 64 x 256, other epilogues on 64 x 256 from 32k rows and
-  on 128 x 128 in pieces of 16 below; 128 x 128 where 256 does not divide n."""
+  """The tiles BENCHMARKS.md measured fastest (sixteenth session): 128 x 128 ping-pong blocks, staged in pieces of 16
+  columns beside swiglu_grad's two side arrays and of 32 otherwise."""
   from esft_jax.model.kernels import tiled
 
-  picks = {(1408, 16384, "swiglu_grad"): "64x256m-store64", (384, 16384, "swiglu_grad"): "64x128m",
-           (2048, 16384, "add"): "64x256m", (1408, 16384, "add"): "64x128m",
-           (2048, 16384, "products"): "128x128n-store16", (2048, 32768, "products"): "64x256m",
-           (1408, 32768, "products"): "64x128m"}
-  assert {key: str(tiled.forward_config(*key)) for key in picks} == picks
+  picks = {epilogue: str(tiled.forward_config(epilogue)) for epilogue in ("products", "add", "swiglu_grad")}
+  assert picks == {"products": "128x128pingpong-stages8-store32", "add": "128x128pingpong-stages8-store32",
+                   "swiglu_grad": "128x128pingpong-stages8-store16"}
+  for epilogue in ("products", "add", "swiglu_grad"):  # beside the staging, 5 stages of 32 KB fit
+    assert tiled.forward_config(epilogue).stages(2, 1, tiled._slots(1, tiled.EPILOGUES[epilogue])) == 5
 
 
 def test_tiled_kernels_refuse_mixed_dtypes():
@@ -306,9 +291,10 @@ def test_tiled_forward_of_two_stacks_interpreted(cfg):
     assert np.all(np.asarray(out[384:]) == 0)
 
 
-# Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue), also on ping-pong blocks
+# Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue); forward_config's
+# swiglu_grad pick: ping-pong blocks in 8 pieces
 SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32),
-              TileConfig(128, 128, "pingpong", store_n=32)]
+              TileConfig(128, 128, "pingpong", store_n=16, max_stages=8)]
 
 
 @pytest.mark.parametrize("cfg", SIDE_TILES, ids=str)
@@ -348,7 +334,7 @@ def test_layers_share_one_lowered_kernel():
   def lowered_chars(layers: int) -> int:
     def chain(x):
       for _ in range(layers):
-        x = tiled.grouped_forward(x, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(128),
+        x = tiled.grouped_forward(x, rhs_GxKxN, sizes, transpose_rhs=False, cfg=tiled.forward_config(),
                                   interpret=True)
       return x
 

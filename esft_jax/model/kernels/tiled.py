@@ -111,32 +111,15 @@ class TileConfig:
     return min(self.max_stages, (_SMEM_BYTES - out_bytes - 4096) // stage_bytes)
 
 
-WIDE_TILES_FROM_ROWS = 32 * 1024  # see forward_config
-
-
-def forward_config(n: int, rows: int = 0, epilogue: str = "products", interpret: bool = False) -> TileConfig:
-  """Tiles of the forward / input-gradient kernel for output width n, `rows` (padded) rows and `epilogue`: blocks
-  of 128 x 256 where 256 divides n (swiglu_grad on the GPU: or where they run past n by at most n / 8), else
-  128 x 128. In Pallas' interpreter (`interpret`), which cannot read past an array, blocks always divide n.
-  Measured on the benchmark's widths (BENCHMARKS.md):
-  - swiglu_grad (two side arrays): 64 x 256 per warpgroup, sides and outputs staged in pieces of 64 columns, the last
-    column tile running past n (1408 = 5.5 x 256). Despite the products wasted past n it beat 128 x 128 blocks of
-    whole tiles by 5% at 16k rows and 2% at 32k (fifteenth session). Where the waste would pass 1/8 of n, 128 x 128.
-  - add (one side array), and from 32k rows any other epilogue: a 64 x 256 tile per warpgroup (one wgmma of width 256).
-    It beat two stacked 128 x 128 ones by 2% for the SwiGLU fwd+bwd at 32k (eleventh session), and add by 5% at 16k
-    (fifteenth).
-  - Below 32k rows without side arrays: 128 x 128 per warpgroup, the outputs stored in pieces of 16 columns
-    (`store_n`), which leaves room for a 4th pipeline stage: 1-2.5% faster than whole tiles for the SwiGLU fwd+bwd
-    at 16k (fourteenth session); at 32k it timed within 1% of 64 x 256."""
-  post = _epilogue(epilogue)
-  if post.sides > 1:
-    past_n_ok = not interpret and -n % 256 <= n // 8
-    return TileConfig(64, 256, "m", store_n=64) if n % 256 == 0 or past_n_ok else TileConfig(64, 128, "m")
-  if n % 256:
-    return TileConfig(64, 128, "m")
-  if post.sides or rows >= WIDE_TILES_FROM_ROWS:
-    return TileConfig(64, 256, "m")
-  return TileConfig(128, 128, "n", store_n=16)
+def forward_config(epilogue: str = "products") -> TileConfig:
+  """Tiles of the forward / input-gradient kernels for `epilogue`: ping-pong blocks of 128 x 128 (each compute
+  warpgroup its own, in turn), outputs and side arrays staged in pieces of 32 columns (16 for swiglu_grad's two side
+  arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
+  past it. Measured against the tiles where both warpgroups share each block, the best of those per kernel
+  (BENCHMARKS.md, sixteenth session: `bench_moe.py --sweep`, 16k and 32k rows): the SwiGLU's backward kernels
+  swiglu_grad 5-7% faster, add 3-6%; the products without side arrays within 2% at 16k rows and 1-6% faster at
+  32k."""
+  return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
 # Tiles of the forward kernel with two weight stacks (gate and up): each warpgroup holds one 64 x 128 accumulator
@@ -144,10 +127,10 @@ def forward_config(n: int, rows: int = 0, epilogue: str = "products", interpret:
 SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 
-# Tiles of the weight-gradient kernel: 128 x 256 blocks of one 64 x 256 wgmma per warpgroup. Where 256 does not
-# divide the weight's width (1408 = 5.5 x 256) the last column tile runs past it, on zero-filled loads with its stores
-# dropped; it still beat 256 x 128 blocks on [2048, 1408] (BENCHMARKS.md, eleventh session).
-WEIGHT_GRAD_TILES = TileConfig(64, 256, "m", grid_tile_width=1)
+# Tiles of the weight-gradient kernel: ping-pong blocks of 128 x 128 as forward_config's. Against 128 x 256 blocks
+# shared by both warpgroups they were 7-13% faster at 16k rows, where each expert's tiles take only 4 steps of K and
+# the epilogue weighs most, and 2-5% at 32k (BENCHMARKS.md, sixteenth session).
+WEIGHT_GRAD_TILES = TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=8)
 
 
 DTYPES = (jnp.bfloat16, jnp.float16)  # what wgmma multiplies here
@@ -418,7 +401,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
                      f"tile {cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
   if interpret and n % cfg.block_n:
     raise ValueError(f"grouped_forward: Pallas' interpreter cannot run a column tile past n={n} (block_n="
-                     f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config(..., interpret=True))")
+                     f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config's do)")
   # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
   m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
@@ -530,8 +513,8 @@ def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
   The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
   being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
-  cfg = forward_config(rhs_GxKxN.shape[2], rows=lhs_PxK.shape[0], interpret=interpret)
-  return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=cfg, interpret=interpret)
+  return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(),
+                         interpret=interpret)
 
 
 def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
@@ -567,8 +550,7 @@ def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, in
   *partials_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
                                               cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
   y_PxD = grouped_forward(hidden_PxF, down_GxFxD, group_sizes_G, transpose_rhs=False,
-                          cfg=forward_config(down_GxFxD.shape[2], x_PxD.shape[0], interpret=interpret),
-                          interpret=interpret)
+                          cfg=forward_config(), interpret=interpret)
   weights = (gate_GxDxF, up_GxDxF, down_GxFxD)
   return y_PxD, (x_PxD, weights, group_sizes_G, first_group, *partials_PxF, hidden_PxF)
 
@@ -590,9 +572,8 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
   """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
-  cfg = forward_config(rhs_GxKxN.shape[1], dout_PxN.shape[0], epilogue, interpret)
-  return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=cfg, interpret=interpret,
-                         epilogue=epilogue, sides=sides)
+  return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(epilogue),
+                         interpret=interpret, epilogue=epilogue, sides=sides)
 
 
 def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
