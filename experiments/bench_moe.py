@@ -391,10 +391,11 @@ def forward_candidates() -> list:
 
 
 def shared_lhs_candidates() -> list:
-  """Candidate tiles for gate and up in one kernel (two fp32 accumulators per warpgroup)."""
+  """Candidate tiles for gate and up in one kernel (two fp32 accumulators per warpgroup, so ping-pong blocks are
+  64 x 128 at most)."""
   from esft_jax.model.kernels.tiled import SHARED_LHS_TILES, TileConfig
 
-  return [SHARED_LHS_TILES, dataclasses.replace(SHARED_LHS_TILES, store_n=32), TileConfig(64, 128, "pingpong"),
+  return [SHARED_LHS_TILES, dataclasses.replace(SHARED_LHS_TILES, store_n=32),
           TileConfig(64, 128, "pingpong", store_n=32)]
 
 
@@ -403,8 +404,8 @@ def weight_grad_candidates(k: int) -> list:
   shipped WEIGHT_GRAD_TILES do on width 1408."""
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
-  candidates = [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
-                TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=8),
+  candidates = [WEIGHT_GRAD_TILES, TileConfig(64, 256, "m", grid_tile_width=1),
+                TileConfig(128, 128, "n", grid_tile_width=1),
                 TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=16, max_stages=8),
                 TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=32, max_stages=8)]
   return [c for c in candidates if k % c.block_m == 0]

@@ -263,7 +263,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
     stage_of = lambda step: lax.rem(step, stages)
     # The compute warpgroup that takes the block's local_index-th tile (in ping-pong; else both do)
-    owner = lambda local_index: lax.rem(local_index, 2) if pingpong else 0
+    owner_of = lambda local_index: lax.rem(local_index, 2) if pingpong else 0
     loaded_at = lambda owner, step: loaded.at[owner * stages + stage_of(step)]
 
     def load_sides(side_srcs, piece):
@@ -323,7 +323,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           stage = stage_of(step)
           pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
           a_src, b_srcs = work.operands(k)
-          signal = loaded_at(owner(info.local_index), step)
+          signal = loaded_at(owner_of(info.local_index), step)
           plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], signal)
           for b_src, b_ring in zip(b_srcs, b_rings):
             plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
@@ -366,7 +366,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
             pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
           store([acc[...] for acc in accs], work)
 
-        takes_tile = (owner(info.local_index) == wg) if pingpong else True
+        takes_tile = (owner_of(info.local_index) == wg) if pingpong else True
         pl.when((work.steps >= 0) & takes_tile)(
           lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
                                                for i in range(products)}))
