@@ -457,9 +457,9 @@ def test_forward_tiles_past_the_output_width_on_gpu(cfg):
 
 
 @needs_hopper
-@pytest.mark.parametrize("cfg", [WEIGHT_GRAD_TILES, TileConfig(128, 128, "n", grid_tile_width=1),
+@pytest.mark.parametrize("cfg", [WEIGHT_GRAD_TILES, TileConfig(64, 256, "m", grid_tile_width=1),
+                                 TileConfig(128, 128, "n", grid_tile_width=1),
                                  TileConfig(128, 128, "pingpong", grid_tile_width=1),
-                                 TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=6),
                                  TileConfig(64, 256, "pingpong", grid_tile_width=1, store_n=64)], ids=str)
 def test_weight_grad_tiles_match_ragged_dot_on_gpu(cfg):
   """Each weight-gradient tiling on the GPU against lhs[rows of e].T @ dout[rows of e], on a width of 384 (256-wide
