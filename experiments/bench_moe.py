@@ -400,8 +400,8 @@ def shared_lhs_candidates() -> list:
 
 
 def weight_grad_candidates(k: int) -> list:
-  """Candidate tiles for a weight gradient [k, n]: blocks must divide k; the last column tile may run past n, as the
-  shipped WEIGHT_GRAD_TILES do on width 1408."""
+  """Candidate tiles for a weight gradient [k, n]: blocks must divide k; the last column tile may run past n (256-wide
+  blocks on width 1408)."""
   from esft_jax.model.kernels.tiled import WEIGHT_GRAD_TILES, TileConfig
 
   candidates = [WEIGHT_GRAD_TILES, TileConfig(64, 256, "m", grid_tile_width=1),

@@ -262,8 +262,10 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     slot = lambda piece, i: out_smem.at[wg, (piece % sets) * slots + i]  # slot i of the piece's set
     side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
     stage_of = lambda step: lax.rem(step, stages)
-    # The compute warpgroup that takes the block's local_index-th tile (in ping-pong; else both do)
+    # Which set of `loaded` barriers signals the block's local_index-th tile, and which one warpgroup wg awaits: in
+    # ping-pong a set per compute warpgroup, taking tiles in turn; else one set, both warpgroups taking every tile
     owner_of = lambda local_index: lax.rem(local_index, 2) if pingpong else 0
+    awaited = wg if pingpong else 0
     loaded_at = lambda owner, step: loaded.at[owner * stages + stage_of(step)]
 
     def load_sides(side_srcs, piece):
@@ -351,7 +353,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           def _(k):
             step = first_step + k
             stage = stage_of(step)
-            plgpu.barrier_wait(loaded_at(wg if pingpong else 0, step))
+            plgpu.barrier_wait(loaded_at(awaited, step))
             if epilogue.sides:
               # Issued halfway rather than before the first step, where they had to wait for the previous tile's
               # stores to leave the slots before the tile's first wgmma could start.
@@ -366,8 +368,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
             pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
           store([acc[...] for acc in accs], work)
 
-        takes_tile = (owner_of(info.local_index) == wg) if pingpong else True
-        pl.when((work.steps >= 0) & takes_tile)(
+        pl.when((work.steps >= 0) & (owner_of(info.local_index) == awaited))(
           lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
                                                for i in range(products)}))
         return first_step + steps
