@@ -18,7 +18,7 @@ KERNELS = ("tiled", "ragged")
 
 class KernelOps(NamedTuple):
   """A kernel family's grouped matmuls on rows grouped by expert, each group a multiple of `align` rows (rows past
-  sum(group_sizes) come out as zeros). Both take (..., group_sizes, weight_grad_groups=None, first_group=0):
+  sum(group_sizes): unspecified, never read). Both take (..., group_sizes, weight_grad_groups=None, first_group=0):
   `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all; global ids, a stack's
   row g being expert first_group + g); the "tiled" kernels skip the others' (left unwritten), "ragged" computes
   every one."""

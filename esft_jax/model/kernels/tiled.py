@@ -4,13 +4,13 @@
     tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G) -> (silu(x @ gate) * (x @ up)) @ down
 
 Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
-each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) come out as zeros.
+each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) are left unwritten:
+the layout's static row bound leaves a third of the rows there at 16k rows, and no caller reads them.
 
 - forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. One ring of stages serves all the block's tiles, so the next tile's first
-  operands load while the compute warpgroups store the last one. Tiles past the last group run zero steps and
-  store zeros. On the GPU the last column tile may run past the output width (zero-filled loads, dropped stores).
+  operands load while the compute warpgroups store the last one. Tiles past the last group are skipped. On the GPU the last column tile may run past the output width (zero-filled loads, dropped stores).
   Either both compute warpgroups share each block (each one half of it), or in a ping-pong schedule each takes
   whole blocks in turn, so that one's epilogue overlaps the other's mainloop.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
@@ -411,7 +411,7 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
   # kernels and copies before every call of the kernel (fourteenth session's traces).
   tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
   tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
-  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, 0).astype(jnp.int32)
+  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, -1).astype(jnp.int32)  # -1: skip the tile
 
   def mma(wg, a_smem, b_smem):
     if transpose_rhs:
@@ -511,7 +511,8 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
                  weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
-  """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; zeros past them.
+  """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; rows past them are
+  left unwritten (read only the groups' rows).
   The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
   being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
   return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(),
