@@ -328,16 +328,20 @@ def sweep(args) -> None:
       cases.append((f"dW {k}x{n}", cfg, flops, weight_grad(cfg), (lhs, dout, gs)))
     shipped = lambda a, b, g: transposed_ragged_dot_mgpu.transposed_ragged_dot(a, b, group_sizes=g, **ragged.BLOCKS)
     cases.append((f"dW {k}x{n}", "jax transposed_ragged_dot", flops, shipped, (lhs, dout, gs)))
-    # The input gradients with the epilogues the SwiGLU's backward runs: up's adds gate's, down's makes dgate, dup
-    epilogue = "add" if d_to_f else "swiglu_grad"
-    sides = tuple(normal(lhs.shape[0], k) for _ in range(tiled.EPILOGUES[epilogue].sides))
-    for cfg in forward_candidates():
-      cases.append((f"dX {n}->{k} +{epilogue}", cfg, flops, forward(cfg, True, epilogue), (dout, w, gs, *sides)))
-    if d_to_f:  # also the SwiGLU's gate and up in one kernel, as the model runs them
-      stacks = (w, normal(args.experts, k, n, scale=k ** -0.5))
+    # The kernels as the SwiGLU runs them: gate and up in one kernel, forward (two products of one lhs) and x's
+    # input gradient (one sum of two terms); down's input gradient makes dgate and dup in its epilogue.
+    if d_to_f:
+      stacks, douts = (w, normal(args.experts, k, n, scale=k ** -0.5)), (dout, normal(lhs.shape[0], n))
       for cfg in shared_lhs_candidates():
         cases.append((f"fwd gate,up {k}->{n} +swiglu", cfg, 2 * flops, forward(cfg, False, "swiglu"),
                       (lhs, stacks, gs)))
+      for cfg in forward_candidates():
+        cases.append((f"dX gate,up {n}->{k} terms", cfg, 2 * flops, forward(cfg, True), (douts, stacks, gs)))
+    else:
+      sides = tuple(normal(lhs.shape[0], k) for _ in range(2))
+      for cfg in forward_candidates():
+        cases.append((f"dX {n}->{k} +swiglu_grad", cfg, flops, forward(cfg, True, "swiglu_grad"),
+                      (dout, w, gs, *sides)))
   names = sorted({case[0] for case in cases})
   cases = [case for case in cases if args.kernels in case[0]]
   if not cases:
@@ -392,11 +396,12 @@ def forward_candidates() -> list:
 
 def shared_lhs_candidates() -> list:
   """Candidate tiles for gate and up in one kernel (two fp32 accumulators per warpgroup, so ping-pong blocks are
-  64 x 128 at most)."""
+  64 x 128 or 128 x 64 at most)."""
   from esft_jax.model.kernels.tiled import SHARED_LHS_TILES, TileConfig
 
   return [SHARED_LHS_TILES, dataclasses.replace(SHARED_LHS_TILES, store_n=32),
-          TileConfig(64, 128, "pingpong", store_n=32)]
+          TileConfig(64, 128, "pingpong", store_n=32), TileConfig(128, 64, "pingpong", store_n=32, max_stages=8),
+          TileConfig(128, 64, "pingpong", store_n=16, max_stages=8)]
 
 
 def weight_grad_candidates(k: int) -> list:

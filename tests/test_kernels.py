@@ -201,12 +201,11 @@ def test_tiled_forward_kernel_interpreted(cfg):
 
 
 def test_output_pieces_leave_room_for_a_pipeline_stage():
-  """Staged 16 columns at a time, a 128 x 256 block's output (and a side array) fit a 4th stage of 48 KB where whole
-  tiles leave 3; a 64 x 256 tile per warpgroup with two side arrays fits 3 stages only in pieces. The pieces must
-  divide the tile."""
+  """Staged 16 columns at a time, a 128 x 256 block's output fits a 4th stage of 48 KB where whole tiles leave 3; a
+  64 x 256 tile per warpgroup with two side arrays fits 3 stages only in pieces. The pieces must divide the tile."""
   from esft_jax.model.kernels import tiled
 
-  whole, slots = TileConfig(128, 128, "n"), tiled._slots(1, tiled.EPILOGUES["add"])
+  whole, slots = TileConfig(128, 128, "n"), tiled._slots(1, tiled.EPILOGUES["products"])
   assert (whole.stages(2, 1, slots), dataclasses.replace(whole, store_n=16).stages(2, 1, slots)) == (3, 4)
   wide, slots = TileConfig(64, 256, "m"), tiled._slots(1, tiled.EPILOGUES["swiglu_grad"])
   assert (wide.stages(2, 1, slots), dataclasses.replace(wide, store_n=64).stages(2, 1, slots)) == (1, 3)
@@ -243,10 +242,9 @@ def test_forward_config_follows_the_measured_rules():
   columns beside swiglu_grad's two side arrays and of 32 otherwise."""
   from esft_jax.model.kernels import tiled
 
-  picks = {epilogue: str(tiled.forward_config(epilogue)) for epilogue in ("products", "add", "swiglu_grad")}
-  assert picks == {"products": "128x128pingpong-stages8-store32", "add": "128x128pingpong-stages8-store32",
-                   "swiglu_grad": "128x128pingpong-stages8-store16"}
-  for epilogue in ("products", "add", "swiglu_grad"):  # beside the staging, 5 stages of 32 KB fit
+  picks = {epilogue: str(tiled.forward_config(epilogue)) for epilogue in ("products", "swiglu_grad")}
+  assert picks == {"products": "128x128pingpong-stages8-store32", "swiglu_grad": "128x128pingpong-stages8-store16"}
+  for epilogue in ("products", "swiglu_grad"):  # beside the staging, 5 stages of 32 KB fit
     assert tiled.forward_config(epilogue).stages(2, 1, tiled._slots(1, tiled.EPILOGUES[epilogue])) == 5
 
 
@@ -288,6 +286,25 @@ def test_tiled_forward_of_two_stacks_interpreted(cfg):
     assert rel_err(out[:384], want[:384]) < 1e-2
 
 
+@pytest.mark.parametrize("cfg", [TileConfig(64, 128, "m"), TileConfig(128, 128, "pingpong", store_n=32, max_stages=8)],
+                         ids=str)
+def test_tiled_forward_of_a_sum_of_terms_interpreted(cfg):
+  """lhs1 @ rhs1 + lhs2 @ rhs2 in one kernel (the SwiGLU's dgate @ gate.T + dup @ up.T), the terms' K blocks taken in
+  turn into one accumulator, K of 128 and 256, in the interpreter; an empty group, and tiles past the last group."""
+  from esft_jax.model.kernels import tiled
+
+  rng = np.random.default_rng(4)
+  sizes = jnp.asarray([128, 0, 256], jnp.int32)
+  normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
+  lhs_terms, rhs_terms = (normal(512, 128), normal(512, 256)), (normal(3, 128, 256) / 11, normal(3, 256, 256) / 16)
+  out = tiled.grouped_forward(lhs_terms, rhs_terms, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
+  want = sum(jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
+             for lhs, rhs in zip(lhs_terms, rhs_terms))
+  assert rel_err(out[:384], want[:384]) < 1e-2
+  with pytest.raises(ValueError, match="2 lhs terms need as many rhs stacks, got 1"):
+    tiled.grouped_forward(lhs_terms, rhs_terms[0], sizes, transpose_rhs=False, cfg=cfg, interpret=True)
+
+
 # Side arrays staged as whole tiles, and in 4 pieces (the 3rd and 4th loaded in the epilogue); forward_config's
 # swiglu_grad pick: ping-pong blocks in 8 pieces
 SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), TileConfig(128, 128, "n", store_n=32),
@@ -295,26 +312,21 @@ SIDE_TILES = [TileConfig(64, 128, "m"), TileConfig(64, 256, "m", store_n=64), Ti
 
 
 @pytest.mark.parametrize("cfg", SIDE_TILES, ids=str)
-@pytest.mark.parametrize("epilogue", ["swiglu_grad", "add"])
-def test_epilogues_with_side_arrays_interpreted(epilogue, cfg):
-  """Epilogues that read other arrays' tiles (loaded while the product accumulates), in the interpreter on the
-  forward kernel (the input-gradient kernels that use them on the GPU cannot run there): dgate and dup from the
-  hidden's gradient and its partial derivatives; a product plus another array. Sides and outputs staged as whole
-  tiles or in pieces."""
+def test_epilogue_with_side_arrays_interpreted(cfg):
+  """The epilogue that reads other arrays' tiles (loaded while the product accumulates), in the interpreter on the
+  forward kernel (the input-gradient kernel that uses it on the GPU cannot run there): dgate and dup from the
+  hidden's gradient and its partial derivatives. Sides and outputs staged as whole tiles or in pieces."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(5)
   sizes = jnp.asarray([128, 0, 256], jnp.int32)
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   lhs_PxK, rhs_GxKxN = normal(512, 128), normal(3, 128, 256) / 11
-  sides = tuple(normal(512, 256) for _ in range(tiled.EPILOGUES[epilogue].sides))
+  sides = tuple(normal(512, 256) for _ in range(2))
   outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
-                               epilogue=epilogue, sides=sides)
+                               epilogue="swiglu_grad", sides=sides)
   product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
-  if epilogue == "add":
-    outs, wants = (outs,), (product + sides[0],)
-  else:
-    wants = tuple(product * side.astype(jnp.float32) for side in sides)
+  wants = tuple(product * side.astype(jnp.float32) for side in sides)
   for out, want in zip(outs, wants, strict=True):
     assert rel_err(out[:384], want[:384]) < 1e-2
 
@@ -400,24 +412,26 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
 @needs_hopper
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
 def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
-  """Each of FORWARD_TILES on the GPU: the product, the input gradient's (rhs read transposed), and the "add"
-  epilogue; an empty group and rows past the last group."""
+  """Each of FORWARD_TILES on the GPU: the product, the input gradient's (rhs read transposed), and the sum of two
+  such terms with K of 384 and 128; an empty group and rows past the last group."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(7)
   sizes = jnp.asarray([256, 0, 128, 384], jnp.int32)
   lhs_PxK = jnp.asarray(rng.standard_normal((896, 384)), jnp.bfloat16)
   rhs_GxKxN = jnp.asarray(rng.standard_normal((4, 384, 256)) / 20, jnp.bfloat16)
-  side_PxN = jnp.asarray(rng.standard_normal((896, 256)), jnp.bfloat16)
+  lhs2_PxK = jnp.asarray(rng.standard_normal((896, 128)), jnp.bfloat16)
+  rhs2_GxNxK = jnp.asarray(rng.standard_normal((4, 256, 128)) / 20, jnp.bfloat16)
   used = int(jnp.sum(sizes))
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
+  want2 = jax.lax.ragged_dot(lhs2_PxK, jnp.swapaxes(rhs2_GxNxK, 1, 2), sizes, preferred_element_type=jnp.float32)
   out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg)
-  added = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, epilogue="add", sides=(side_PxN,),
-                                cfg=cfg)
   transposed = tiled.grouped_forward(lhs_PxK, jnp.swapaxes(rhs_GxKxN, 1, 2), sizes, transpose_rhs=True, cfg=cfg)
+  summed = tiled.grouped_forward((lhs_PxK, lhs2_PxK), (jnp.swapaxes(rhs_GxKxN, 1, 2), rhs2_GxNxK), sizes,
+                                 transpose_rhs=True, cfg=cfg)
   assert rel_err(out[:used], want[:used]) < 1e-2
   assert rel_err(transposed[:used], want[:used]) < 1e-2
-  assert rel_err(added[:used], want[:used] + side_PxN[:used].astype(jnp.float32)) < 1e-2
+  assert rel_err(summed[:used], want[:used] + want2[:used]) < 1e-2
 
 
 @needs_hopper
@@ -426,7 +440,7 @@ def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
                                  TileConfig(64, 256, "pingpong", store_n=64)], ids=str)
 def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   """Blocks 256 wide on an output 384 wide: the last column tile runs past it (zero-filled loads, dropped stores),
-  for the product, the input gradient's (rhs read transposed) and the epilogues with side arrays."""
+  for the product, the input gradient's (rhs read transposed) and the epilogue with side arrays."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(8)
@@ -439,11 +453,9 @@ def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   forward = functools.partial(tiled.grouped_forward, lhs_PxK, group_sizes_G=sizes, cfg=cfg)
   out = forward(rhs_GxKxN, transpose_rhs=False)
   transposed = forward(jnp.swapaxes(rhs_GxKxN, 1, 2), transpose_rhs=True)
-  added = forward(rhs_GxKxN, transpose_rhs=False, epilogue="add", sides=sides[:1])
   dgate, dup = forward(jnp.swapaxes(rhs_GxKxN, 1, 2), transpose_rhs=True, epilogue="swiglu_grad", sides=sides)
-  wants = (want, want, want + sides[0].astype(jnp.float32), want * sides[0].astype(jnp.float32),
-           want * sides[1].astype(jnp.float32))
-  for got, expected in zip((out, transposed, added, dgate, dup), wants, strict=True):
+  wants = (want, want, want * sides[0].astype(jnp.float32), want * sides[1].astype(jnp.float32))
+  for got, expected in zip((out, transposed, dgate, dup), wants, strict=True):
     assert rel_err(got[:used], expected[:used]) < 1e-2
 
 

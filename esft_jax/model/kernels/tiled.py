@@ -10,15 +10,16 @@ the layout's static row bound leaves a third of the rows there at 16k rows, and 
 - forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
   while two compute warpgroups run wgmma. One ring of stages serves all the block's tiles, so the next tile's first
-  operands load while the compute warpgroups store the last one. Tiles past the last group are skipped. On the GPU the last column tile may run past the output width (zero-filled loads, dropped stores).
+  operands load while the compute warpgroups store the last one. Tiles past the last group are skipped. On the GPU
+  the last column tile may run past the output width (zero-filled loads, dropped stores).
   Either both compute warpgroups share each block (each one half of it), or in a ping-pong schedule each takes
   whole blocks in turn, so that one's epilogue overlaps the other's mainloop.
   Given two weight stacks (the SwiGLU's gate and up), one kernel makes both products: each lhs tile is loaded
-  once and each warpgroup keeps one accumulator per stack.
+  once and each warpgroup keeps one accumulator per stack. Given two lhs terms beside them (the SwiGLU's dgate and
+  dup), one kernel sums both products in one accumulator, taking the terms' K blocks in turn.
 - epilogues: what a kernel stores is computed from its fp32 accumulators, and from tiles of other arrays at the
   same place, loaded while the products accumulate: the SwiGLU's hidden silu(gate) * up beside its partial
-  derivatives in gate and up; in the backward, dgate and dup as the hidden's gradient times those; one input
-  gradient plus another.
+  derivatives in gate and up; in the backward, dgate and dup as the hidden's gradient times those.
   Each saves an elementwise pass over [P, F] or [P, D] arrays.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
   runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 from typing import Callable, NamedTuple
 
 import jax
@@ -117,8 +119,8 @@ def forward_config(epilogue: str = "products") -> TileConfig:
   arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
   past it. Measured against the tiles where both warpgroups share each block, the best of those per kernel
   (BENCHMARKS.md, sixteenth session: `bench_moe.py --sweep`, 16k and 32k rows): the SwiGLU's backward kernels
-  swiglu_grad 5-7% faster, add 3-6%; the products without side arrays within 2% at 16k rows and 1-6% faster at
-  32k."""
+  swiglu_grad 5-7% faster, and an input gradient plus a side array 3-6%; the products without side arrays within 2%
+  at 16k rows and 1-6% faster at 32k."""
   return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
@@ -198,7 +200,6 @@ EPILOGUES = {
   # products gate, up -> d hidden / d gate, d hidden / d up (= silu(gate)), hidden = silu(gate) * up
   "swiglu": Epilogue(0, 3, _swiglu),
   "swiglu_grad": Epilogue(2, 2, _swiglu_grad),  # product dhidden, sides the two partials -> dgate, dup
-  "add": Epilogue(1, 1, lambda values, sides: [values[0] + sides[0].astype(jnp.float32)]),  # product + side
 }
 
 
@@ -217,7 +218,7 @@ class TileWork(NamedTuple):
   """One output tile of a persistent kernel, as its memory and compute warpgroups both see it."""
 
   steps: jax.Array  # K blocks to accumulate; 0: store the epilogue of zero products; < 0: skip the tile
-  operands: Callable  # k -> (lhs block, rhs blocks): GMEM refs of the tile's k-th K block
+  operands: Callable  # (k, copy) -> None: calls copy(lhs block, rhs blocks), GMEM refs of the tile's k-th K block
   outs: tuple  # GMEM refs at the tile's place: the epilogue's outputs
   sides: tuple = ()  # and its side arrays
 
@@ -324,11 +325,14 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           step = first_step + k
           stage = stage_of(step)
           pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
-          a_src, b_srcs = work.operands(k)
           signal = loaded_at(owner_of(info.local_index), step)
-          plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], signal)
-          for b_src, b_ring in zip(b_srcs, b_rings):
-            plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
+
+          def copy(a_src, b_srcs):
+            plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], signal)
+            for b_src, b_ring in zip(b_srcs, b_rings):
+              plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
+
+          work.operands(k, copy)
 
         return first_step + steps
 
@@ -383,35 +387,46 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
 # per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "epilogue"))
-def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
+def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
                     epilogue: str = "products", sides: tuple = ()):
-  """out[r] = lhs[r] @ rhs[g(r)] (rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs). `rhs`
-  may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once.
+  """out[r] = lhs[r] @ rhs[g(r)] (lhs [P, K], rhs [G, K, N]), or lhs[r] @ rhs[g(r)].T (rhs [G, N, K], transpose_rhs).
+  `rhs` may be a tuple of stacks (not transposed; gate and up): then a tuple of products, each lhs tile loaded once.
+  `lhs` may be a tuple of terms beside a tuple `rhs`: then one product, sum_i lhs[i][r] @ rhs[i][g(r)], the terms'
+  K blocks accumulated in turn (the SwiGLU's input gradient dgate @ gate.T + dup @ up.T in one kernel).
   `epilogue` (a name in EPILOGUES) computes what is stored from the fp32 products and from `sides` ([P, N]
   arrays); a tuple when it stores more than one array."""
   stacks = rhs if isinstance(rhs, tuple) else (rhs,)
+  lhs_terms = lhs if isinstance(lhs, tuple) else (lhs,)
+  if len(lhs_terms) > 1 and len(lhs_terms) != len(stacks):
+    raise ValueError(f"grouped_forward: {len(lhs_terms)} lhs terms need as many rhs stacks, got {len(stacks)}")
+  # (lhs, its rhs stacks) per term: the terms' pairs, or the one lhs with every stack (a product each)
+  terms = tuple(zip(lhs_terms, ((w,) for w in stacks))) if len(lhs_terms) > 1 else ((lhs_terms[0], stacks),)
+  products = len(terms[0][1])
   post = _epilogue(epilogue)
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
-  _check_dtypes("grouped_forward", lhs_PxK, *stacks, *sides)
-  p, k = lhs_PxK.shape
+  _check_dtypes("grouped_forward", *lhs_terms, *stacks, *sides)
+  p = lhs_terms[0].shape[0]
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
-  dtype = lhs_PxK.dtype
-  if k % cfg.tile_k or p % cfg.block_m:
-    raise ValueError(f"grouped_forward: [{p}, {k}] x [{k}, {n}] does not divide into {cfg.block_m}-row blocks of K "
-                     f"tile {cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
+  dtype = lhs_terms[0].dtype
+  for term, (term_lhs, _) in enumerate(terms):
+    if term_lhs.shape[0] != p or term_lhs.shape[1] % cfg.tile_k or p % cfg.block_m:
+      raise ValueError(f"grouped_forward: term {term}'s [{term_lhs.shape[0]}, {term_lhs.shape[1]}] x [.., {n}] does "
+                       f"not divide into {cfg.block_m}-row blocks of K tile {cfg.tile_k} (of {p} rows); pick a "
+                       "TileConfig that divides it (see forward_config)")
   if interpret and n % cfg.block_n:
     raise ValueError(f"grouped_forward: Pallas' interpreter cannot run a column tile past n={n} (block_n="
                      f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config's do)")
   # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
-  m_iters, n_iters, k_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n), k // cfg.tile_k
+  m_iters, n_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n)
+  k_iters_T = [term_lhs.shape[1] // cfg.tile_k for term_lhs, _ in terms]
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
   # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
   # kernels and copies before every call of the kernel (fourteenth session's traces).
   tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
   tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
-  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], k_iters, -1).astype(jnp.int32)  # -1: skip the tile
+  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], sum(k_iters_T), -1).astype(jnp.int32)  # -1: skip the tile
 
   def mma(wg, a_smem, b_smem):
     if transpose_rhs:
@@ -420,29 +435,38 @@ def grouped_forward(lhs_PxK, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: Ti
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  def body(tile_group_gmem, tile_steps_gmem, a_gmem, *refs):
-    b_gmems, side_gmems = refs[:len(stacks)], refs[len(stacks):len(stacks) + post.sides]
-    out_gmems = refs[len(stacks) + post.sides:]
+  def body(tile_group_gmem, tile_steps_gmem, *refs):
+    ends = list(itertools.accumulate((len(lhs_terms), len(stacks), post.sides)))
+    a_gmems, b_gmems, side_gmems, out_gmems = (refs[start:end] for start, end in zip((0, *ends), (*ends, None)))
+    b_gmems_T = [b_gmems[term:term + 1] for term in range(len(terms))] if len(terms) > 1 else [b_gmems]
 
     def work_at(index):
       mi, ni = plgpu.planar_snake(index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
       rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
-      weights = [b.at[tile_group_gmem[mi]] for b in b_gmems]
 
-      def operands(k):
-        kk = pl.ds(k * cfg.tile_k, cfg.tile_k)
-        return a_gmem.at[rows, kk], tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights)
+      def operands(k, copy):
+        first = 0  # the term's first K block among the tile's
+        for a_gmem, term_b_gmems, k_iters in zip(a_gmems, b_gmems_T, k_iters_T):
+          kk = pl.ds((k - first) * cfg.tile_k, cfg.tile_k)
+          weights = [b.at[tile_group_gmem[mi]] for b in term_b_gmems]
+          load = functools.partial(copy, a_gmem.at[rows, kk],
+                                   tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights))
+          if len(terms) == 1:
+            load()
+          else:
+            pl.when((k >= first) & (k < first + k_iters))(load)
+          first += k_iters
 
       at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
       return TileWork(tile_steps_gmem[mi], operands, at_tile(out_gmems), at_tile(side_gmems))
 
     b_block = (cfg.block_n, cfg.tile_k) if transpose_rhs else (cfg.tile_k, cfg.block_n)
-    _run_tiles(cfg, dtype, (m_iters * n_iters,), work_at, (cfg.block_m, cfg.tile_k), b_block, mma, len(stacks), post)
+    _run_tiles(cfg, dtype, (m_iters * n_iters,), work_at, (cfg.block_m, cfg.tile_k), b_block, mma, products, post)
 
-  outputs = len(stacks) if post.outputs is None else post.outputs
+  outputs = products if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
-  name = f"expert_matmul{'_t' if transpose_rhs else ''}_{epilogue}"
-  outs = launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, lhs_PxK, *stacks, *sides)
+  name = f"expert_matmul{'_t' if transpose_rhs else ''}{'_terms' if len(terms) > 1 else ''}_{epilogue}"
+  outs = launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, *lhs_terms, *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
 
 
@@ -496,9 +520,9 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
       rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
       first = start_blocks_gmem[gi]
 
-      def operands(k):
+      def operands(k, copy):
         kk = pl.ds((first + k) * cfg.tile_k, cfg.tile_k)
-        return a_gmem.at[kk, rows], (b_gmem.at[kk, cols],)
+        copy(a_gmem.at[kk, rows], (b_gmem.at[kk, cols],))
 
       return TileWork(steps_gmem[gi], operands, (out_gmem.at[gi, rows, cols],))
 
@@ -541,8 +565,8 @@ def tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpr
   """(silu(x[r] @ gate[g(r)]) * (x[r] @ up[g(r)])) @ down[g(r)], rows as in `tiled_matmul`, weight gradients as
   there. Forward: one kernel loads each x tile once for gate and up, applies the SiLU to their fp32 products and
   stores the hidden's partial derivatives in gate and up for the backward. Backward: dgate and dup (the hidden's
-  gradient times those) are the epilogue of the hidden's input-gradient kernel, and x's second input
-  gradient adds the first in its epilogue."""
+  gradient times those) are the epilogue of the hidden's input-gradient kernel, and x's gradient
+  dgate @ gate.T + dup @ up.T is one kernel's sum of two terms."""
   return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
                            first_group)[0]
 
@@ -561,8 +585,7 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, *partials_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", tuple(partials_PxF))
-  dx_PxD = _input_grad(dgate_PxF, gate_GxDxF, group_sizes_G, interpret)
-  dx_PxD = _input_grad(dup_PxF, up_GxDxF, group_sizes_G, interpret, "add", (dx_PxD,))
+  dx_PxD = _input_grad((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, interpret)
   weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
@@ -573,7 +596,8 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
-  """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
+  """dout[r] @ rhs[g(r)].T, through `epilogue`; tuples of dout and rhs: the sum of such terms (see
+  grouped_forward)."""
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(epilogue),
                          interpret=interpret, epilogue=epilogue, sides=sides)
 
