@@ -129,6 +129,13 @@ def forward_config(epilogue: str = "products") -> TileConfig:
 SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 
+# Tiles of x's input gradient in the SwiGLU's backward, dgate @ gate.T + dup @ up.T: two terms of F / 64 K blocks
+# each. Over such a long mainloop the epilogue weighs little, and 128 x 256 blocks shared by both warpgroups (fewer
+# operand bytes per flop) beat forward_config's ping-pong ones: 0.319 against 0.343 ms at 16k rows (BENCHMARKS.md,
+# seventeenth session).
+SUM_OF_TERMS_TILES = TileConfig(128, 128, "n", store_n=16)
+
+
 # Tiles of the weight-gradient kernel: ping-pong blocks of 128 x 128 as forward_config's. Against 128 x 256 blocks
 # shared by both warpgroups they were 7-13% faster at 16k rows, where each expert's tiles take only 4 steps of K and
 # the epilogue weighs most, and 2-5% at 32k (BENCHMARKS.md, sixteenth session).
@@ -585,7 +592,8 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, *partials_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", tuple(partials_PxF))
-  dx_PxD = _input_grad((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, interpret)
+  dx_PxD = grouped_forward((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=True,
+                           cfg=SUM_OF_TERMS_TILES, interpret=interpret)
   weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
@@ -596,8 +604,7 @@ tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
 
 
 def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="products", sides=()):
-  """dout[r] @ rhs[g(r)].T, through `epilogue`; tuples of dout and rhs: the sum of such terms (see
-  grouped_forward)."""
+  """dout[r] @ rhs[g(r)].T, through `epilogue` (see grouped_forward)."""
   return grouped_forward(dout_PxN, rhs_GxKxN, group_sizes_G, transpose_rhs=True, cfg=forward_config(epilogue),
                          interpret=interpret, epilogue=epilogue, sides=sides)
 
