@@ -239,13 +239,15 @@ def test_interpreter_refuses_tiles_past_the_output_width():
 
 def test_forward_config_follows_the_measured_rules():
   """The tiles BENCHMARKS.md measured fastest (sixteenth session): 128 x 128 ping-pong blocks, staged in pieces of 16
-  columns beside swiglu_grad's two side arrays and of 32 otherwise."""
+  columns beside swiglu_grad's two side arrays and of 32 otherwise; for the SwiGLU's sum of two terms (seventeenth
+  session), 128 x 256 blocks both warpgroups share."""
   from esft_jax.model.kernels import tiled
 
   picks = {epilogue: str(tiled.forward_config(epilogue)) for epilogue in ("products", "swiglu_grad")}
   assert picks == {"products": "128x128pingpong-stages8-store32", "swiglu_grad": "128x128pingpong-stages8-store16"}
   for epilogue in ("products", "swiglu_grad"):  # beside the staging, 5 stages of 32 KB fit
     assert tiled.forward_config(epilogue).stages(2, 1, tiled._slots(1, tiled.EPILOGUES[epilogue])) == 5
+  assert tiled.SUM_OF_TERMS_TILES in FORWARD_TILES  # so the GPU test checks the shipped tiles' sum of terms
 
 
 def test_tiled_kernels_refuse_mixed_dtypes():
