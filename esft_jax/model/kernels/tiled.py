@@ -592,8 +592,11 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, *partials_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", tuple(partials_PxF))
+  terms_cfg = SUM_OF_TERMS_TILES
+  if interpret and x_PxD.shape[1] % terms_cfg.block_n:  # the interpreter runs no column tile past the width
+    terms_cfg = forward_config()
   dx_PxD = grouped_forward((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=True,
-                           cfg=SUM_OF_TERMS_TILES, interpret=interpret)
+                           cfg=terms_cfg, interpret=interpret)
   weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
