@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -350,6 +351,28 @@ def test_layers_share_one_lowered_kernel():
     return len(jax.jit(chain).lower(jnp.ones((256, 128), jnp.bfloat16)).as_text())
 
   assert lowered_chars(4) < 1.2 * lowered_chars(1)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowers for a GPU that is not there")
+@pytest.mark.parametrize("weight_grad_experts", [None, (1, 3)])
+def test_kernels_lower_for_hopper_on_a_cpu(monkeypatch, weight_grad_experts):
+  """The expert FFN's value and gradients lower for CUDA from a CPU, through Mosaic GPU's Python lowering of every
+  kernel (layouts, swizzles, barriers and TMA descriptors), where the interpreter checks none of that: widths 256
+  and 384 (column tiles past the width), skewed routing, and weight gradients for all experts or two."""
+  from esft_jax.model.kernels import ffn, mosaic
+
+  monkeypatch.setattr(ffn, "hopper_available", lambda: True)
+  monkeypatch.setattr(mosaic, "blocks", lambda interpret: 132)  # an H100's or H200's multiprocessors
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(11), 300, 4, 8, 256, 384, skewed=True)
+
+  def loss(x_, w_, e_):
+    y = ffn.gpu_expert_ffn(x_, ids, w_, e_, weight_grad_experts=weight_grad_experts)
+    return jnp.sum(y.astype(jnp.float32))
+
+  lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, weights, experts).lower(lowering_platforms=("cuda",))
+  kernels = set(re.findall(r"(expert_[a-z_]+)_mosaic_gpu", lowered.as_text()))
+  assert kernels >= {"expert_matmul_swiglu", "expert_matmul_products", "expert_matmul_t_swiglu_grad",
+                     "expert_matmul_t_terms_products", "expert_weight_grad"}, kernels
 
 
 def test_weight_grad_steps_skip_the_experts_not_named():
