@@ -400,7 +400,6 @@ def shared_lhs_candidates() -> list:
   from esft_jax.model.kernels.tiled import SHARED_LHS_TILES, TileConfig
 
   return [SHARED_LHS_TILES, dataclasses.replace(SHARED_LHS_TILES, store_n=32),
-          TileConfig(64, 128, "pingpong", store_n=32), TileConfig(128, 64, "pingpong", store_n=32, max_stages=8),
           TileConfig(128, 64, "pingpong", store_n=16, max_stages=8)]
 
 

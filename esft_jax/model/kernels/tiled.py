@@ -119,8 +119,7 @@ def forward_config(epilogue: str = "products") -> TileConfig:
   arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
   past it. Measured against the tiles where both warpgroups share each block, the best of those per kernel
   (BENCHMARKS.md, sixteenth session: `bench_moe.py --sweep`, 16k and 32k rows): the SwiGLU's backward kernels
-  swiglu_grad 5-7% faster, and an input gradient plus a side array 3-6%; the products without side arrays within 2%
-  at 16k rows and 1-6% faster at 32k."""
+  swiglu_grad 5-7% faster; the products without side arrays within 2% at 16k rows and 1-6% faster at 32k."""
   return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
