@@ -156,6 +156,20 @@ def test_gather_kernel_matches_take_on_gpu(dtype):
   np.testing.assert_array_equal(gather_rows(src, index, scale), take_rows(src, index, scale))
 
 
+def test_gpu_expert_ffn_forward_interpreted():
+  """The whole expert FFN on the tiled kernels in the interpreter (layout, gathers, gate and up in one kernel, the
+  down projection), against the reference: skewed routing, experts with no token, groups of 43 and 53 rows (a
+  group's last tile holding its top 64 rows where groups align to 64). Its backward reads weights transposed, which
+  the interpreter cannot run (the Hopper tests below cover it)."""
+  from esft_jax.model.kernels.ffn import gpu_expert_ffn
+
+  x, ids, weights, experts = moe_inputs(np.random.default_rng(12), 96, 2, 6, 128, 128, skewed=True)
+  counts = np.bincount(np.asarray(ids).ravel(), minlength=6)
+  assert counts.min() == 0 and np.any((counts % 128 > 0) & (counts % 128 <= 64))  # an empty expert; half tiles
+  out = gpu_expert_ffn(x, ids, weights, experts, interpret=True)
+  assert rel_err(out, expert_ffn(x, ids, weights, experts, impl="reference")) < 2e-2
+
+
 @pytest.mark.parametrize("odd_one", ["gate_proj", "up_proj", "down_proj"])
 def test_swiglu_with_a_float32_weight_falls_back_to_ragged_dot(odd_one):
   """One float32 weight among bf16 ones takes XLA's ragged_dot for the whole SwiGLU rather than the kernels (which
