@@ -213,6 +213,7 @@ def test_tiled_forward_kernel_interpreted(cfg):
   out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   assert rel_err(out[:384], want[:384]) < 1e-2
+  assert np.all(np.isnan(np.asarray(out[384:], np.float32)))  # unwritten: the interpreter's fresh buffers hold NaN
 
 
 def test_output_pieces_leave_room_for_a_pipeline_stage():
@@ -296,6 +297,7 @@ def test_tiled_forward_of_two_stacks_interpreted(cfg):
   wants = [jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32) for rhs_GxKxN in stacks]
   for out, want in zip(outs, wants):
     assert rel_err(out[:384], want[:384]) < 1e-2
+    assert np.all(np.isnan(np.asarray(out[384:], np.float32)))
   swiglu_outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                       epilogue="swiglu")
   hidden, hidden_vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, *wants)
@@ -346,6 +348,7 @@ def test_epilogue_with_side_arrays_interpreted(cfg):
   wants = tuple(product * side.astype(jnp.float32) for side in sides)
   for out, want in zip(outs, wants, strict=True):
     assert rel_err(out[:384], want[:384]) < 1e-2
+    assert np.all(np.isnan(np.asarray(out[384:], np.float32)))
 
 
 def test_layers_share_one_lowered_kernel():
