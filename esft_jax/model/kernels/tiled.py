@@ -405,9 +405,9 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   lhs_terms = lhs if isinstance(lhs, tuple) else (lhs,)
   if len(lhs_terms) > 1 and len(lhs_terms) != len(stacks):
     raise ValueError(f"grouped_forward: {len(lhs_terms)} lhs terms need as many rhs stacks, got {len(stacks)}")
-  # (lhs, its rhs stacks) per term: the terms' pairs, or the one lhs with every stack (a product each)
-  terms = tuple(zip(lhs_terms, ((w,) for w in stacks))) if len(lhs_terms) > 1 else ((lhs_terms[0], stacks),)
-  products = len(terms[0][1])
+  # Each lhs term's rhs stacks, by index: its own (a sum of terms), or every stack (one lhs, a product per stack)
+  stacks_T = tuple((i,) for i in range(len(stacks))) if len(lhs_terms) > 1 else (tuple(range(len(stacks))),)
+  products = len(stacks_T[0])
   post = _epilogue(epilogue)
   if len(sides) != post.sides:
     raise ValueError(f"epilogue {epilogue!r} takes {post.sides} side arrays, got {len(sides)}")
@@ -415,7 +415,7 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   p = lhs_terms[0].shape[0]
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_terms[0].dtype
-  for term, (term_lhs, _) in enumerate(terms):
+  for term, term_lhs in enumerate(lhs_terms):
     if term_lhs.shape[0] != p or term_lhs.shape[1] % cfg.tile_k or p % cfg.block_m:
       raise ValueError(f"grouped_forward: term {term}'s [{term_lhs.shape[0]}, {term_lhs.shape[1]}] x [.., {n}] does "
                        f"not divide into {cfg.block_m}-row blocks of K tile {cfg.tile_k} (of {p} rows); pick a "
@@ -425,7 +425,7 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
                      f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config's do)")
   # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
   m_iters, n_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n)
-  k_iters_T = [term_lhs.shape[1] // cfg.tile_k for term_lhs, _ in terms]
+  k_iters_T = [term_lhs.shape[1] // cfg.tile_k for term_lhs in lhs_terms]
   tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
   # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
@@ -444,7 +444,6 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   def body(tile_group_gmem, tile_steps_gmem, *refs):
     ends = list(itertools.accumulate((len(lhs_terms), len(stacks), post.sides)))
     a_gmems, b_gmems, side_gmems, out_gmems = (refs[start:end] for start, end in zip((0, *ends), (*ends, None)))
-    b_gmems_T = [b_gmems[term:term + 1] for term in range(len(terms))] if len(terms) > 1 else [b_gmems]
 
     def work_at(index):
       mi, ni = plgpu.planar_snake(index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
@@ -452,12 +451,12 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
 
       def operands(k, copy):
         first = 0  # the term's first K block among the tile's
-        for a_gmem, term_b_gmems, k_iters in zip(a_gmems, b_gmems_T, k_iters_T):
+        for a_gmem, stack_ids, k_iters in zip(a_gmems, stacks_T, k_iters_T):
           kk = pl.ds((k - first) * cfg.tile_k, cfg.tile_k)
-          weights = [b.at[tile_group_gmem[mi]] for b in term_b_gmems]
+          weights = [b_gmems[i].at[tile_group_gmem[mi]] for i in stack_ids]
           load = functools.partial(copy, a_gmem.at[rows, kk],
                                    tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights))
-          if len(terms) == 1:
+          if len(lhs_terms) == 1:
             load()
           else:
             pl.when((k >= first) & (k < first + k_iters))(load)
@@ -471,7 +470,7 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
 
   outputs = products if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
-  name = f"expert_matmul{'_t' if transpose_rhs else ''}{'_terms' if len(terms) > 1 else ''}_{epilogue}"
+  name = f"expert_matmul{'_t' if transpose_rhs else ''}{'_terms' if len(lhs_terms) > 1 else ''}_{epilogue}"
   outs = launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, *lhs_terms, *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
 
