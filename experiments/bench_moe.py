@@ -208,6 +208,8 @@ def jax_step(path: str, op: str, backward: bool, data: dict, one_op: bool = True
 
 
 def make_data(rows: int, k: int, experts: int, d: int, f: int, skewed: bool, seed: int) -> dict:
+  from esft_jax.model.kernels.tiled import ALIGN
+
   rng = np.random.default_rng(seed)
   tokens = max(8, round(rows / k / 8) * 8)
   ids = routing(tokens, k, experts, skewed, rng)
@@ -228,7 +230,7 @@ def make_data(rows: int, k: int, experts: int, d: int, f: int, skewed: bool, see
     weights=jnp.asarray(host["weights"]),
     cotangent=bf16(host["cotangent"]),
     experts={n: bf16(w) for n, w in expert_weights.items()},
-    layouts={align: expert_layout(ids_jax, experts, align) for align in (1, 128)},
+    layouts={align: expert_layout(ids_jax, experts, align) for align in (1, ALIGN)},
     rows=tokens * k,
   )
 

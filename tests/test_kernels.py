@@ -193,6 +193,23 @@ def test_expert_backward_scatters_no_activations():
   assert found and all(jnp.issubdtype(operand.dtype, jnp.integer) for _, operand in found), found
 
 
+# Groups of the interpreted kernel tests, 320 rows of 512: an empty group, and half tiles (a group's last 64 rows)
+# beside whole ones, within the rows and last; row tiles past the last group are skipped, their rows left unwritten.
+HALF_TILE_SIZES = np.asarray([192, 0, 64, 64], np.int32)
+
+
+def test_row_tiles_cut_each_group_and_hold_its_last_rows():
+  from esft_jax.model.kernels import tiled
+
+  first_row, rows, group = tiled.row_tiles(HALF_TILE_SIZES, 128, 6)
+  np.testing.assert_array_equal(first_row[:4], [0, 128, 192, 256])
+  np.testing.assert_array_equal(rows, [128, 64, 64, 64, 0, 0])  # 0: past the last group, skipped
+  np.testing.assert_array_equal(group[:4], [0, 0, 2, 3])
+  first_row, rows, group = tiled.row_tiles(jnp.asarray([256, 128]), 64, 7)  # 64-row tiles: never a half
+  np.testing.assert_array_equal(rows, [64] * 6 + [0])
+  np.testing.assert_array_equal(first_row[:6], [0, 64, 128, 192, 256, 320])
+
+
 # Blocks shared by both warpgroups (split along m or n; whole tiles or in pieces) and ping-pong blocks: whole, and in
 # pieces of 32 as forward_config's (its swiglu_grad pick is in SIDE_TILES)
 FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig(128, 128, "n", store_n=16),
@@ -202,18 +219,17 @@ FORWARD_TILES = [TileConfig(64, 128, "m"), TileConfig(128, 128, "n"), TileConfig
 
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
 def test_tiled_forward_kernel_interpreted(cfg):
-  """The forward kernel in Pallas' GPU interpreter (CPU), each of FORWARD_TILES: an empty group, and tiles past the
-  last group (skipped, their rows unwritten)."""
+  """The forward kernel in Pallas' GPU interpreter (CPU), each of FORWARD_TILES, on HALF_TILE_SIZES' groups."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(1)
-  sizes = jnp.asarray([128, 0, 256], jnp.int32)
-  lhs_PxK = jnp.asarray(rng.standard_normal((640, 128)), jnp.bfloat16)
-  rhs_GxKxN = jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16)
+  sizes = HALF_TILE_SIZES
+  lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
+  rhs_GxKxN = jnp.asarray(rng.standard_normal((4, 128, 256)) / 11, jnp.bfloat16)
   out = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   want = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
-  assert rel_err(out[:384], want[:384]) < 1e-2
-  assert np.all(np.isnan(np.asarray(out[384:], np.float32)))  # unwritten: the interpreter's fresh buffers hold NaN
+  assert rel_err(out[:320], want[:320]) < 1e-2
+  assert np.all(np.isnan(np.asarray(out[320:], np.float32)))  # unwritten: the interpreter's fresh buffers hold NaN
 
 
 def test_output_pieces_leave_room_for_a_pipeline_stage():
@@ -289,37 +305,37 @@ def test_tiled_forward_of_two_stacks_interpreted(cfg):
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(2)
-  sizes = jnp.asarray([256, 0, 128], jnp.int32)
+  sizes = HALF_TILE_SIZES
   lhs_PxK = jnp.asarray(rng.standard_normal((512, 128)), jnp.bfloat16)
-  stacks = tuple(jnp.asarray(rng.standard_normal((3, 128, 256)) / 11, jnp.bfloat16) for _ in range(2))
+  stacks = tuple(jnp.asarray(rng.standard_normal((4, 128, 256)) / 11, jnp.bfloat16) for _ in range(2))
   outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   assert isinstance(outs, tuple) and len(outs) == 2
   wants = [jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32) for rhs_GxKxN in stacks]
   for out, want in zip(outs, wants):
-    assert rel_err(out[:384], want[:384]) < 1e-2
-    assert np.all(np.isnan(np.asarray(out[384:], np.float32)))
+    assert rel_err(out[:320], want[:320]) < 1e-2
+    assert np.all(np.isnan(np.asarray(out[320:], np.float32)))
   swiglu_outs = tiled.grouped_forward(lhs_PxK, stacks, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                       epilogue="swiglu")
   hidden, hidden_vjp = jax.vjp(lambda gate, up: jax.nn.silu(gate) * up, *wants)
   for out, want in zip(swiglu_outs, (*hidden_vjp(jnp.ones_like(hidden)), hidden), strict=True):
-    assert rel_err(out[:384], want[:384]) < 1e-2
+    assert rel_err(out[:320], want[:320]) < 1e-2
 
 
 @pytest.mark.parametrize("cfg", [TileConfig(64, 128, "m"), TileConfig(128, 128, "pingpong", store_n=32, max_stages=8)],
                          ids=str)
 def test_tiled_forward_of_a_sum_of_terms_interpreted(cfg):
   """lhs1 @ rhs1 + lhs2 @ rhs2 in one kernel (the SwiGLU's dgate @ gate.T + dup @ up.T), the terms' K blocks taken in
-  turn into one accumulator, K of 128 and 256, in the interpreter; an empty group, and tiles past the last group."""
+  turn into one accumulator, K of 128 and 256, in the interpreter, on HALF_TILE_SIZES' groups."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(4)
-  sizes = jnp.asarray([128, 0, 256], jnp.int32)
+  sizes = HALF_TILE_SIZES
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  lhs_terms, rhs_terms = (normal(512, 128), normal(512, 256)), (normal(3, 128, 256) / 11, normal(3, 256, 256) / 16)
+  lhs_terms, rhs_terms = (normal(512, 128), normal(512, 256)), (normal(4, 128, 256) / 11, normal(4, 256, 256) / 16)
   out = tiled.grouped_forward(lhs_terms, rhs_terms, sizes, transpose_rhs=False, cfg=cfg, interpret=True)
   want = sum(jax.lax.ragged_dot(lhs, rhs, sizes, preferred_element_type=jnp.float32)
              for lhs, rhs in zip(lhs_terms, rhs_terms))
-  assert rel_err(out[:384], want[:384]) < 1e-2
+  assert rel_err(out[:320], want[:320]) < 1e-2
   with pytest.raises(ValueError, match="2 lhs terms need as many rhs stacks, got 1"):
     tiled.grouped_forward(lhs_terms, rhs_terms[0], sizes, transpose_rhs=False, cfg=cfg, interpret=True)
 
@@ -338,17 +354,17 @@ def test_epilogue_with_side_arrays_interpreted(cfg):
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(5)
-  sizes = jnp.asarray([128, 0, 256], jnp.int32)
+  sizes = HALF_TILE_SIZES
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
-  lhs_PxK, rhs_GxKxN = normal(512, 128), normal(3, 128, 256) / 11
+  lhs_PxK, rhs_GxKxN = normal(512, 128), normal(4, 128, 256) / 11
   sides = tuple(normal(512, 256) for _ in range(2))
   outs = tiled.grouped_forward(lhs_PxK, rhs_GxKxN, sizes, transpose_rhs=False, cfg=cfg, interpret=True,
                                epilogue="swiglu_grad", sides=sides)
   product = jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, sizes, preferred_element_type=jnp.float32)
   wants = tuple(product * side.astype(jnp.float32) for side in sides)
   for out, want in zip(outs, wants, strict=True):
-    assert rel_err(out[:384], want[:384]) < 1e-2
-    assert np.all(np.isnan(np.asarray(out[384:], np.float32)))
+    assert rel_err(out[:320], want[:320]) < 1e-2
+    assert np.all(np.isnan(np.asarray(out[320:], np.float32)))
 
 
 def test_layers_share_one_lowered_kernel():
@@ -455,11 +471,11 @@ def test_grouped_matmul_and_gradients_match_ragged_dot(kernel, k, n):
 @pytest.mark.parametrize("cfg", FORWARD_TILES, ids=str)
 def test_forward_tiles_match_ragged_dot_on_gpu(cfg):
   """Each of FORWARD_TILES on the GPU: the product, the input gradient's (rhs read transposed), and the sum of two
-  such terms with K of 384 and 128; an empty group and rows past the last group."""
+  such terms with K of 384 and 128; an empty group, half tiles, and rows past the last group."""
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(7)
-  sizes = jnp.asarray([256, 0, 128, 384], jnp.int32)
+  sizes = jnp.asarray([256, 0, 192, 320], jnp.int32)  # half tiles last in the 3rd group and in the last
   lhs_PxK = jnp.asarray(rng.standard_normal((896, 384)), jnp.bfloat16)
   rhs_GxKxN = jnp.asarray(rng.standard_normal((4, 384, 256)) / 20, jnp.bfloat16)
   lhs2_PxK = jnp.asarray(rng.standard_normal((896, 128)), jnp.bfloat16)
@@ -486,7 +502,7 @@ def test_forward_tiles_past_the_output_width_on_gpu(cfg):
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(8)
-  sizes = jnp.asarray([128, 0, 384, 128], jnp.int32)
+  sizes = jnp.asarray([64, 0, 384, 192], jnp.int32)  # a half tile first and last
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   used = int(jnp.sum(sizes))
   lhs_PxK, rhs_GxKxN = normal(768, 256), normal(4, 256, 384) / 16
@@ -512,7 +528,7 @@ def test_weight_grad_tiles_match_ragged_dot_on_gpu(cfg):
   from esft_jax.model.kernels import tiled
 
   rng = np.random.default_rng(9)
-  sizes = jnp.asarray([256, 0, 128, 384, 128], jnp.int32)
+  sizes = jnp.asarray([256, 0, 192, 384, 64], jnp.int32)  # multiples of ALIGN (64), not all of 128
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.bfloat16)
   lhs_PxK, dout_PxN = normal(896, 256), normal(896, 384)
   grads = tiled.grouped_weight_grad(lhs_PxK, dout_PxN, sizes, cfg=cfg, groups=(0, 1, 3, 4))

@@ -3,9 +3,10 @@
     tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G) -> out_PxN
     tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G) -> (silu(x @ gate) * (x @ up)) @ down
 
-Rows come grouped by expert and every group size is a multiple of ALIGN, so no tile of rows spans two experts and
-each tile reads one expert's weights, found in a per-tile table. Rows past sum(group_sizes) are left unwritten:
-the layout's static row bound leaves a third of the rows there at 16k rows, and no caller reads them.
+Rows come grouped by expert and every group size is a multiple of ALIGN (64). Each group's rows are cut into row
+tiles of its own, so a tile reads one expert's weights, found in per-tile tables; a group's last tile may hold only
+its top 64 rows, and then computes and stores those alone. Rows past sum(group_sizes) are left unwritten: the
+layout's static row bound leaves a fifth of the rows there at 16k rows, and no caller reads them.
 
 - forward (and the input gradient, with the weights read transposed): a persistent kernel, one block per
   multiprocessor, loops over (row tile, column tile); a memory warpgroup streams operands into shared memory (TMA)
@@ -43,7 +44,11 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from esft_jax.model.kernels.mosaic import launch
 
-ALIGN = 128  # every group's row count is a multiple of this
+# Every group's row count is a multiple of this. A row tile of 128 never spans two groups: a group's last tile may
+# hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Against groups
+# padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.29x.
+ALIGN = 64
+HALF_TILE_ROWS = 64  # M of one wgmma instruction
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 _MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
 # each compute warpgroup's share: the 64k registers are 512 per thread of one warpgroup, in multiples of 8
@@ -224,9 +229,13 @@ class TileWork(NamedTuple):
   """One output tile of a persistent kernel, as its memory and compute warpgroups both see it."""
 
   steps: jax.Array  # K blocks to accumulate; 0: store the epilogue of zero products; < 0: skip the tile
-  operands: Callable  # (k, copy) -> None: calls copy(lhs block, rhs blocks), GMEM refs of the tile's k-th K block
-  outs: tuple  # GMEM refs at the tile's place: the epilogue's outputs
-  sides: tuple = ()  # and its side arrays
+  # (k, copy) -> None: calls copy(lhs block, rhs blocks), GMEM refs of the tile's k-th K block (the lhs block holds
+  # the tile's rows only: a half tile's top 64)
+  operands: Callable
+  outs: tuple  # GMEM refs of the tile's columns: the epilogue's outputs
+  first_row: jax.Array  # the tile's first row in them
+  sides: tuple = ()  # and its side arrays, as outs
+  rows: jax.Array | None = None  # rows the tile holds: block_m, or 64 (a group's last half tile); None: block_m
 
 
 def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: tuple, b_block: tuple,
@@ -264,8 +273,20 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 
   def kernel(a_ring, b_rings, loaded, consumed, out_smem, side_barriers=None):
     wg = lax.axis_index("wg")
-    tile = lambda ref: ref.at[_wg_slice(cfg, wg, "m"), _wg_slice(cfg, wg, "n")]
-    piece_of = lambda ref, piece: tile(ref).at[:, pl.ds(piece * columns, columns)]
+    wg_first_row = wg * cfg.tile_m if cfg.split == "m" else 0  # of the warpgroup's part, in the block
+
+    def for_held_rows(work, fn):
+      """fn(r) for the r rows of the tile that warpgroup wg's part holds (static: tile_m, or 64 of a half tile's);
+      nothing where it holds none (the lower part of a half tile)."""
+      if work.rows is None:
+        return fn(cfg.tile_m)
+      held = work.rows - wg_first_row  # of the part's tile_m rows: all if >= tile_m, none if <= 0
+      for r in sorted({HALF_TILE_ROWS, cfg.tile_m}):
+        pl.when((held >= r) if r == cfg.tile_m else (held == r))(functools.partial(fn, r))
+
+    # GMEM: r rows of warpgroup wg's part of the tile, in the piece's columns
+    piece_of = lambda ref, work, r, piece: ref.at[pl.ds(work.first_row + wg_first_row, r), _wg_slice(
+      cfg, wg, "n")].at[:, pl.ds(piece * columns, columns)]
     slot = lambda piece, i: out_smem.at[wg, (piece % sets) * slots + i]  # slot i of the piece's set
     side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
     stage_of = lambda step: lax.rem(step, stages)
@@ -275,14 +296,18 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     awaited = wg if pingpong else 0
     loaded_at = lambda owner, step: loaded.at[owner * stages + stage_of(step)]
 
-    def load_sides(side_srcs, piece):
-      for i, side_src in enumerate(side_srcs):
-        plgpu.copy_gmem_to_smem(piece_of(side_src, piece), slot(piece, i), side_loaded(piece, i))
+    def load_sides(work, piece):
+      def load(r):
+        for i, side_src in enumerate(work.sides):
+          plgpu.copy_gmem_to_smem(piece_of(side_src, work, r, piece), slot(piece, i).at[pl.ds(0, r)],
+                                  side_loaded(piece, i))
 
-    def load_first_sides(side_srcs):  # one piece per set; the later pieces load in the epilogue
+      for_held_rows(work, load)
+
+    def load_first_sides(work):  # one piece per set; the later pieces load in the epilogue
       plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
       for piece in range(min(sets, pieces)):
-        load_sides(side_srcs, piece)
+        load_sides(work, piece)
 
     def store(values, work):
       """Column piece by piece: its sides (if any) are read from its set, then its outputs leave from the same
@@ -293,11 +318,11 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
         if epilogue.sides and 0 < piece < pieces - 1:
           # The next piece's sides go to the other set once the previous piece's stores have read it.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_sides(work.sides, piece + 1)
+          load_sides(work, piece + 1)
         sides = []
         for i in range(epilogue.sides):
-          plgpu.barrier_wait(side_loaded(piece, i))
-          sides.append(slot(piece, i)[...])
+          for_held_rows(work, lambda _, i=i: plgpu.barrier_wait(side_loaded(piece, i)))
+          sides.append(slot(piece, i)[...])  # (rows not held: whatever the slot held, never stored)
         cols = slice(piece * columns, (piece + 1) * columns)
         outs = epilogue.fn([value[:, cols] for value in values], sides)
         if epilogue.sides:
@@ -313,7 +338,8 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
             slot(piece, i)[...] = out.astype(dtype)
           plgpu.commit_smem()
           for i in range(len(chunk)):
-            plgpu.copy_smem_to_gmem(slot(piece, i), piece_of(work.outs[first + i], piece))
+            for_held_rows(work, lambda r, i=i: plgpu.copy_smem_to_gmem(
+              slot(piece, i).at[pl.ds(0, r)], piece_of(work.outs[first + i], work, r, piece)))
 
     def memory():
       plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
@@ -334,7 +360,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           signal = loaded_at(owner_of(info.local_index), step)
 
           def copy(a_src, b_srcs):
-            plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage], signal)
+            plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage, pl.ds(0, a_src.shape[0])], signal)
             for b_src, b_ring in zip(b_srcs, b_rings):
               plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
 
@@ -357,7 +383,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
         def accumulate(**accs):
           accs = [accs[f"acc{i}"] for i in range(products)]
           if epilogue.sides:
-            pl.when(steps == 0)(lambda: load_first_sides(work.sides))
+            pl.when(steps == 0)(lambda: load_first_sides(work))
 
           @pl.loop(0, steps)
           def _(k):
@@ -367,9 +393,11 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
             if epilogue.sides:
               # Issued halfway rather than before the first step, where they had to wait for the previous tile's
               # stores to leave the slots before the tile's first wgmma could start.
-              pl.when(k == steps // 2)(lambda: load_first_sides(work.sides))
+              pl.when(k == steps // 2)(lambda: load_first_sides(work))
             for acc, b_ring in zip(accs, b_rings):
-              plgpu.wgmma(acc, *mma(wg, a_ring.at[stage], b_ring.at[stage]))
+              a, b = mma(wg, a_ring.at[stage], b_ring.at[stage])
+              top = lambda ref, r: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
+              for_held_rows(work, lambda r, acc=acc, a=a, b=b: plgpu.wgmma(top(acc, r), top(a, r), b))
             plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
             pl.when(k >= cfg.delay_release)(lambda: release(step - cfg.delay_release))
 
@@ -416,23 +444,19 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   g, n = stacks[0].shape[0], stacks[0].shape[1 if transpose_rhs else 2]
   dtype = lhs_terms[0].dtype
   for term, term_lhs in enumerate(lhs_terms):
-    if term_lhs.shape[0] != p or term_lhs.shape[1] % cfg.tile_k or p % cfg.block_m:
+    if term_lhs.shape[0] != p or term_lhs.shape[1] % cfg.tile_k or p % ALIGN or cfg.block_m % ALIGN:
       raise ValueError(f"grouped_forward: term {term}'s [{term_lhs.shape[0]}, {term_lhs.shape[1]}] x [.., {n}] does "
-                       f"not divide into {cfg.block_m}-row blocks of K tile {cfg.tile_k} (of {p} rows); pick a "
-                       "TileConfig that divides it (see forward_config)")
+                       f"not divide into {ALIGN}-row groups ({p} rows), {cfg.block_m}-row blocks and K tile "
+                       f"{cfg.tile_k}; pick a TileConfig that divides it (see forward_config)")
   if interpret and n % cfg.block_n:
     raise ValueError(f"grouped_forward: Pallas' interpreter cannot run a column tile past n={n} (block_n="
                      f"{cfg.block_n}); use a TileConfig whose block_n divides n (forward_config's do)")
   # On the GPU the last column tile may run past n, as the weight gradient's do (see _weight_grad_kernel).
-  m_iters, n_iters = p // cfg.block_m, pl.cdiv(n, cfg.block_n)
+  # Each group's tiles: at most sizes / block_m + (block_m - ALIGN) / block_m of them (a half tile last)
+  m_iters, n_iters = (p + g * (cfg.block_m - ALIGN)) // cfg.block_m, pl.cdiv(n, cfg.block_n)
   k_iters_T = [term_lhs.shape[1] // cfg.tile_k for term_lhs in lhs_terms]
-  tile_ends_G = jnp.cumsum(group_sizes_G.astype(jnp.int32)) // cfg.block_m
-  tile_M = jnp.arange(m_iters, dtype=jnp.int32)
-  # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
-  # kernels and copies before every call of the kernel (fourteenth session's traces).
-  tile_group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
-  tile_group_M = jnp.minimum(tile_group_M, g - 1).astype(jnp.int32)
-  tile_steps_M = jnp.where(tile_M < tile_ends_G[-1], sum(k_iters_T), -1).astype(jnp.int32)  # -1: skip the tile
+  tile_first_row_M, tile_rows_M, tile_group_M = row_tiles(group_sizes_G, cfg.block_m, m_iters)
+  tile_steps_M = jnp.where(tile_rows_M > 0, sum(k_iters_T), -1).astype(jnp.int32)  # -1: skip the tile
 
   def mma(wg, a_smem, b_smem):
     if transpose_rhs:
@@ -441,29 +465,29 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
       b = b_smem.at[:, _wg_slice(cfg, wg, "n")]
     return a_smem.at[_wg_slice(cfg, wg, "m")], b
 
-  def body(tile_group_gmem, tile_steps_gmem, *refs):
+  def body(tile_first_row_gmem, tile_rows_gmem, tile_group_gmem, tile_steps_gmem, *refs):
     ends = list(itertools.accumulate((len(lhs_terms), len(stacks), post.sides)))
     a_gmems, b_gmems, side_gmems, out_gmems = (refs[start:end] for start, end in zip((0, *ends), (*ends, None)))
 
     def work_at(index):
       mi, ni = plgpu.planar_snake(index[0], (m_iters, n_iters), 1, cfg.grid_tile_width)
-      rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
+      # multiple_of: without it Mosaic's layout inference fails on a TMA row offset loaded from a table (jax 0.10)
+      first_row = pl.multiple_of(tile_first_row_gmem[mi], HALF_TILE_ROWS)
+      rows, cols = tile_rows_gmem[mi], pl.ds(ni * cfg.block_n, cfg.block_n)
 
       def operands(k, copy):
         first = 0  # the term's first K block among the tile's
         for a_gmem, stack_ids, k_iters in zip(a_gmems, stacks_T, k_iters_T):
           kk = pl.ds((k - first) * cfg.tile_k, cfg.tile_k)
           weights = [b_gmems[i].at[tile_group_gmem[mi]] for i in stack_ids]
-          load = functools.partial(copy, a_gmem.at[rows, kk],
-                                   tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights))
-          if len(lhs_terms) == 1:
-            load()
-          else:
-            pl.when((k >= first) & (k < first + k_iters))(load)
+          b_srcs = tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights)
+          in_term = (k >= first) & (k < first + k_iters)
+          for r in sorted({HALF_TILE_ROWS, cfg.block_m}):  # the rows the tile holds
+            pl.when(in_term & (rows == r))(functools.partial(copy, a_gmem.at[pl.ds(first_row, r), kk], b_srcs))
           first += k_iters
 
-      at_tile = lambda refs: tuple(ref.at[rows, cols] for ref in refs)
-      return TileWork(tile_steps_gmem[mi], operands, at_tile(out_gmems), at_tile(side_gmems))
+      columns_of = lambda refs: tuple(ref.at[:, cols] for ref in refs)
+      return TileWork(tile_steps_gmem[mi], operands, columns_of(out_gmems), first_row, columns_of(side_gmems), rows)
 
     b_block = (cfg.block_n, cfg.tile_k) if transpose_rhs else (cfg.tile_k, cfg.block_n)
     _run_tiles(cfg, dtype, (m_iters * n_iters,), work_at, (cfg.block_m, cfg.tile_k), b_block, mma, products, post)
@@ -471,8 +495,30 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
   outputs = products if post.outputs is None else post.outputs
   out_type = tuple(jax.ShapeDtypeStruct((p, n), dtype) for _ in range(outputs))
   name = f"expert_matmul{'_t' if transpose_rhs else ''}{'_terms' if len(lhs_terms) > 1 else ''}_{epilogue}"
-  outs = launch(body, out_type, interpret, name)(tile_group_M, tile_steps_M, *lhs_terms, *stacks, *sides)
+  outs = launch(body, out_type, interpret, name)(tile_first_row_M, tile_rows_M, tile_group_M, tile_steps_M, *lhs_terms,
+                                                 *stacks, *sides)
   return tuple(outs) if outputs > 1 else outs[0]
+
+
+def row_tiles(group_sizes_G: jax.Array, block_m: int, m_iters: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The forward kernels' row tiles, in row order: each group's rows in tiles of block_m, the last holding the
+  group's remaining rows (a multiple of ALIGN). Per tile: (first row, rows held, group), m_iters of them; the tiles
+  past the last group hold 0 rows (skipped)."""
+  sizes_G = group_sizes_G.astype(jnp.int32)
+  tiles_G = (sizes_G + block_m - 1) // block_m
+  tile_ends_G = jnp.cumsum(tiles_G)
+  tile_M = jnp.arange(m_iters, dtype=jnp.int32)
+  # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
+  # kernels and copies before every call of the kernel (fourteenth session's traces).
+  group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
+  group_M = jnp.minimum(group_M, sizes_G.shape[0] - 1).astype(jnp.int32)
+  within_M = (tile_M - (tile_ends_G - tiles_G)[group_M]) * block_m  # the tile's first row within its group
+  first_row_M = (jnp.cumsum(sizes_G) - sizes_G)[group_M] + within_M
+  # (rounded up to whole half tiles: a group size off the ALIGN grid computes extra rows rather than leave the kernel
+  # waiting for loads that no branch issues)
+  left_M = -(-(sizes_G[group_M] - within_M) // HALF_TILE_ROWS) * HALF_TILE_ROWS
+  rows_M = jnp.where(tile_M < tile_ends_G[-1], jnp.minimum(block_m, left_M), 0)
+  return first_row_M.astype(jnp.int32), rows_M.astype(jnp.int32), group_M
 
 
 def weight_grad_steps(group_sizes_G: jax.Array, tile_k: int, groups: tuple[int, ...] | None,
@@ -494,6 +540,9 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
   are left unwritten (whatever the buffer held): writing zeros there was 1 GB a layer at DeepSeek-V2-Lite's
   size, for values ESFT never reads."""
   _check_dtypes("grouped_weight_grad", lhs_PxK, rhs_PxN)
+  if ALIGN % cfg.tile_k:
+    raise ValueError(f"grouped_weight_grad: TileConfig {cfg}: tile_k={cfg.tile_k} must divide the groups' ALIGN="
+                     f"{ALIGN}, which each expert's rows are a multiple of")
   sizes_G = group_sizes_G.astype(jnp.int32)
   start_blocks_G = (jnp.cumsum(sizes_G) - sizes_G) // cfg.tile_k
   steps_G = weight_grad_steps(sizes_G, cfg.tile_k, groups, first_group)
@@ -529,7 +578,7 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
         kk = pl.ds((first + k) * cfg.tile_k, cfg.tile_k)
         copy(a_gmem.at[kk, rows], (b_gmem.at[kk, cols],))
 
-      return TileWork(steps_gmem[gi], operands, (out_gmem.at[gi, rows, cols],))
+      return TileWork(steps_gmem[gi], operands, (out_gmem.at[gi, :, cols],), mi * cfg.block_m)
 
     _run_tiles(cfg, dtype, (g, m_iters * n_iters), work_at, (cfg.tile_k, cfg.block_m), (cfg.tile_k, cfg.block_n), mma)
 
