@@ -229,8 +229,8 @@ class TileWork(NamedTuple):
   """One output tile of a persistent kernel, as its memory and compute warpgroups both see it."""
 
   steps: jax.Array  # K blocks to accumulate; 0: store the epilogue of zero products; < 0: skip the tile
-  # (k, copy) -> None: calls copy(lhs block, rhs blocks), GMEM refs of the tile's k-th K block (the lhs block holds
-  # the tile's rows only: a half tile's top 64)
+  # (k, r, copy) -> None: calls copy(lhs block, rhs blocks), GMEM refs of the tile's k-th K block, the lhs block
+  # holding the r rows the tile holds (static: block_m, or a half tile's top 64)
   operands: Callable
   outs: tuple  # GMEM refs of the tile's columns: the epilogue's outputs
   first_row: jax.Array  # the tile's first row in them
@@ -275,14 +275,17 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
     wg = lax.axis_index("wg")
     wg_first_row = wg * cfg.tile_m if cfg.split == "m" else 0  # of the warpgroup's part, in the block
 
-    def for_held_rows(work, fn):
+    def for_held_rows(work, fn, or_none=False):
       """fn(r) for the r rows of the tile that warpgroup wg's part holds (static: tile_m, or 64 of a half tile's);
-      nothing where it holds none (the lower part of a half tile)."""
+      where it holds none (the lower part of a half tile), fn(0) if or_none, else nothing."""
       if work.rows is None:
         return fn(cfg.tile_m)
       held = work.rows - wg_first_row  # of the part's tile_m rows: all if >= tile_m, none if <= 0
-      for r in sorted({HALF_TILE_ROWS, cfg.tile_m}):
-        pl.when((held >= r) if r == cfg.tile_m else (held == r))(functools.partial(fn, r))
+      pl.when(held >= cfg.tile_m)(functools.partial(fn, cfg.tile_m))
+      if HALF_TILE_ROWS < cfg.tile_m:
+        pl.when(held == HALF_TILE_ROWS)(functools.partial(fn, HALF_TILE_ROWS))
+      if or_none:
+        pl.when(held <= 0)(functools.partial(fn, 0))
 
     # GMEM: r rows of warpgroup wg's part of the tile, in the piece's columns
     piece_of = lambda ref, work, r, piece: ref.at[pl.ds(work.first_row + wg_first_row, r), _wg_slice(
@@ -352,19 +355,26 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
         first_step, work = carry, work_at(info.index)  # operand blocks loaded so far, which name the next stage
         steps = jnp.maximum(work.steps, 0)
 
-        @pl.loop(0, steps)
-        def _(k):
-          step = first_step + k
-          stage = stage_of(step)
-          pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
-          signal = loaded_at(owner_of(info.local_index), step)
+        def load_loop(r):  # r: the rows the tile holds
+          @pl.loop(0, steps)
+          def _(k):
+            step = first_step + k
+            stage = stage_of(step)
+            pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
+            signal = loaded_at(owner_of(info.local_index), step)
 
-          def copy(a_src, b_srcs):
-            plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage, pl.ds(0, a_src.shape[0])], signal)
-            for b_src, b_ring in zip(b_srcs, b_rings):
-              plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
+            def copy(a_src, b_srcs):
+              plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage, pl.ds(0, r)], signal)
+              for b_src, b_ring in zip(b_srcs, b_rings):
+                plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
 
-          work.operands(k, copy)
+            work.operands(k, r, copy)
+
+        if work.rows is None:
+          load_loop(a_block[0])
+        else:  # once per tile, as the compute warpgroups choose their mainloop
+          for r in sorted({HALF_TILE_ROWS, a_block[0]}):
+            pl.when(work.rows == r)(functools.partial(load_loop, r))
 
         return first_step + steps
 
@@ -385,22 +395,28 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           if epilogue.sides:
             pl.when(steps == 0)(lambda: load_first_sides(work))
 
-          @pl.loop(0, steps)
-          def _(k):
-            step = first_step + k
-            stage = stage_of(step)
-            plgpu.barrier_wait(loaded_at(awaited, step))
-            if epilogue.sides:
-              # Issued halfway rather than before the first step, where they had to wait for the previous tile's
-              # stores to leave the slots before the tile's first wgmma could start.
-              pl.when(k == steps // 2)(lambda: load_first_sides(work))
-            for acc, b_ring in zip(accs, b_rings):
-              a, b = mma(wg, a_ring.at[stage], b_ring.at[stage])
-              top = lambda ref, r: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
-              for_held_rows(work, lambda r, acc=acc, a=a, b=b: plgpu.wgmma(top(acc, r), top(a, r), b))
-            plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
-            pl.when(k >= cfg.delay_release)(lambda: release(step - cfg.delay_release))
+          # One loop per count of rows held, chosen once per tile: a branch around each wgmma cost even routing,
+          # which has no half tiles, 1% (eighteenth session).
+          def mainloop(r):  # r: the rows held; 0: none, yet the pipeline's blocks are awaited and released
+            top = lambda ref: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
 
+            @pl.loop(0, steps)
+            def _(k):
+              step = first_step + k
+              stage = stage_of(step)
+              plgpu.barrier_wait(loaded_at(awaited, step))
+              if epilogue.sides:
+                # Issued halfway rather than before the first step, where they had to wait for the previous tile's
+                # stores to leave the slots before the tile's first wgmma could start.
+                pl.when(k == steps // 2)(lambda: load_first_sides(work))
+              if r:
+                for acc, b_ring in zip(accs, b_rings):
+                  a, b = mma(wg, a_ring.at[stage], b_ring.at[stage])
+                  plgpu.wgmma(top(acc), top(a), b)
+                plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
+              pl.when(k >= cfg.delay_release)(lambda: release(step - cfg.delay_release))
+
+          for_held_rows(work, mainloop, or_none=True)
           plgpu.wgmma_wait(0)
           for late in range(cfg.delay_release):  # the tile's last blocks, still held above
             pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
@@ -475,15 +491,17 @@ def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileCo
       first_row = pl.multiple_of(tile_first_row_gmem[mi], HALF_TILE_ROWS)
       rows, cols = tile_rows_gmem[mi], pl.ds(ni * cfg.block_n, cfg.block_n)
 
-      def operands(k, copy):
+      def operands(k, r, copy):
         first = 0  # the term's first K block among the tile's
         for a_gmem, stack_ids, k_iters in zip(a_gmems, stacks_T, k_iters_T):
           kk = pl.ds((k - first) * cfg.tile_k, cfg.tile_k)
           weights = [b_gmems[i].at[tile_group_gmem[mi]] for i in stack_ids]
-          b_srcs = tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights)
-          in_term = (k >= first) & (k < first + k_iters)
-          for r in sorted({HALF_TILE_ROWS, cfg.block_m}):  # the rows the tile holds
-            pl.when(in_term & (rows == r))(functools.partial(copy, a_gmem.at[pl.ds(first_row, r), kk], b_srcs))
+          load = functools.partial(copy, a_gmem.at[pl.ds(first_row, r), kk],
+                                   tuple(w.at[cols, kk] if transpose_rhs else w.at[kk, cols] for w in weights))
+          if len(lhs_terms) == 1:
+            load()
+          else:
+            pl.when((k >= first) & (k < first + k_iters))(load)
           first += k_iters
 
       columns_of = lambda refs: tuple(ref.at[:, cols] for ref in refs)
@@ -574,7 +592,7 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
       rows, cols = pl.ds(mi * cfg.block_m, cfg.block_m), pl.ds(ni * cfg.block_n, cfg.block_n)
       first = start_blocks_gmem[gi]
 
-      def operands(k, copy):
+      def operands(k, _, copy):  # (a tile holds all its block_m rows)
         kk = pl.ds((first + k) * cfg.tile_k, cfg.tile_k)
         copy(a_gmem.at[kk, rows], (b_gmem.at[kk, cols],))
 
