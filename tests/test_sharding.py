@@ -266,8 +266,8 @@ def test_expert_axis_moves_tokens_not_expert_weights(expert_parallel):
 def test_gpu_expert_kernels_on_two_gpus_match_one(spec, trained):
   """The Pallas expert kernels inside the MoE's shard_map, tokens split over two GPUs (data=2: the weights
   gathered from their shards; expert=2: the tokens gathered, each GPU on its 4 experts): values and gradients as
-  on one GPU (bf16). With ESFT's trained experts (1 on the first GPU, 5 and 6 on the second) the frozen experts'
-  weight gradients are exact zeros."""
+  on one GPU (bf16). With ESFT's trained experts (1 on the first GPU, 5 and 6 on the second) only their weight
+  gradients are computed and compared: the frozen experts' entries are left unwritten (see expert_ffn)."""
   rng = np.random.default_rng(0)
   t, k, e, d, f = 512, 6, 8, 256, 256
   x = jnp.asarray(rng.standard_normal((t, d)), jnp.bfloat16)
@@ -288,12 +288,15 @@ def test_gpu_expert_kernels_on_two_gpus_match_one(spec, trained):
     args = (jax.device_put(x, rows), jax.device_put(weights, rows), jax.device_put(experts, stacks))
     return jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args))
 
-  split_run = value_and_grads(spec)
-  for split, whole in zip(jax.tree_util.tree_leaves(split_run), jax.tree_util.tree_leaves(value_and_grads("data=1"))):
+  def used(run):  # the value and the gradients the caller reads
+    value, (grad_x, grad_weights, grad_experts) = run
+    if trained:
+      grad_experts = {name: np.asarray(grad)[list(trained)] for name, grad in grad_experts.items()}
+    return value, grad_x, grad_weights, grad_experts
+
+  split_run, one_gpu_run = used(value_and_grads(spec)), used(value_and_grads("data=1"))
+  for split, whole in zip(jax.tree_util.tree_leaves(split_run), jax.tree_util.tree_leaves(one_gpu_run)):
     split, whole = np.asarray(split, np.float32), np.asarray(whole, np.float32)
     assert np.abs(split - whole).max() <= 2e-2 * np.abs(whole).max()
-  if trained:
-    frozen = np.setdiff1d(np.arange(e), trained)
-    for name, grad in split_run[1][2].items():
-      assert np.all(np.asarray(grad, np.float32)[frozen] == 0), name
-      assert np.all(np.abs(np.asarray(grad, np.float32)[list(trained)]).max(axis=(1, 2)) > 0), name
+  for name, grad in split_run[3].items():
+    assert np.all(np.abs(np.asarray(grad, np.float32)).max(axis=(1, 2)) > 0), name
