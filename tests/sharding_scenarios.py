@@ -280,10 +280,10 @@ def expert_parallel() -> dict:
   x, router, cotangent = normal(t, d), normal(d, e), normal(t, d)
   experts = {"gate_proj": normal(e, d, f), "up_proj": normal(e, d, f), "down_proj": normal(e, f, d)}
 
-  def out_and_grads(mesh, impl):
+  def out_and_grads(mesh, impl, trained=None):
     def loss(x, router, experts):
       weights, ids = jax.lax.top_k(jax.nn.softmax(x @ router), k)
-      out = routed_experts(x, ids.astype(jnp.int32), weights, experts, impl)
+      out = routed_experts(x, ids.astype(jnp.int32), weights, experts, impl, trained)
       return jnp.sum(out * cotangent), out
 
     def step(*args):
@@ -311,13 +311,28 @@ def expert_parallel() -> dict:
     for spec in EXPERT_MESHES:
       step, args = out_and_grads(_mesh_of_first(spec), impl)
       diffs.setdefault(impl, {})[spec] = largest_diff(step(*args), whole)
+  def shapes_of(op: str, hlo: str) -> list[list[int]]:  # the result shapes of every `op` in a compiled program
+    return [[int(n) for n in dims.split(",")] for line in hlo.splitlines() if f" {op}(" in line
+            for dims in re.findall(r"\[([\d,]+)\]", line.split(f" {op}(")[0])]
+
   gathers = {}
   for spec in ("expert=2", "fsdp=2,expert=2"):
     step, args = out_and_grads(_mesh_of_first(spec), "grouped")
+    gathers[spec] = shapes_of("all-gather", step.lower(*args).compile().as_text())
+
+  # ESFT (experts 1, 5 and 6 trained), the weights moved: the output, the gradients of the input and the router,
+  # and the trained experts' weight gradients, as on one device; and the shapes every sum over devices reduces
+  trained = (1, 5, 6)
+  used = lambda grads: (grads[0][0], grads[0][1], {n: np.asarray(g)[list(trained)] for n, g in grads[0][2].items()}, grads[1])
+  step, args = out_and_grads(None, "grouped", trained)
+  whole = used(step(*args))
+  trained_diffs, reduced = {}, {}
+  for spec in ("data=2", "fsdp=2", "data=2,tensor=2"):
+    step, args = out_and_grads(_mesh_of_first(spec), "grouped", trained)
+    trained_diffs[spec] = largest_diff(used(step(*args)), whole)
     hlo = step.lower(*args).compile().as_text()
-    gathers[spec] = [[int(n) for n in dims.split(",")] for line in hlo.splitlines() if " all-gather" in line
-                     for dims in re.findall(r"\[([\d,]+)\]", line.split(" all-gather")[0])]
-  return {"diffs": diffs, "gathers": gathers}
+    reduced[spec] = shapes_of("all-reduce", hlo) + shapes_of("reduce-scatter", hlo)
+  return {"diffs": diffs, "gathers": gathers, "trained_diffs": trained_diffs, "reduced": reduced}
 
 
 def _hf_config(**overrides) -> dict:
