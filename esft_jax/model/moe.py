@@ -146,14 +146,20 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   gate_up_spec = PartitionSpec(ep or None, None, width or None)  # [E, D, F]: experts over ep, F over tensor
   down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
 
-  names = ("gate_proj", "up_proj", "down_proj")
-  # Only the rows' gradients leave the shard_map (and are summed there); the stacks' gradients outside are the
-  # rows' scattered back (see _stack_with_rows).
-  trained = () if ep or weight_grad_experts is None else (tuple(weight_grad_experts),)
+  stacks = tuple(experts[name] for name in ("gate_proj", "up_proj", "down_proj"))
+  # (ids,): only these rows' gradients leave the shard_map (and are summed there); the stacks' gradients outside
+  # are the rows' scattered back (see _stack_with_rows)
+  trained = ()
+  if weight_grad_experts is not None and not ep:
+    if weight_grad_experts:
+      trained = (tuple(weight_grad_experts),)
+    else:  # no weight gradient is used (and a shard_map input of no rows does not compile)
+      stacks = jax.lax.stop_gradient(stacks)
 
-  def local(x, ids, weights, gate, up, down, *rows):
+  def local(x, ids, weights, gate, up, down, *trained_rows):
     if trained:
-      gate, up, down = (_stack_with_rows(stack, rows_S, *trained) for stack, rows_S in zip((gate, up, down), rows))
+      gate, up, down = (_stack_with_rows(stack, rows_S, *trained) for stack, rows_S in zip((gate, up, down),
+                                                                                           trained_rows))
     first = 0
     if ep:  # the expert group's tokens; this device's experts start at global id `first`
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
@@ -167,10 +173,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
   # gathered expert weights are summed over the devices all the same.
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
-  stacks = tuple(experts[name] for name in names)
-  rows = tuple(stack[np.asarray(ids_S, np.int32)] for stack in stacks for ids_S in trained)
-  return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + stack_specs[:len(rows)], out_specs=tokens,
-                       check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *rows)
+  trained_rows = tuple(stack[np.asarray(ids_S, np.int32)] for stack in stacks for ids_S in trained)
+  return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + stack_specs[:len(trained_rows)],
+                       out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
 
 
 class StackedExperts(nn.Module):
