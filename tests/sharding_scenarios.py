@@ -327,7 +327,7 @@ def expert_parallel() -> dict:
   step, args = out_and_grads(None, "grouped", trained)
   whole = used(step(*args))
   trained_diffs, reduced = {}, {}
-  for spec in ("data=2", "fsdp=2", "data=2,tensor=2"):
+  for spec in ("data=2", "fsdp=2", "data=2,tensor=2", "data=2,expert=2", "fsdp=2,expert=2", "expert=2"):
     step, args = out_and_grads(_mesh_of_first(spec), "grouped", trained)
     trained_diffs[spec] = largest_diff(used(step(*args)), whole)
     hlo = step.lower(*args).compile().as_text()

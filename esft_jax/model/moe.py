@@ -100,20 +100,24 @@ def _split_axes(mesh, logical: str) -> tuple[str, ...]:
   return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _stack_with_rows(stack_ExDxF, rows_SxDxF, ids_S: tuple[int, ...]):
-  """The stack, whose rows ids_S already hold rows_SxDxF; the gradient goes to those rows alone, the stack gets
-  none (so that a shard_map sums the trained rows' weight gradients over the devices, not the whole stack's)."""
-  del rows_SxDxF
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _stack_with_rows(stack_ExDxF, rows_SxDxF, first, ids_S: tuple[int, ...]):
+  """The stack (experts first, first + 1, ...), whose rows of global ids ids_S, where it holds them, already hold
+  rows_SxDxF. The gradient goes to those rows alone (zero for the ids it does not hold) and the stack gets none, so
+  that a shard_map sums the trained rows' weight gradients over the devices, not the whole stack's."""
+  del rows_SxDxF, first
   return stack_ExDxF
 
 
-def _stack_with_rows_fwd(stack_ExDxF, rows_SxDxF, ids_S):
-  return _stack_with_rows(stack_ExDxF, rows_SxDxF, ids_S), None
+def _stack_with_rows_fwd(stack_ExDxF, rows_SxDxF, first, ids_S):
+  return _stack_with_rows(stack_ExDxF, rows_SxDxF, first, ids_S), first
 
 
-def _stack_with_rows_bwd(ids_S, _, grad_ExDxF):
-  return None, grad_ExDxF[np.asarray(ids_S, np.int32)]
+def _stack_with_rows_bwd(ids_S, first, grad_ExDxF):
+  local_S = np.asarray(ids_S, np.int32) - first
+  held_S = (local_S >= 0) & (local_S < grad_ExDxF.shape[0])
+  rows = grad_ExDxF[jnp.clip(local_S, 0, grad_ExDxF.shape[0] - 1)]
+  return None, jnp.where(held_S[:, None, None], rows, 0).astype(grad_ExDxF.dtype), None
 
 
 _stack_with_rows.defvjp(_stack_with_rows_fwd, _stack_with_rows_bwd)
@@ -135,9 +139,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   room for every assignment landing on one device. The tensor axis splits the hidden width: each shard computes
   its part and the partial outputs are summed.
 
-  With `weight_grad_experts` named and the weights moved (no expert axis), the weight gradients summed over the
-  devices are those experts' alone: the whole stacks' were 1.1 GB a layer at DeepSeek-V2-Lite widths, against
-  138 MB for ESFT's 8 experts."""
+  The data axes sum the weight gradients over their devices. With `weight_grad_experts` named, those experts'
+  alone are summed: the whole stacks' were 1.1 GB a layer at DeepSeek-V2-Lite widths, against 138 MB for ESFT's 8
+  experts."""
   mesh = jax.sharding.get_abstract_mesh()
   rows, width, ep = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts")
   if not rows and not width:
@@ -147,23 +151,22 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
 
   stacks = tuple(experts[name] for name in ("gate_proj", "up_proj", "down_proj"))
-  # (ids,): only these rows' gradients leave the shard_map (and are summed there); the stacks' gradients outside
-  # are the rows' scattered back (see _stack_with_rows)
+  # (ids,) where the data axes sum the stacks' gradients: only these rows' gradients leave the shard_map (and are
+  # summed there); the stacks' gradients outside are the rows' scattered back (see _stack_with_rows)
   trained = ()
-  if weight_grad_experts is not None and not ep:
-    if weight_grad_experts:
-      trained = (tuple(weight_grad_experts),)
-    else:  # no weight gradient is used (and a shard_map input of no rows does not compile)
+  if weight_grad_experts is not None:
+    if not weight_grad_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
       stacks = jax.lax.stop_gradient(stacks)
+    elif any(axis not in ep for axis in rows):
+      trained = (tuple(weight_grad_experts),)
 
   def local(x, ids, weights, gate, up, down, *trained_rows):
+    first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
     if trained:
-      gate, up, down = (_stack_with_rows(stack, rows_S, *trained) for stack, rows_S in zip((gate, up, down),
-                                                                                           trained_rows))
-    first = 0
-    if ep:  # the expert group's tokens; this device's experts start at global id `first`
+      gate, up, down = (_stack_with_rows(stack, rows_S, first, *trained)
+                        for stack, rows_S in zip((gate, up, down), trained_rows))
+    if ep:  # the expert group's tokens
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
-      first = jax.lax.axis_index(ep) * gate.shape[0]
     out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl,
                      weight_grad_experts, first)
     if ep:
@@ -173,8 +176,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # check_vma=False: the Pallas kernels' custom VJPs carry no replication types; the input gradients of the
   # gathered expert weights are summed over the devices all the same.
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
+  row_specs = (PartitionSpec(None, None, width or None),) * 2 + (PartitionSpec(None, width or None, None),)
   trained_rows = tuple(stack[np.asarray(ids_S, np.int32)] for stack in stacks for ids_S in trained)
-  return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + stack_specs[:len(trained_rows)],
+  return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
                        out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
 
 
