@@ -151,19 +151,19 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
 
   stacks = tuple(experts[name] for name in ("gate_proj", "up_proj", "down_proj"))
-  # (ids,) where the data axes sum the stacks' gradients: only these rows' gradients leave the shard_map (and are
-  # summed there); the stacks' gradients outside are the rows' scattered back (see _stack_with_rows)
-  trained = ()
+  # Where the data axes sum the stacks' gradients, only the trained experts' rows' gradients leave the shard_map
+  # (and are summed there); the stacks' gradients outside are the rows' scattered back (see _stack_with_rows).
+  trained_ids = None
   if weight_grad_experts is not None:
     if not weight_grad_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
       stacks = jax.lax.stop_gradient(stacks)
     elif any(axis not in ep for axis in rows):
-      trained = (tuple(weight_grad_experts),)
+      trained_ids = tuple(weight_grad_experts)
 
   def local(x, ids, weights, gate, up, down, *trained_rows):
     first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
-    if trained:
-      gate, up, down = (_stack_with_rows(stack, rows_S, first, *trained)
+    if trained_ids:
+      gate, up, down = (_stack_with_rows(stack, rows_S, first, trained_ids)
                         for stack, rows_S in zip((gate, up, down), trained_rows))
     if ep:  # the expert group's tokens
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
@@ -177,7 +177,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # gathered expert weights are summed over the devices all the same.
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
   row_specs = (PartitionSpec(None, None, width or None),) * 2 + (PartitionSpec(None, width or None, None),)
-  trained_rows = tuple(stack[np.asarray(ids_S, np.int32)] for stack in stacks for ids_S in trained)
+  trained_rows = tuple(stack[np.asarray(trained_ids, np.int32)] for stack in stacks) if trained_ids else ()
   return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
                        out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
 
