@@ -39,6 +39,8 @@
 #                            before the 65k skewed rows; with --iters 10, 200 s ended it before the last row)
 #   moe_profile      ~120 s  expert FFN at 65k rows, tiled only, with device time per call by kernel and operation
 #                            (new 2026-11-29, tenth session; not yet run in the suite)
+#   moe_tokens     not run   expert FFN at 16k and 64k tokens (98,304 and 393,216 rows at top-6), as issue #6's
+#                            goal names them, tiled and torch (new 2026-11-30, eighteenth session)
 #   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
 #                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
 set -u -o pipefail
@@ -79,5 +81,6 @@ piece train_27_torch 100 "${train[@]}" --layers 27 --batch 2 --iters 3 --paths t
 piece moe 150 "$PY" experiments/bench_moe.py --rows 16384,32768,65536 --paths tiled,torch --iters 5 --warmup 2
 piece moe_profile 150 "$PY" experiments/bench_moe.py --rows 65536 --paths tiled --iters 5 --warmup 2 \
   --profile /tmp/trace_moe
+piece moe_tokens 240 "$PY" experiments/bench_moe.py --rows 98304,393216 --paths tiled,torch --iters 5 --warmup 2
 piece train_27_remat 300 "${train[@]}" --layers 27 --batch 8 --remat --iters 3 --paths auto+reference,auto --timeout 140
 echo "suite: $SECONDS s in all" | tee -a "$OUT/suite.txt"
