@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from esft_jax import lora
 from esft_jax.config import ModelConfig
+from esft_jax.model.experts import rows_already_in
 from esft_jax.paths import get_path, leaves_by_path, set_path
 
 METHODS = ("esft", "fft", "lora")
@@ -112,7 +113,7 @@ def merge_trainable(plan: TrainPlan, params, trainable, rows_written: bool = Fal
     if _is_expert_slice(plan, path):
       ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
       rows = value.astype(frozen.dtype)
-      value = _rows_already_in(frozen, rows, ids) if rows_written else _write_rows(frozen, rows, ids)
+      value = rows_already_in(frozen, rows, ids) if rows_written else _write_rows(frozen, rows, ids)
     set_path(merged, path, value.astype(frozen.dtype))
   return merged
 
@@ -164,25 +165,6 @@ def _write_rows(stack_ExDxF, rows_SxDxF, ids_S):
   return stack_ExDxF.at[ids_S].set(rows_SxDxF, unique_indices=True)
 
 
-@jax.custom_vjp
-def _rows_already_in(stack_ExDxF, rows_SxDxF, ids_S):
-  """`stack` as it is, which already holds `rows` at `ids` (same dtype); differentiates like `_write_rows` in
-  `rows`."""
-  del rows_SxDxF, ids_S
-  return stack_ExDxF
-
-
-def _rows_already_in_fwd(stack_ExDxF, rows_SxDxF, ids_S):
-  del rows_SxDxF
-  return stack_ExDxF, ids_S
-
-
-def _rows_already_in_bwd(ids_S, grad_ExDxF):
-  # The stack is frozen (no cotangent); the rows get theirs, a gather, not a scatter.
-  return None, grad_ExDxF[ids_S], None
-
-
-_rows_already_in.defvjp(_rows_already_in_fwd, _rows_already_in_bwd)
 
 
 def expert_weight_grads(plan: TrainPlan, config: ModelConfig) -> tuple[tuple[int, tuple[int, ...]], ...] | None:

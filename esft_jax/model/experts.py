@@ -81,6 +81,30 @@ def _auto_impl(num_tokens: int, experts: Mapping[str, jax.Array]) -> str:
   return "grouped"
 
 
+@jax.custom_vjp
+def rows_already_in(stack_ExDxF: jax.Array, rows_SxDxF: jax.Array, ids_S: jax.Array) -> jax.Array:
+  """`stack` as it is, which already holds `rows` at `ids` (same dtype); differentiates like writing them there:
+  the rows get the gradient at their ids, a gather, and the stack none. Ids outside the stack (expert
+  parallelism: another device's experts) name rows it does not hold, whose gradient is zero."""
+  del rows_SxDxF, ids_S
+  return stack_ExDxF
+
+
+def _rows_already_in_fwd(stack_ExDxF, rows_SxDxF, ids_S):
+  del rows_SxDxF
+  return stack_ExDxF, ids_S
+
+
+def _rows_already_in_bwd(ids_S, grad_ExDxF):
+  experts = grad_ExDxF.shape[0]
+  held_S = (ids_S >= 0) & (ids_S < experts)
+  rows = grad_ExDxF[jnp.clip(ids_S, 0, experts - 1)]
+  return None, jnp.where(held_S[:, None, None], rows, 0).astype(grad_ExDxF.dtype), None
+
+
+rows_already_in.defvjp(_rows_already_in_fwd, _rows_already_in_bwd)
+
+
 def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped",
                weight_grad_experts: tuple[int, ...] | None = None, first_expert: jax.Array | int = 0) -> jax.Array:
   if impl == "auto":

@@ -9,7 +9,6 @@ an expert's probability is the mean of its G fine ones.
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import flax.linen as nn
@@ -19,7 +18,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from esft_jax.config import ModelConfig
-from esft_jax.model.experts import expert_ffn
+from esft_jax.model.experts import expert_ffn, rows_already_in
 from esft_jax.model.layers import Linear, SwiGLU, logical_param
 
 Dtype = jnp.dtype
@@ -100,29 +99,6 @@ def _split_axes(mesh, logical: str) -> tuple[str, ...]:
   return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _stack_with_rows(stack_ExDxF, rows_SxDxF, first, ids_S: tuple[int, ...]):
-  """The stack (experts first, first + 1, ...), whose rows of global ids ids_S, where it holds them, already hold
-  rows_SxDxF. The gradient goes to those rows alone (zero for the ids it does not hold) and the stack gets none, so
-  that a shard_map sums the trained rows' weight gradients over the devices, not the whole stack's."""
-  del rows_SxDxF, first
-  return stack_ExDxF
-
-
-def _stack_with_rows_fwd(stack_ExDxF, rows_SxDxF, first, ids_S):
-  return _stack_with_rows(stack_ExDxF, rows_SxDxF, first, ids_S), first
-
-
-def _stack_with_rows_bwd(ids_S, first, grad_ExDxF):
-  local_S = np.asarray(ids_S, np.int32) - first
-  held_S = (local_S >= 0) & (local_S < grad_ExDxF.shape[0])
-  rows = grad_ExDxF[jnp.clip(local_S, 0, grad_ExDxF.shape[0] - 1)]
-  return None, jnp.where(held_S[:, None, None], rows, 0).astype(grad_ExDxF.dtype), None
-
-
-_stack_with_rows.defvjp(_stack_with_rows_fwd, _stack_with_rows_bwd)
-
-
 def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str,
                    weight_grad_experts: tuple[int, ...] | None = None) -> jax.Array:
   """`expert_ffn`, with each device on its own tokens where the active mesh (`esft_jax.sharding.logical_rules`)
@@ -152,7 +128,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   stacks = tuple(experts[name] for name in ("gate_proj", "up_proj", "down_proj"))
   # Where the data axes sum the stacks' gradients, only the trained experts' rows' gradients leave the shard_map
-  # (and are summed there); the stacks' gradients outside are the rows' scattered back (see _stack_with_rows).
+  # (and are summed there); the stacks' gradients outside are the rows' scattered back (see rows_already_in).
   trained_ids = None
   if weight_grad_experts is not None:
     if not weight_grad_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
@@ -162,8 +138,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   def local(x, ids, weights, gate, up, down, *trained_rows):
     first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
-    if trained_ids:
-      gate, up, down = (_stack_with_rows(stack, rows_S, first, trained_ids)
+    if trained_ids:  # (ids of the rows local to this device's stack; the others are held elsewhere)
+      local_ids_S = jnp.asarray(trained_ids, jnp.int32) - first
+      gate, up, down = (rows_already_in(stack, rows_S, local_ids_S)
                         for stack, rows_S in zip((gate, up, down), trained_rows))
     if ep:  # the expert group's tokens
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))

@@ -44,13 +44,13 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from esft_jax.model.kernels.mosaic import launch
 
+HALF_TILE_ROWS = 64  # M of one wgmma instruction
 # Every group's row count is a multiple of this. A row tile of 128 never spans two groups: a group's last tile may
 # hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Against groups
 # padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.28x, and the SwiGLU's
 # forward and backward ran 2.4% faster (eighteenth session); in blocks split by rows between the two compute
 # warpgroups, a half tile leaves the lower one idle.
-ALIGN = 64
-HALF_TILE_ROWS = 64  # M of one wgmma instruction
+ALIGN = HALF_TILE_ROWS
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 _MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
 # each compute warpgroup's share: the 64k registers are 512 per thread of one warpgroup, in multiples of 8
