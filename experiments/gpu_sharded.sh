@@ -6,18 +6,19 @@
 #   ONLY=x8_esft bash experiments/gpu_sharded.sh           # on nvidia-h200-x8 (issue #9): one call per x8 piece
 #   ONLY=x8_fft bash experiments/gpu_sharded.sh
 #
-# Pieces, in order; with ONLY unset, a machine of 8 GPUs runs the x8 ones, any other the rest. Guessed times
-# (compiles dominate and were never timed; the tables print "compile s"):
-#   check      ~0.5 min  the Pallas expert kernels split over two GPUs match one GPU (a test)
-#   esft_2     ~3 min    ESFT, 8 layers of DeepSeek-V2-Lite width, 8 trainable experts per MoE layer, 8 x 2048
+# Pieces, in order; with ONLY unset, a machine of 8 GPUs runs the x8 ones, any other the rest. Times on two H200s
+# (2026-11-30, nineteenth session: experiments/results/gpu-2026-11-30-s19; compiles dominate, the tables print
+# "compile s"):
+#   check      47-120 s  the Pallas expert kernels split over two GPUs match one GPU (a test; 3 of its 4 cases
+#                        passed in 90 s compiling cold, all 4 in 47 s with the compile cache warm)
+#   esft_2      236 s    ESFT, 8 layers of DeepSeek-V2-Lite width, 8 trainable experts per MoE layer, 8 x 2048
 #                        tokens per GPU: 1 GPU, data parallel 2, expert parallel 2 (the bar: 2 GPUs >= 1.8x one)
-#   esft_27    ~2 min    ESFT of the full 27 layers (15.7B) at 1 x 2048 per GPU, FSDP 2
-#   fft_27     ≤9 min    FFT of the same, FSDP 2, master weights and AdamW state in bf16 (its compile passed 335 s
-#                        before the kernels lowered once per program; run it alone in a call). In fp32 the state
-#                        alone is 18 bytes per parameter (2 frozen bf16 + 4 master + 8 AdamW + 4 gradients) =
-#                        141 GB per GPU of 2; the step adds the gathered bf16 weights (31 GB), activations
-#                        (~20 GB) and XLA's temporaries: ~190 GB or more against an H200's 150 GB (140 GiB)
-#   fft_27_f32 ~2 min    the fp32 FFT, expected out of memory; runs only if the deadline leaves room
+#   esft_27      80 s    ESFT of the full 27 layers (15.7B) at 1 x 2048 per GPU, FSDP 2 (once stopped at 180 s
+#                        before its row ended, unexplained)
+#   fft_27      106 s    FFT of the same, FSDP 2, master weights and AdamW state in bf16 (98.3 GiB per GPU)
+#   fft_27_f32   95 s    the fp32 FFT: out of memory, as expected. The state alone is 18 bytes per parameter
+#                        (2 frozen bf16 + 4 master + 8 AdamW + 4 gradients) = 141 GB per GPU of 2; XLA plans
+#                        136.3 GiB a GPU against an H200's 140 GiB, and the step fails
 #   x8_esft    ~8 min    8 GPUs, 27 layers, 1 x 2048 per GPU: 1 GPU, EP 2, EP 8, FSDP 8 (issue #9)
 #   x8_fft     ~5 min    8 GPUs, 27 layers, 1 x 2048 per GPU, fp32 FFT (~35 GB of state per GPU): EP 8, FSDP 8
 #
@@ -46,11 +47,11 @@ source experiments/pieces.sh
 
 bench=("$PY" experiments/bench_sharded.py --seq 2048)
 full=(--layers 27 --batch 1 --row-timeout 230)
-piece check 90 "$PY" -m pytest -q -p no:cacheprovider tests/test_sharding.py -k gpu_expert_kernels
+piece check 180 "$PY" -m pytest -q -p no:cacheprovider tests/test_sharding.py -k gpu_expert_kernels
 piece esft_2 300 "${bench[@]}" --methods esft --meshes data=1 data=2 expert=2 --layers 8 --batch 8 \
   --experts-per-layer 8 --row-timeout 120
-piece esft_27 180 "${bench[@]}" --methods esft --meshes fsdp=2 "${full[@]}"
-piece fft_27 540 "${bench[@]}" --methods fft --meshes fsdp=2 --master-dtype bfloat16 "${full[@]}" --row-timeout 520
+piece esft_27 240 "${bench[@]}" --methods esft --meshes fsdp=2 "${full[@]}"
+piece fft_27 300 "${bench[@]}" --methods fft --meshes fsdp=2 --master-dtype bfloat16 "${full[@]}" --row-timeout 280
 piece fft_27_f32 240 "${bench[@]}" --methods fft --meshes fsdp=2 "${full[@]}"
 piece x8_esft 550 "${bench[@]}" --methods esft --meshes data=1 expert=2 expert=8 fsdp=8 "${full[@]}"
 piece x8_fft 550 "${bench[@]}" --methods fft --meshes expert=8 fsdp=8 "${full[@]}"

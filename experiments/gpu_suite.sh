@@ -39,8 +39,8 @@
 #                            before the 65k skewed rows; with --iters 10, 200 s ended it before the last row)
 #   moe_profile      ~120 s  expert FFN at 65k rows, tiled only, with device time per call by kernel and operation
 #                            (new 2026-11-29, tenth session; not yet run in the suite)
-#   moe_tokens     not run   expert FFN at 16k and 64k tokens (98,304 and 393,216 rows at top-6), as issue #6's
-#                            goal names them, tiled and torch (new 2026-11-30, eighteenth session)
+#   moe_tokens       202 s   expert FFN at 16k and 64k tokens (98,304 and 393,216 rows at top-6), as issue #6's
+#                            goal names them, tiled and torch (2026-11-30, nineteenth session)
 #   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
 #                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
 set -u -o pipefail
