@@ -17,8 +17,10 @@ mesh and rows of one invocation are a weak-scaling series. Columns:
 - scaling: tokens/s over the one-device row of the same method (2.0 is perfect on two devices).
 - peak GiB/dev: the largest `peak_bytes_in_use` over the mesh's devices, for the whole process (n/a on CPU).
 - XLA GiB/dev, XLA TFLOP/dev: XLA's analysis of the compiled per-device step (its planned peak, as the trainer
-  reports it; FLOPs). Kernels XLA cannot see into (the Pallas expert kernels on Hopper) count no FLOPs. At a fixed
-  per-device batch TFLOP/dev should not grow with the mesh: where it does, work is replicated, not split.
+  reports it; FLOPs). Kernels XLA cannot see into (the Pallas expert kernels on Hopper) count no FLOPs, and on
+  GPUs the rest varied between invocations of one program (0.55 to 2.81 TFLOP for the same 8-layer step, 2026-11-30):
+  compare it only within one invocation. At a fixed per-device batch TFLOP/dev should not grow with the mesh: where
+  it does, work is replicated, not split.
 - first loss: the loss of the warm-up step, before any update; rows with the same global batch must agree.
 
 A row that runs out of device memory says so (and where: init, compile or step); the other rows go on. A row
