@@ -185,13 +185,15 @@ def jax_step(path: str, op: str, backward: bool, data: dict, one_op: bool = True
   if op == "moe":
     from esft_jax.model.kernels.ffn import gpu_expert_ffn
 
-    def fn(x_TxD, weights_TxK, w_gate, w_up, w_down):
+    # The ids are an argument, as the router computes them in a model: closed over, XLA folds the dispatch's
+    # constant parts (the group sizes) at compile time and the timing leaves them out.
+    def fn(x_TxD, weights_TxK, w_gate, w_up, w_down, ids_TxK):
       experts = {"gate_proj": w_gate, "up_proj": w_up, "down_proj": w_down}
       if path == "grouped":
-        return expert_ffn(x_TxD, data["ids"], weights_TxK, experts, "grouped")
-      return gpu_expert_ffn(x_TxD, data["ids"], weights_TxK, experts, path)
+        return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, "grouped")
+      return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, path)
 
-    args, num_diff, cotangent = (data["x"], data["weights"], *weights), 5, data["cotangent"]
+    args, num_diff, cotangent = (data["x"], data["weights"], *weights, data["ids"]), 5, data["cotangent"]
   else:
     from esft_jax.model.kernels.ffn import kernel_ops
 
