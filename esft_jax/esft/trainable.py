@@ -165,8 +165,6 @@ def _write_rows(stack_ExDxF, rows_SxDxF, ids_S):
   return stack_ExDxF.at[ids_S].set(rows_SxDxF, unique_indices=True)
 
 
-
-
 def expert_weight_grads(plan: TrainPlan, config: ModelConfig) -> tuple[tuple[int, tuple[int, ...]], ...] | None:
   """Per MoE layer, the routed experts whose weight gradients a step uses (`Transformer.expert_weight_grads`):
   ESFT's selected ones, none where a layer has no selection. None (all) for FFT and LoRA."""

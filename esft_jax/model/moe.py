@@ -14,7 +14,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec
 
 from esft_jax.config import ModelConfig
@@ -155,7 +154,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # gathered expert weights are summed over the devices all the same.
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
   row_specs = (PartitionSpec(None, None, width or None),) * 2 + (PartitionSpec(None, width or None, None),)
-  trained_rows = tuple(stack[np.asarray(trained_ids, np.int32)] for stack in stacks) if trained_ids else ()
+  trained_rows = tuple(stack[jnp.asarray(trained_ids, jnp.int32)] for stack in stacks) if trained_ids else ()
   return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
                        out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
 
