@@ -253,7 +253,8 @@ def _timed_log():
 def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
-  run_demo(args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers)
+  run_demo(args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers,
+           seeds=tuple(args.seed) if args.seed else None)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -420,12 +421,19 @@ def build_parser() -> argparse.ArgumentParser:
   figs.set_defaults(func=cmd_figures)
 
   demo = sub.add_parser("demo", help="the paper's experiment in miniature, offline (the README's main job)",
-                        description="Generate six tasks and a general corpus, pretrain a small DeepSeekMoE-style "
-                                    "base (cached), score routing, select experts, fine-tune FFT, LoRA, ESFT-Token "
-                                    "and ESFT-Gate on every task, evaluate every model on every task and on "
-                                    "held-out text, and write REPORT.md, results.json and figures. Interrupted "
-                                    "runs resume from what OUT already holds.")
+                        description="The paper's protocol in miniature: generate six tasks (math and code to "
+                                    "enhance, intent, summary, law and translation to adapt to) and four general "
+                                    "instruction families; pretrain a small DeepSeekMoE-style base and align it on "
+                                    "the general families (cached); score routing and select experts; search each "
+                                    "method's learning rate on validation loss; fine-tune FFT, LoRA, ESFT-Token and "
+                                    "ESFT-Gate on every task (mixed 1:1 with alignment data); evaluate each model "
+                                    "on its task and on general ability; and write REPORT.md (each of the paper's "
+                                    "findings tested beyond the spread over seeds), results.json and figures. "
+                                    "Interrupted runs resume from what OUT already holds.")
   _add_workspace_flags(demo)
+  demo.add_argument("--seed", type=int, nargs="+", metavar="S",
+                    help="the seeds to run (each draws its own tasks, alignment data and fine-tuning order; "
+                         "default: 0 for tiny, 0 1 2 for small); a seed already run is read from OUT")
   demo.set_defaults(func=cmd_demo)
 
   ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",

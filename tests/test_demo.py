@@ -8,56 +8,76 @@ import shutil
 
 import pytest
 
-from esft_jax.demo.experiment import PRESETS, Job, prepare, run_demo, run_jobs
-from esft_jax.demo.pretrain import BaseSpec
+from esft_jax.demo.experiment import PRESETS, run_demo
+from esft_jax.demo.pretrain import AlignSpec, BaseSpec
+from esft_jax.demo.workspace import Job, prepare, run_jobs
 
 MICRO = dataclasses.replace(
     PRESETS["tiny"],
     base=BaseSpec(vocab_size=320, hidden_size=32, num_layers=2, num_heads=2, routed_experts=8, experts_per_token=2,
                   shared_experts=1, expert_width=16, dense_width=64, kv_lora_rank=16, seq_length=64,
-                  general_chars=15_000, held_out_chars=2_000, format_examples_per_task=8, steps=3, batch_size=4,
+                  general_chars=15_000, held_out_chars=2_000, enhancement_examples=8, steps=3, batch_size=4,
                   lr=3e-3, expert_impl="grouped"),
-    n_train=40, n_test=4, score_tokens=300, finetune_steps=2, finetune_batch=2, finetune_seq_length=64,
-    max_new_tokens=8, eval_batch=4)
+    align=AlignSpec(examples_per_family=12, steps=2, batch_size=4, lr=1e-3),
+    n_train=40, n_test=4, n_general_test=2, score_tokens=300, finetune_steps=2, finetune_batch=2,
+    finetune_seq_length=64, lr_grid=(1e-3,), search_tasks=("intent",), max_new_tokens=8, eval_batch=4)
 
 
-def test_demo_runs_end_to_end_and_resumes(tmp_path, monkeypatch):
+def test_demo_runs_end_to_end_resumes_and_adds_seeds(tmp_path, monkeypatch):
   # The expert implementation is how the base is computed, not what it is: it does not name another base.
   assert dataclasses.replace(MICRO.base, expert_impl="reference").key() == MICRO.base.key()
+  tasks, methods = ("intent", "translation"), ("FFT", "LoRA", "ESFT-Token", "ESFT-Gate")
   logs = []
-  results = run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append)
+  results = run_demo(tmp_path, preset=MICRO, task_names=tasks, log=logs.append)
   report = (tmp_path / "REPORT.md").read_text()
-  assert "## Table 1: downstream tasks" in report and "## Table 2: general ability" in report
-  assert report.count("**held**") + report.count("**did not hold**") == 5
-  for name in ("figure2_concentration.png", "figure3_overlap.png", "figure4_selected_experts.png"):
-    assert (tmp_path / "figures" / name).read_bytes()[:4] == b"\x89PNG"
+  for section in ("## Protocol", "## Table 1: downstream tasks", "## Table 2: general ability",
+                  "## Learning-rate search", "## Diagnostics"):
+    assert section in report
+  for name in ("figures/summary.png", "figures/validation_curves.png", "seed-0/figures/figure2_concentration.png",
+               "seed-0/figures/figure3_overlap.png", "seed-0/figures/figure4_selected_experts.png"):
+    assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
   stored = json.loads((tmp_path / "results.json").read_text())
-  assert set(stored["evaluations"]) == {"base"} | {f"{t}-{m}" for t in ("intent", "translation")
-                                                   for m in ("FFT", "LoRA", "ESFT-Token", "ESFT-Gate")}
-  esft = stored["runs"]["intent"]["ESFT-Token"]["trainable_params"]
-  assert 0 < esft < stored["runs"]["intent"]["FFT"]["trainable_params"]
-  assert results["evaluations"] == stored["evaluations"]
+  assert stored["seeds"] == [0] and stored["findings"] == results["findings"]
+  assert len(stored["findings"]) == 5 and report.count("**held**") + report.count("**did not hold**") == 5
+  assert all(set(f) >= {"finding", "held", "evidence"} and isinstance(f["held"], bool) for f in stored["findings"])
+  assert "one seed" in stored["findings"][2]["evidence"]
+  search = stored["lr_search"]
+  assert search["grid"] == [1e-3] and set(search["chosen"]) == set(methods) and search["tasks"] == ["intent"]
+  runs = stored["per_seed"]["0"]["runs"]["mixed"]
+  assert set(runs) == set(tasks) and all(set(runs[t]) == set(methods) for t in tasks)
+  # Each fine-tuned model is scored on its own task and on general ability; the aligned base on everything.
+  scores = runs["intent"]["ESFT-Token"]["scores"]
+  assert set(scores) == {"intent", "recall", "reverse", "category", "opposite", "general_score", "general_loss"}
+  assert set(stored["per_seed"]["0"]["base"]) >= set(tasks) | {"general_score", "general_loss"}
+  assert 0 < runs["intent"]["ESFT-Token"]["trainable_params"] < runs["intent"]["FFT"]["trainable_params"]
+  # Mixed training data: the task's records and as many alignment records, shuffled together.
+  mixed = (tmp_path / "seed-0" / "data" / "intent_mixed_train.jsonl").read_text().splitlines()
+  assert len(mixed) == 2 * MICRO.n_train
 
+  # A second seed: its own tasks, aligned base and runs; seed 0 is read back, and the findings' spread is now
+  # the standard deviation over the two seeds.
   logs.clear()
-  run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append)
-  assert any("reusing the pretrained base model" in line for line in logs)
+  both = run_demo(tmp_path, preset=MICRO, task_names=tasks, log=logs.append, seeds=(0, 1))
+  assert any(line.startswith("reusing") and "base-" in line for line in logs)
+  assert both["per_seed"]["0"] == results["per_seed"]["0"]
+  assert (tmp_path / "seed-1" / "data" / "intent_test.jsonl").read_text() != \
+      (tmp_path / "seed-0" / "data" / "intent_test.jsonl").read_text()
+  assert all("std over 2 seeds" in f["evidence"] for f in both["findings"])
 
   # With one run removed, `workers=2` redoes it in a spawned worker; the others come from their caches. The
   # workers share the parent's device, so neither preallocates it (an H200 ran out of memory when the parent did).
-  run = tmp_path / "runs" / "intent-ESFT-Token"
+  run = next((tmp_path / "seed-0" / "runs").glob("intent-ESFT-Token-mixed-*"))
   shutil.rmtree(run)
   logs.clear()
   monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
-  again = run_demo(tmp_path, preset=MICRO, task_names=("intent", "translation"), log=logs.append, workers=2)
+  again = run_demo(tmp_path, preset=MICRO, task_names=tasks, log=logs.append, workers=2)
   assert os.environ["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
-  assert again["resumed_runs"] == 7 and "reused 7 of 8 runs" in (tmp_path / "REPORT.md").read_text()
-  assert any(line.startswith("ESFT-Token on intent (") and "fine-tuned in" in line for line in logs)
-  assert again["evaluations"]["translation-FFT"] == results["evaluations"]["translation-FFT"]
-  assert again["runs"]["intent"]["ESFT-Token"]["trainable_params"] == esft
+  assert any(line.startswith("ESFT-Token on intent (mixed") and "fine-tuned in" in line for line in logs)
+  assert again["per_seed"]["0"]["runs"]["mixed"]["translation"]["FFT"] == runs["translation"]["FFT"]
   assert (run / "eval.json").exists()
 
   # A job's error reaches the caller from its worker, naming what is wrong, and leaves no run behind.
-  ws = prepare(tmp_path, MICRO, log=lambda _: None, task_names=("intent", "translation"))
+  ws = prepare(tmp_path, MICRO, 0, log=lambda _: None, task_names=tasks)
   bad = Job("ESFT-Token on intent", "intent", "esft", tmp_path / "runs" / "bad", 1e-3, tmp_path / "missing.json")
   with pytest.raises(Exception, match="missing.json"):
     run_jobs([(ws, bad)], workers=2, log=lambda _: None)

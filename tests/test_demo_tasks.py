@@ -1,4 +1,5 @@
-"""Tests of the demo's generated data: the six tasks (formats, splits, metrics) and the general corpus."""
+"""Tests of the demo's generated data: the six tasks and four general families (formats, splits, metrics), the
+pretraining pool, the alignment mix and the general corpus."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import pytest
 
 from esft_jax.data.formatting import user_piece
 from esft_jax.demo import corpus
-from esft_jax.demo.tasks import TASK_NAMES, format_examples, make_all_tasks, make_task
+from esft_jax.demo.tasks import (ENHANCEMENT_TASKS, GENERAL_TASK_NAMES, TASK_NAMES, alignment_mix,
+                                 in_pretraining_pool, make_all_tasks, make_general_tasks, make_task,
+                                 pretraining_examples)
 from esft_jax.evaluate.metrics import METRICS
 
 # Code items run one interpreter each, so they are few; the other metrics are pure Python.
@@ -23,21 +26,48 @@ def _prompts(task) -> tuple[list[str], list[str]]:
 # --- tasks ---------------------------------------------------------------------------------------------------
 
 
+ALL = TASK_NAMES + GENERAL_TASK_NAMES
+
+
 def test_tasks_are_the_six_of_the_paper_each_scored_by_its_metric():
   assert TASK_NAMES == ("math", "code", "intent", "summary", "law", "translation")
+  assert ENHANCEMENT_TASKS == ("math", "code")
   tasks = make_all_tasks(n_train=3, n_test=2)
   assert list(tasks) == list(TASK_NAMES)
   assert all(task.metric in METRICS for task in tasks.values())
+  general = make_general_tasks(n_train=3, n_test=2)
+  assert list(general) == list(GENERAL_TASK_NAMES) and all(g.metric == "exact_match" for g in general.values())
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+def test_general_families_are_free_of_math_code_and_the_tasks_words():
+  """The alignment data excludes math and code, as the paper's does, and shares no prompt with any task."""
+  general = make_general_tasks(300, 50)
+  task_prompts = {p for t in make_all_tasks(300, 50).values() for split in _prompts(t) for p in split}
+  for family in general.values():
+    for record in family.train:
+      text = record["messages"][0]["content"] + record["messages"][1]["content"]
+      assert not any(c.isdigit() for c in text) and "def " not in text and "Python" not in text
+    assert not (set(_prompts(family)[0]) | set(_prompts(family)[1])) & task_prompts
+
+
+def test_alignment_mix_draws_from_the_general_train_splits():
+  general = make_general_tasks(30, 5)
+  mix = alignment_mix(general, 40, seed=0)
+  pool = [r for g in general.values() for r in g.train]
+  assert len(mix) == 40 and all(r in pool for r in mix)
+  assert mix == alignment_mix(general, 40, seed=0) and mix != alignment_mix(general, 40, seed=1)
+  with pytest.raises(ValueError, match="asks for 121 records but the general families hold 120"):
+    alignment_mix(general, 121, seed=0)
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_make_task_is_deterministic_per_seed(name):
   assert make_task(name, 20, 10, seed=0) == make_task(name, 20, 10, seed=0)
   other = make_task(name, 20, 10, seed=1)
   assert other.test != make_task(name, 20, 10, seed=0).test
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_records_are_in_esft_formats(name):
   task = make_task(name, 5, 5)
   for record in task.train:
@@ -50,7 +80,7 @@ def test_records_are_in_esft_formats(name):
   assert all("tests" in item for item in task.test) == (name == "code")
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_no_prompt_is_in_both_splits_or_twice_in_one(name):
   train, test = _prompts(make_task(name, 1000, 200))
   assert len(set(train)) == len(train) == 1000 and len(set(test)) == len(test) == 200
@@ -71,11 +101,13 @@ def _wrong(name: str, answer: str) -> str:
     return answer.split("return")[0] + "return None"
   if name == "intent":
     return json.dumps({**json.loads(answer), "intent": "Other"})
+  if name in GENERAL_TASK_NAMES:
+    return answer + " extra"
   words = answer.split()
   return " ".join(words[:len(words) // 2])
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
+@pytest.mark.parametrize("name", ALL)
 def test_references_score_one_and_wrong_answers_less(name):
   task = make_task(name, 0, N_TEST.get(name, 50))
   score = METRICS[task.metric]
@@ -91,16 +123,16 @@ def test_answers_and_prompts_are_short():
     assert max(len(r["messages"][0]["content"]) for r in task.train) <= 200, task.name
 
 
-@pytest.mark.parametrize("name", TASK_NAMES)
-def test_format_examples_are_new_prompts_and_deterministic(name):
-  task = make_task(name, 300, 100)
-  examples = format_examples(task, 100)
-  train, test = _prompts(task)
+@pytest.mark.parametrize("name", ENHANCEMENT_TASKS)
+def test_pretraining_examples_come_from_a_pool_no_task_split_draws_from(name):
+  examples = pretraining_examples(name, 100)
   prompts = [user_piece(r["messages"][0]["content"]) for r in examples]
-  assert len(set(prompts)) == 100
-  assert not set(prompts) & (set(train) | set(test))
-  assert examples == format_examples(task, 100)
-  assert examples[0]["messages"][1]["content"].strip()
+  assert len(set(prompts)) == 100 and all(in_pretraining_pool(p) for p in prompts)
+  assert examples == pretraining_examples(name, 100)
+  for seed in (0, 1):
+    train, test = _prompts(make_task(name, 300, 100, seed))
+    assert not set(prompts) & (set(train) | set(test))
+    assert not any(in_pretraining_pool(p) for p in train + test)
 
 
 def test_unknown_task_and_too_many_items_raise():

@@ -16,7 +16,6 @@ from esft_jax.ablations.runner import pretrain_bases
 from esft_jax.config import config_from_hf
 from esft_jax.data.formatting import Example
 from esft_jax.demo.pretrain import base_is_built, build_base
-from esft_jax.demo.tasks import make_all_tasks
 from esft_jax.interop.hf import load_hf_model, save_hf_model
 from esft_jax.model.moe import MoEBlock
 from esft_jax.model.transformer import Transformer, init_params
@@ -172,10 +171,9 @@ def test_bases_pretrained_in_workers_or_by_two_callers_at_once_are_the_same(tmp_
   """The granularity-from-scratch bases, pretrained two at a time in spawned workers, are those `build_base`
   pretrains in this process (same tokenizer, same weights). Two callers of `build_base` on one spec at once (two
   ablations sharing a cache): one pretrains, the other waits for it and reuses the result."""
-  tasks = make_all_tasks(MICRO.n_train, MICRO.n_test, seed=MICRO.base.seed)
   specs = [scratch_spec(MICRO.base, 4, 0), scratch_spec(MICRO.base, 16, 0)]
   lines = []
-  pretrain_bases(specs + specs[:1], tasks, tmp_path / "workers", 2, lines.append)
+  pretrain_bases(specs + specs[:1], tmp_path / "workers", 2, lines.append)
   assert lines[0] == "pretraining 2 bases, 2 at a time" and len(lines) == 3
   assert all(base_is_built(spec, tmp_path / "workers") for spec in specs)
 
@@ -183,16 +181,16 @@ def test_bases_pretrained_in_workers_or_by_two_callers_at_once_are_the_same(tmp_
 
   def first_log(line: str) -> None:
     lines.append(("first", line))
-    if line.startswith("pretraining on"):
+    if line.startswith("pretraining the base model"):
       started.set()
 
-  first = threading.Thread(target=build_base, args=(specs[0], tasks, tmp_path / "here", first_log))
+  first = threading.Thread(target=build_base, args=(specs[0], tmp_path / "here", first_log))
   first.start()
   assert started.wait(120)
-  here, _ = build_base(specs[0], tasks, tmp_path / "here", lambda line: lines.append(("second", line)))
+  here, _ = build_base(specs[0], tmp_path / "here", lambda line: lines.append(("second", line)))
   first.join()
-  assert [who for who, line in lines if line.startswith("pretraining on")] == ["first"]
-  assert ("second", f"reusing the pretrained base model in {here}") in lines
+  assert [who for who, line in lines if line.startswith("pretraining the base model")] == ["first"]
+  assert ("second", f"reusing {here}") in lines
 
   there = tmp_path / "workers" / here.name
   assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()

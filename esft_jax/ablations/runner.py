@@ -33,9 +33,10 @@ from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, gre
                                             scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
-from esft_jax.demo.experiment import (PRESETS, SELECTION, Job, Workspace, in_worker_processes, prepare, run_jobs,
-                                      share_device_with_workers)
-from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_base
+from esft_jax.demo.experiment import METHODS, PRESETS, SELECTION, search_learning_rates
+from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_aligned, build_base
+from esft_jax.demo.workspace import (Job, Workspace, cached_json, in_worker_processes, prepare, run_jobs,
+                                     share_device_with_workers)
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
 from esft_jax.files import atomic_write_text, read_json
@@ -78,8 +79,8 @@ class _Runner:
   """Fine-tunes and evaluates named variants of one ablation on each of its tasks: `run` queues a variant,
   `finish` runs the queue (in worker processes where the preset has them) and records a row per variant."""
 
-  def __init__(self, ws: Workspace, name: str, log, workers: int):  # name: OUT/ablations/NAME
-    self.ws, self.log, self.workers = ws, log, workers
+  def __init__(self, ws: Workspace, name: str, lr: dict, log, workers: int):  # name: OUT/ablations/NAME
+    self.ws, self.lr, self.log, self.workers = ws, lr, log, workers
     self.root = ws.out / "ablations" / name
     self.rows: list[dict] = []
     self.queue: list[tuple[Workspace, Job, dict]] = []
@@ -98,7 +99,7 @@ class _Runner:
   def run(self, task: str, variant: str, kind: str, lr: float, expert_config: dict | None = None,
           lora_rank: int = 8, **fields) -> None:
     """Queues one variant on `task`; its row holds the variant's fields, trainable parameters, experts per
-    layer, own-task score, general loss and mean score on the other tasks."""
+    layer, own-task score, general loss and general-benchmark score."""
     config_path = self.expert_config(task, variant, expert_config) if expert_config is not None else None
     job = Job(f"{variant} on {task}", task, kind, self.root / "runs" / f"{task}-{variant}", lr, config_path,
               lora_rank)
@@ -109,10 +110,8 @@ class _Runner:
   def finish(self) -> None:
     results = run_jobs([(ws, job) for ws, job, _ in self.queue], self.workers, self.log)
     for (ws, job, row), (summary, scores) in zip(self.queue, results):
-      others = [scores[t] for t in ws.tasks if t != job.task]
       self.rows.append({**row, "trainable_params": summary["trainable_params"], "task_score": scores[job.task],
-                        "general_loss": scores["general_loss"],
-                        "other_tasks": float(np.mean(others)) if others else None})
+                        "general_loss": scores["general_loss"], "general_score": scores["general_score"]})
     self.queue.clear()
 
 
@@ -121,7 +120,7 @@ def _experts_per_layer(config: dict) -> float:
 
 
 def _threshold(runner: _Runner, config: dict) -> None:
-  lr = runner.ws.preset.lr
+  lr = runner.lr
   for task in config["tasks"]:
     for score in ("token", "gate"):
       for p in config[f"{score}_p"]:
@@ -141,7 +140,7 @@ WHAT_TO_TRAIN = (  # (variant, trains the selected experts, shared experts, non-
 
 
 def _what_to_train(runner: _Runner, config: dict) -> None:
-  lr = runner.ws.preset.lr
+  lr = runner.lr
   for task in config["tasks"]:
     selection = select_experts(runner.ws.summaries[task], config["score"], config["p"])
     for variant, experts, shared, non_expert in WHAT_TO_TRAIN:
@@ -154,7 +153,7 @@ def _what_to_train(runner: _Runner, config: dict) -> None:
 
 
 def _random_experts(runner: _Runner, config: dict) -> None:
-  lr = runner.ws.preset.lr[f"ESFT-{config['score'].title()}"]
+  lr = runner.lr[f"ESFT-{config['score'].title()}"]
   num_experts = runner.ws.base.config.num_experts
   for task in config["tasks"]:
     selection = select_experts(runner.ws.summaries[task], config["score"], config["p"])
@@ -165,7 +164,7 @@ def _random_experts(runner: _Runner, config: dict) -> None:
 
 def _esft_and_fft(runner: _Runner, task: str, prefix: str, **fields) -> None:
   """ESFT-Token and ESFT-Gate at the demo's p, and FFT, on the runner's base; `fields` go in every row."""
-  lr = runner.ws.preset.lr
+  lr = runner.lr
   config = runner.ws.base.config
   group = config.router_group_size
   for method, (score, p) in SELECTION.items():
@@ -195,7 +194,7 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1 and active == ws.base.config.num_experts_per_tok:
       group_ws = ws  # singleton groups: the base itself, with the demo's scores
-      base_eval = ws.out / "runs" / "base_eval.json"
+      base_eval = ws.dir / "runs" / "base_eval.json"
     else:
       base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
@@ -217,13 +216,13 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
           "group_similarity": cohesion, "pair_similarity": float(np.mean(pairs)), "gate_mass": gate_mass}
 
 
-def pretrain_bases(specs: list[BaseSpec], tasks: dict, cache_root: Path, workers: int, log) -> None:
+def pretrain_bases(specs: list[BaseSpec], cache_root: Path, workers: int, log) -> None:
   """Pretrains the bases of `specs` not yet cached under `cache_root`, `workers` at a time in worker processes
   (one small base leaves most of a GPU idle); with one worker, `build_base` pretrains each when first asked."""
   unbuilt = list({spec.key(): spec for spec in specs if not base_is_built(spec, cache_root)}.values())
   if workers > 1 and len(unbuilt) > 1:
     log(f"pretraining {len(unbuilt)} bases, {min(workers, len(unbuilt))} at a time")
-    in_worker_processes([(build_base, (spec, tasks, cache_root, _quiet)) for spec in unbuilt], workers,
+    in_worker_processes([(build_base, (spec, cache_root, _quiet)) for spec in unbuilt], workers,
                         lambda i, result: log(f"pretrained {result[0]}"))
 
 
@@ -243,11 +242,11 @@ def _granularity_scratch(runner: _Runner, config: dict) -> dict:
   specs = [scratch_spec(ws.preset.base, v["experts"], v["shared_width"]) for v in config["variants"]]
   # Every base is pretrained like the workspace's own (same text, steps and seed) and cached beside it.
   cache_root = ws.base_dir.parent
-  pretrain_bases(specs, ws.tasks, cache_root, runner.workers, runner.log)
+  pretrain_bases(specs, cache_root, runner.workers, runner.log)
   bases = {}
   for variant, spec in zip(config["variants"], specs):
     name = f"E{spec.routed_experts}-k{spec.experts_per_token}-shared{variant['shared_width']}"
-    base_dir, _ = build_base(spec, ws.tasks, cache_root, runner.log)
+    base_dir = build_aligned(spec, ws.preset.align, ws.alignment, ws.seed, cache_root, runner.log)
     variant_ws = ws.for_base(base_dir, runner.root / "scores" / name, config["tasks"], runner.log)
     top_k = variant_ws.base.config.num_experts_per_tok
     # Top-k share: the part of the task's gate mass on its k busiest experts, mean over layers (k/E = uniform).
@@ -307,11 +306,13 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   _check_fits_preset(config, config_path, preset)
   workers = workers or preset.workers
   share_device_with_workers(workers)
-  ws = prepare(out, preset, cache_root, log)
+  ws = prepare(out, preset, preset.seeds[0], cache_root, log)
+  # The demo's learning-rate search, shared through the workspace (run here if the demo has not run).
+  lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
   # Its folder is named after the config file: two configs of one ablation (granularity_groups and
   # granularity_groups_small, say) keep their runs and reports apart in one workspace.
-  runner = _Runner(ws, Path(config_path).stem, log, workers)
-  base = ws.evaluate(ws.base.params, out / "runs" / "base_eval.json")
+  runner = _Runner(ws, Path(config_path).stem, lr, log, workers)
+  base = ws.evaluate(ws.base.params, ws.dir / "runs" / "base_eval.json")
   extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
   runner.finish()
   results = {"ablation": config["ablation"], "config": config, "config_file": Path(config_path).name,

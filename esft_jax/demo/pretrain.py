@@ -1,9 +1,15 @@
-"""The demo's base model: a small DeepSeekMoE-style model pretrained from scratch, offline.
+"""The demo's base model in the paper's two stages, offline: pretraining, then an alignment SFT.
 
-A byte-level BPE is trained on the general corpus plus a little of each task's format; the model (fine-grained
-routed experts plus shared experts, DeepSeek-V2's architecture) is pretrained on the same text with the
-project's own training loop (full fine-tuning from a random start) and saved as a Hugging Face directory, so
-every later step reads it like any other checkpoint. The directory is cached: a second run reuses it.
+1. Pretraining: a byte-level BPE is trained on the general corpus plus examples of every task family; the model
+   (fine-grained routed experts plus shared experts, DeepSeek-V2's architecture) is pretrained from a random start
+   on the general corpus and on examples of the enhancement tasks (math, code) only, so that it has partial skill
+   there and none on the adaptation tasks, as DeepSeek-V2-Lite has. The same for every seed.
+2. Alignment: the pretrained model is fine-tuned (all parameters, loss on the answers) on the general instruction
+   families, which exclude math and code, as the paper's "vanilla" model was. Per seed, since the seed draws the
+   alignment data.
+
+Both are trained with the project's own training loop and saved as Hugging Face directories, so every later step
+reads them like any other checkpoint. Each is cached: a second run reuses it.
 """
 
 from __future__ import annotations
@@ -25,11 +31,11 @@ from esft_jax.data.packing import pack_documents
 from esft_jax.data.pipeline import eval_dataset, split_rows, train_dataset
 from esft_jax.data.tokenizer_training import train_bpe_tokenizer
 from esft_jax.demo.corpus import general_split
-from esft_jax.demo.tasks import Task, format_examples
+from esft_jax.demo.tasks import ENHANCEMENT_TASKS, GENERAL_TASK_NAMES, TASK_NAMES, pretraining_examples
 from esft_jax.esft.trainable import TrainPlan
 from esft_jax.files import atomic_write_text
-from esft_jax.interop.hf import save_hf_model
-from esft_jax.interop.tokenizer import Tokenizer
+from esft_jax.interop.hf import load_hf_model, save_hf_model
+from esft_jax.interop.tokenizer import Tokenizer, load_tokenizer
 from esft_jax.model.attention import most_segments
 from esft_jax.model.transformer import init_params
 from esft_jax.train.trainer import TrainConfig, train
@@ -51,7 +57,7 @@ class BaseSpec:
   seq_length: int
   general_chars: int
   held_out_chars: int
-  format_examples_per_task: int
+  enhancement_examples: int  # per enhancement task, in the pretraining text
   steps: int
   batch_size: int
   lr: float
@@ -96,62 +102,120 @@ def _full_loss(example: Example) -> Example:
   return dataclasses.replace(example, loss_mask_L=mask)
 
 
+@dataclasses.dataclass(frozen=True)
+class AlignSpec:
+  """The alignment SFT: how many records of each general family it trains on, and how."""
+  examples_per_family: int
+  steps: int
+  batch_size: int
+  lr: float
+
+  def key(self) -> str:
+    return hashlib.sha256(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def base_dir(spec: BaseSpec, cache_root: Path) -> Path:
   return cache_root / f"base-{spec.key()}"
 
 
+def aligned_dir(spec: BaseSpec, align: AlignSpec, seed: int, cache_root: Path) -> Path:
+  return cache_root / f"aligned-{spec.key()}-{align.key()}-seed{seed}"
+
+
+def _is_built(model_dir: Path) -> bool:
+  return all((model_dir / name).exists() for name in ("config.json", "tokenizer.json"))
+
+
 def base_is_built(spec: BaseSpec, cache_root: Path) -> bool:
-  return all((base_dir(spec, cache_root) / name).exists() for name in ("config.json", "tokenizer.json"))
+  return _is_built(base_dir(spec, cache_root))
 
 
-def build_base(spec: BaseSpec, tasks: dict[str, Task], cache_root: Path, log=print) -> tuple[Path, list[str]]:
-  """The pretrained base model's directory (built once per spec) and the held-out general texts. A process that
-  asks for a base another process is building (two ablations started together, say) waits for it."""
+def _built_once(model_dir: Path, build, log) -> None:
+  """Runs `build(work_dir)` unless `model_dir` exists; a process that asks for a model another process is
+  building (two ablations started together, say) waits for it."""
+  model_dir.parent.mkdir(parents=True, exist_ok=True)
+  with open(model_dir.parent / f"building-{model_dir.name}.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
+    if _is_built(model_dir):
+      log(f"reusing {model_dir}")
+    else:
+      work = model_dir.parent / f"building-{model_dir.name}"
+      build(work)
+      work.joinpath("model").rename(model_dir)
+      shutil.rmtree(work)
+
+
+def build_base(spec: BaseSpec, cache_root: Path, log=print) -> tuple[Path, list[str]]:
+  """The pretrained base model's directory (built once per spec) and the held-out general texts."""
   train_texts, held_out = general_split(spec.general_chars, spec.held_out_chars, spec.seed)
   model_dir = base_dir(spec, cache_root)
-  cache_root.mkdir(parents=True, exist_ok=True)
-  with open(cache_root / f"building-{spec.key()}.lock", "w") as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when its process dies
-    if base_is_built(spec, cache_root):
-      log(f"reusing the pretrained base model in {model_dir}")
-    else:
-      _pretrain(spec, tasks, train_texts, cache_root / f"building-{spec.key()}", model_dir, log)
+  _built_once(model_dir, lambda work: _pretrain(spec, train_texts, work, log), log)
   return model_dir, held_out
 
 
-def _pretrain(spec: BaseSpec, tasks: dict[str, Task], train_texts: list[str], work: Path, model_dir: Path,
-              log) -> None:
-  formats = [r for task in tasks.values() for r in format_examples(task, spec.format_examples_per_task)]
-  tokenizer = train_bpe_tokenizer(train_texts + [json.dumps(r, ensure_ascii=False) for r in formats],
-                                  spec.vocab_size, work)
-  examples = [text_example(tokenizer, t, f"general:{i}") for i, t in enumerate(train_texts)]
-  examples += [_full_loss(format_conversation(parse_conversation(r, f"format:{i}"), tokenizer))
-               for i, r in enumerate(formats)]
-  rows = pack_documents(examples, spec.seq_length, truncate=True)
-  train_rows, val_rows = split_rows(rows, 0.02, spec.seed)
-  log(f"pretraining on {len(train_rows)} rows of {spec.seq_length} tokens "
-      f"({int(train_rows.loss_mask_NxL.sum()):,} target tokens)")
-  hf = spec.hf_config()
+def build_aligned(spec: BaseSpec, align: AlignSpec, alignment_records: list[dict], seed: int, cache_root: Path,
+                  log=print) -> Path:
+  """The pretrained base after the alignment SFT on `alignment_records` (built once per spec, align and seed)."""
+  pretrained, _ = build_base(spec, cache_root, log)
+  model_dir = aligned_dir(spec, align, seed, cache_root)
+  _built_once(model_dir, lambda work: _align(spec, align, pretrained, alignment_records, seed, work, log), log)
+  return model_dir
+
+
+def _train_and_save(spec: BaseSpec, hf: dict, params, examples: list[Example], steps: int, batch_size: int,
+                    lr: float, seed: int, tokenizer_dir: Path, work: Path, log) -> dict:
+  """Trains every parameter on `examples` (packed, 2% held out for validation), keeps the best validation
+  checkpoint and writes it with its metrics and TensorBoard logs as a Hugging Face directory, `work / "model"`."""
   config = config_from_hf(hf)
-  params = init_params(config, jax.random.key(spec.seed))
-  batches = iter(train_dataset(train_rows, spec.batch_size, seed=spec.seed, process_index=0, process_count=1))
-  val = list(eval_dataset(val_rows, spec.batch_size, process_index=0, process_count=1))
-  # Validation every tenth of the run, and the base is the best of those: a corpus this small is seen many times
+  rows = pack_documents(examples, spec.seq_length, truncate=True)
+  train_rows, val_rows = split_rows(rows, 0.02, seed)
+  log(f"training on {len(train_rows)} rows of {spec.seq_length} tokens "
+      f"({int(train_rows.loss_mask_NxL.sum()):,} target tokens)")
+  batches = iter(train_dataset(train_rows, batch_size, seed=seed, process_index=0, process_count=1))
+  val = list(eval_dataset(val_rows, batch_size, process_index=0, process_count=1))
+  # Validation every tenth of the run, and the model is the best of those: a corpus this small is seen many times
   # over, and past some epoch more steps only overfit it.
-  train_cfg = TrainConfig(steps=spec.steps, lr=spec.lr, schedule="cosine", warmup_steps=spec.steps // 20,
-                          weight_decay=0.1, eval_every=max(1, spec.steps // 10), save_every=spec.steps,
-                          log_every=10, seed=spec.seed, compute_dtype=spec.compute_dtype,
-                          expert_impl=spec.expert_impl, max_segments=most_segments(rows.segment_ids_NxL))
+  train_cfg = TrainConfig(steps=steps, lr=lr, schedule="cosine", warmup_steps=steps // 20, weight_decay=0.1,
+                          eval_every=max(1, steps // 10), save_every=steps, log_every=10, seed=seed,
+                          compute_dtype=spec.compute_dtype, expert_impl=spec.expert_impl,
+                          max_segments=most_segments(rows.segment_ids_NxL))
   best = {}
-  result = train(config, params, TrainPlan("fft"), batches, val, work / "pretrain", train_cfg,
+  result = train(config, params, TrainPlan("fft"), batches, val, work / "train", train_cfg,
                  on_best=lambda trainable: best.update(params=trainable))
-  log(f"pretrained in {result.wall_seconds:.0f}s; best validation loss {result.best_val_loss:.3f}")
-  save_hf_model(work / "model", config, best.get("params", result.trainable), hf, tokenizer_dir=work)
-  atomic_write_text(work / "model" / "pretraining.json", json.dumps(
-      {"spec": dataclasses.asdict(spec), "val_loss": result.best_val_loss, "seconds": result.wall_seconds}))
-  # The run's metrics.jsonl and TensorBoard logs go with the base; its checkpoints and the tokenizer's working
-  # files do not.
-  shutil.rmtree(work / "pretrain" / "checkpoints")
-  (work / "pretrain").rename(work / "model" / "pretraining")
-  work.joinpath("model").rename(model_dir)
-  shutil.rmtree(work)
+  log(f"trained in {result.wall_seconds:.0f}s; best validation loss {result.best_val_loss:.3f}")
+  save_hf_model(work / "model", config, best.get("params", result.trainable), hf, tokenizer_dir=tokenizer_dir)
+  # The run's metrics.jsonl and TensorBoard logs go with the model; its checkpoints do not.
+  shutil.rmtree(work / "train" / "checkpoints")
+  (work / "train").rename(work / "model" / "training")
+  return {"val_loss": result.best_val_loss, "seconds": result.wall_seconds}
+
+
+def _pretrain(spec: BaseSpec, train_texts: list[str], work: Path, log) -> None:
+  enhancement = [r for name in ENHANCEMENT_TASKS for r in pretraining_examples(name, spec.enhancement_examples)]
+  # The tokenizer sees every family's vocabulary (a tokenizer is not a skill); the model sees only the
+  # enhancement tasks' examples.
+  vocabulary = [r for name in TASK_NAMES + GENERAL_TASK_NAMES if name not in ENHANCEMENT_TASKS
+                for r in pretraining_examples(name, 50)]
+  tokenizer = train_bpe_tokenizer(train_texts + [json.dumps(r, ensure_ascii=False)
+                                                 for r in enhancement + vocabulary], spec.vocab_size, work)
+  examples = [text_example(tokenizer, t, f"general:{i}") for i, t in enumerate(train_texts)]
+  examples += [_full_loss(format_conversation(parse_conversation(r, f"enhancement:{i}"), tokenizer))
+               for i, r in enumerate(enhancement)]
+  log("pretraining the base model")
+  hf = spec.hf_config()
+  params = init_params(config_from_hf(hf), jax.random.key(spec.seed))
+  metrics = _train_and_save(spec, hf, params, examples, spec.steps, spec.batch_size, spec.lr, spec.seed, work,
+                            work, log)
+  atomic_write_text(work / "model" / "pretraining.json", json.dumps({"spec": dataclasses.asdict(spec), **metrics}))
+
+
+def _align(spec: BaseSpec, align: AlignSpec, pretrained: Path, records: list[dict], seed: int, work: Path,
+           log) -> None:
+  tokenizer = load_tokenizer(pretrained)
+  examples = [format_conversation(parse_conversation(r, f"alignment:{i}"), tokenizer) for i, r in enumerate(records)]
+  log(f"aligning the base model on {len(records)} general instructions (seed {seed})")
+  base = load_hf_model(pretrained)
+  metrics = _train_and_save(spec, base.hf_config, base.params, examples, align.steps, align.batch_size, align.lr,
+                            seed, pretrained, work, log)
+  atomic_write_text(work / "model" / "alignment.json", json.dumps(
+      {"align": dataclasses.asdict(align), "seed": seed, "pretrained": pretrained.name, **metrics}))

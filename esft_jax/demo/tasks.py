@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
+import zlib
 from typing import Callable, NamedTuple
 
 from esft_jax.data.formatting import user_piece
@@ -45,31 +46,23 @@ _THINGS = ("apples", "pens", "stamps", "marbles", "books", "coins", "shells", "c
 
 
 def _math_sample(rng: random.Random) -> Sample:
+  """One or two additions and subtractions on a count below 30: small enough that the pretrained base's
+  examples give it partial skill and fine-tuning more (the paper's enhancement tasks)."""
   person, friend = rng.sample(_PEOPLE, 2)
   things = rng.choice(_THINGS)
-  total = rng.randint(2, 20)
+  total = rng.randint(2, 12)
   sentences, steps = [f"{person} has {total} {things}."], []
-  for _ in range(rng.randint(2, 3)):
-    kind = rng.choice(("buy", "give", "boxes", "double") if total > 1 else ("buy", "boxes", "double"))
-    if kind == "buy":
-      k = rng.randint(1, 9)
-      sentences.append(f"{person} buys {k} more.")
-      steps.append(f"{total} + {k} = {total + k}")
-      total += k
-    elif kind == "give":
+  for _ in range(rng.randint(1, 2)):
+    if total > 1 and rng.random() < 0.5:
       k = rng.randint(1, min(9, total - 1))
       sentences.append(f"{person} gives {k} to {friend}.")
       steps.append(f"{total} - {k} = {total - k}")
       total -= k
-    elif kind == "boxes":
-      n, m = rng.randint(2, 4), rng.randint(2, 5)
-      sentences.append(f"{person} gets {n} boxes with {m} {things} each.")
-      steps += [f"{n} * {m} = {n * m}", f"{total} + {n * m} = {total + n * m}"]
-      total += n * m
     else:
-      sentences.append(f"Then the number of {things} doubles.")
-      steps.append(f"{total} * 2 = {total * 2}")
-      total *= 2
+      k = rng.randint(1, 9)
+      sentences.append(f"{person} buys {k} more.")
+      steps.append(f"{total} + {k} = {total + k}")
+      total += k
   question = " ".join(sentences) + f" How many {things} does {person} have now?"
   return Sample(question, ". ".join(steps) + f". #### {total}", {})
 
@@ -91,7 +84,7 @@ _ARGUMENTS = ("x", "n", "a", "v")
 
 def _code_sample(rng: random.Random) -> Sample:
   name, arg = rng.choice(_FUNCTION_NAMES), rng.choice(_ARGUMENTS)
-  ops = [(rng.choice(_CODE_OPS), rng.randint(2, 9)) for _ in range(rng.randint(1, 3))]
+  ops = [(rng.choice(_CODE_OPS), rng.randint(2, 9)) for _ in range(rng.randint(1, 2))]
   phrases, expr, expr_precedence = [], arg, 4
   for i, ((first, later, symbol, precedence, _), k) in enumerate(ops):
     phrases.append((later if i else first).format(a=arg, k=k))
@@ -293,6 +286,63 @@ def _translation_sample(rng: random.Random) -> Sample:
                 f"{translation[0].upper()}{translation[1:]}.", {})
 
 
+# --- general instruction families: the alignment mix and the general-ability benchmarks --------------------
+
+# Four families in the chat format, free of math and code and unlike the six tasks. The aligned base is trained
+# on their train splits (the paper's alignment SFT) and fine-tuning mixes them 1:1 with task data; their test
+# splits stand in for the paper's general benchmarks (reading comprehension as TriviaQA, instruction following
+# as IFEval, knowledge as MMLU), each scored by exact match.
+
+_COLOURED = ("ball", "cup", "hat", "box", "kite", "lamp", "door", "boat", "shoe", "bag", "coat", "chair")
+_COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown", "grey", "orange")
+
+
+def _recall_sample(rng: random.Random) -> Sample:
+  objects = rng.sample(_COLOURED, rng.randint(2, 4))
+  colours = [rng.choice(_COLOURS) for _ in objects]
+  asked = rng.randrange(len(objects))
+  facts = " ".join(f"The {o} is {c}." for o, c in zip(objects, colours))
+  return Sample(f"Read the facts and answer. {facts} What colour is the {objects[asked]}?", colours[asked], {})
+
+
+_WORDS = ("river", "stone", "cloud", "apple", "music", "paper", "window", "garden", "silver", "candle", "forest",
+          "pillow", "rocket", "tiger", "winter", "yellow", "dragon", "mirror", "pencil", "basket")
+
+
+def _reverse_sample(rng: random.Random) -> Sample:
+  words = rng.sample(_WORDS, rng.randint(2, 4))
+  return Sample(f"Write these words in reverse order: {' '.join(words)}", " ".join(reversed(words)), {})
+
+
+_CATEGORIES = {
+    "an animal": ("horse", "rabbit", "eagle", "salmon", "monkey", "turtle"),
+    "a fruit": ("mango", "banana", "cherry", "lemon", "peach", "grape"),
+    "a tool": ("hammer", "shovel", "wrench", "saw", "drill", "ladder"),
+    "a vehicle": ("truck", "bicycle", "tram", "canoe", "rocket", "wagon"),
+    "a body part": ("elbow", "ankle", "shoulder", "knee", "finger", "ear"),
+}
+
+
+def _category_sample(rng: random.Random) -> Sample:
+  wanted, *others = rng.sample(sorted(_CATEGORIES), 3)
+  options = [rng.choice(_CATEGORIES[c]) for c in [wanted] + others]
+  order = rng.sample(range(3), 3)
+  letters = "ABC"
+  listed = " ".join(f"{letters[i]}) {options[j]}" for i, j in enumerate(order))
+  return Sample(f"Which word is {wanted}? {listed}. Answer with the letter.", letters[order.index(0)], {})
+
+
+_OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("early", "late"),
+              ("light", "dark"), ("full", "empty"), ("open", "closed"), ("strong", "weak"), ("rich", "poor"),
+              ("young", "old"), ("high", "low"), ("wet", "dry"), ("hard", "soft"), ("loud", "quiet"),
+              ("clean", "dirty"), ("near", "far"), ("thick", "thin"), ("sweet", "sour"), ("first", "last"))
+
+
+def _opposite_sample(rng: random.Random) -> Sample:
+  pairs = [p if rng.random() < 0.5 else p[::-1] for p in rng.sample(_OPPOSITES, 2)]
+  return Sample(f"Give the opposites of: {pairs[0][0]}, {pairs[1][0]}", f"{pairs[0][1]}, {pairs[1][1]}", {})
+
+
 # --- tasks ----------------------------------------------------------------------------------------------------
 
 _GENERATORS: dict[str, Callable[[random.Random], Sample]] = {
@@ -302,18 +352,36 @@ _GENERATORS: dict[str, Callable[[random.Random], Sample]] = {
     "summary": _summary_sample,
     "law": _law_sample,
     "translation": _translation_sample,
+    "recall": _recall_sample,
+    "reverse": _reverse_sample,
+    "category": _category_sample,
+    "opposite": _opposite_sample,
 }
-TASK_NAMES = tuple(_GENERATORS)
+# The paper's two groups: enhancement tasks adapt a skill the base has in part (its pretraining saw them),
+# adaptation tasks teach one it lacks.
+ENHANCEMENT_TASKS = ("math", "code")
+ADAPTATION_TASKS = ("intent", "summary", "law", "translation")
+TASK_NAMES = ENHANCEMENT_TASKS + ADAPTATION_TASKS
+GENERAL_TASK_NAMES = ("recall", "reverse", "category", "opposite")
+_METRICS = {name: name for name in TASK_NAMES} | {name: "exact_match" for name in GENERAL_TASK_NAMES}
+# One prompt in this many belongs to the pretraining pool (by a hash of its text): the base's enhancement
+# examples come from it and no task split does, whatever the seed.
+_PRETRAINING_POOL_EVERY = 8
 _MAX_MISSES = 2000  # draws in a row that only repeat prompts: the grammar is exhausted
 
 
-def _draw(name: str, rng: random.Random, n: int, taken: set[str]) -> list[Sample]:
-  """n samples whose prompts are new to `taken` (which is updated); raises if the grammar runs dry."""
+def in_pretraining_pool(prompt: str) -> bool:
+  return zlib.crc32(prompt.encode()) % _PRETRAINING_POOL_EVERY == 0
+
+
+def _draw(name: str, rng: random.Random, n: int, taken: set[str], pretraining: bool = False) -> list[Sample]:
+  """n samples whose prompts are new to `taken` (which is updated) and in the pretraining pool iff
+  `pretraining`; raises if the grammar runs dry."""
   samples, misses = [], 0
   while len(samples) < n:
     sample = _GENERATORS[name](rng)
     prompt = user_piece(sample.question)
-    if prompt in taken:
+    if prompt in taken or in_pretraining_pool(prompt) != pretraining:
       misses += 1
       if misses > _MAX_MISSES:
         raise ValueError(f"task {name!r} gave only {len(samples)} new prompts of the {n} asked for before "
@@ -338,26 +406,41 @@ def _test_record(sample: Sample) -> dict:
 
 def _check_name(name: str) -> None:
   if name not in _GENERATORS:
-    raise ValueError(f"unknown demo task {name!r}; choose one of {list(TASK_NAMES)}")
+    raise ValueError(f"unknown demo task {name!r}; choose one of {list(TASK_NAMES + GENERAL_TASK_NAMES)}")
 
 
 def make_task(name: str, n_train: int, n_test: int, seed: int = 0) -> Task:
-  """The task's test split (drawn first) and train split, with no prompt in both."""
+  """The task's test split (drawn first) and train split, with no prompt in both nor in the pretraining pool."""
   _check_name(name)
   rng, taken = random.Random(f"esft-demo/{name}/{seed}"), set()
   test = [_test_record(s) for s in _draw(name, rng, n_test, taken)]
   train = [_train_record(s) for s in _draw(name, rng, n_train, taken)]
-  return Task(name, name, train, test, seed)
+  return Task(name, _METRICS[name], train, test, seed)
 
 
 def make_all_tasks(n_train: int, n_test: int, seed: int = 0) -> dict[str, Task]:
   return {name: make_task(name, n_train, n_test, seed) for name in TASK_NAMES}
 
 
-def format_examples(task: Task, k: int) -> list[dict]:
-  """k training records in the task's format for pretraining, from their own random stream and with no
-  prompt of the task's test or train splits: the base model learns what the task looks like, not its items."""
-  _check_name(task.name)
-  taken = {user_piece(r["messages"][0]["content"]) for r in task.train} | {r["prompt"] for r in task.test}
-  rng = random.Random(f"esft-demo/{task.name}/format/{task.seed}")
-  return [_train_record(s) for s in _draw(task.name, rng, k, taken)]
+def make_general_tasks(n_train: int, n_test: int, seed: int = 0) -> dict[str, Task]:
+  """The general instruction families: train splits for the alignment mix, test splits for general ability."""
+  return {name: make_task(name, n_train, n_test, seed) for name in GENERAL_TASK_NAMES}
+
+
+def pretraining_examples(name: str, k: int) -> list[dict]:
+  """k training records of the task from the pretraining pool, the same for every seed: what the base model
+  sees of an enhancement task before any fine-tuning."""
+  _check_name(name)
+  return [_train_record(s) for s in _draw(name, random.Random(f"esft-demo/{name}/pretraining"), k, set(),
+                                          pretraining=True)]
+
+
+def alignment_mix(general: dict[str, Task], n: int, seed: int) -> list[dict]:
+  """n records drawn evenly from the general families' train splits, shuffled: what fine-tuning mixes 1:1 with a
+  task's data."""
+  rng = random.Random(f"esft-demo/alignment-mix/{seed}")
+  pool = [r for task in general.values() for r in task.train]
+  if n > len(pool):
+    raise ValueError(f"the alignment mix asks for {n} records but the general families hold {len(pool)}; "
+                     "draw more general train items")
+  return rng.sample(pool, n)
