@@ -87,6 +87,7 @@ def search_learning_rates(ws: Workspace, methods: tuple[str, ...], workers: int,
   """Each method's rate from the preset's grid: the lowest mean best-validation loss over the search tasks in the
   mixed setting. Every point is kept, cached in the workspace."""
   preset = ws.preset
+  _select(ws)  # the ESFT runs' expert configs
   tasks = [t for t in preset.search_tasks if t in ws.tasks] or list(ws.tasks)[:1]
   points = [(m, lr, t) for m in methods for lr in preset.lr_grid for t in tasks]
   log(f"learning-rate search: {len(points)} runs ({len(methods)} methods x {len(preset.lr_grid)} rates x "
