@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue #5's GPU preset (and issue #8's ablations at that preset) on one H200, resumable across device calls:
+# The demo's GPU preset (and the ablations at that preset) on one H100 or H200, resumable across device calls:
 # `esft-jax demo --preset small`, or `esft-jax ablate configs/ablations/NAME.json --preset small`, under a
 # deadline (DEADLINE seconds, default 540, inside the device tool's 600 s per command). Workspaces live under
 # runs/ (git-ignored), which a still-warm machine keeps between calls, so a second call started within the
@@ -56,6 +56,7 @@ timeout -k 10 "$left" python3 -m esft_jax.cli "${command[@]}" --preset small --o
 rc=${PIPESTATUS[0]}
 if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="stopped at the deadline"; else how="exit $rc"; fi
 echo "$NAME call: $how after $((SECONDS - start)) s" | tee -a "$log"
-(cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json figures *.png \
-  runs/*/summary.json runs/*/eval.json runs/*_eval.json scores/*/summary.json scores/*/*/summary.json \
-  scores/*/experts_*.json expert_configs cooccurrence.json 2>/dev/null) || true
+(cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json lr_search.json \
+  figures *.png seed-*/figures seed-*/runs/*/summary.json seed-*/runs/*/eval.json seed-*/runs/*/metrics.jsonl \
+  seed-*/runs/*_eval.json seed-*/scores/*/summary.json seed-*/scores/*/experts_*.json runs/*/summary.json \
+  runs/*/eval.json runs/*_eval.json scores/*/*/summary.json expert_configs cooccurrence.json 2>/dev/null) || true
