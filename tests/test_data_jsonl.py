@@ -43,6 +43,14 @@ def test_bad_lines_name_file_and_line(tmp_path, lines, line, message):
   assert str(error.value).startswith(f"{path}:{line}: ")
 
 
+def test_non_utf8_byte_names_file_and_line(tmp_path):
+  path = tmp_path / "latin1.jsonl"
+  path.write_bytes(b'{"prompt": "ok", "answers": ["a"]}\n{"prompt": "caf\xe9", "answers": ["b"]}\n')
+  with pytest.raises(ValueError, match=r"not UTF-8 \(byte 0xe9 at column 16\)") as error:
+    read_jsonl(path)
+  assert str(error.value).startswith(f"{path}:2: ")
+
+
 @pytest.mark.parametrize("text", ["", "\n  \n"])
 def test_empty_file(tmp_path, text):
   path = tmp_path / "empty.jsonl"

@@ -93,11 +93,16 @@ def read_jsonl(path: str | Path) -> list[Record]:
   path = Path(path)
   records: list[Record] = []
   parse = None
-  with path.open(encoding="utf-8") as f:
-    for number, line in enumerate(f, start=1):
+  with path.open("rb") as f:  # bytes, so that a decoding error can name its line
+    for number, raw in enumerate(f, start=1):
+      source = f"{path}:{number}"
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{source}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file "
+                         "as UTF-8") from None
       if not line.strip():
         continue
-      source = f"{path}:{number}"
       try:
         obj = json.loads(line)
       except json.JSONDecodeError as e:
