@@ -89,11 +89,15 @@ def cmd_score(args: argparse.Namespace) -> None:
 
     from esft_jax.data.pipeline import format_records
     from esft_jax.data.sources import open_examples
-    from esft_jax.esft.routing_pass import sample_until, score_examples
+    from esft_jax.esft.routing_pass import cut_long_samples, sample_until, score_examples
     from esft_jax.interop.tokenizer import load_tokenizer
 
     config, params = _load_model(args.model, args.adapter, args.dtype)
     examples = format_records(open_examples(args.data, args.data_dir), load_tokenizer(args.model))
+    examples, n_cut = cut_long_samples(examples, args.seq_length)
+    if n_cut:
+      print(f"cut {n_cut} of {len(examples)} samples to their last {args.seq_length} tokens (--seq-length), as "
+            "train's packing cuts them")
     chosen = sample_until(examples, args.n_tokens, args.seed)
     summary = score_examples(config, params, chosen, args.batch_size, dtype=jnp.dtype(args.dtype),
                              log_dir=args.out if args.write_logs else None, mesh=mesh)
@@ -308,6 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
   score.add_argument("--n-tokens", type=int, help="token budget of the sample (the paper uses 131072; no default)")
   score.add_argument("--seed", type=int, default=5934875, help="shuffle seed, as ESFT's scorer")
   score.add_argument("--batch-size", type=int, default=8, help="samples per forward pass (each unpacked)")
+  score.add_argument("--seq-length", type=int, default=4096,
+                     help="longest sample scored: a longer one keeps its last SEQ_LENGTH tokens, as in train")
   score.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
   score.add_argument("--write-logs", action="store_true",
                      help="also write the official expert_weights_{layer}.txt logs (what `esft-jax figures` reads)")

@@ -33,6 +33,17 @@ from esft_jax.train.metrics import progress
 OFFICIAL_SEED = 5934875
 
 
+def cut_long_samples(examples: Sequence[Example], max_length: int) -> tuple[list[Example], int]:
+  """Every sample cut to its last `max_length` tokens, as `train`'s packing cuts a sample longer than a row,
+  and how many were cut. A sample is scored in one row, so an uncut 10 MB line would need an attention matrix
+  of its length squared."""
+  if max_length < 1:
+    raise ValueError(f"--seq-length must be positive, got {max_length}")
+  cut = [Example(e.ids_L[-max_length:], e.loss_mask_L[-max_length:], e.source) if len(e) > max_length else e
+         for e in examples]
+  return cut, sum(len(e) > max_length for e in examples)
+
+
 def sample_until(examples: Sequence[Example], n_tokens: int, seed: int = OFFICIAL_SEED) -> list[Example]:
   """A seeded shuffle of the examples, taken in order until at least `n_tokens` tokens."""
   if n_tokens <= 0:
