@@ -9,12 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import peft
 import torch
 import transformers
 
 from esft_jax.config import config_from_hf
+from esft_jax.cli import main
+from esft_jax.esft.trainable import TrainPlan, init_trainable
+from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model, save_hf_model
-from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
+from esft_jax.interop.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 from esft_jax.model.transformer import Transformer, init_params
 from tests.hf_models import ARCHITECTURES, build_hf_model, save_hf_model_dir
 
@@ -134,3 +138,117 @@ def test_corrupt_header(tmp_path):
   (d / "model.safetensors").write_bytes(struct.pack("<Q", 5) + b"{nope")
   with pytest.raises(ValueError, match="corrupt safetensors header"):
     load_hf_model(d)
+
+
+# --- LoRA adapters in PEFT's layout ---------------------------------------------------------------------------
+
+
+def _peft_adapter(directory, name="deepseek_v2", **lora_settings):
+  """A PEFT LoRA adapter with random (non-zero) factors on a tiny model, and PEFT's own logits on TOKENS."""
+  model = build_hf_model(name)
+  settings = {"r": 4, "lora_alpha": 8, "init_lora_weights": False, **lora_settings}
+  tuned = peft.get_peft_model(model, peft.LoraConfig(**settings)).eval()
+  tuned.save_pretrained(directory)
+  with torch.no_grad():
+    return tuned(torch.tensor(TOKENS)).logits.numpy()
+
+
+TOKENS = np.random.default_rng(0).integers(3, 90, size=(2, 9))
+FUSED_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _logits(base_dir, adapter_dir):
+  base = load_hf_model(base_dir)
+  merged = load_adapter(adapter_dir, base.config, base.params)
+  return np.asarray(Transformer(base.config).apply({"params": merged}, jnp.asarray(TOKENS)).logits)
+
+
+@pytest.mark.parametrize("targets", [
+    {"target_modules": ["q_proj", "kv_b_proj", "o_proj"], "target_parameters": FUSED_EXPERTS},
+    # transformers 4's names: PEFT fuses gate and up into gate_up_proj with rank 2r, alpha 2 alpha
+    {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "lora_alpha": 6},
+    {"target_modules": ["o_proj"], "target_parameters": ["mlp.experts.down_proj"], "use_rslora": True},
+    {"target_modules": None, "target_parameters": ["mlp.experts.gate_up_proj"]},
+])
+def test_peft_fused_expert_lora_gives_peft_logits(tmp_path, targets):
+  base_model = save_hf_model_dir("deepseek_v2", tmp_path / "base")
+  expected = _peft_adapter(tmp_path / "adapter", **targets)
+  with torch.no_grad():
+    assert np.abs(base_model(torch.tensor(TOKENS)).logits.numpy() - expected).max() > 0.1  # the adapter matters
+  np.testing.assert_allclose(_logits(tmp_path / "base", tmp_path / "adapter"), expected, atol=1e-4)
+
+
+def _random_factors(plan, params):
+  """LoRA factors of the plan's shapes, all non-zero (numpy: drawing each with jax would compile every shape)."""
+  rng = np.random.default_rng(3)
+  shapes = jax.eval_shape(lambda: init_trainable(plan, params))
+  return jax.tree_util.tree_map(lambda s: 0.05 * rng.standard_normal(s.shape).astype(np.float32), shapes)
+
+
+def test_our_lora_adapter_lists_its_modules_and_peft_loads_it(tmp_path):
+  base_model = save_hf_model_dir("deepseek_v2", tmp_path / "base")
+  base = load_hf_model(tmp_path / "base")
+  plan = TrainPlan("lora", lora_rank=2)
+  save_adapter(tmp_path / "adapter", base.config, base.params, plan, _random_factors(plan, base.params))
+  settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  written = {k.removesuffix(".lora_A.weight").rsplit(".", 1)[-1]
+             for k in SafetensorsFile(tmp_path / "adapter" / "adapter_model.safetensors").keys()
+             if k.endswith(".lora_A.weight")}
+  assert settings["target_modules"] == sorted(written)
+  assert not {"gate", "lm_head", "embed_tokens"} & set(settings["target_modules"])
+
+  tuned = peft.PeftModel.from_pretrained(base_model, tmp_path / "adapter").eval()
+  with torch.no_grad():
+    expected = tuned(torch.tensor(TOKENS)).logits.numpy()
+  np.testing.assert_allclose(_logits(tmp_path / "base", tmp_path / "adapter"), expected, atol=1e-4)
+
+
+def _write_lora(directory, tensors, **settings):
+  directory.mkdir()
+  (directory / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 4,
+                                                             **settings}))
+  write_safetensors(directory / "adapter_model.safetensors", tensors)
+
+
+@pytest.mark.parametrize("tensors, settings, message", [
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 64), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((80, 2), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": np.ones(80, np.float32)},
+     {}, r"1 tensors are not LoRA factors \('base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 64), np.float32)},
+     {}, "has lora_A but no lora_B"),
+    ({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight": np.ones((2, 64), np.float32),
+      "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight": np.ones((80, 2), np.float32)},
+     {}, r"factors of 1 modules map to no weight of this deepseek_v2 model: 'model.layers.7.self_attn.q_proj'"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 63), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((80, 2), np.float32)},
+     {}, r"lora_A \(2, 63\) and lora_B \(80, 2\), which do not fit its weight \[out 80, in 64\]"),
+    ({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((2, 64), np.float32),
+      "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((80, 2), np.float32)},
+     {"use_dora": True}, "use_dora=True is not supported"),
+    ({"base_model.model.model.layers.1.mlp.experts.lora_A.weight": np.ones((16, 64), np.float32),
+      "base_model.model.model.layers.1.mlp.experts.lora_B.weight": np.ones((40, 16), np.float32)},
+     {}, r"fit neither gate_up_proj \[8, 48, 64\] nor down_proj \[8, 64, 24\]"),
+])
+def test_lora_tensors_that_map_to_nothing_are_refused(tmp_path, tensors, settings, message):
+  save_hf_model_dir("deepseek_v2", tmp_path / "base")
+  _write_lora(tmp_path / "adapter", tensors, **settings)
+  base = load_hf_model(tmp_path / "base")
+  with pytest.raises((KeyError, ValueError), match=message):
+    load_adapter(tmp_path / "adapter", base.config, base.params)
+
+
+def test_export_onto_a_base_without_the_adapted_module_fails_naming_it(tmp_path, capsys):
+  save_hf_model_dir("deepseek_v2", tmp_path / "base")
+  base = load_hf_model(tmp_path / "base")
+  plan = TrainPlan("lora", lora_rank=2)
+  save_adapter(tmp_path / "adapter", base.config, base.params, plan, _random_factors(plan, base.params))
+  other = ARCHITECTURES["deepseek_v2"]()
+  other.q_lora_rank = 16  # q_a_proj and q_b_proj instead of q_proj
+  transformers.AutoModelForCausalLM.from_config(other).save_pretrained(tmp_path / "q_lora_base")
+  with pytest.raises(SystemExit):
+    main(["export", "--model", str(tmp_path / "q_lora_base"), "--adapter", str(tmp_path / "adapter"),
+          "--out", str(tmp_path / "merged")])
+  captured = capsys.readouterr()
+  assert "LoRA factors of 3 modules map to no weight" in captured.err and "self_attn.q_proj" in captured.err
+  assert "wrote" not in captured.out and not (tmp_path / "merged").exists()
