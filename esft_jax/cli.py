@@ -374,7 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
                   help="recompute each decoder layer in the backward pass: activation memory of one layer "
                        "instead of all (larger batches on the full model) for about a third more compute")
   tr.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"],
-                  help="dtype of the frozen weights (trainable ones are fp32 master copies)")
+                  help="dtype of the frozen weights (trainable ones are fp32 master copies; the adapter stores "
+                       "them in the base checkpoint's own dtype)")
   tr.add_argument("--attention", default="auto", choices=["reference", "fused", "auto"],
                   help="fused: flash attention (cuDNN's on a GPU, bfloat16), which never stores the [batch, heads, "
                        "length, length] scores; reference: fp32 scores, materialised; auto (default): fused on a "

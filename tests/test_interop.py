@@ -16,7 +16,7 @@ import transformers
 from esft_jax.config import config_from_hf
 from esft_jax.cli import main
 from esft_jax.esft.trainable import TrainPlan, init_trainable
-from esft_jax.interop.adapter import load_adapter, save_adapter
+from esft_jax.interop.adapter import checkpoint_dtypes, load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model, save_hf_model
 from esft_jax.interop.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 from esft_jax.model.transformer import Transformer, init_params
@@ -252,3 +252,30 @@ def test_export_onto_a_base_without_the_adapted_module_fails_naming_it(tmp_path,
   captured = capsys.readouterr()
   assert "LoRA factors of 3 modules map to no weight" in captured.err and "self_attn.q_proj" in captured.err
   assert "wrote" not in captured.out and not (tmp_path / "merged").exists()
+
+
+# --- ESFT adapters --------------------------------------------------------------------------------------------
+
+
+def test_esft_adapter_is_stored_in_the_base_checkpoints_dtype(tmp_path):
+  save_hf_model_dir("deepseek_v2", tmp_path / "base")  # an fp32 checkpoint
+  base = load_hf_model(tmp_path / "base", dtype=jnp.bfloat16)  # trained with bf16 frozen weights
+  dtypes = checkpoint_dtypes(tmp_path / "base", base.config)
+  assert set(dtypes.values()) == {np.dtype(np.float32)}
+  plan = TrainPlan("esft", experts=((1, (5, 2)), (2, (0,))), shared_experts=True)
+  rng = np.random.default_rng(0)
+  trainable = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                                     jax.eval_shape(lambda: init_trainable(plan, base.params)))
+  save_adapter(tmp_path / "adapter", base.config, base.params, plan, trainable, dtypes=dtypes)
+  reader = SafetensorsFile(tmp_path / "adapter" / "model.safetensors")
+  experts = trainable["layers_1"]["mlp"]["experts"]["up_proj"]
+  for row, expert in enumerate((5, 2)):  # the trained rows, bit for bit, as the experts they were selected as
+    np.testing.assert_array_equal(reader.get(f"model.layers.1.mlp.experts.{expert}.up_proj.weight"), experts[row].T)
+  shared = trainable["layers_2"]["mlp"]["shared_experts"]["down_proj"]["kernel"]
+  np.testing.assert_array_equal(reader.get("model.layers.2.mlp.shared_experts.down_proj.weight"), shared.T)
+  assert {reader.dtype(k) for k in reader.keys()} == {np.dtype(np.float32)}
+  assert len(reader.keys()) == 3 * 3 + 3 * 2  # 3 experts and 2 layers' shared experts, 3 projections each
+
+  save_adapter(tmp_path / "as_params", base.config, base.params, plan, trainable)  # no dtypes: the params' own
+  assert SafetensorsFile(tmp_path / "as_params" / "model.safetensors").dtype(
+      "model.layers.1.mlp.experts.5.up_proj.weight") == jnp.bfloat16

@@ -14,17 +14,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import TrainPlan, merge_trainable
+from esft_jax.esft.trainable import TrainPlan, layer_index
 from esft_jax.files import atomic_write_text
-from esft_jax.interop.hf import hf_tensors, tensor_table
-from esft_jax.interop.safetensors_io import SafetensorsFile, write_safetensors
+from esft_jax.interop.hf import tensor_table
+from esft_jax.interop.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 from esft_jax.lora import apply_lora
 from esft_jax.paths import get_path, leaves_by_path, set_path
 
@@ -39,31 +39,56 @@ def _write_json(path: Path, payload: Any) -> None:
   atomic_write_text(path, json.dumps(payload))
 
 
-def trained_tensor_names(config: ModelConfig, plan: TrainPlan) -> set[str]:
-  """The HF names of every tensor an ESFT or FFT run changes."""
-  selected = plan.expert_ids
-  names = set()
+def checkpoint_dtypes(model_dir: str | Path, config: ModelConfig) -> dict[str, np.dtype]:
+  """Flax parameter path -> the dtype its tensor has in the HF checkpoint (per-expert or fused experts), read
+  from the safetensors headers alone: the dtype an adapter of this base stores its trained tensors in."""
+  reader = CheckpointReader(model_dir)
+  dtypes = {}
+  for entry in tensor_table(config):
+    name = entry.hf_names[0]
+    if name not in reader and entry.kind == "experts":  # transformers' fused layout
+      fused = "down_proj" if entry.path[-1] == "down_proj" else "gate_up_proj"
+      name = f"{name.rsplit('.experts.', 1)[0]}.experts.{fused}"
+    if name not in reader:
+      raise KeyError(f"{reader.dir}: tensor {name!r} is missing from the checkpoint")
+    dtypes["/".join(entry.path)] = reader.dtype(name)
+  return dtypes
+
+
+def trained_hf_tensors(config: ModelConfig, plan: TrainPlan, trainable, dtypes: Mapping[str, Any]
+                       ) -> Iterator[tuple[str, np.ndarray]]:
+  """(HF name, tensor) of every tensor an ESFT or FFT run changes, taken from the trained (fp32 master) tree
+  and cast once to `dtypes[Flax path]`: ESFT's expert rows become the experts they were selected as."""
+  trained = leaves_by_path(trainable)
   for entry in tensor_table(config):
     path = "/".join(entry.path)
-    if plan.trains_whole(path):
-      names.update(entry.hf_names)
-    elif plan.method == "esft" and entry.kind == "experts":
-      layer = int(entry.path[0].removeprefix("layers_"))
-      names.update(entry.hf_names[e] for e in selected.get(layer, ()))
-  return names
+    if path not in trained:
+      continue
+    array = np.asarray(jax.device_get(trained[path])).astype(dtypes[path])
+    if entry.kind == "copy":
+      yield entry.hf_names[0], array
+    elif entry.kind == "linear":
+      yield entry.hf_names[0], np.ascontiguousarray(array.T)
+    else:
+      experts = range(config.num_experts) if plan.trains_whole(path) else plan.expert_ids[layer_index(path)]
+      for row, e in enumerate(experts):
+        yield entry.hf_names[e], np.ascontiguousarray(array[row].T)
 
 
 def save_adapter(out_dir: str | Path, config: ModelConfig, params, plan: TrainPlan, trainable,
-                 expert_config: dict | None = None) -> Path:
-  """Writes the adapter of a run; `params` are the frozen parameters, `trainable` the trained tree."""
+                 expert_config: dict | None = None, dtypes: Mapping[str, Any] | None = None) -> Path:
+  """Writes the adapter of a run; `trainable` is the trained tree. ESFT and FFT adapters store each trained
+  tensor in `dtypes[Flax path]`: pass `checkpoint_dtypes(model_dir, config)` to store them as the base checkpoint
+  does (an fp32 base gets an fp32 adapter, whatever dtype training computed in); without it, in the dtypes of
+  `params` (the frozen parameters, or a tree of jax.ShapeDtypeStruct: only their dtypes are read). LoRA factors
+  are stored as trained (fp32)."""
   out_dir = Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
   if plan.method == "lora":
     _save_lora(out_dir, config, trainable, plan)
     return out_dir
-  merged = merge_trainable(plan, params, trainable)
-  keep = trained_tensor_names(config, plan)
-  write_safetensors(out_dir / ADAPTER_FILE, {n: a for n, a in hf_tensors(config, merged) if n in keep})
+  dtypes = dtypes or {path: leaf.dtype for path, leaf in leaves_by_path(params).items()}
+  write_safetensors(out_dir / ADAPTER_FILE, dict(trained_hf_tensors(config, plan, trainable, dtypes)))
   if plan.method == "esft":
     cfg = expert_config or {"experts": {str(l): list(ids) for l, ids in plan.experts},
                             "shared_experts": plan.shared_experts, "non_expert_modules": plan.non_expert_modules}

@@ -69,6 +69,9 @@ class SafetensorsFile:
   def shape(self, name: str) -> tuple[int, ...]:
     return tuple(self._entries[name]["shape"])
 
+  def dtype(self, name: str) -> np.dtype:
+    return DTYPES[self._entries[name]["dtype"]]
+
   def get(self, name: str) -> np.ndarray:
     entry = self._entries[name]
     start, end = entry["data_offsets"]
@@ -109,6 +112,10 @@ class CheckpointReader:
 
   def file_of(self, name: str) -> Path:
     return self._where[name].path
+
+  def dtype(self, name: str) -> np.dtype:
+    """The stored dtype, read from the header (no tensor data is touched)."""
+    return self._where[name].dtype(name)
 
   def get(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
     if name not in self._where:

@@ -18,7 +18,7 @@ from esft_jax.data.pipeline import DataConfig, build_datasets
 from esft_jax.esft.selection import load_expert_config
 from esft_jax.esft.trainable import TrainPlan, param_role, plan_from_expert_config, validate_plan
 from esft_jax.files import atomic_write_text
-from esft_jax.interop.adapter import load_adapter, save_adapter
+from esft_jax.interop.adapter import checkpoint_dtypes, load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
 from esft_jax.model.attention import most_segments, resolve_attention_impl
@@ -64,10 +64,11 @@ def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path,
   if jax.process_index() == 0:
     atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2))
   params_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  stored_dtypes = checkpoint_dtypes(model_dir, config)  # trained tensors are stored as the base stores them
 
   def on_best(trainable):
     save_adapter(out_dir / "adapter", config, _adapter_base(params_like, trainable), plan, trainable,
-                 expert_config)
+                 expert_config, dtypes=stored_dtypes)
 
   return train(config, params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
                on_best=on_best, run_record=record, data_state=train_iter.get_state,
