@@ -11,10 +11,10 @@ import time
 import pytest
 
 from esft_jax.evaluate import metrics
+from esft_jax.evaluate.judge import JudgeRubric, judge_prompt, llm_judge, parse_judge_score
 from esft_jax.evaluate.metrics import (
-    METRICS, JudgeRubric, chrf, code_pass_at_1, extract_code, extract_math_answer, intent_exact_match,
-    intent_prediction_text, judge_prompt, lcs_length, llm_judge, math_accuracy, multiple_choice_accuracy,
-    parse_judge_score, rouge_l, rouge_tokens, score_completions, translation_chrf)
+    METRICS, chrf, code_pass_at_1, extract_code, extract_math_answer, intent_exact_match, intent_prediction_text,
+    lcs_length, math_accuracy, multiple_choice_accuracy, rouge_l, rouge_tokens, score_completions, translation_chrf)
 
 # --- intent ------------------------------------------------------------------------------------------------
 
@@ -161,6 +161,17 @@ def test_code_timeout_is_a_failure():
   item = {"tests": "assert add(1, 2) == 3", "timeout_s": 1.0}
   assert code_pass_at_1("import time\ntime.sleep(30)\ndef add(a, b):\n  return a + b", item) == 0.0
   assert time.monotonic() - start < 10
+
+
+def test_data_cannot_raise_the_code_timeout_past_the_cap(monkeypatch):
+  monkeypatch.setattr(metrics, "MAX_CODE_TIMEOUT_S", 1.0)
+  start = time.monotonic()
+  item = {"tests": "pass", "timeout_s": 1000}
+  assert code_pass_at_1("import time\ntime.sleep(60)", item) == 0.0
+  assert time.monotonic() - start < 10
+  for bad in (0, -1, "5", True):
+    with pytest.raises(ValueError, match="'timeout_s' must be a positive number of seconds"):
+      code_pass_at_1("pass", {"tests": "pass", "timeout_s": bad})
 
 
 def test_code_network_is_blocked():
@@ -426,4 +437,4 @@ def test_unknown_rubric():
 
 
 def test_module_has_no_network_default_in_metrics():
-  assert metrics.llm_judge not in METRICS.values()
+  assert llm_judge not in METRICS.values()
