@@ -6,10 +6,10 @@ else "answer". Code items carry their tests in "tests". METRICS maps task names 
 `score_completions` re-scores a saved completions file with any of them.
 
 ESFT's own evaluators (deepseek-ai/ESFT, benchmarks.py) exist only for intent (exact match, reproduced here
-exactly) and for summary, law and translation, which it scores with a GPT-4 judge. The judge is available
-as the opt-in `esft_jax.evaluate.judge.llm_judge`; the registered defaults for those tasks are the reference-based chrF and ROUGE-L,
-which need no network. Math, code and multiple choice are not in the release; they follow GSM8K/MATH,
-HumanEval/MBPP and lm-evaluation-harness conventions.
+exactly) and for summary, law and translation, which it scores with a GPT-4 judge. The judge is available as
+the opt-in `esft_jax.evaluate.judge.llm_judge`; the registered defaults for those tasks are the reference-based
+chrF and ROUGE-L, which need no network. Math, code and multiple choice are not in the release; they follow
+GSM8K/MATH, HumanEval/MBPP and lm-evaluation-harness conventions. Code runs in `esft_jax.evaluate.sandbox`.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ every Linux distribution ships), a program runs
 - in a new mount namespace where every mount is read-only (one recursive `mount_setattr`, Linux 5.12+) except a
   private scratch folder, a size-capped tmpfs that only the program sees and that vanishes with it;
 - in a new PID namespace whose init is this file's launcher: when the program ends or the timeout kills the
-  launcher, the kernel kills every process left in the namespace, `setsid` daemons included;
+  launcher, the kernel kills every process left in the namespace, `setsid` daemons included (and in new IPC
+  and UTS namespaces);
 - without privileges: the capability bounding set emptied and no_new_privs set (setuid binaries grant nothing);
   started by root, it also drops to the unprivileged uid and gid 65534 (`nobody`), because root without
   capabilities still owns every root-owned file, socket and device node, and a read-only mount does not stop a
@@ -14,9 +15,10 @@ every Linux distribution ships), a program runs
 - under resource limits (`setrlimit`): CPU seconds, address space, processes, file size, open files, no core.
 
 Where namespaces cannot be made (a container without the privilege, a kernel without mount_setattr), programs
-run with the limits alone, in a fresh `python -I` with a scratch working folder, socket creation patched out and
-the process group killed on timeout: a guard against accidents, not attacks. A warning says so once per process.
-`isolation()` says which applies.
+run with the limits alone, in a fresh `python -I` with a scratch working folder and the process group killed on
+timeout: a guard against accidents, not attacks. A warning says so once per process. `isolation()` says which
+applies. Either way a program starts with socket creation patched out (NETWORK_GUARD), no stdin, no output kept
+and a minimal environment.
 
 Run as a script, this file is the launcher (stdlib only, since the sandboxed interpreter runs with -I).
 """
@@ -65,8 +67,7 @@ _isolation_reason = ""
 
 def run_python(program: str, timeout_s: float = CODE_TIMEOUT_S) -> bool:
   """True iff `program` exits with status 0 within `timeout_s` seconds, run as `isolation()` allows."""
-  isolated = isolation() == "namespaces"
-  return _run(program, timeout_s, isolated) == 0
+  return _run(program, timeout_s, isolated=isolation() == "namespaces")[0] == 0
 
 
 def isolation() -> str:
@@ -97,7 +98,7 @@ def _probe() -> str:
            "except OSError:\n"
            "  raise SystemExit(0)\n"
            "raise SystemExit(3)\n")
-  status, error = _run(probe, 20.0, isolated=True, capture=True)
+  status, error = _run(probe, 20.0, isolated=True, keep_stderr=True)
   if status == 0:
     return ""
   if status == SETUP_FAILED:
@@ -105,8 +106,8 @@ def _probe() -> str:
   return f"a probe program exited with status {status} in the sandbox ({error.strip()[-300:] or 'no output'})"
 
 
-def _run(program: str, timeout_s: float, isolated: bool, capture: bool = False):
-  """The exit status of `program` (None on timeout), with its stderr too when `capture`."""
+def _run(program: str, timeout_s: float, isolated: bool, keep_stderr: bool = False) -> tuple[int | None, str]:
+  """The exit status of `program` (None on timeout) and, with `keep_stderr`, what it wrote to stderr."""
   with tempfile.TemporaryDirectory(prefix="esft_code_", ignore_cleanup_errors=True) as folder:
     folder = Path(folder)
     program_path = folder / "program.py"
@@ -126,7 +127,7 @@ def _run(program: str, timeout_s: float, isolated: bool, capture: bool = False):
       launcher = ["unshare", *user, *namespaces, "--", *launcher]
     env = {"PATH": os.defpath, "LANG": "C.UTF-8"}
     process = subprocess.Popen(launcher, cwd=scratch, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE if capture else subprocess.DEVNULL, start_new_session=True)
+                               stderr=subprocess.PIPE if keep_stderr else subprocess.DEVNULL, start_new_session=True)
     try:
       _, error = process.communicate(timeout=timeout_s)
       status = process.returncode
@@ -136,7 +137,7 @@ def _run(program: str, timeout_s: float, isolated: bool, capture: bool = False):
       os.killpg(process.pid, signal.SIGKILL)
       _, error = process.communicate()
       status = None
-  return (status, (error or b"").decode("utf-8", "replace")) if capture else status
+  return status, (error or b"").decode("utf-8", "replace")
 
 
 # --- the launcher: runs inside the new namespaces (or alone, for "limits") ------------------------------------
