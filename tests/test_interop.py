@@ -163,16 +163,18 @@ def _logits(base_dir, adapter_dir):
   return np.asarray(Transformer(base.config).apply({"params": merged}, jnp.asarray(TOKENS)).logits)
 
 
-@pytest.mark.parametrize("targets", [
-    {"target_modules": ["q_proj", "kv_b_proj", "o_proj"], "target_parameters": FUSED_EXPERTS},
+@pytest.mark.parametrize("name, targets", [
+    ("deepseek_v2", {"target_modules": ["q_proj", "kv_b_proj", "o_proj"], "target_parameters": FUSED_EXPERTS}),
+    ("deepseek_v2", {"target_modules": ["o_proj"], "target_parameters": ["mlp.experts.down_proj"],
+                     "use_rslora": True}),
+    ("deepseek_v2", {"target_modules": None, "target_parameters": ["mlp.experts.gate_up_proj"]}),
     # transformers 4's names: PEFT fuses gate and up into gate_up_proj with rank 2r, alpha 2 alpha
-    {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "lora_alpha": 6},
-    {"target_modules": ["o_proj"], "target_parameters": ["mlp.experts.down_proj"], "use_rslora": True},
-    {"target_modules": None, "target_parameters": ["mlp.experts.gate_up_proj"]},
+    ("deepseek_v2", {"target_modules": ["q_proj", "gate_proj", "up_proj", "down_proj"], "lora_alpha": 6}),
+    ("mixtral", {"target_modules": ["q_proj", "v_proj"], "target_parameters": FUSED_EXPERTS}),
 ])
-def test_peft_fused_expert_lora_gives_peft_logits(tmp_path, targets):
-  base_model = save_hf_model_dir("deepseek_v2", tmp_path / "base")
-  expected = _peft_adapter(tmp_path / "adapter", **targets)
+def test_peft_fused_expert_lora_gives_peft_logits(tmp_path, name, targets):
+  base_model = save_hf_model_dir(name, tmp_path / "base")
+  expected = _peft_adapter(tmp_path / "adapter", name, **targets)
   with torch.no_grad():
     assert np.abs(base_model(torch.tensor(TOKENS)).logits.numpy() - expected).max() > 0.1  # the adapter matters
   np.testing.assert_allclose(_logits(tmp_path / "base", tmp_path / "adapter"), expected, atol=1e-4)

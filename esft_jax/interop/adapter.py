@@ -1,11 +1,13 @@
 """Adapters: what a fine-tuning run writes instead of a whole model, interchangeable with the official release.
 
 - ESFT (and FFT) adapters: `expert_cfg.json` plus safetensors holding only the trained tensors, named as the
-  HF checkpoint names them (`model.layers.{l}.mlp.experts.{e}.gate_proj.weight`, ...). The official PyTorch
-  code loads them with a strict `load_state_dict` over its frozen model; esft-jax loads the released ones
-  (legacy keys without the `model.` prefix included).
+  HF checkpoint names them (`model.layers.{l}.mlp.experts.{e}.gate_proj.weight`, ...) and stored in the base
+  checkpoint's dtypes. The official PyTorch code loads them with a strict `load_state_dict` over its frozen
+  model; esft-jax loads the released ones (legacy keys without the `model.` prefix included).
 - LoRA adapters: PEFT's layout (`adapter_config.json`, `adapter_model.safetensors` with
-  `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r]; routed experts per expert).
+  `base_model.model.<module>.lora_A.weight` [r, in] and `lora_B.weight` [out, r]; routed experts written per
+  expert, which PEFT fuses itself on transformers 5). Reading also takes PEFT's factors of transformers 5's
+  fused expert tensors. Every tensor in an adapter must map to a weight of the base.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 
 from esft_jax.config import ModelConfig
@@ -41,7 +44,9 @@ def _write_json(path: Path, payload: Any) -> None:
 
 def checkpoint_dtypes(model_dir: str | Path, config: ModelConfig) -> dict[str, np.dtype]:
   """Flax parameter path -> the dtype its tensor has in the HF checkpoint (per-expert or fused experts), read
-  from the safetensors headers alone: the dtype an adapter of this base stores its trained tensors in."""
+  from the safetensors headers alone: the dtype an adapter of this base stores its trained tensors in. 8-bit
+  (block-quantized FP8) weights map to bfloat16, since a trained tensor has no quantization scale; it is what
+  DeepSeek's fp8_cast_bf16.py turns them into."""
   reader = CheckpointReader(model_dir)
   dtypes = {}
   for entry in tensor_table(config):
@@ -51,7 +56,8 @@ def checkpoint_dtypes(model_dir: str | Path, config: ModelConfig) -> dict[str, n
       name = f"{name.rsplit('.experts.', 1)[0]}.experts.{fused}"
     if name not in reader:
       raise KeyError(f"{reader.dir}: tensor {name!r} is missing from the checkpoint")
-    dtypes["/".join(entry.path)] = reader.dtype(name)
+    stored = reader.dtype(name)
+    dtypes["/".join(entry.path)] = np.dtype(ml_dtypes.bfloat16) if stored.itemsize == 1 else stored
   return dtypes
 
 
