@@ -219,7 +219,9 @@ def _set_limits(limits: dict[str, int]) -> None:
 
 def _exec_program(scratch: str, program: str) -> None:
   os.chdir(scratch)
-  env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8"}
+  # One BLAS/OpenMP thread: on a many-core machine, numpy's thread pools alone would reserve much of RLIMIT_AS.
+  env = {"PATH": os.defpath, "HOME": scratch, "TMPDIR": scratch, "LANG": "C.UTF-8", "OMP_NUM_THREADS": "1",
+         "OPENBLAS_NUM_THREADS": "1"}
   os.execve(sys.executable, [sys.executable, "-I", program], env)
 
 
