@@ -11,7 +11,7 @@ Variants:
 - fused: what the model runs (`attend(..., impl="fused", max_segments=...)`): on a GPU cuDNN's flash attention
   given the segments as lengths (one per row) or as packed offsets (more);
 - bias: the fused path without a bound (`max_segments=None`): `jax.nn.dot_product_attention` with the segment
-  mask as a [B, 1, L, L] bias and the values padded to the keys' width, as the model ran before the eighth session;
+  mask as a [B, 1, L, L] bias and the values padded to the keys' width;
 - causal (GPU only): cuDNN causal over the whole row with the values at their own width, no segments: the
   fastest the fused path could be.
 --segments N packs each row with N equal documents; the causal variant then computes another function and is

@@ -306,8 +306,8 @@ def print_row(cells: list[str]) -> None:
 def sweep(args) -> None:
   """Times each tile configuration of the "tiled" kernels on the benchmark widths (even routing, first --rows):
   each kernel alone, --iters calls back to back, in --rounds rounds that visit every configuration in turn, so that
-  a drift of the machine reaches all alike. Such kernels of 0.2-0.4 ms timed up to 20% apart in two single runs of
-  one configuration (BENCHMARKS.md, fourteenth session): compare medians, and mind the spread."""
+  a drift of the machine reaches all alike. Such kernels of 0.2-0.4 ms can time up to 20% apart in two single runs
+  of one configuration: compare medians, and mind the spread."""
   from esft_jax.model.kernels import ragged, tiled
   from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 

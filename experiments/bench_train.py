@@ -23,7 +23,7 @@ tensors are the only ones with requires_grad, a gradient hook zeroes the rows of
 (weight decay 0, so the frozen rows stay put) holds bf16 state for the whole tensors.
 Time: the mean of --iters steps run back to back after the first (which compiles), as the trainer runs them:
 the host dispatches a step while the one before runs. A note line gives the median step when each is waited for
-before the next is dispatched (the table's time before 2026-11-29's ninth session). "first s" is the first step.
+before the next is dispatched. "first s" is the first step.
 
 Model FLOPs per token, counted analytically from the config (the same number for every path):
   forward     F = 2 * N_active + L * A

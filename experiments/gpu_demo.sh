@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The demo's GPU preset (and the ablations at that preset) on one H100 or H200, resumable across device calls:
 # `esft-jax demo --preset small`, or `esft-jax ablate configs/ablations/NAME.json --preset small`, under a
-# deadline (DEADLINE seconds, default 540, inside the device tool's 600 s per command). Workspaces live under
+# deadline (DEADLINE seconds, default 540, inside a 600 s per-command limit). Workspaces live under
 # runs/ (git-ignored), which a still-warm machine keeps between calls, so a second call started within the
 # machine's warm period resumes where the first stopped (finished stages are cached).
 #
@@ -16,7 +16,7 @@
 #
 # Each call appends the command's log to $OUT/NAME.txt and packs REPORT.md, results.json, the figures and the
 # per-run summaries (no weights) into $OUT/NAME_small.tar.gz. grain and tensorboardX are not on the GPU image:
-# their wheels, downloaded here into .whl/, travel with the call (`carry: [".whl"]`).
+# their wheels, downloaded into .whl/, are copied to the GPU machine beside the checkout.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:-demo}
@@ -27,7 +27,7 @@ mkdir -p "$OUT" "$CACHE"
 log="$OUT/$NAME.txt"
 if [[ -d .whl ]]; then
   # --no-index --no-deps: the machine reaches no index, and the wheels' own needs are on the image already
-  # (resolving them without --no-deps asks the index and fails: the first device call died on `import grain`).
+  # (resolving them without --no-deps would ask the index, fail, and leave `import grain` failing).
   # One target per NAME: a demo and an ablation started together do not install into one folder at once.
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "/tmp/site-$NAME" \
     .whl/*.whl >"/tmp/pip_$NAME.txt" 2>&1 || { echo "installing .whl/ failed:"; tail -5 "/tmp/pip_$NAME.txt"; } | tee -a "$log"

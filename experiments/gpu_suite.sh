@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmarks of issue #6 in one call on one H200: each piece under its own time limit, all of them
-# under one deadline (DEADLINE seconds, default 550, inside the device tool's 600 s per command), in order of
-# what is least known:
+# The single-GPU benchmarks of BENCHMARKS.md in one device command: each piece under its own time limit, all of
+# them under one deadline (DEADLINE seconds, default 550, inside a 600 s per-command limit), in this order:
 #
 #   OUT=/tmp/out bash experiments/gpu_suite.sh             # everything
 #   ONLY=moe,train_27_remat bash experiments/gpu_suite.sh     # some pieces (names below)
@@ -11,38 +10,33 @@
 # Compiled XLA programs are cached under build/jax-cache, so a second call on a still-warm machine skips most
 # compiles.
 #
-# Pieces, with the wall time each took on an H200 (2026-11-28 to 29: experiments/results/gpu-suite-2026-11-28-s3
-# and gpu-2026-11-29-s*; compiles dominate: the tables' "first s" is the first step, compile included):
+# Pieces, with the wall time each takes on an H200 (compiles dominate: the tables' "first s" is the first step,
+# compile included):
 #   kernels      200-300 s   the expert kernels and the row-gather kernel against the reference, on the GPU
-#                            (pytest; the interpreted tests are left to CI: 17 tests, 13 of them in 200 s on a
-#                            fresh machine and the other 4 in 98 s, 2026-11-29 twelfth session)
+#                            (pytest; the interpreted tests are left to CI; cold, one call may not finish them all)
 #   attention    90-104 s   the fused attention against the reference, values and gradients (pytest), on the GPU
 #                            cuDNN given the segments (as lengths, or packed offsets) and jax.nn's with a window
 #   attention_bench   34 s   attention alone at MLA widths, 8 x 2048, one document per row: reference, the model's
-#                            fused path (built for 1 and for 8 segments per row), the mask as a bias (the fused
-#                            path before 2026-11-29's eighth session), cuDNN causal without segments
+#                            fused path (built for 1 and for 8 segments per row), the mask as a bias, cuDNN
+#                            causal without segments
 #   attention_packed  15 s   the same with 4 packed documents per row (fused built for 4 and for 16)
 #   train_8      154-203 s  8 layers, batch 8 x 2048, 8 experts/layer: torch, auto with reference
 #                            attention, then auto (fused attention on the GPU), each JAX path with its
-#                            forward/backward breakdown and device time by model part and kernel (2026-11-29;
-#                            --profile now traces in a process of its own, one more compile per JAX path)
-#   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (as before ESFT skipped
-#                            the frozen experts')
-#   train_27     68-113 s   the full 27 layers at batch 4 x 2048 without remat, auto (85.7 GiB since the
-#                            trained rows are written in place, 2026-11-29; 111.6 GiB before)
-#   train_27_b8       99 s   the same at batch 8 x 2048 without remat (118.3 GiB, 2026-11-29)
+#                            forward/backward breakdown and device time by model part and kernel (--profile
+#                            traces in a process of its own, one more compile per JAX path)
+#   train_8_all_grads  67 s  the same, every routed expert's weight gradient computed (not only the trained ones')
+#   train_27     68-113 s   the full 27 layers at batch 4 x 2048 without remat, auto
+#   train_27_b8       99 s   the same at batch 8 x 2048 without remat
 #   train_27_profile ~220 s  batch 8 x 2048 with --profile: device time by model part, the operations left in
-#                            "other" and the idle stretches (2026-11-29, ninth session: 27-layer profile)
+#                            "other" and the idle stretches
 #   infer         ~2.5 min   scoring vs forward (8 x 2048) and generation vs transformers (8 layers)
-#   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2: out of memory
-#   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (150 s ended it
-#                            before the 65k skewed rows; with --iters 10, 200 s ended it before the last row)
+#   train_27_torch     23 s  the PyTorch step at 27 layers, batch 2 (out of memory on one H200)
+#   moe             >150 s   expert FFN at 16k, 32k, 65k rows, even and skewed, tiled and torch (may end before
+#                            the 65k skewed rows)
 #   moe_profile      ~120 s  expert FFN at 65k rows, tiled only, with device time per call by kernel and operation
-#                            (new 2026-11-29, tenth session; not yet run in the suite)
-#   moe_tokens       202 s   expert FFN at 16k and 64k tokens (98,304 and 393,216 rows at top-6), as issue #6's
-#                            goal names them, tiled and torch (2026-11-30, nineteenth session)
+#   moe_tokens       202 s   expert FFN at 16k and 64k tokens (98,304 and 393,216 rows at top-6), tiled and torch
 #   train_27_remat     96 s  27 layers at batch 8 x 2048 with --remat (layers recomputed), reference and
-#                            fused attention (fused alone, 2026-11-29: 43 s to the first step, 76 s in all)
+#                            fused attention
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-build/gpu_suite}

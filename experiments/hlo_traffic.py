@@ -10,7 +10,8 @@ the bytes of its operands and its result. That is an upper bound on the memory t
 place, or a fusion that reads part of an operand, counts the whole buffer. Matmuls and custom kernels are listed
 too, though they are bound by arithmetic rather than bytes. Rows group instructions by kind (the fusion's kind for
 fusions), result shape and JAX op name (`layers_N` for every layer), largest first; ms is the bytes at --bandwidth.
-This found the merge's per-step copies of the frozen expert stacks (BENCHMARKS.md, seventh session).
+A stack-sized copy in these rows is what in-place writes of the trained expert rows exist to avoid (a frozen
+stack copied before its rows are written, every step).
 """
 
 from __future__ import annotations

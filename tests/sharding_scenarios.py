@@ -1,7 +1,7 @@
 """Sharded training, scoring, checkpoints and mesh errors on 8 simulated CPU devices.
 
 tests/test_sharding.py runs this file in subprocesses, because the device count must be fixed before JAX
-starts and the rest of the test session runs on one device. Each group prints one JSON object (what each
+starts and the rest of the pytest run uses one device. Each group prints one JSON object (what each
 case found) and leaves each training run's artifacts in WORK_DIR/<run>/: trainable.npz (the trained tree),
 adapter/ and metrics.jsonl, which the test compares across runs.
 

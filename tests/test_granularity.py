@@ -5,6 +5,7 @@ import dataclasses
 import itertools
 import threading
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,8 +138,7 @@ def test_grouped_model_round_trips_through_hf(fine, tmp_path):
   save_hf_model(tmp_path, coarse_config, coarse_params, coarse_hf)
   loaded = load_hf_model(tmp_path)
   assert loaded.config == coarse_config and loaded.config.router_group_size == 2
-  for want, got in zip(jax.tree_util.tree_leaves(coarse_params), jax.tree_util.tree_leaves(loaded.params)):
-    np.testing.assert_array_equal(np.asarray(got), want)
+  chex.assert_trees_all_equal(loaded.params, coarse_params)
 
 
 def test_cooccurrence_counts_real_tokens_only(fine):
@@ -195,4 +195,4 @@ def test_bases_pretrained_in_workers_or_by_two_callers_at_once_are_the_same(tmp_
   there = tmp_path / "workers" / here.name
   assert (there / "tokenizer.json").read_text() == (here / "tokenizer.json").read_text()
   want, got = load_hf_model(here), load_hf_model(there)
-  jax.tree_util.tree_map(np.testing.assert_array_equal, got.params, want.params)
+  chex.assert_trees_all_equal(got.params, want.params)

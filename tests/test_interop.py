@@ -5,6 +5,7 @@ import json
 import shutil
 import struct
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -53,8 +54,7 @@ def test_bf16_round_trip_and_sharding(tmp_path):
   for key, value in original.items():
     assert value.tobytes() == written[key].tobytes(), key
   reloaded = load_hf_model(tmp_path / "out")
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         loaded.params, reloaded.params)
+  chex.assert_trees_all_equal(loaded.params, reloaded.params)
 
 
 @pytest.mark.parametrize("name", ["deepseek_v2", "qwen2_moe", "mixtral"])
@@ -81,7 +81,7 @@ def test_fused_expert_layout_loads_like_per_expert(tmp_path):
   assert any(k.endswith("experts.gate_up_proj") for k in state)
   write_safetensors(fused_dir / "model.safetensors", state)
   a, b = load_hf_model(tmp_path / "per_expert"), load_hf_model(fused_dir)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a.params, b.params)
+  chex.assert_trees_all_equal(a.params, b.params)
 
 
 def _saved(tmp_path, name="deepseek_v2"):

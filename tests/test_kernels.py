@@ -270,9 +270,9 @@ def test_interpreter_refuses_tiles_past_the_output_width():
 
 
 def test_forward_config_follows_the_measured_rules():
-  """The tiles BENCHMARKS.md measured fastest (sixteenth session): 128 x 128 ping-pong blocks, staged in pieces of 16
-  columns beside swiglu_grad's two side arrays and of 32 otherwise; for the SwiGLU's sum of two terms (seventeenth
-  session), 128 x 256 blocks both warpgroups share."""
+  """The tiles BENCHMARKS.md's kernel choices found fastest: 128 x 128 ping-pong blocks, staged in pieces of 16
+  columns beside swiglu_grad's two side arrays and of 32 otherwise; for the SwiGLU's sum of two terms, 128 x 256
+  blocks both warpgroups share."""
   from esft_jax.model.kernels import tiled
 
   picks = {epilogue: str(tiled.forward_config(epilogue)) for epilogue in ("products", "swiglu_grad")}

@@ -1,18 +1,25 @@
-"""Routing statistics: the official summary.json from the official logs, the jitted accumulator against a plain
-loop, the log writer round trip, and errors on malformed logs."""
+"""Routing statistics: the official summary.json from the official logs, the accumulator (with and without jit)
+against a plain loop, the scoring pass traced once per bucketed length, the log writer round trip, and errors on
+malformed logs."""
 
 from __future__ import annotations
 
+import functools
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from esft_jax.config import load_config
+from esft_jax.data.formatting import Example
+from esft_jax.esft import routing_pass
 from esft_jax.esft.scores import (RoutingTotals, accumulate, read_routing_logs, summary_from_logs,
                                   summary_from_totals, write_routing_logs, write_summary)
 from esft_jax.model.moe import Routing
+from esft_jax.model.transformer import init_params
 
 E, K = 8, 3
 
@@ -33,7 +40,7 @@ def test_summary_from_official_logs_is_exact(intent, tmp_path):
 
 def test_official_logs_totals(intent):
   totals, layer_ids, top_k = read_routing_logs(intent / "routing_logs")
-  assert layer_ids == list(range(1, 27)) and top_k == 6 and totals.n_tokens == 8222  # PAPER_NOTES §1.6
+  assert layer_ids == list(range(1, 27)) and top_k == 6 and totals.n_tokens == 8222  # the release's intent logs
   np.testing.assert_array_equal(totals.token_counts.sum(axis=1), 6 * 8222)
   gate_mass = totals.gate_sums.sum(axis=1) / 8222
   assert np.all((gate_mass > 0.33) & (gate_mass < 0.48))  # the mean top-6 mass, not renormalised
@@ -62,19 +69,46 @@ def _loop_totals(routings, masks):
   return counts, gates, n
 
 
-@pytest.mark.parametrize("use_jit", [False, True])
-def test_accumulate_matches_loop_and_skips_padding(use_jit):
-  step = jax.jit(accumulate) if use_jit else accumulate
-  routings = [_random_routing(seed, n_layers=2, b=3, length=5) for seed in range(2)]
-  masks = [np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]),  # right padding, an empty row
-           np.array([[1, 1, 2, 2, 0], [3, 3, 3, 3, 3], [1, 0, 0, 0, 0]])]  # packed segment ids
-  totals = RoutingTotals.zeros(2, E)
-  for routing, mask in zip(routings, masks):
-    totals = step(totals, routing, jnp.asarray(mask))
-  counts, gates, n = _loop_totals(routings, masks)
-  np.testing.assert_array_equal(totals.token_counts, counts)
-  np.testing.assert_allclose(totals.gate_sums, gates, rtol=1e-6)
-  assert int(totals.n_tokens) == n == 7 + 10
+class AccumulateTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_matches_loop_and_skips_padding(self):
+    step = self.variant(accumulate)
+    routings = [_random_routing(seed, n_layers=2, b=3, length=5) for seed in range(2)]
+    masks = [np.array([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]]),  # right padding, an empty row
+             np.array([[1, 1, 2, 2, 0], [3, 3, 3, 3, 3], [1, 0, 0, 0, 0]])]  # packed segment ids
+    totals = RoutingTotals.zeros(2, E)
+    for routing, mask in zip(routings, masks):
+      totals = step(totals, routing, jnp.asarray(mask))
+    counts, gates, n = _loop_totals(routings, masks)
+    chex.assert_trees_all_equal(totals.token_counts, counts.astype(np.float32))  # whole numbers in fp32: exact
+    chex.assert_trees_all_close(totals.gate_sums, gates, rtol=1e-6)  # sums of 17 fp32 weights below 1/3
+    assert int(totals.n_tokens) == n == 7 + 10
+
+
+def test_accumulate_rejects_a_mask_of_another_shape():
+  with pytest.raises(AssertionError, match=r"routing of MoE layer 0"):
+    accumulate(RoutingTotals.zeros(2, E), _random_routing(0, 2, 2, 3), jnp.ones((3, 2)))
+
+
+def test_scoring_pass_traces_once_per_bucketed_length(monkeypatch):
+  """The totals the scoring step returns go back in as its next argument: a change in their type or placement
+  would trace (and compile) the step again for every batch. Rows of 3 to 30 tokens pad to 16 or 32: two traces."""
+  cfg = load_config("tiny-deepseek")
+  params = init_params(cfg, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  lengths = [5, 9, 14, 20, 3, 30, 17, 8]
+  examples = [Example(rng.integers(3, cfg.vocab_size, n).astype(np.int32), np.ones(n, bool), "t") for n in lengths]
+  chex.clear_trace_counter()
+  monkeypatch.setattr(routing_pass, "make_scoring_step",
+                      functools.partial(routing_pass.make_scoring_step, max_traces=2))
+  summary = routing_pass.score_examples(cfg, params, examples, batch_size=2)
+  assert set(summary) == {"token_scores", "gate_scores"}
+  chex.clear_trace_counter()
+  monkeypatch.setattr(routing_pass, "make_scoring_step",
+                      functools.partial(routing_pass.make_scoring_step.func, max_traces=1))
+  with pytest.raises(AssertionError, match="traced > 1 times"):
+    routing_pass.score_examples(cfg, params, examples, batch_size=2)
 
 
 def test_accumulate_rejects_wrong_layer_count():

@@ -9,7 +9,7 @@ import pytest
 
 from esft_jax.esft.selection import load_expert_config, random_like, select_experts, write_expert_config
 
-# Experts selected per layer (1..26) in the shipped intent token config, from PAPER_NOTES §1.3.
+# Experts selected per layer (1..26) in the release's intent token config (expert_config_token_p0.2.json).
 INTENT_TOKEN_SIZES = [5, 6, 6, 6, 5, 5, 4, 4, 4, 5, 5, 5, 4, 4, 5, 4, 5, 4, 5, 5, 5, 4, 5, 4, 5, 5]
 
 
@@ -30,7 +30,7 @@ def test_reference_token_config_is_reproduced(esft_reference, intent_summary, tm
 
 def test_paper_default_gate_threshold(intent_summary):
   config = select_experts(intent_summary, "gate")  # p = 0.1 on the unnormalised gate score
-  assert sum(len(ids) for ids in config["experts"].values()) == 123  # PAPER_NOTES §1.3
+  assert sum(len(ids) for ids in config["experts"].values()) == 123  # as the release's intent gate config
 
 
 def _summary(scores_by_layer, method="token"):

@@ -1,7 +1,7 @@
 """Meshes, the rules table, and sharded ESFT training and scoring against one device.
 
 The 8-device scenarios run in subprocesses side by side (tests/sharding_scenarios.py): the simulated device
-count is fixed when JAX starts, and this test session runs on one device. Two of them form one distributed
+count is fixed when JAX starts, and this pytest process runs on one device. Two of them form one distributed
 run of two processes with 4 devices each, as two hosts would. The rest runs here on abstract meshes, which
 need no devices, except a check of the GPU expert kernels split over two GPUs, where there are two.
 """
@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,11 +100,6 @@ def _adapter(run: dict) -> dict[str, np.ndarray]:
   return {name: np.asarray(reader.get(name)) for name in reader.keys()}
 
 
-def _max_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-  assert sorted(a) == sorted(b)
-  return max(float(np.abs(a[k] - b[k]).max()) for k in a)
-
-
 def _metric_diff(a: list[dict], b: list[dict]) -> float:
   assert [(line["step"], sorted(line)) for line in a] == [(line["step"], sorted(line)) for line in b]
   return max(abs(x[k] - y[k]) for x, y in zip(a, b) for k in ("loss", "grad_norm", "val_loss", "aux_loss") if k in x)
@@ -117,8 +113,8 @@ def _same_as_one_device(scenarios: dict, run: dict) -> None:
   assert _metric_diff(_metrics(single), _metrics(run)) < 1e-5
   # Adam divides by the gradient's running RMS, which magnifies rounding where a gradient nearly cancels
   # between steps; the bound is a tenth of one step's update (lr 1e-3), far below any sharding bug.
-  assert _max_diff(_trainable(single), _trainable(run)) < 1e-4
-  assert _max_diff(_adapter(single), _adapter(run)) < 1e-4
+  chex.assert_trees_all_close(_trainable(run), _trainable(single), atol=1e-4, rtol=0)
+  chex.assert_trees_all_close(_adapter(run), _adapter(single), atol=1e-4, rtol=0)
 
 
 def _abstract_mesh(**sizes: int) -> AbstractMesh:

@@ -3,6 +3,7 @@ memory, resume, and adapters that transformers and esft-jax both read."""
 
 import json
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,7 +21,7 @@ from esft_jax.model.transformer import Transformer, init_params, parameter_count
 from esft_jax.paths import leaves_by_path
 from esft_jax.train.optimizer import make_optimizer
 from esft_jax.train.loss import token_cross_entropy
-from esft_jax.sharding import single_device_mesh
+from esft_jax.sharding import place, single_device_mesh
 from esft_jax.train.trainer import TrainConfig, TrainState, loss_fn, make_train_step, step_shardings, train
 from tests.hf_models import ARCHITECTURES, save_hf_model_dir
 from tests.jaxprs import scatters
@@ -79,7 +80,7 @@ def test_merge_of_fresh_trainable_is_identity(method):
   cfg, params, _ = _setup()
   plan = _esft_plan(shared=True) if method == "esft" else TrainPlan(method)
   merged = merge_trainable(plan, params, init_trainable(plan, params))
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, merged)
+  chex.assert_trees_all_equal(params, merged)
 
 
 def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero():
@@ -133,7 +134,7 @@ def test_split_written_holds_the_trained_stacks_and_joins_back():
   assert not any("/mlp/experts/" in path and path.split("/")[0][7:] in EXPERTS for path in leaves_by_path(rest))
   joined = join_written(rest, written)
   assert jax.tree_util.tree_structure(joined) == jax.tree_util.tree_structure(params)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), joined, params)
+  chex.assert_trees_all_equal(joined, params)
   trainable = _moved(init_trainable(plan, params))
   out = write_expert_rows(plan, written, trainable)
   for path, stack in out.items():
@@ -155,7 +156,7 @@ def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
       t, written_params, batch)[0])
   (want_loss, want_grads), (got_loss, got_grads) = merged(trainable), in_place(trainable)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), got_grads, want_grads)
+  chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-8)
   found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan, rows_written=True)(
       t, written_params, batch)[0]))(trainable))
   full_size = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
@@ -198,7 +199,34 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
       assert not np.array_equal(np.asarray(stack)[ids], before[ids])
   (one, loss_one), (two, loss_two) = results
   np.testing.assert_allclose(loss_one, loss_two, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), one, two)
+  chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-7)
+
+
+def test_train_step_is_traced_once_over_several_steps():
+  """Each step's state and written stacks go back in as the next step's arguments: their shapes, dtypes and
+  shardings must equal what the step takes, or every step would trace and compile again. A batch of another
+  length is a new program, and the guard says so."""
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-3)
+
+  def init(frozen):
+    trainable = init_trainable(plan, frozen)
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+
+  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, params))
+  chex.clear_trace_counter()
+  step = make_train_step(Transformer(cfg), plan, optimizer, lambda s: 1e-3, shardings, max_traces=1)
+  params = place(params, shardings.frozen)  # as `train` lays them out
+  state = jax.jit(init, out_shardings=shardings.state)(params)
+  rest, written = split_written(plan, params)
+  written = jax.tree_util.tree_map(jnp.copy, written)  # donated by the step
+  for batch in _batches(cfg, 3):
+    state, written, metrics = step(state, written, rest, {k: v[None] for k, v in batch.items()})
+  assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
+  shorter = {k: v[None] for k, v in _batches(cfg, 1, length=8)[0].items()}
+  with pytest.raises(AssertionError, match="traced > 1 times"):
+    step(state, written, rest, shorter)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
@@ -236,7 +264,7 @@ def test_remat_gives_the_same_loss_and_gradients():
   (loss_r, _), grads_r = jax.value_and_grad(loss_fn(Transformer(cfg, remat=True), plan), has_aux=True)(
       trainable, params, batch)
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads_r, grads)
+  chex.assert_trees_all_close(grads_r, grads, rtol=1e-5, atol=1e-7)
   forward = lambda model: str(jax.make_jaxpr(lambda p: model.apply({"params": p}, batch["inputs"]).logits)(params))
   assert forward(Transformer(cfg, remat=True)).count("remat2[") == cfg.num_layers
   assert "remat2[" not in forward(Transformer(cfg))
@@ -277,8 +305,7 @@ def test_donated_parameters_train_alike_and_give_up_only_the_stacks_with_trained
   given = jax.tree_util.tree_map(jnp.copy, params)
   donated = _run(cfg, given, plan, tmp_path / "donated", 3, batches, val=val, donate_params=True)
   assert donated.best_val_loss == kept.best_val_loss
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         kept.trainable, donated.trainable)
+  chex.assert_trees_all_equal(kept.trainable, donated.trainable)
   rest, written = split_written(plan, given)
   assert all(stack.is_deleted() for stack in written.values())  # trained in place: no copy was made
   assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(rest))
@@ -324,8 +351,7 @@ def test_resume_equals_uninterrupted(tmp_path):
   _run(cfg, params, plan, tmp_path / "split", 2, batches)
   resumed = _run(cfg, params, plan, tmp_path / "split", 4, batches, resume=True)
   assert (full.first_step, full.steps, resumed.first_step, resumed.steps) == (0, 4, 2, 4)
-  jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
-                         full.trainable, resumed.trainable)
+  chex.assert_trees_all_equal(full.trainable, resumed.trainable)
 
 
 def test_esft_adapter_loads_into_transformers_and_changes_only_listed_experts(tmp_path):
@@ -379,7 +405,7 @@ def test_legacy_adapter_keys_without_model_prefix_load(tmp_path):
                     {k.removeprefix("model."): np.asarray(reader.get(k)) for k in reader.keys()})
   a = load_adapter(tmp_path / "new", cfg, params)
   b = load_adapter(tmp_path / "legacy", cfg, params)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+  chex.assert_trees_all_equal(a, b)
   np.testing.assert_array_equal(np.asarray(a["layers_2"]["mlp"]["experts"]["up_proj"][5]),
                                 2 * np.asarray(params["layers_2"]["mlp"]["experts"]["up_proj"][5]))
 
@@ -393,5 +419,4 @@ def test_lora_adapter_round_trip(tmp_path):
   assert settings["r"] == 4 and settings["lora_alpha"] == 8.0
   expected = merge_trainable(plan, params, factors)
   got = load_adapter(tmp_path, cfg, params)
-  jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6),
-                         expected, got)
+  chex.assert_trees_all_close(expected, got, atol=1e-6, rtol=1e-7)

@@ -17,6 +17,7 @@ import random
 from pathlib import Path
 from typing import Iterator, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,19 +76,25 @@ def padded_batches(examples: Sequence[Example], batch_size: int
 
 
 def make_scoring_step(config: ModelConfig, expert_impl: str = "auto", dtype=jnp.float32, with_routing=False,
-                      mesh: Mesh | None = None):
+                      mesh: Mesh | None = None, max_traces: int | None = None):
   """(params, totals, tokens [B, L], segment ids [B, L]) -> (totals, routing or None), on `mesh` (default:
-  one device); totals and routing come back replicated."""
+  one device); totals and routing come back replicated. `max_traces`: fail (`chex.assert_max_traces`) when the
+  step is traced more often, as it would be if the totals it returns did not match those it takes; tests set it
+  after `chex.clear_trace_counter()`, since the count is kept per definition site, process-wide."""
   mesh = mesh or sharding.single_device_mesh()
   model = Transformer(config, expert_impl=expert_impl, dtype=dtype, max_segments=1)  # one sample first per row
 
   def step(params, totals: RoutingTotals, tokens_BxL, segment_ids_BxL):
+    chex.assert_rank(tokens_BxL, 2)
+    chex.assert_equal_shape([tokens_BxL, segment_ids_BxL])
     with sharding.logical_rules(mesh):
       out = model.apply({"params": params}, tokens_BxL, segment_ids_BxL)
     totals = accumulate(totals, out.routing, segment_ids_BxL)
     routing = [(r.expert_ids, r.weights) for r in out.routing] if with_routing else None
     return totals, routing
 
+  if max_traces is not None:
+    step = chex.assert_max_traces(step, n=max_traces)
   rows, whole = sharding.batch_sharding(mesh), sharding.replicated(mesh)
   return jax.jit(step, in_shardings=(sharding.param_shardings(config, mesh), whole, rows, rows),
                  out_shardings=whole, donate_argnums=(1,))

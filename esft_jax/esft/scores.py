@@ -14,6 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,6 +50,10 @@ def accumulate(totals: RoutingTotals, routing: Sequence[Routing], token_mask_BxL
   if len(routing) != n_layers:
     raise ValueError(f"routing has {len(routing)} MoE layers but the totals have {n_layers} rows; "
                      "pass one Routing per MoE layer in config.moe_layer_ids order")
+  chex.assert_rank(token_mask_BxL, 2)
+  for layer, r in enumerate(routing):  # the mask is broadcast over K below: it must be [B, L] of this routing
+    chex.assert_shape(r.expert_ids, (*token_mask_BxL.shape, None), custom_message=f"routing of MoE layer {layer}")
+    chex.assert_equal_shape([r.expert_ids, r.weights], custom_message=f"routing of MoE layer {layer}")
   real_BxL = token_mask_BxL != 0
   mask_BxLx1 = real_BxL[..., None].astype(jnp.float32)
   counts, gates = [], []

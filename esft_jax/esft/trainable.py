@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -111,8 +112,8 @@ def merge_trainable(plan: TrainPlan, params, trainable, rows_written: bool = Fal
   for path, value in leaves_by_path(trainable).items():
     frozen = get_path(params, path)
     if _is_expert_slice(plan, path):
-      ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
-      rows = value.astype(frozen.dtype)
+      selected = plan.expert_ids[layer_index(path)]
+      rows, ids = _trained_rows(path, value, frozen, selected), jnp.asarray(selected, jnp.int32)
       value = rows_already_in(frozen, rows, ids) if rows_written else _write_rows(frozen, rows, ids)
     set_path(merged, path, value.astype(frozen.dtype))
   return merged
@@ -145,9 +146,18 @@ def write_expert_rows(plan: TrainPlan, written: Mapping[str, Any], trainable) ->
   dtype; on a donated `written`, XLA writes the rows in place."""
   out = {}
   for path, stack in written.items():
-    ids = jnp.asarray(plan.expert_ids[layer_index(path)], jnp.int32)
-    out[path] = _write_rows(stack, get_path(trainable, path).astype(stack.dtype), ids)
+    selected = plan.expert_ids[layer_index(path)]
+    rows = _trained_rows(path, get_path(trainable, path), stack, selected)
+    out[path] = _write_rows(stack, rows, jnp.asarray(selected, jnp.int32))
   return out
+
+
+def _trained_rows(path: str, rows_SxDxF, stack_ExDxF, selected: tuple[int, ...]) -> jax.Array:
+  """The trained rows as the stack's dtype, one per selected expert: rows from another plan would otherwise be
+  broadcast into the stack (one row written to every id) or fail inside the scatter."""
+  chex.assert_shape(rows_SxDxF, (len(selected), *stack_ExDxF.shape[1:]),
+                    custom_message=f"trained rows of {path} for experts {list(selected)}")
+  return rows_SxDxF.astype(stack_ExDxF.dtype)
 
 
 def _is_expert_slice(plan: TrainPlan, path: str) -> bool:

@@ -6,6 +6,7 @@ checkpoint name map in interop stays a flat table.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,9 @@ def cached_mask(view: CacheView, q_len: int, window: int | None) -> jax.Array:
 
 
 def _write(cache_BxSx: jax.Array, new_BxLx: jax.Array, index: jax.Array) -> jax.Array:
+  # Same batch and feature dims (a cache built for another batch size or layer type would fail in the update).
+  chex.assert_equal_shape([cache_BxSx, new_BxLx], dims=(0, *range(2, cache_BxSx.ndim)),
+                          custom_message="KV cache [B, S, ...] against the new tokens' [B, L, ...]")
   start = (0, index) + (0,) * (cache_BxSx.ndim - 2)
   return jax.lax.dynamic_update_slice(cache_BxSx, new_BxLx.astype(cache_BxSx.dtype), start)
 
@@ -151,7 +155,7 @@ _gradient_where.defvjp(_gradient_where_fwd, _gradient_where_bwd)
 def _cudnn_segments(q_BxQxHxD: jax.Array, k_BxKxGxD: jax.Array, v_BxKxGxV: jax.Array, segment_ids_BxL: jax.Array,
                     scale: float, max_segments: int) -> jax.Array:
   """cuDNN's flash attention, causal within each segment, with no mask tensor. jax.nn's API takes segments only
-  as a bias, which made cuDNN 2.5x slower (BENCHMARKS.md, eighth session), so this calls jax's cuDNN entry point,
+  as a bias, which makes cuDNN about 2.5x slower (BENCHMARKS.md, attention), so this calls jax's cuDNN entry point,
   which has no public name.
   - One segment per row, first: per-row lengths describe it; MLA's values keep their own width.
   - More: cuDNN's packed layout, segment offsets and lengths. jax (0.11) scales every offset by the query's

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import chex
 import jax
 import jax.numpy as jnp
 
@@ -105,8 +106,21 @@ def _rows_already_in_bwd(ids_S, grad_ExDxF):
 rows_already_in.defvjp(_rows_already_in_fwd, _rows_already_in_bwd)
 
 
+def check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array]) -> None:
+  """The shapes every expert path expects, checked at trace time: a mismatch fails here, naming the arrays,
+  instead of deep inside a sort, a `ragged_dot`, a kernel or a `shard_map`."""
+  chex.assert_rank([x_TxD, ids_TxK, weights_TxK], 2)
+  chex.assert_type(ids_TxK, int)
+  chex.assert_equal_shape([ids_TxK, weights_TxK], custom_message="expert ids [T, K] and their weights [T, K]")
+  num_experts, hidden, width = experts["gate_proj"].shape
+  chex.assert_shape(x_TxD, (ids_TxK.shape[0], hidden), custom_message="tokens [T, D] against ids [T, K]")
+  chex.assert_shape(experts["up_proj"], (num_experts, hidden, width), custom_message="up_proj [E, D, F]")
+  chex.assert_shape(experts["down_proj"], (num_experts, width, hidden), custom_message="down_proj [E, F, D]")
+
+
 def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped",
                weight_grad_experts: tuple[int, ...] | None = None, first_expert: jax.Array | int = 0) -> jax.Array:
+  check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)
   if impl == "auto":
     impl = _auto_impl(x_TxD.shape[0], experts)
   num_experts = experts["gate_proj"].shape[0]

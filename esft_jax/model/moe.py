@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from esft_jax.config import ModelConfig
-from esft_jax.model.experts import expert_ffn, rows_already_in
+from esft_jax.model.experts import check_expert_inputs, expert_ffn, rows_already_in
 from esft_jax.model.layers import Linear, SwiGLU, logical_param
 
 Dtype = jnp.dtype
@@ -115,9 +115,9 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   its part and the partial outputs are summed.
 
   The data axes sum the weight gradients over their devices. With `weight_grad_experts` named, those experts'
-  alone are summed: the whole stacks' were 1.1 GB a layer at DeepSeek-V2-Lite widths, against 138 MB for ESFT's 8
-  experts. On two H200s that cut what data parallelism adds to an 8-layer step from 22.8 to 8.8 ms (BENCHMARKS.md,
-  eighteenth and nineteenth sessions)."""
+  alone are summed: 138 MB a layer for ESFT's 8 experts at DeepSeek-V2-Lite widths, against 1.1 GB for the whole
+  stacks (BENCHMARKS.md, sharding)."""
+  check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)  # the global shapes, before any split
   mesh = jax.sharding.get_abstract_mesh()
   rows, width, ep = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts")
   if not rows and not width:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,13 +114,17 @@ def _with_current_rows(plan: TrainPlan, written, frozen, trainable) -> tuple[dic
 
 
 def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
-                    schedule: optax.Schedule, shardings: StepShardings) -> Callable:
+                    schedule: optax.Schedule, shardings: StepShardings, max_traces: int | None = None) -> Callable:
   """(state, written, frozen, batch [A, B, L]) -> (state, written, metrics); A micro-batches are averaged equally.
 
   `frozen, written = split_written(plan, params)`: `written` holds the stacks the step writes the trained expert
-  rows into, and is donated and returned, so the rows are written in place and no stack is copied (at
-  DeepSeek-V2-Lite's size that copy was 29 GB, moving about 58 GB a step). Pass the returned `written` to the
-  next step; the arrays passed in are gone after the call. Every frozen value stays as it was."""
+  rows into, and is donated and returned, so the rows are written in place and no stack is copied (a copy would
+  hold every such stack twice, and move it twice a step). Pass the returned `written` to the next step; the
+  arrays passed in are gone after the call. Every frozen value stays as it was.
+
+  `max_traces`: fail (`chex.assert_max_traces`) when the step is traced more often, as it would be if the state
+  or stacks it returns did not match those it takes (shape, dtype, sharding) and every step recompiled; tests
+  set it after `chex.clear_trace_counter()`, since the count is kept per definition site, process-wide."""
   grad_fn = jax.grad(loss_fn(model, plan, rows_written=True), has_aux=True)
 
   def step(state: TrainState, written, frozen, batch):
@@ -141,6 +146,8 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
     return TrainState(state.step + 1, trainable, opt_state), written, metrics
 
+  if max_traces is not None:
+    step = chex.assert_max_traces(step, n=max_traces)
   frozen_shardings, written_shardings = split_written(plan, shardings.frozen)
   return jax.jit(step, in_shardings=(shardings.state, written_shardings, frozen_shardings, shardings.batch),
                  out_shardings=(shardings.state, written_shardings, sharding.replicated(shardings.mesh)),

@@ -1,8 +1,8 @@
 """Row gathers as a Mosaic GPU kernel: out[m] = src[index[m]] (times scale[m]), rows moved by TMA.
 
 The expert layout moves [tokens x K, D] activations twice a layer (the dispatch forward, the combine backward).
-On the H200, XLA's gather of 106k padded rows of 2048 bf16 took 0.300 ms, and this kernel 0.201 (BENCHMARKS.md,
-twelfth session): a copy through shared memory is bounded by HBM bandwidth alone. One warpgroup per multiprocessor
+XLA's gather writes bf16 rows element by element; a copy through shared memory is bounded by HBM bandwidth alone,
+and is faster on the H200 (BENCHMARKS.md, kernel choices). One warpgroup per multiprocessor
 takes chunks of `rows` output rows: it loads each chunk's source rows into a ring of shared-memory stages (TMA,
 `stages - 1` chunks in flight), optionally scales them in registers, and stores the chunk with one TMA copy.
 """

@@ -47,9 +47,8 @@ from esft_jax.model.kernels.mosaic import launch
 HALF_TILE_ROWS = 64  # M of one wgmma instruction
 # Every group's row count is a multiple of this. A row tile of 128 never spans two groups: a group's last tile may
 # hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Against groups
-# padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.28x, and the SwiGLU's
-# forward and backward ran 2.4% faster (eighteenth session); in blocks split by rows between the two compute
-# warpgroups, a half tile leaves the lower one idle.
+# padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.28x (BENCHMARKS.md, kernel
+# choices); in blocks split by rows between the two compute warpgroups, a half tile leaves the lower one idle.
 ALIGN = HALF_TILE_ROWS
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
 _MEMORY_REGISTERS = 40  # registers per thread left to the memory warpgroup
@@ -71,8 +70,8 @@ class TileConfig:
   max_stages: int = 4
   # A persistent kernel visits output tiles in bands of this many column tiles (plgpu.planar_snake). 16 is wider
   # than any output here (11 column tiles of width 1408, 8 of 2048), so each row tile's columns come one after
-  # another: each lhs row tile is read from HBM once, and the weights of the experts in flight stay in L2. Against
-  # bands of 4 the SwiGLU fwd+bwd ran 1-5% faster, most at 16k rows (BENCHMARKS.md, thirteenth session).
+  # another: each lhs row tile is read from HBM once, and the weights of the experts in flight stay in L2
+  # (narrower bands measured slower: BENCHMARKS.md, kernel choices).
   grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
   # Output staging: None holds each slot (side array or output) as a whole warpgroup tile; a width stages the tile
@@ -124,9 +123,9 @@ def forward_config(epilogue: str = "products") -> TileConfig:
   """Tiles of the forward / input-gradient kernels for `epilogue`: ping-pong blocks of 128 x 128 (each compute
   warpgroup its own, in turn), outputs and side arrays staged in pieces of 32 columns (16 for swiglu_grad's two side
   arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
-  past it. Measured against the tiles where both warpgroups share each block, the best of those per kernel
-  (BENCHMARKS.md, sixteenth session: `bench_moe.py --sweep`, 16k and 32k rows): the SwiGLU's backward kernels
-  swiglu_grad 5-7% faster; the products without side arrays within 2% at 16k rows and 1-6% faster at 32k."""
+  past it. In `bench_moe.py --sweep` at 16k and 32k rows these were at least as fast as the best tiling whose
+  blocks both warpgroups share, kernel by kernel, and faster where the epilogue is heavy (BENCHMARKS.md, kernel
+  choices)."""
   return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
@@ -137,14 +136,13 @@ SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 # Tiles of x's input gradient in the SwiGLU's backward, dgate @ gate.T + dup @ up.T: two terms of F / 64 K blocks
 # each. Over such a long mainloop the epilogue weighs little, and 128 x 256 blocks shared by both warpgroups (fewer
-# operand bytes per flop) beat forward_config's ping-pong ones: 0.319 against 0.343 ms at 16k rows (BENCHMARKS.md,
-# seventeenth session).
+# operand bytes per flop) beat forward_config's ping-pong ones (BENCHMARKS.md, kernel choices).
 SUM_OF_TERMS_TILES = TileConfig(128, 128, "n", store_n=16)
 
 
 # Tiles of the weight-gradient kernel: ping-pong blocks of 128 x 128 as forward_config's. Against 128 x 256 blocks
-# shared by both warpgroups they were 7-13% faster at 16k rows, where each expert's tiles take only 4 steps of K and
-# the epilogue weighs most, and 2-5% at 32k (BENCHMARKS.md, sixteenth session).
+# shared by both warpgroups they are faster, most at 16k rows, where each expert's tiles take only 4 steps of K and
+# the epilogue weighs most (BENCHMARKS.md, kernel choices).
 WEIGHT_GRAD_TILES = TileConfig(128, 128, "pingpong", grid_tile_width=1, store_n=32, max_stages=8)
 
 
@@ -246,8 +244,8 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
   `work_at(index)` says what to accumulate and where the epilogue stores. The memory warpgroup streams operand
   blocks (a_block and `products` b_block shapes) through one ring of stages for all the block's tiles, so the next
   tile's first blocks arrive while the compute warpgroups finish the last one and store it. (Pallas' warp-specialized
-  pipeline, one per tile, waits for the tile's steps to be consumed before loading the next: the SwiGLU fwd+bwd ran
-  0.6-2.7% slower so, with equal outputs; BENCHMARKS.md, fifteenth session.) mma(wg, a_smem, b_smem) gives
+  pipeline, one per tile, waits for the tile's steps to be consumed before loading the next, and measured slower
+  with equal outputs; BENCHMARKS.md, kernel choices.) mma(wg, a_smem, b_smem) gives
   warpgroup wg's wgmma operands. With cfg.split "pingpong" the block's tiles go to the compute warpgroups in turn,
   and each stage's loads are signalled to its tile's warpgroup alone: Mosaic tracks a barrier's phase per thread,
   so a warpgroup must await every phase of the barriers it waits on, and none of the others'."""
@@ -397,8 +395,8 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
           if epilogue.sides:
             pl.when(steps == 0)(lambda: load_first_sides(work))
 
-          # One loop per count of rows held, chosen once per tile: a branch around each wgmma cost even routing,
-          # which has no half tiles, 1% (eighteenth session).
+          # One loop per count of rows held, chosen once per tile: a branch around each wgmma would slow every
+          # tile, also under even routing, which has no half tiles.
           def mainloop(r):  # r: the rows held; 0: none, yet the pipeline's blocks are awaited and released
             top = lambda ref: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
 
@@ -528,8 +526,8 @@ def row_tiles(group_sizes_G: jax.Array, block_m: int, m_iters: int) -> tuple[jax
   tiles_G = (sizes_G + block_m - 1) // block_m
   tile_ends_G = jnp.cumsum(tiles_G)
   tile_M = jnp.arange(m_iters, dtype=jnp.int32)
-  # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU ran as a chain of tiny
-  # kernels and copies before every call of the kernel (fourteenth session's traces).
+  # compare_all: one small fusion. The default method ("scan") is a while loop, which on the GPU runs as a chain of
+  # tiny kernels and copies before every call of the kernel.
   group_M = jnp.searchsorted(tile_ends_G, tile_M, side="right", method="compare_all")
   group_M = jnp.minimum(group_M, sizes_G.shape[0] - 1).astype(jnp.int32)
   within_M = (tile_M - (tile_ends_G - tiles_G)[group_M]) * block_m  # the tile's first row within its group
@@ -557,8 +555,8 @@ def grouped_weight_grad(lhs_PxK, rhs_PxN, group_sizes_G, *, cfg: TileConfig, int
                         groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[e] = lhs[rows of e].T @ rhs[rows of e], shape [G, K, N], for the experts in `groups` (default: all;
   global ids, group g being expert first_group + g); zero for such an expert with no rows. The others' entries
-  are left unwritten (whatever the buffer held): writing zeros there was 1 GB a layer at DeepSeek-V2-Lite's
-  size, for values ESFT never reads."""
+  are left unwritten (whatever the buffer held): zeros there would be 1 GB a layer at DeepSeek-V2-Lite's size,
+  for values ESFT never reads."""
   _check_dtypes("grouped_weight_grad", lhs_PxK, rhs_PxN)
   if ALIGN % cfg.tile_k:
     raise ValueError(f"grouped_weight_grad: TileConfig {cfg}: tile_k={cfg.tile_k} must divide the groups' ALIGN="
