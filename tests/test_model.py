@@ -55,6 +55,15 @@ class GroupedExpertsTest(chex.TestCase):
       assert float(jnp.abs(got[1][1]["gate_proj"][6:]).max()) == 0.0
 
 
+def test_expert_weights_of_the_wrong_layout_are_named():
+  experts = _experts(jax.random.key(0), 4, 8, 6)
+  x, ids, w = jnp.ones((5, 8)), jnp.zeros((5, 2), jnp.int32), jnp.ones((5, 2))
+  with pytest.raises(AssertionError, match=r"down_proj \[E, F, D\]"):
+    expert_ffn(x, ids, w, dict(experts, down_proj=experts["down_proj"].transpose(0, 2, 1)))
+  with pytest.raises(AssertionError, match=r"tokens \[T, D\]"):
+    expert_ffn(jnp.ones((5, 6)), ids, w, experts)
+
+
 @pytest.mark.parametrize("impl", ["reference", "grouped"])
 def test_expert_slices_compute_only_their_own_assignments(impl):
   """Expert parallelism's contract: a slice of the experts (global ids from a traced first_expert on) adds

@@ -202,6 +202,16 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
   chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-7)
 
 
+def test_trained_rows_of_another_plan_are_rejected():
+  """Rows for fewer experts than the plan selects would be broadcast into the stack; the shape check names them."""
+  cfg, params, _ = _setup()
+  plan = _esft_plan()
+  _, written = split_written(plan, params)
+  trainable = init_trainable(plan_from_expert_config({"experts": {"1": [3], "2": [5]}}), params)
+  with pytest.raises(AssertionError, match=r"trained rows of layers_1/mlp/experts/\w+ for experts \[\d, \d\]"):
+    write_expert_rows(plan, written, trainable)
+
+
 def test_train_step_is_traced_once_over_several_steps():
   """Each step's state and written stacks go back in as the next step's arguments: their shapes, dtypes and
   shardings must equal what the step takes, or every step would trace and compile again. A batch of another
