@@ -119,7 +119,7 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
 
   `frozen, written = split_written(plan, params)`: `written` holds the stacks the step writes the trained expert
   rows into, and is donated and returned, so the rows are written in place and no stack is copied (a copy would
-  hold every such stack twice, and move it twice a step). Pass the returned `written` to the next step; the
+  hold every such stack twice, and read and write it in full every step). Pass the returned `written` to the next step; the
   arrays passed in are gone after the call. Every frozen value stays as it was.
 
   `max_traces`: fail (`chex.assert_max_traces`) when the step is traced more often, as it would be if the state
