@@ -264,7 +264,8 @@ def test_optimizer_state_is_proportional_to_selected_experts():
 def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None, donate_params=False):
   stream, data_state, restore = replay(batches)
 
-  train_cfg = TrainConfig(steps=steps, lr=1e-2, eval_every=2, save_every=2, log_every=1, compute_dtype="float32")
+  train_cfg = TrainConfig(steps=steps, lr=1e-2, grad_accum=1, eval_every=2, save_every=2, log_every=1,
+                          compute_dtype="float32")
   return train(cfg, params, plan, stream, val or [], out_dir, train_cfg, resume=resume,
                data_state=data_state, restore_data=restore, donate_params=donate_params)
 
@@ -288,7 +289,7 @@ def test_training_stops_at_a_batch_with_more_documents_than_the_fused_attention_
   cfg, params, _ = _setup()
   packed = _batches(cfg, 1)
   packed[0]["segment_ids"][0, 6:] = 2  # row 0: two documents
-  train_cfg = TrainConfig(steps=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
+  train_cfg = TrainConfig(steps=1, grad_accum=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
   with pytest.raises(ValueError, match=r"a training batch of step 1: row 0 packs 2 segments, but the fused attention "
                                        r"was built for at most max_segments=1 per row: set max_segments to 2 or more"):
     train(cfg, params, _esft_plan(), iter(packed), [], tmp_path, train_cfg)
