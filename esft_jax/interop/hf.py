@@ -260,7 +260,8 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
       node[entry.path[-1]] = jax.make_array_from_callback(host.shape, get_path(shardings, "/".join(entry.path)),
                                                           lambda index, host=host: host[index])
   if non_finite:
-    raise ValueError(f"{model_dir}: {len(non_finite)} tensors hold NaN or infinite values: {_few(non_finite)}; "
+    which = "1 tensor holds" if len(non_finite) == 1 else f"{len(non_finite)} tensors hold"
+    raise ValueError(f"{model_dir}: {which} NaN or infinite values: {_few(non_finite)}; "
                      "the checkpoint is damaged or was saved from a diverged run: use another checkpoint "
                      "(--no-check-weights skips this check)")
   return LoadedModel(config, params, hf_config, model_dir)
