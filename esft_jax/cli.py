@@ -72,7 +72,7 @@ def cmd_init(args: argparse.Namespace) -> None:
 
   log(f"drawing random weights for {parameter_counts(cfg).total:,} parameters (compiling the initialisation "
       "takes a few seconds)")
-  # XLA's own generator ("rbg") compiles about twice as fast as the default threefry for a model's many draws.
+  # XLA's own generator ("rbg"): a model's many draws compile faster than with the default threefry.
   key = jax.random.key(args.seed, impl="rbg")
   params = jax.jit(lambda key: init_params(cfg, key, param_dtype=jnp.dtype(args.dtype)))(key)
   save_hf_model(args.out, cfg, params, hf_config)

@@ -75,8 +75,7 @@ def esft_run(workspace):
        "--write-logs", "--out", root / "scores")
   _cli("select", "--scores", root / "scores" / "summary.json", "--method", "token", "--top-p", 0.3,
        "--out", root / "experts.json")
-  _cli("train", "--model", root / "model", "--data", root / "intent_train.jsonl", "--expert-config", root / "experts.json",
-       "--out", root / "run", *TRAIN)
+  _cli(*_train_args(root, root / "run"))
   return root
 
 

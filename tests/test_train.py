@@ -429,11 +429,10 @@ def test_resume_equals_uninterrupted_falling_back_from_a_corrupted_checkpoint(tm
   assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]  # step 3's first line dropped
 
 
-@pytest.mark.parametrize("field, value, flag", [("steps", 0, "--steps"), ("lr", -1.0, "--lr"),
-                                                ("lr", float("inf"), "--lr"), ("grad_accum", 0, "--grad-accum"),
-                                                ("eval_every", 0, "--eval-every"), ("save_every", 0, "--save-every"),
-                                                ("log_every", -1, "--log-every"), ("warmup_steps", -1, "--warmup-steps"),
-                                                ("schedule", "linear", "--schedule")])
+@pytest.mark.parametrize("field, value, flag", [
+    ("steps", 0, "--steps"), ("lr", -1.0, "--lr"), ("lr", float("inf"), "--lr"), ("grad_accum", 0, "--grad-accum"),
+    ("eval_every", 0, "--eval-every"), ("save_every", 0, "--save-every"), ("log_every", -1, "--log-every"),
+    ("warmup_steps", -1, "--warmup-steps"), ("schedule", "linear", "--schedule")])
 def test_train_config_refuses_bad_values_naming_the_option(field, value, flag):
   with pytest.raises(ValueError, match=f"{field}=.* \\({flag}\\)"):
     TrainConfig(**{field: value})

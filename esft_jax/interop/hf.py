@@ -170,7 +170,7 @@ def _few(names: list[str], n: int = 5) -> str:
 
 
 # Tensors a checkpoint may hold that the model rightly never reads:
-# - rotary inverse frequencies, a buffer older transformers versions saved, recomputed from config.json;
+# - rotary inverse frequencies, a buffer some transformers versions save, recomputed from config.json;
 # - DeepSeek-V3's multi-token-prediction module, stored as layers num_hidden_layers and up
 #   (num_nextn_predict_layers of them), which transformers also leaves out of the model;
 # - an lm_head stored beside tied embeddings, which transformers replaces by the embedding as well.
@@ -186,7 +186,8 @@ def _legitimately_unused(name: str, config: ModelConfig, hf_config: dict) -> boo
   return name == "lm_head.weight" and config.tie_word_embeddings
 
 
-def check_unused_tensors(reader: CheckpointReader, config: ModelConfig, hf_config: dict, table: list[Entry]) -> None:
+def _check_unused_tensors(reader: CheckpointReader, config: ModelConfig, hf_config: dict,
+                          table: list[Entry]) -> None:
   """Every tensor of the checkpoint must be read, except the legitimately unused ones above: a config.json that
   declares fewer layers or experts than the checkpoint holds would otherwise load a different, smaller model
   without a word."""
@@ -229,7 +230,7 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
   keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32). `shardings` (a tree
   like `esft_jax.sharding.param_shardings`) puts each tensor straight onto its devices, each receiving only its
   own shard: no device ever holds the whole model, and on several hosts each process fills only its devices.
-  A checkpoint tensor the config does not use is an error (`check_unused_tensors`). `check_finite` also
+  A checkpoint tensor the config does not use is an error (`_check_unused_tensors`). `check_finite` also
   refuses a checkpoint holding a NaN or an infinity, naming the tensors (one more pass over the host copy of
   each tensor)."""
   model_dir = Path(model_dir)
@@ -241,7 +242,7 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
     raise ValueError(f"{reader.file_of(quantized[0])}: FP8 block-quantized weights ({quantized[0]}); dequantize the "
                      "checkpoint to bf16 first (DeepSeek's fp8_cast_bf16.py does this)")
   table = tensor_table(config)
-  check_unused_tensors(reader, config, hf_config, table)
+  _check_unused_tensors(reader, config, hf_config, table)
   shapes = expected_shapes(config)
   params: dict = {}
   non_finite: list[str] = []

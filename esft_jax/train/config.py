@@ -2,8 +2,8 @@
 
 Their defaults are ESFT's (configs/base.yaml of the official release) and the single source of the defaults of
 `esft-jax train`, which reads them from here. Both refuse a bad value when built, naming the field and its
-command-line option, so a run stops before anything is loaded, compiled or written. It imports no JAX:
-`esft-jax --help` reads it.
+command-line option, so a run stops before anything is loaded, compiled or written. This module imports no
+JAX: `esft-jax --help` reads it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,14 @@ SCHEDULES = ("constant", "cosine")
 ESFT_SEED = 5934875  # the official release's data seed (shuffling, packing, the validation split)
 
 
-def _require(ok: bool, name: str, value, flag: str, requirement: str) -> None:
+def _require(ok: bool, name: str, value, flag: str | None, requirement: str) -> None:
+  """Raises naming the field, its command-line option (None: it has none) and what it must be."""
   if not ok:
-    raise ValueError(f"{name}={value!r} ({flag}): {requirement}")
+    raise ValueError(f"{name}={value!r}" + (f" ({flag})" if flag else "") + f": {requirement}")
 
 
 def _at_least(config, minimum: int, *names: str) -> None:
+  """Each named field is at least `minimum`; its option is the field's name in dashes (`--grad-accum`)."""
   for name in names:
     value = getattr(config, name)
     _require(value >= minimum, name, value, "--" + name.replace("_", "-"), f"must be at least {minimum}")
@@ -30,6 +32,7 @@ def _at_least(config, minimum: int, *names: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """The training loop's settings (`train.trainer.train`)."""
   steps: int = 500
   lr: float = 1e-5  # ESFT's; esft-jax train picks each method's paper rate (optimizer.DEFAULT_LR) unless --lr
   schedule: str = "constant"
@@ -51,13 +54,14 @@ class TrainConfig:
   max_checkpoints: int = 2
 
   def __post_init__(self):
-    _at_least(self, 1, "steps", "grad_accum", "eval_every", "save_every", "log_every", "max_segments",
-              "max_checkpoints")
+    _at_least(self, 1, "steps", "grad_accum", "eval_every", "save_every", "log_every")
+    for name in ("max_segments", "max_checkpoints"):  # set by code, not by an option
+      _require(getattr(self, name) >= 1, name, getattr(self, name), None, "must be at least 1")
     _at_least(self, 0, "warmup_steps")
     _require(math.isfinite(self.lr) and self.lr >= 0, "lr", self.lr, "--lr", "must be a finite number >= 0")
     _require(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "weight_decay", self.weight_decay,
              "--weight-decay", "must be a finite number >= 0")
-    _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, "max_grad_norm", "must be positive")
+    _require(self.max_grad_norm > 0, "max_grad_norm", self.max_grad_norm, None, "must be positive")
     _require(self.schedule in SCHEDULES, "schedule", self.schedule, "--schedule", f"use one of {SCHEDULES}")
 
 
@@ -78,6 +82,6 @@ class DataConfig:
              "must be at least 2 (a row holds inputs and their next-token targets)")
     _require(self.packing in PACKINGS, "packing", self.packing, "--packing", f"use one of {PACKINGS}")
     _require(0.0 <= self.random_concat_ratio <= 1.0, "random_concat_ratio", self.random_concat_ratio,
-             "random_concat_ratio", "must lie in [0, 1]")
+             None, "must lie in [0, 1]")
     _require(0.0 <= self.validation_fraction < 1.0, "validation_fraction", self.validation_fraction,
              "--val-fraction", "must lie in [0, 1)")
