@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
+import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,18 +49,35 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_init(args: argparse.Namespace) -> None:
-  import jax
-  import jax.numpy as jnp
-
+  log = _timed_log()
   from esft_jax.config import config_from_hf, read_hf_config
-  from esft_jax.interop.hf import save_hf_model
-  from esft_jax.model.transformer import init_params
+  from esft_jax.data.jsonl import parse_conversation
+  from esft_jax.data.tokenizer_training import corpus_texts, train_bpe_tokenizer
+  from esft_jax.demo.tasks import make_all_tasks
 
   hf_config = read_hf_config(args.model)
   cfg = config_from_hf(hf_config, str(args.model))
-  params = init_params(cfg, jax.random.key(args.seed), param_dtype=jnp.dtype(args.dtype))
+  # The tokenizer first: it is quick, and a vocabulary too small for it fails before the weights are built.
+  records = [parse_conversation(r, f"{t.name}:{i}") for t in make_all_tasks(200, 0, args.seed).values()
+             for i, r in enumerate(t.train)]
+  tokenizer = train_bpe_tokenizer(corpus_texts(records), cfg.vocab_size, args.out)
+  hf_config = {**hf_config, "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id}
+  log(f"wrote a byte-level BPE tokenizer ({tokenizer.vocab_size} tokens, trained on the text of "
+      f"`esft-jax data sample`'s tasks) to {args.out / 'tokenizer.json'}")
+  import jax
+  import jax.numpy as jnp
+
+  from esft_jax.interop.hf import save_hf_model
+  from esft_jax.model.transformer import init_params, parameter_counts
+
+  log(f"drawing random weights for {parameter_counts(cfg).total:,} parameters (compiling the initialisation "
+      "takes a few seconds)")
+  # XLA's own generator ("rbg"): a model's many draws compile faster than with the default threefry.
+  key = jax.random.key(args.seed, impl="rbg")
+  params = jax.jit(lambda key: init_params(cfg, key, param_dtype=jnp.dtype(args.dtype)))(key)
   save_hf_model(args.out, cfg, params, hf_config)
-  print(f"wrote a random-weight {cfg.model_type} model to {args.out}")
+  log(f"wrote a random-weight {cfg.model_type} model to {args.out}: config.json, model.safetensors, "
+      "tokenizer.json, tokenizer_config.json")
 
 
 def _load_model(model_dir, adapter_dir, dtype: str):
@@ -129,22 +149,30 @@ def cmd_select(args: argparse.Namespace) -> None:
         f"({sum(counts) / len(counts):.2f} per layer)")
 
 
-def cmd_train(args: argparse.Namespace) -> None:
-  from esft_jax.data.pipeline import DataConfig
-  from esft_jax.sharding import mesh_from_flags
+def train_configs(args: argparse.Namespace):
+  """The TrainConfig and DataConfig of `esft-jax train`'s options; each refuses a bad value, naming its option."""
+  from esft_jax.train.config import DataConfig, TrainConfig
   from esft_jax.train.optimizer import DEFAULT_LR
-  from esft_jax.train.run import finetune
-  from esft_jax.train.trainer import TrainConfig
 
   train_config = TrainConfig(
-      steps=args.steps, lr=args.lr or DEFAULT_LR[args.method], schedule=args.schedule,
+      steps=args.steps, lr=DEFAULT_LR[args.method] if args.lr is None else args.lr, schedule=args.schedule,
       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
       eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
       compute_dtype=args.compute_dtype, remat=args.remat, attention_impl=args.attention)
-  data_config = DataConfig(seq_length=args.seq_length, packing=args.packing)
+  data_config = DataConfig(seq_length=args.seq_length, packing=args.packing,
+                           validation_fraction=args.val_fraction, seed=args.seed)
+  return train_config, data_config
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+  train_config, data_config = train_configs(args)  # before anything is loaded
+  from esft_jax.sharding import mesh_from_flags
+  from esft_jax.train.run import finetune
+
   mesh = mesh_from_flags(args.mesh, args.distributed)
   result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
-                    args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype, mesh)
+                    args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype, mesh,
+                    overwrite=args.overwrite, check_weights=args.check_weights)
   best = "n/a" if result.best_val_loss is None else f"{result.best_val_loss:.4f}"
   steps = f"{result.steps - result.first_step} steps" + (f" (from step {result.first_step} to {result.steps})"
                                                          if result.first_step else "")
@@ -160,10 +188,10 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-  import json
-
   from esft_jax.files import atomic_write_text
 
+  if args.out:
+    _check_output_file(args.out)
   if args.completions:
     from esft_jax.evaluate.metrics import score_completions
     mean, per_item = score_completions(args.completions, args.metric)
@@ -182,9 +210,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
                              args.max_new_tokens, args.batch_size, jnp.dtype(args.dtype), args.data_dir)
     print(f"{args.metric}: {results['mean']:.4f}" + (f" over {len(results['items'])} items" if "items" in results
                                                       else f" over {results.get('tokens', 0)} tokens"))
+  if not math.isfinite(results["mean"]):
+    raise ValueError(f"the {args.metric} score is {results['mean']}: the model computes NaN or infinite values; "
+                     "check its weights and the adapter's (esft-jax train --check-weights reads every tensor)")
   if args.out:
     atomic_write_text(args.out, json.dumps(results, ensure_ascii=False, indent=1))
     print(f"wrote {args.out}")
+
+
+def _check_output_file(path: Path) -> None:
+  """Creates the folder of an output file before the work that fills it, or says why it cannot be written."""
+  if path.is_dir():
+    raise ValueError(f"--out {path}: is a folder; name a file, e.g. {path / 'results.json'}")
+  existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+  if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+    raise ValueError(f"--out {path}: cannot create it, {existing} is not a writable folder")
+  path.parent.mkdir(parents=True, exist_ok=True)
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
@@ -193,6 +234,19 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
   path = prepare_tfds(args.jsonl, args.name, args.data_dir, config=args.config, split=args.split,
                       overwrite=args.overwrite)
   print(f"built TFDS dataset {args.name} at {path}; read it with --data tfds:{args.name}:{args.split}")
+
+
+def cmd_data_sample(args: argparse.Namespace) -> None:
+  from esft_jax.demo.tasks import make_task
+  from esft_jax.files import atomic_write_text
+
+  task = make_task(args.task, args.n_train, args.n_test, args.seed)
+  args.out.mkdir(parents=True, exist_ok=True)
+  for split, records in (("train", task.train), ("test", task.test)):
+    path = args.out / f"{task.name}_{split}.jsonl"
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    print(f"wrote {path}: {len(records)} {'conversations' if split == 'train' else 'evaluation items'}")
+  print(f"evaluate with --metric {task.metric}")
 
 
 def _add_mesh_flags(parser: argparse.ArgumentParser) -> None:
@@ -279,7 +333,10 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 def build_parser() -> argparse.ArgumentParser:
-  from esft_jax.evaluate.metrics import METRICS, NON_GENERATIVE  # numpy only: --help stays quick
+  from esft_jax.data.packing import PACKINGS  # numpy and tokenizers only: --help stays quick
+  from esft_jax.evaluate.metrics import METRICS, NON_GENERATIVE
+  from esft_jax.demo.tasks import TASK_NAMES
+  from esft_jax.train.config import SCHEDULES, DataConfig, TrainConfig
 
   parser = argparse.ArgumentParser(prog="esft-jax", description=DESCRIPTION, formatter_class=_HelpFormatter)
   command_parser = functools.partial(argparse.ArgumentParser, formatter_class=_HelpFormatter)
@@ -291,12 +348,14 @@ def build_parser() -> argparse.ArgumentParser:
   info.add_argument("--model", required=True, help="HF model directory or preset name (e.g. deepseek-v2-lite)")
   info.set_defaults(func=cmd_info)
 
-  init = sub.add_parser("init", help="write a randomly initialised model as an HF directory",
+  init = sub.add_parser("init", help="write a randomly initialised model, with a tokenizer, as an HF directory",
                         description="Build a model from a preset or config.json with random weights and write it "
-                                    "as a Hugging Face directory (for tests, benchmarks and the demo).")
+                                    "as a Hugging Face directory with a byte-level BPE tokenizer (trained on the "
+                                    "text of `esft-jax data sample`'s tasks), which every command accepts: a "
+                                    "model to try the workflow on, for tests and benchmarks.")
   init.add_argument("--model", required=True, help="preset name or directory holding config.json")
   init.add_argument("--out", required=True, type=Path, help="output directory")
-  init.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+  init.add_argument("--seed", type=int, default=0, help="seed of the random weights and the tokenizer's text")
   init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="dtype of the saved weights")
   init.set_defaults(func=cmd_init)
 
@@ -340,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
   select.add_argument("--out", required=True, type=Path, help="expert_config.json to write")
   select.set_defaults(func=cmd_select)
 
+  train_defaults, data_defaults = TrainConfig(), DataConfig()  # the one source of the defaults
   tr = sub.add_parser("train", help="fine-tune with ESFT, full fine-tuning or LoRA",
                       description="One training loop; the methods differ only in what trains. ESFT trains the "
                                   "experts of --expert-config; fft everything; lora rank-r adapters on every "
@@ -352,23 +412,32 @@ def build_parser() -> argparse.ArgumentParser:
                   help="what trains: the experts of --expert-config, every parameter, or LoRA adapters")
   tr.add_argument("--expert-config", type=Path, help="expert config from `esft-jax select` (esft only)")
   tr.add_argument("--out", required=True, type=Path, help="run directory (adapter, checkpoints, logs)")
-  tr.add_argument("--steps", type=int, default=500, help="optimizer steps")
-  tr.add_argument("--seq-length", type=int, default=4096, help="tokens per packed sequence")
-  tr.add_argument("--packing", default="esft", choices=["esft", "documents", "unpacked"],
+  tr.add_argument("--steps", type=int, default=train_defaults.steps, help="optimizer steps")
+  tr.add_argument("--seq-length", type=int, default=data_defaults.seq_length, help="tokens per packed sequence")
+  tr.add_argument("--packing", default=data_defaults.packing, choices=list(PACKINGS),
                   help="esft: ESFT's greedy packing; documents: whole samples with segment ids")
+  tr.add_argument("--val-fraction", type=float, default=data_defaults.validation_fraction,
+                  help="share of the packed rows held out for the validation loss (ESFT's 98/2 split)")
   tr.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
-  tr.add_argument("--grad-accum", type=int, default=16, help="micro-batches per step (the default is ESFT's)")
+  tr.add_argument("--grad-accum", type=int, default=train_defaults.grad_accum,
+                  help="micro-batches per step (the default is ESFT's)")
   tr.add_argument("--lr", type=float, help="learning rate (default: esft 1e-5, fft 3e-5, lora 1e-4)")
-  tr.add_argument("--schedule", default="constant", choices=["constant", "cosine"], help="learning-rate schedule")
-  tr.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up steps of the learning rate")
-  tr.add_argument("--weight-decay", type=float, default=0.1, help="AdamW's weight decay")
+  tr.add_argument("--schedule", default=train_defaults.schedule, choices=list(SCHEDULES),
+                  help="learning-rate schedule")
+  tr.add_argument("--warmup-steps", type=int, default=train_defaults.warmup_steps,
+                  help="linear warm-up steps of the learning rate")
+  tr.add_argument("--weight-decay", type=float, default=train_defaults.weight_decay, help="AdamW's weight decay")
   tr.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (lora only)")
-  tr.add_argument("--eval-every", type=int, default=100,
+  tr.add_argument("--eval-every", type=int, default=train_defaults.eval_every,
                   help="steps between validation losses; the adapter of the best one is kept")
-  tr.add_argument("--save-every", type=int, default=100, help="steps between orbax checkpoints")
-  tr.add_argument("--log-every", type=int, default=10, help="steps between metric lines (and TensorBoard points)")
-  tr.add_argument("--seed", type=int, default=0, help="seed of the data order and of LoRA's initialisation")
-  tr.add_argument("--compute-dtype", default="bfloat16", choices=["float32", "bfloat16"],
+  tr.add_argument("--save-every", type=int, default=train_defaults.save_every,
+                  help="steps between orbax checkpoints")
+  tr.add_argument("--log-every", type=int, default=train_defaults.log_every,
+                  help="steps between metric lines (and TensorBoard points)")
+  tr.add_argument("--seed", type=int, default=data_defaults.seed,
+                  help="seed of every random choice: the packing, the validation split, the order of the training "
+                       "rows and LoRA's initialisation (the default is ESFT's data seed)")
+  tr.add_argument("--compute-dtype", default=train_defaults.compute_dtype, choices=["float32", "bfloat16"],
                   help="dtype of the forward and backward passes")
   tr.add_argument("--remat", action="store_true",
                   help="recompute each decoder layer in the backward pass: activation memory of one layer "
@@ -376,11 +445,17 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--param-dtype", default="bfloat16", choices=["float32", "bfloat16"],
                   help="dtype of the frozen weights (trainable ones are fp32 master copies; the adapter stores "
                        "them in the base checkpoint's own dtype)")
-  tr.add_argument("--attention", default="auto", choices=["reference", "fused", "auto"],
+  tr.add_argument("--attention", default=train_defaults.attention_impl, choices=["reference", "fused", "auto"],
                   help="fused: flash attention (cuDNN's on a GPU, bfloat16), which never stores the [batch, heads, "
                        "length, length] scores; reference: fp32 scores, materialised; auto (default): fused on a "
                        "Hopper GPU in bfloat16, else reference")
-  tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints")
+  tr.add_argument("--resume", action="store_true",
+                  help="continue the run in OUT from its latest checkpoint; its settings (OUT/run.json) must match")
+  tr.add_argument("--overwrite", action="store_true",
+                  help="replace the run OUT holds (its run.json, checkpoints, metrics, TensorBoard logs, adapter)")
+  tr.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=True,
+                  help="refuse a model whose tensors hold NaN or infinite values, naming them (one pass over the "
+                       "weights as they load)")
   _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)
 
@@ -469,6 +544,17 @@ def build_parser() -> argparse.ArgumentParser:
   prep.add_argument("--split", default="train", help="split name")
   prep.add_argument("--overwrite", action="store_true", help="replace an existing dataset of this name")
   prep.set_defaults(func=cmd_data_prepare)
+  sample = data.add_parser("sample", help="write a generated task's train and test JSONL (to try the workflow)",
+                           description="Write one of the demo's generated tasks (math, code, intent, summary, law, "
+                                       "translation: small template grammars shaped like the paper's tasks) as "
+                                       "OUT/TASK_train.jsonl (ESFT's training format) and OUT/TASK_test.jsonl "
+                                       "(its evaluation format). The same seed gives the same files everywhere.")
+  sample.add_argument("--task", default="intent", choices=list(TASK_NAMES), help="which task")
+  sample.add_argument("--n-train", type=at_least_one, default=400, help="training conversations")
+  sample.add_argument("--n-test", type=at_least_one, default=50, help="evaluation items")
+  sample.add_argument("--seed", type=int, default=0, help="seed of the generator")
+  sample.add_argument("--out", required=True, type=Path, help="output folder")
+  sample.set_defaults(func=cmd_data_sample)
   return parser
 
 

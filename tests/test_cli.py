@@ -1,39 +1,107 @@
-"""The command line end to end on a tiny model: score -> select -> train -> export, plus eval and errors."""
+"""The command line end to end on a tiny model: init -> data sample -> score -> select -> train -> export, eval, and
+the refusals that protect a run."""
 
 import argparse
+import contextlib
+import io
 import json
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 import transformers
 
-from esft_jax.cli import build_parser, main
-from esft_jax.data.tokenizer_training import train_bpe_tokenizer
+from esft_jax.cli import build_parser, main, train_configs
+from esft_jax.data.pipeline import build_datasets
 from esft_jax.esft.trainable import TrainPlan, init_trainable
 from esft_jax.interop.adapter import save_adapter
 from esft_jax.interop.hf import load_hf_model
-from tests.data_helpers import TEXTS, chat, write_jsonl
+from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
+from esft_jax.interop.tokenizer import load_tokenizer
+from esft_jax.train.run_folder import open_run_folder
+from tests.conftest import REPO
+from tests.data_helpers import write_jsonl
+
+
+_COMPILES = [0]
+
+
+def _count_compiles(event: str, duration_secs: float, **kwargs) -> None:
+  if event == "/jax/core/compile/backend_compile_duration":
+    _COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
 
 
 def _cli(*args):
   main([str(a) for a in args])
 
 
+def _refused(capsys, *args) -> str:
+  """Runs a command that must fail with a clean error before compiling anything; returns its message."""
+  capsys.readouterr()
+  before = _COMPILES[0]
+  with pytest.raises(SystemExit) as exit_info:
+    _cli(*args)
+  assert exit_info.value.code == 2
+  assert _COMPILES[0] == before, "compiled before refusing"
+  return capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
+  """`init`'s model (with its tokenizer) and `data sample`'s intent task: the README's CPU quick path."""
   root = tmp_path_factory.mktemp("cli")
-  _cli("init", "--model", "tiny-deepseek", "--out", root / "model", "--seed", "1")
-  train_bpe_tokenizer(TEXTS, 400, root / "model")
-  rng = np.random.default_rng(0)
-  records = [chat(f"what is {a} plus {b}?", f"{a + b}") for a, b in rng.integers(0, 50, size=(80, 2))]
-  write_jsonl(root / "train.jsonl", records)
+  with contextlib.redirect_stdout(io.StringIO()) as printed:
+    _cli("init", "--model", "tiny-deepseek", "--out", root / "model", "--seed", "1")
+  (root / "init.out").write_text(printed.getvalue())
+  _cli("data", "sample", "--task", "intent", "--n-train", 80, "--n-test", 4, "--out", root)
   return root
 
 
-def test_score_select_train_export(workspace, capsys):
+TRAIN = ("--method", "esft", "--steps", 4, "--seq-length", 64, "--batch-size", 2, "--grad-accum", 1, "--eval-every",
+         2, "--save-every", 2, "--log-every", 1, "--lr", 1e-3, "--compute-dtype", "float32", "--param-dtype",
+         "float32", "--attention", "fused")
+
+
+@pytest.fixture(scope="module")
+def esft_run(workspace):
+  """score -> select -> train on the workspace; the run folder is `root / "run"`."""
   root = workspace
-  _cli("score", "--model", root / "model", "--data", root / "train.jsonl", "--n-tokens", 400, "--batch-size", 4,
+  _cli("score", "--model", root / "model", "--data", root / "intent_train.jsonl", "--n-tokens", 400, "--batch-size", 4,
        "--write-logs", "--out", root / "scores")
+  _cli("select", "--scores", root / "scores" / "summary.json", "--method", "token", "--top-p", 0.3,
+       "--out", root / "experts.json")
+  _cli(*_train_args(root, root / "run"))
+  return root
+
+
+def _train_args(root, out, *extra):
+  return ("train", "--model", root / "model", "--data", root / "intent_train.jsonl", "--expert-config",
+          root / "experts.json", "--out", out, *TRAIN, *extra)
+
+
+def test_init_writes_a_model_folder_with_a_tokenizer(workspace):
+  model = workspace / "model"
+  printed = (workspace / "init.out").read_text()
+  assert "tokenizer.json" in printed and "model.safetensors" in printed and "drawing random weights" in printed
+  tokenizer = load_tokenizer(model)
+  text = "User: play some jazz\n\nAssistant:"
+  assert tokenizer.decode(tokenizer.encode(text)) == text
+  config = json.loads((model / "config.json").read_text())
+  assert (config["bos_token_id"], config["eos_token_id"]) == (tokenizer.bos_id, tokenizer.eos_id)
+  assert tokenizer.vocab_size <= config["vocab_size"]
+  # Merges learnt on the sample tasks' text: fewer tokens than bytes (a byte-level BPE without merges has as many).
+  record = json.loads((workspace / "intent_train.jsonl").read_text().splitlines()[0])
+  answer = record["messages"][1]["content"]
+  assert len(tokenizer.encode(answer)) < 0.75 * len(answer.encode())
+
+
+def test_score_select_train_export(esft_run, capsys):
+  root = esft_run
   summary = json.loads((root / "scores" / "summary.json").read_text())
   assert sorted(summary["token_scores"], key=int) == ["1", "2", "3"]
   for layer in summary["token_scores"].values():
@@ -47,19 +115,11 @@ def test_score_select_train_export(workspace, capsys):
     for expert, value in experts.items():
       assert abs(imported["gate_scores"][layer][expert] - value) <= 2e-4
 
-  _cli("select", "--scores", root / "scores" / "summary.json", "--method", "token", "--top-p", 0.3,
-       "--out", root / "experts.json")
   experts = json.loads((root / "experts.json").read_text())
   assert set(experts["experts"]) == {"1", "2", "3"}
-
-  _cli("train", "--model", root / "model", "--data", root / "train.jsonl", "--method", "esft", "--expert-config",
-       root / "experts.json", "--out", root / "run", "--steps", 4, "--seq-length", 64, "--batch-size", 2,
-       "--grad-accum", 1, "--eval-every", 2, "--save-every", 2, "--log-every", 1, "--lr", 1e-3,
-       "--compute-dtype", "float32", "--param-dtype", "float32", "--attention", "fused")
-  out = capsys.readouterr().out
-  assert "trained" in out and "optimizer state" in out
   assert json.loads((root / "run" / "adapter" / "expert_cfg.json").read_text())["experts"] == experts["experts"]
-  assert len((root / "run" / "metrics.jsonl").read_text().splitlines()) >= 4
+  lines = [json.loads(line) for line in (root / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]
 
   _cli("export", "--model", root / "model", "--adapter", root / "run" / "adapter", "--out", root / "merged")
   model = transformers.AutoModelForCausalLM.from_pretrained(root / "merged")
@@ -95,7 +155,7 @@ def test_eval_a_model_generation_loss_and_choice(workspace, tmp_path, capsys):
   assert len(gen["items"]) == 3 and all(r["score"] in (0.0, 1.0) for r in gen["items"])
   assert gen["items"][0]["example"]["raw_answers"] == ["3"]
 
-  _cli("eval", "--model", root / "model", "--data", root / "train.jsonl", "--metric", "loss", "--out",
+  _cli("eval", "--model", root / "model", "--data", root / "intent_train.jsonl", "--metric", "loss", "--out",
        tmp_path / "loss.json")
   loss = json.loads((tmp_path / "loss.json").read_text())
   assert 3.0 < loss["mean"] < 9.0 and loss["tokens"] > 80  # near log(vocab) for random weights
@@ -140,3 +200,126 @@ def test_every_option_has_help_and_shows_its_default():
   train = next(p for p in all_parsers if p.prog.endswith(" train")).format_help()
   assert "(default: 500)" in train and "(default: 0)" in train  # --steps, and a zero default (--warmup-steps)
   assert "(default: None)" not in train
+
+
+@pytest.mark.parametrize("option, value", [("--steps", 0), ("--steps", -3), ("--lr", -1e-4), ("--lr", "nan"),
+                                           ("--grad-accum", 0), ("--eval-every", 0), ("--save-every", 0),
+                                           ("--log-every", 0), ("--val-fraction", 1.0), ("--seq-length", 1)])
+def test_bad_train_values_are_refused_before_anything_compiles_or_is_written(workspace, tmp_path, capsys, option,
+                                                                              value):
+  err = _refused(capsys, *_train_args(workspace, tmp_path / "run", option, value))
+  assert option in err and str(value) in err
+  assert not (tmp_path / "run").exists()
+
+
+def test_an_expert_config_with_no_experts_is_refused(esft_run, tmp_path, capsys):
+  config = json.loads((esft_run / "experts.json").read_text())
+  config["experts"] = {layer: [] for layer in config["experts"]}
+  (tmp_path / "none.json").write_text(json.dumps(config))
+  args = list(_train_args(esft_run, tmp_path / "run"))
+  args[args.index("--expert-config") + 1] = tmp_path / "none.json"
+  assert "selects no expert" in _refused(capsys, *args)
+  assert not (tmp_path / "run").exists()
+
+
+def _snapshot(folder):
+  return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_run_folder_is_not_replaced_or_resumed_with_other_settings(esft_run, capsys):
+  run = esft_run / "run"
+  before = _snapshot(run)
+  err = _refused(capsys, *_train_args(esft_run, run))
+  assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+
+  err = _refused(capsys, *_train_args(esft_run, run, "--resume", "--seq-length", 128, "--lr", 2e-3))
+  assert "data_config.seq_length: 64 -> 128" in err and "train.lr: 0.001 -> 0.002" in err
+
+  config = json.loads((esft_run / "experts.json").read_text())
+  config["experts"]["1"] = sorted(set(range(4)) - set(config["experts"]["1"]))[:1]
+  (esft_run / "other_experts.json").write_text(json.dumps(config))
+  args = list(_train_args(esft_run, run, "--resume"))
+  args[args.index("--expert-config") + 1] = esft_run / "other_experts.json"
+  assert "expert_config.experts.1" in _refused(capsys, *args)
+  assert "pass one of them" in _refused(capsys, *_train_args(esft_run, run, "--resume", "--overwrite"))
+  assert _snapshot(run) == before
+
+
+def test_a_second_train_on_a_locked_folder_fails_at_once(esft_run, tmp_path, capsys):
+  holder = subprocess.Popen(
+      [sys.executable, "-c", "import sys; from pathlib import Path; from esft_jax.train.run_folder import "
+       "open_run_folder; lock = open_run_folder(Path(sys.argv[1]), {}, False, False); print('locked', flush=True); "
+       "sys.stdin.read()", str(tmp_path / "run")],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=REPO)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    err = _refused(capsys, *_train_args(esft_run, tmp_path / "run"))
+    assert f"another esft-jax train (pid {holder.pid}) is running" in err
+  finally:
+    holder.communicate("")
+  assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_overwrite_removes_only_the_earlier_run(tmp_path):
+  run = tmp_path / "run"
+  (run / "checkpoints" / "2").mkdir(parents=True)
+  (run / "metrics.jsonl").write_text('{"step": 1}\n')
+  (run / "notes.txt").write_text("mine")
+  with pytest.raises(ValueError, match="already holds a run"):
+    open_run_folder(run, {}, resume=False, overwrite=False)
+  open_run_folder(run, {}, resume=False, overwrite=True).close()
+  assert sorted(p.name for p in run.iterdir()) == [".lock", "notes.txt"]
+
+
+def test_seed_sets_the_data_order(workspace):
+  root = workspace
+  tokenizer = load_tokenizer(root / "model")
+
+  def first_batches(seed):
+    args = build_parser().parse_args([str(a) for a in _train_args(root, root / "unused", "--seed", seed)])
+    train_config, data_config = train_configs(args)
+    assert train_config.seed == data_config.seed == seed
+    train = iter(build_datasets(root / "intent_train.jsonl", tokenizer, data_config, 2).train)
+    return np.stack([next(train)["inputs"] for _ in range(4)])
+
+  first = first_batches(7)
+  np.testing.assert_array_equal(first, first_batches(7))
+  assert not np.array_equal(first, first_batches(0))
+
+
+def test_eval_refuses_an_unwritable_destination_before_evaluating(workspace, tmp_path, capsys):
+  (tmp_path / "file").write_text("")
+  err = _refused(capsys, "eval", "--model", workspace / "model", "--data", workspace / "intent_train.jsonl",
+                 "--metric", "loss", "--out", tmp_path / "file" / "r.json")
+  assert "not a writable folder" in err
+
+
+def test_nan_weights_are_named_by_train_and_fail_eval(esft_run, tmp_path, capsys):
+  root = esft_run
+  broken = tmp_path / "broken"
+  broken.mkdir()
+  for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    (broken / name).write_bytes((root / "model" / name).read_bytes())
+  reader = CheckpointReader(root / "model")
+  tensors = {k: reader.get(k) for k in reader.keys()}
+  tensors["model.norm.weight"] = np.full_like(tensors["model.norm.weight"], np.nan)
+  write_safetensors(broken / "model.safetensors", tensors)
+  args = list(_train_args(root, tmp_path / "run"))
+  args[args.index("--model") + 1] = broken
+  err = _refused(capsys, *args)
+  assert "1 tensor holds NaN or infinite values: model.norm.weight" in err
+  assert not (tmp_path / "run" / "run.json").exists()
+
+  with pytest.raises(SystemExit) as exit_info:
+    _cli("eval", "--model", broken, "--data", root / "intent_train.jsonl", "--metric", "loss", "--out",
+         tmp_path / "new" / "loss.json")
+  assert exit_info.value.code == 2
+  assert "loss score is nan" in capsys.readouterr().err
+  assert not (tmp_path / "new" / "loss.json").exists()
+
+
+def test_eval_creates_the_destination_folder(workspace, tmp_path, capsys):
+  items = [json.loads(line) for line in (workspace / "intent_test.jsonl").read_text().splitlines()]
+  write_jsonl(tmp_path / "done.jsonl", [{"prediction": item["answers"][0], **item} for item in items])
+  _cli("eval", "--completions", tmp_path / "done.jsonl", "--metric", "intent", "--out", tmp_path / "a" / "b.json")
+  assert json.loads((tmp_path / "a" / "b.json").read_text())["mean"] == 1.0

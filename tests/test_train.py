@@ -302,7 +302,8 @@ def test_optimizer_state_is_proportional_to_selected_experts():
 def _run(cfg, params, plan, out_dir, steps, batches, resume=False, val=None, donate_params=False):
   stream, data_state, restore = replay(batches)
 
-  train_cfg = TrainConfig(steps=steps, lr=1e-2, eval_every=2, save_every=2, log_every=1, compute_dtype="float32")
+  train_cfg = TrainConfig(steps=steps, lr=1e-2, grad_accum=1, eval_every=2, save_every=2, log_every=1,
+                          compute_dtype="float32")
   return train(cfg, params, plan, stream, val or [], out_dir, train_cfg, resume=resume,
                data_state=data_state, restore_data=restore, donate_params=donate_params)
 
@@ -325,7 +326,7 @@ def test_training_stops_at_a_batch_with_more_documents_than_the_fused_attention_
   cfg, params, _ = _setup()
   packed = _batches(cfg, 1)
   packed[0]["segment_ids"][0, 6:] = 2  # row 0: two documents
-  train_cfg = TrainConfig(steps=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
+  train_cfg = TrainConfig(steps=1, grad_accum=1, compute_dtype="float32", attention_impl="fused", max_segments=1)
   with pytest.raises(ValueError, match=r"a training batch of step 1: row 0 packs 2 segments, but the fused attention "
                                        r"was built for at most max_segments=1 per row: set max_segments to 2 or more"):
     train(cfg, params, _esft_plan(), iter(packed), [], tmp_path, train_cfg)
@@ -351,17 +352,6 @@ def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path
   assert {"loss", "aux_loss", "grad_norm", "lr", "tokens_per_s", "expert_load_max"} <= set(lines[0])
   assert any("val_loss" in l for l in lines)
   assert list((tmp_path / "tensorboard").iterdir())
-
-
-def test_resume_equals_uninterrupted(tmp_path):
-  cfg, params, _ = _setup()
-  plan = _esft_plan(shared=True)
-  batches = _batches(cfg, 5)
-  full = _run(cfg, params, plan, tmp_path / "full", 4, batches)
-  _run(cfg, params, plan, tmp_path / "split", 2, batches)
-  resumed = _run(cfg, params, plan, tmp_path / "split", 4, batches, resume=True)
-  assert (full.first_step, full.steps, resumed.first_step, resumed.steps) == (0, 4, 2, 4)
-  chex.assert_trees_all_equal(full.trainable, resumed.trainable)
 
 
 def test_esft_adapter_loads_into_transformers_and_changes_only_listed_experts(tmp_path):
@@ -430,3 +420,54 @@ def test_lora_adapter_round_trip(tmp_path):
   expected = merge_trainable(plan, params, factors)
   got = load_adapter(tmp_path, cfg, params)
   chex.assert_trees_all_close(expected, got, atol=1e-6, rtol=1e-7)
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
+  cfg, params, _ = _setup()
+  poisoned = cfg.vocab_size - 1  # a token whose embedding is NaN; the batches of steps 1, 2 and the validation
+  params = jax.tree_util.tree_map(jnp.copy, params)  # batch avoid it, step 3's batch holds it
+  params["embed_tokens"] = params["embed_tokens"].at[poisoned].set(jnp.nan)
+  batches, val = _batches(cfg, 4), _batches(cfg, 1, seed=9)
+  for batch in batches + val:
+    batch["inputs"][batch["inputs"] == poisoned] = 3
+  batches[2]["inputs"][0, 4] = poisoned
+  stream, data_state, restore = replay(batches)
+  best = []
+  # Step 3 is neither logged, evaluated nor saved: its metrics are read while step 4 runs.
+  train_cfg = TrainConfig(steps=6, lr=1e-2, grad_accum=1, eval_every=2, save_every=2, log_every=5,
+                          compute_dtype="float32")
+  with pytest.raises(ValueError, match=r"step 3: the training loss is nan, the gradient norm is nan; training "
+                                       r"stopped without saving .* the last good checkpoint, step 2, is in"):
+    train(cfg, params, _esft_plan(), stream, val, tmp_path, train_cfg, data_state=data_state,
+          restore_data=restore, on_best=lambda trainable: best.append(trainable))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+  assert len(best) == 1 and all(np.isfinite(leaf).all() for leaf in jax.tree_util.tree_leaves(best[0]))
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(np.isfinite(value) for line in lines for value in line.values())
+
+
+def test_resume_equals_uninterrupted_falling_back_from_a_corrupted_checkpoint(tmp_path, capsys):
+  cfg, params, _ = _setup()
+  plan = _esft_plan(shared=True)
+  batches = _batches(cfg, 5)
+  full = _run(cfg, params, plan, tmp_path / "full", 4, batches)
+  _run(cfg, params, plan, tmp_path / "run", 3, batches)  # checkpoints at steps 2 and 3 (the last)
+  for file in (tmp_path / "run" / "checkpoints" / "3").rglob("*"):
+    if file.is_file():
+      file.write_bytes(b"garbage")
+  resumed = _run(cfg, params, plan, tmp_path / "run", 4, batches, resume=True)
+  assert "Resuming from step 2, the newest that restores" in capsys.readouterr().out
+  assert (full.first_step, full.steps, resumed.first_step, resumed.steps) == (0, 4, 2, 4)
+  assert (tmp_path / "run" / "corrupt_checkpoints" / "3").is_dir()
+  chex.assert_trees_all_equal(full.trainable, resumed.trainable)
+  lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert [line["step"] for line in lines if "loss" in line] == [1, 2, 3, 4]  # step 3's first line dropped
+
+
+@pytest.mark.parametrize("field, value, flag", [
+    ("steps", 0, "--steps"), ("lr", -1.0, "--lr"), ("lr", float("inf"), "--lr"), ("grad_accum", 0, "--grad-accum"),
+    ("eval_every", 0, "--eval-every"), ("save_every", 0, "--save-every"), ("log_every", -1, "--log-every"),
+    ("warmup_steps", -1, "--warmup-steps"), ("schedule", "linear", "--schedule")])
+def test_train_config_refuses_bad_values_naming_the_option(field, value, flag):
+  with pytest.raises(ValueError, match=f"{field}=.* \\({flag}\\)"):
+    TrainConfig(**{field: value})

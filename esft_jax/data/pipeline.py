@@ -23,21 +23,10 @@ from esft_jax.data.jsonl import Conversation, Record
 from esft_jax.data.packing import PackedRows, pack_examples
 from esft_jax.data.sources import open_examples
 from esft_jax.interop.tokenizer import Tokenizer
+from esft_jax.train.config import DataConfig
 
 # Batches are cheap row lookups; a deep prefetch of [B, 4096] batches would only hold memory.
 _READ = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-  """Defaults are ESFT's configs/base.yaml; `truncate` applies to "documents" and "unpacked" ("esft" always
-  cuts the overflowing sample)."""
-  seq_length: int = 4096
-  packing: str = "esft"
-  random_concat_ratio: float = 0.2
-  truncate: bool = False
-  validation_fraction: float = 0.02
-  seed: int = 5934875
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,11 +52,11 @@ def format_records(records: grain.MapDataset | Sequence[Record], tokenizer: Toke
 def split_rows(rows: PackedRows, validation_fraction: float, seed: int) -> tuple[PackedRows, PackedRows]:
   """ESFT splits packed rows, not samples, at random: int(N * (1 - fraction)) rows train, the rest validate."""
   if not 0.0 <= validation_fraction < 1.0:
-    raise ValueError(f"validation_fraction={validation_fraction} must lie in [0, 1)")
+    raise ValueError(f"validation_fraction={validation_fraction} (--val-fraction) must lie in [0, 1)")
   n_train = int(len(rows) * (1.0 - validation_fraction))
   if n_train == 0:
     raise ValueError(f"{len(rows)} packed rows leave none for training at validation_fraction="
-                     f"{validation_fraction}; use more data, a shorter seq_length or a smaller fraction")
+                     f"{validation_fraction}: use more data, a shorter --seq-length or a smaller --val-fraction")
   order = np.random.default_rng(seed).permutation(len(rows))
   return rows.take(np.sort(order[:n_train])), rows.take(np.sort(order[n_train:]))
 

@@ -176,7 +176,7 @@ def _train_and_save(spec: BaseSpec, hf: dict, params, examples: list[Example], s
   # Validation every tenth of the run, and the model is the best of those: a corpus this small is seen many times
   # over, and past some epoch more steps only overfit it.
   train_cfg = TrainConfig(steps=steps, lr=lr, schedule="cosine", warmup_steps=steps // 20, weight_decay=0.1,
-                          eval_every=max(1, steps // 10), save_every=steps, log_every=10, seed=seed,
+                          grad_accum=1, eval_every=max(1, steps // 10), save_every=steps, log_every=10, seed=seed,
                           compute_dtype=spec.compute_dtype, expert_impl=spec.expert_impl,
                           max_segments=most_segments(rows.segment_ids_NxL))
   best = {}

@@ -146,7 +146,8 @@ class Workspace:
     seed orders the data and initialises what the run creates (LoRA's factors)."""
     def compute():
       preset = self.preset
-      train_cfg = TrainConfig(steps=preset.finetune_steps, lr=lr, eval_every=max(1, preset.finetune_steps // 4),
+      train_cfg = TrainConfig(steps=preset.finetune_steps, lr=lr, grad_accum=1,
+                              eval_every=max(1, preset.finetune_steps // 4),
                               save_every=preset.finetune_steps, log_every=10, seed=self.seed,
                               compute_dtype=preset.base.compute_dtype, expert_impl=preset.base.expert_impl)
       data_cfg = DataConfig(seq_length=preset.finetune_seq_length, validation_fraction=0.05, seed=self.seed)

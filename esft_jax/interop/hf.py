@@ -153,6 +153,65 @@ def _read_entry(reader: CheckpointReader, entry: Entry, shape: tuple[int, ...]) 
   return out
 
 
+def _non_finite_names(entry: Entry, array: np.ndarray) -> list[str]:
+  """The HF names of `entry` whose values hold a NaN or an infinity (per expert for stacked experts). A float64
+  sum is non-finite exactly when a value is (bf16 and fp32 magnitudes cannot overflow it), and it needs no
+  temporary as large as the tensor."""
+  if not jnp.issubdtype(array.dtype, jnp.floating):  # jnp's knows bfloat16; numpy's does not
+    return []
+  if entry.kind == "experts":
+    sums = np.sum(array, axis=tuple(range(1, array.ndim)), dtype=np.float64)
+    return [name for name, total in zip(entry.hf_names, sums) if not np.isfinite(total)]
+  return [] if np.isfinite(np.sum(array, dtype=np.float64)) else [entry.hf_names[0]]
+
+
+def _few(names: list[str], n: int = 5) -> str:
+  return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+# Tensors a checkpoint may hold that the model rightly never reads:
+# - rotary inverse frequencies, a buffer some transformers versions save, recomputed from config.json;
+# - DeepSeek-V3's multi-token-prediction module, stored as layers num_hidden_layers and up
+#   (num_nextn_predict_layers of them), which transformers also leaves out of the model;
+# - an lm_head stored beside tied embeddings, which transformers replaces by the embedding as well.
+_ROTARY_BUFFER = ".rotary_emb.inv_freq"
+
+
+def _legitimately_unused(name: str, config: ModelConfig, hf_config: dict) -> bool:
+  if name.endswith(_ROTARY_BUFFER):
+    return True
+  mtp_layers = range(config.num_layers, config.num_layers + int(hf_config.get("num_nextn_predict_layers") or 0))
+  if any(name.startswith(f"model.layers.{layer}.") for layer in mtp_layers):
+    return True
+  return name == "lm_head.weight" and config.tie_word_embeddings
+
+
+def _check_unused_tensors(reader: CheckpointReader, config: ModelConfig, hf_config: dict,
+                          table: list[Entry]) -> None:
+  """Every tensor of the checkpoint must be read, except the legitimately unused ones above: a config.json that
+  declares fewer layers or experts than the checkpoint holds would otherwise load a different, smaller model
+  without a word."""
+  used = {name for entry in table for name in entry.hf_names}
+  used |= {entry.hf_names[0].rsplit(".experts.", 1)[0] + f".experts.{fused}"
+           for entry in table if entry.kind == "experts" for fused in ("gate_up_proj", "down_proj")}
+  unused = sorted((k for k in reader.keys() if k not in used and not _legitimately_unused(k, config, hf_config)),
+                  key=_natural_key)
+  if not unused:
+    return
+  layers = [int(k.split(".")[2]) for k in unused if k.startswith("model.layers.") and k.split(".")[2].isdigit()]
+  hint = (f"the checkpoint holds layers up to {max(layers)} but config.json declares num_hidden_layers="
+          f"{config.num_layers}; " if layers and max(layers) >= config.num_layers else "")
+  raise ValueError(f"{reader.dir}: {len(unused)} tensors of the checkpoint are not used by its config.json: "
+                   f"{_few(unused)}. {hint}Make config.json describe the checkpoint (num_hidden_layers, the "
+                   "number of experts, the attention and MoE options), or remove those tensors from the "
+                   "safetensors files")
+
+
+def _natural_key(name: str) -> list:
+  """Sorts model.layers.2 before model.layers.10."""
+  return [int(part) if part.isdigit() else part for part in name.split(".")]
+
+
 def _is_router(path: tuple[str, ...]) -> bool:
   return path[-2:] == ("gate", "kernel") or path[-1] == "e_score_correction_bias"
 
@@ -165,11 +224,15 @@ class LoadedModel:
   path: Path
 
 
-def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = None) -> LoadedModel:
+def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = None,
+                  check_finite: bool = False) -> LoadedModel:
   """Reads an HF model directory. `dtype` casts every parameter except the router (kept fp32, as transformers
   keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32). `shardings` (a tree
   like `esft_jax.sharding.param_shardings`) puts each tensor straight onto its devices, each receiving only its
-  own shard: no device ever holds the whole model, and on several hosts each process fills only its devices."""
+  own shard: no device ever holds the whole model, and on several hosts each process fills only its devices.
+  A checkpoint tensor the config does not use is an error (`_check_unused_tensors`). `check_finite` also
+  refuses a checkpoint holding a NaN or an infinity, naming the tensors (one more pass over the host copy of
+  each tensor)."""
   model_dir = Path(model_dir)
   hf_config = read_hf_config(model_dir)
   config = config_from_hf(hf_config, str(model_dir / "config.json"))
@@ -178,10 +241,15 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
   if quantized:
     raise ValueError(f"{reader.file_of(quantized[0])}: FP8 block-quantized weights ({quantized[0]}); dequantize the "
                      "checkpoint to bf16 first (DeepSeek's fp8_cast_bf16.py does this)")
+  table = tensor_table(config)
+  _check_unused_tensors(reader, config, hf_config, table)
   shapes = expected_shapes(config)
   params: dict = {}
-  for entry in tensor_table(config):
+  non_finite: list[str] = []
+  for entry in table:
     array = _read_entry(reader, entry, shapes[entry.path])
+    if check_finite:
+      non_finite += _non_finite_names(entry, array)
     target = jnp.float32 if dtype is not None and _is_router(entry.path) else dtype
     node = params
     for key in entry.path[:-1]:
@@ -192,6 +260,11 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
       host = array.astype(target or array.dtype, copy=False)
       node[entry.path[-1]] = jax.make_array_from_callback(host.shape, get_path(shardings, "/".join(entry.path)),
                                                           lambda index, host=host: host[index])
+  if non_finite:
+    which = "1 tensor holds" if len(non_finite) == 1 else f"{len(non_finite)} tensors hold"
+    raise ValueError(f"{model_dir}: {which} NaN or infinite values: {_few(non_finite)}; "
+                     "the checkpoint is damaged or was saved from a diverged run: use another checkpoint "
+                     "(--no-check-weights skips this check)")
   return LoadedModel(config, params, hf_config, model_dir)
 
 

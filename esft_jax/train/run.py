@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 
 from esft_jax import sharding
 from esft_jax.config import load_config
-from esft_jax.data.pipeline import DataConfig, build_datasets
+from esft_jax.data.pipeline import build_datasets
 from esft_jax.esft.selection import load_expert_config
 from esft_jax.esft.trainable import TrainPlan, param_role, plan_from_expert_config, validate_plan
 from esft_jax.files import atomic_write_text
@@ -23,7 +23,9 @@ from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
 from esft_jax.model.attention import most_segments, resolve_attention_impl
 from esft_jax.paths import leaves_by_path, set_path
-from esft_jax.train.trainer import TrainConfig, TrainResult, train
+from esft_jax.train.config import DataConfig, TrainConfig
+from esft_jax.train.run_folder import RUN_JSON, open_run_folder
+from esft_jax.train.trainer import TrainResult, train
 
 
 def make_plan(method: str, config, expert_config_path: str | Path | None, lora_rank: int = 8,
@@ -34,45 +36,61 @@ def make_plan(method: str, config, expert_config_path: str | Path | None, lora_r
     expert_config = load_expert_config(expert_config_path, config.num_experts, config.moe_layer_ids)
     plan = plan_from_expert_config(expert_config)
     validate_plan(plan, config, str(expert_config_path))
+    if not any(ids for _, ids in plan.experts) and not (plan.shared_experts or plan.non_expert_modules):
+      raise ValueError(f"{expert_config_path}: the expert config selects no expert in any layer (and neither "
+                       "shared experts nor non-expert modules), so nothing would train; select experts with a "
+                       "larger --top-p in `esft-jax select`")
     return plan, expert_config
+  if method == "lora" and lora_rank < 1:
+    raise ValueError(f"lora_rank={lora_rank} (--lora-rank): must be at least 1")
   return TrainPlan(method, lora_rank=lora_rank, lora_scale=lora_scale), None
 
 
 def finetune(model_dir: str | Path, data: str, method: str, out_dir: str | Path, train_config: TrainConfig,
              data_config: DataConfig, batch_size: int, expert_config_path: str | Path | None = None,
              resume: bool = False, data_dir: str | Path | None = None, lora_rank: int = 8,
-             param_dtype: str = "bfloat16", mesh: Mesh | None = None) -> TrainResult:
-  """`batch_size` is the global micro-batch; each process reads its own share of the rows."""
+             param_dtype: str = "bfloat16", mesh: Mesh | None = None, overwrite: bool = False,
+             check_weights: bool = False) -> TrainResult:
+  """`batch_size` is the global micro-batch; each process reads its own share of the rows. Every setting, the
+  plan and the run folder (`open_run_folder`: `resume`, `overwrite`, the lock) are checked before the model is
+  read; `check_weights` refuses a checkpoint holding NaN or infinite values, naming the tensors."""
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   sharding.check_batch_size(batch_size, mesh)
   resolve_attention_impl(train_config.attention_impl, train_config.compute_dtype)  # before anything loads
   config = load_config(model_dir)
   plan, expert_config = make_plan(method, config, expert_config_path, lora_rank)
-  # Each device reads only its shard of the model: none ever holds the whole of it.
-  params = load_hf_model(model_dir, jnp.dtype(param_dtype), sharding.param_shardings(config, mesh)).params
-  tokenizer = load_tokenizer(model_dir)
-  datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
-  rows = [r.segment_ids_NxL for r in (datasets.train_rows, datasets.validation_rows) if len(r)]
-  train_config = dataclasses.replace(train_config, max_segments=max((most_segments(s) for s in rows), default=1))
-  train_iter = iter(datasets.train)
-  val_batches = list(datasets.validation)
-  record = {"args": {"model": str(model_dir), "data": str(data), "method": method, "batch_size": batch_size,
-                     "train": dataclasses.asdict(train_config), "data_config": dataclasses.asdict(data_config)},
-            "expert_config": expert_config}
-  out_dir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2))
-  params_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-  stored_dtypes = checkpoint_dtypes(model_dir, config)  # trained tensors are stored as the base stores them
+  args = {"model": str(model_dir), "data": str(data), "method": method, "batch_size": batch_size,
+          "param_dtype": param_dtype, **({"lora_rank": lora_rank} if method == "lora" else {}),
+          "train": dataclasses.asdict(train_config), "data_config": dataclasses.asdict(data_config)}
+  record = {"args": args, "expert_config": expert_config}
+  lock = open_run_folder(out_dir, record, resume, overwrite) if jax.process_index() == 0 else None
+  try:
+    # Each device reads only its shard of the model: none ever holds the whole of it.
+    params = load_hf_model(model_dir, jnp.dtype(param_dtype), sharding.param_shardings(config, mesh),
+                           check_finite=check_weights).params
+    tokenizer = load_tokenizer(model_dir)
+    datasets = build_datasets(data, tokenizer, data_config, batch_size, data_dir=data_dir)
+    rows = [r.segment_ids_NxL for r in (datasets.train_rows, datasets.validation_rows) if len(r)]
+    train_config = dataclasses.replace(train_config, max_segments=max((most_segments(s) for s in rows), default=1))
+    args["train"] = dataclasses.asdict(train_config)
+    train_iter = iter(datasets.train)
+    val_batches = list(datasets.validation)
+    if jax.process_index() == 0:
+      atomic_write_text(out_dir / RUN_JSON, json.dumps(record, indent=2))
+    params_like = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    stored_dtypes = checkpoint_dtypes(model_dir, config)  # trained tensors are stored as the base stores them
 
-  def on_best(trainable):
-    save_adapter(out_dir / "adapter", config, _adapter_base(params_like, trainable), plan, trainable,
-                 expert_config, dtypes=stored_dtypes)
+    def on_best(trainable):
+      save_adapter(out_dir / "adapter", config, _adapter_base(params_like, trainable), plan, trainable,
+                   expert_config, dtypes=stored_dtypes)
 
-  return train(config, params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
-               on_best=on_best, run_record=record, data_state=train_iter.get_state,
-               restore_data=train_iter.set_state, mesh=mesh, donate_params=True)  # `params` is not used again
+    return train(config, params, plan, train_iter, val_batches, out_dir, train_config, resume=resume,
+                 on_best=on_best, run_record=record, data_state=train_iter.get_state,
+                 restore_data=train_iter.set_state, mesh=mesh, donate_params=True)  # `params` is not used again
+  finally:
+    if lock is not None:
+      lock.close()
 
 
 def _adapter_base(params_like, trainable) -> dict:

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 
 from esft_jax import sharding
@@ -33,34 +34,12 @@ from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_
                                     merge_trainable, split_written, tree_bytes, write_expert_rows)
 from esft_jax.model.attention import check_segments, resolve_attention_impl
 from esft_jax.model.transformer import Transformer
+from esft_jax.train.config import TrainConfig
 from esft_jax.train.loss import masked_mean_loss
 from esft_jax.train.metrics import MetricsWriter, progress
 from esft_jax.train.optimizer import learning_rate_schedule, make_optimizer
 
 Batch = dict[str, np.ndarray]  # inputs, targets, loss_mask, segment_ids, positions: [B, L]
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-  steps: int = 500
-  lr: float = 1e-5
-  schedule: str = "constant"
-  warmup_steps: int = 0
-  weight_decay: float = 0.1
-  max_grad_norm: float = 1.0
-  grad_accum: int = 1
-  eval_every: int = 100
-  save_every: int = 100
-  log_every: int = 10
-  seed: int = 0
-  compute_dtype: str = "bfloat16"
-  expert_impl: str = "auto"
-  attention_impl: str = "auto"  # esft_jax.model.attention.ATTENTION_IMPLS
-  # The most segments (packed documents) a row may hold, the fused attention's static bound: one fits ESFT's
-  # packing and unpacked rows; `finetune` sets it from its rows (`most_segments`). Every batch is checked.
-  max_segments: int = 1
-  remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
-  max_checkpoints: int = 2
 
 
 class TrainState(NamedTuple):
@@ -214,8 +193,9 @@ class Checkpoints:
   `restore` lays them out on the shardings of `like`, so a run may resume on another mesh."""
 
   def __init__(self, directory: Path, max_to_keep: int):
-    self.manager = ocp.CheckpointManager(directory.resolve(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True))
+    self.directory = directory.resolve()
+    self.options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    self.manager = ocp.CheckpointManager(self.directory, options=self.options)
 
   def save(self, state: TrainState, record: dict) -> None:
     self.manager.save(int(state.step), args=ocp.args.Composite(
@@ -225,12 +205,54 @@ class Checkpoints:
   def latest(self) -> int | None:
     return self.manager.latest_step()
 
-  def restore(self, like: TrainState) -> tuple[TrainState, dict]:
-    step = self.manager.latest_step()
+  def restore(self, like: TrainState) -> tuple[TrainState, dict] | None:
+    """The newest checkpoint that restores, or None where there is none. A step that fails to restore (damaged
+    or half-copied files) is moved to `corrupt_checkpoints/` beside the checkpoints, saying so, and the step
+    before it is tried: left in place, it would collide with the save of that step number."""
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like._asdict())
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
-    return TrainState(**restored.state), restored.record
+    failures = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore()))
+      except Exception as e:  # orbax raises JSON, tensorstore and value errors alike for damaged files
+        failures.append(f"step {step}: {type(e).__name__}: {str(e)[:300]}")
+        self._set_aside(step)
+        continue
+      if failures:
+        print(f"checkpoints in {self.directory} that failed to restore, moved to {self._corrupt_dir}: "
+              + "; ".join(failures) + f". Resuming from step {step}, the newest that restores.", flush=True)
+      return TrainState(**restored.state), restored.record
+    if failures:
+      raise ValueError(f"no checkpoint in {self.directory} restores ({'; '.join(failures)}; moved to "
+                       f"{self._corrupt_dir}); start the run again with --overwrite")
+    return None
+
+  @property
+  def _corrupt_dir(self) -> Path:
+    return self.directory.parent / "corrupt_checkpoints"
+
+  def _set_aside(self, step: int) -> None:
+    """Moves step `step` out of the manager's folder (process 0; every process waits for it)."""
+    if jax.process_index() == 0:
+      self._corrupt_dir.mkdir(exist_ok=True)
+      target = self._corrupt_dir / str(step)
+      suffix = 0
+      while target.exists():  # a step set aside by an earlier resume keeps its files
+        suffix += 1
+        target = self._corrupt_dir / f"{step}.{suffix}"
+      (self.directory / str(step)).rename(target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"esft-jax: checkpoint {step} set aside")
+    self.manager.close()
+    self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+
+
+class NonFiniteError(ValueError):
+  """Training produced a NaN or infinite loss, gradient norm or validation loss."""
+
+
+_QUANTITY = {"loss": "the training loss", "grad_norm": "the gradient norm", "val_loss": "the validation loss"}
 
 
 @dataclasses.dataclass
@@ -284,14 +306,18 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   del frozen_params  # from here on the stacks with trained rows are read from `written`
   checkpoints = Checkpoints(out_dir / "checkpoints", cfg.max_checkpoints)
   best = None
-  if resume and checkpoints.latest() is not None:
-    state, record = checkpoints.restore(state)
+  restored = checkpoints.restore(state) if resume else None
+  if restored is not None:
+    state, record = restored
     best = record.get("best_val_loss")
     if restore_data is not None:
       restore_data(record["data_state"])
+  # Counted on the host: reading state.step would wait for each step to finish before dispatching the next.
+  step = first_step = int(state.step)
+  saved_step = first_step if restored is not None else None
   n_trainable = count_parameters(state.trainable)
   opt_bytes = tree_bytes(state.opt_state)
-  writer = MetricsWriter(out_dir) if is_main else None
+  writer = MetricsWriter(out_dir, first_step) if is_main else None
   if writer:
     writer.text("run", json.dumps({"trainable_params": n_trainable, "optimizer_state_bytes": opt_bytes,
                                    "mesh": sharding.describe(mesh), **(run_record or {})}, indent=1))
@@ -310,42 +336,66 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   eval_step = make_eval_step(model, plan, shardings)
   start = time.time()
   tokens_since, time_since = 0, time.time()
-  # Counted on the host: reading state.step would wait for each step to finish before dispatching the next.
-  step = first_step = int(state.step)
   bar = progress(total=cfg.steps, initial=step, desc=f"train {plan.method}")
-  while step < cfg.steps:
-    micro = [next(train_batches) for _ in range(cfg.grad_accum)]
-    for batch in micro:
-      check(batch, f"a training batch of step {step + 1}")
-    batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
-    if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
-      compiled_step = train_step.lower(state, written, frozen, batch).compile()
-      step_peak = planned_peak_bytes(compiled_step)
-    state, written, metrics = compiled_step(state, written, frozen, batch)
-    step += 1
-    tokens_since += int(batch["loss_mask"].size)
-    bar.update(1)
-    if writer and (step % cfg.log_every == 0 or step == cfg.steps):
-      metrics = {k: float(v) for k, v in metrics.items()}
-      metrics["tokens_per_s"] = tokens_since / max(time.time() - time_since, 1e-9)
-      metrics["optimizer_state_bytes"] = opt_bytes
-      tokens_since, time_since = 0, time.time()
-      writer.scalars(step, metrics)
-      bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-    if val_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-      val_loss, written = evaluate_loss(eval_step, state.trainable, written, frozen, val_batches,
-                                        shardings.eval_batch)
-      if writer:
-        writer.scalars(step, {"val_loss": val_loss})
-      if best is None or val_loss < best:
-        best = val_loss
-        best_so_far(state.trainable)
-    if step % cfg.save_every == 0 or step == cfg.steps:
-      checkpoints.save(state, {"best_val_loss": best, "data_state": data_state() if data_state else None,
-                               **(run_record or {})})
-  bar.close()
-  if writer:
-    writer.close()
+
+  def stop_if_not_finite(at_step: int, values: dict) -> None:
+    bad = {k: float(values[k]) for k in ("loss", "grad_norm", "val_loss") if k in values}
+    bad = {k: v for k, v in bad.items() if not np.isfinite(v)}
+    if bad:
+      kept = (f"the last good checkpoint, step {saved_step}, is in {checkpoints.directory} (--resume continues "
+              "from it once the cause is fixed)" if saved_step is not None else "no checkpoint was saved")
+      raise NonFiniteError(
+          f"step {at_step}: " + ", ".join(f"{_QUANTITY[k]} is {v}" for k, v in bad.items())
+          + f"; training stopped without saving this step or its adapter, and {kept}. Check the model's weights "
+          "(esft-jax train checks them unless --no-check-weights) and the data, or lower --lr")
+
+  pending = None  # the last step's metrics, checked once the next step is queued (reading them waits for it)
+  try:
+    while step < cfg.steps:
+      micro = [next(train_batches) for _ in range(cfg.grad_accum)]
+      for batch in micro:
+        check(batch, f"a training batch of step {step + 1}")
+      batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
+      if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
+        compiled_step = train_step.lower(state, written, frozen, batch).compile()
+        step_peak = planned_peak_bytes(compiled_step)
+      state, written, metrics = compiled_step(state, written, frozen, batch)
+      step += 1
+      if pending is not None:
+        stop_if_not_finite(*pending)
+      pending = (step, metrics)
+      tokens_since += int(batch["loss_mask"].size)
+      bar.update(1)
+      logs = step % cfg.log_every == 0 or step == cfg.steps
+      evaluates = bool(val_batches) and (step % cfg.eval_every == 0 or step == cfg.steps)
+      saves = step % cfg.save_every == 0 or step == cfg.steps
+      if logs or evaluates or saves:  # each reads or keeps this step's result: it must be finite first
+        stop_if_not_finite(step, metrics)
+        pending = None
+      if writer and logs:
+        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics["tokens_per_s"] = tokens_since / max(time.time() - time_since, 1e-9)
+        metrics["optimizer_state_bytes"] = opt_bytes
+        tokens_since, time_since = 0, time.time()
+        writer.scalars(step, metrics)
+        bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+      if evaluates:
+        val_loss, written = evaluate_loss(eval_step, state.trainable, written, frozen, val_batches,
+                                          shardings.eval_batch)
+        stop_if_not_finite(step, {"val_loss": val_loss})
+        if writer:
+          writer.scalars(step, {"val_loss": val_loss})
+        if best is None or val_loss < best:
+          best = val_loss
+          best_so_far(state.trainable)
+      if saves:
+        checkpoints.save(state, {"best_val_loss": best, "data_state": data_state() if data_state else None,
+                                 **(run_record or {})})
+        saved_step = step
+  finally:
+    bar.close()
+    if writer:
+      writer.close()
   if not val_batches:
     best_so_far(state.trainable)
   return TrainResult(state.trainable, best, step, first_step, n_trainable, opt_bytes, time.time() - start,
