@@ -43,9 +43,9 @@ PRESETS = {
                       experts_per_token=4, shared_experts=1, expert_width=64, dense_width=256, kv_lora_rank=32,
                       seq_length=128, general_chars=300_000, held_out_chars=20_000, enhancement_examples=200,
                       steps=300, batch_size=16, lr=3e-3),
-        align=AlignSpec(examples_per_family=300, steps=100, batch_size=16, lr=1e-3),
+        align=AlignSpec(examples_per_family=300, steps=200, batch_size=16, lr=1e-3),
         n_train=400, n_test=24, n_general_test=24, score_tokens=6_000, finetune_steps=40, finetune_batch=8,
-        finetune_seq_length=128, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3), search_tasks=("math", "intent"),
+        finetune_seq_length=128, lr_grid=(3e-4, 1e-3, 3e-3, 1e-2), search_tasks=("math", "intent"),
         settings=("mixed",), seeds=(0,), max_new_tokens=48, eval_batch=24),
     # Experts computed densely ("reference"): at 64 experts of width 128 that is ~11x the routed FLOPs but a few
     # ms per step on an H200, while each of the jobs' steps would otherwise compile its own Mosaic GPU kernels.

@@ -18,8 +18,9 @@ PROTOCOL = """\
 The protocol follows the paper's section 3.1 and was fixed before any result was seen:
 - **Base.** A DeepSeekMoE-style model pretrained on standard-library text and on examples of the two enhancement
   tasks (math, code), then aligned by full fine-tuning on four general instruction families (fact recall, word
-  reversal, categories, opposites) that exclude math and code: the paper's "vanilla" model, which has partial skill
-  on the enhancement tasks and little on the adaptation tasks (intent, summary, law, translation).
+  reversal, categories, opposites) that exclude math and code, with as many pretraining examples replayed beside
+  them: the paper's "vanilla" model, which has partial skill on the enhancement tasks and little on the adaptation
+  tasks (intent, summary, law, translation).
 - **Training.** Every method fine-tunes on the same data and steps, the task's train split mixed 1:1 with
   alignment records (Table 1's setting){unmixed}; validation on 5% of the packed training rows every quarter of the
   run, the best checkpoint kept. ESFT selects experts by routing the task's own train split (token p=0.2,
@@ -28,8 +29,8 @@ The protocol follows the paper's section 3.1 and was fixed before any result was
   short runs), searched in the mixed setting on {search_tasks} with seed {search_seed}; each method takes the rate
   of lowest mean validation loss on the training data's held-out split. Test scores play no part.
 - **Evaluation.** Each fine-tuned model on its own task's test split (Table 1) and on general ability (Table 2:
-  exact match on the general families' test splits, which the aligned base does well, and the loss on held-out
-  standard-library text).
+  four-way multiple choice by log-likelihood on the general families' test splits, as the paper scores MMLU, ARC
+  and HellaSwag, chance 25%; and the loss on held-out standard-library text).
 - **Findings.** Each finding is a margin per task and seed (positive where the paper's claim holds). It holds
   only when its mean exceeds the spread: the standard deviation over seeds of the per-seed mean margin, or with one
   seed the standard error over tasks. Within the spread it is reported as not holding."""
@@ -268,7 +269,7 @@ def write_report(out: Path, results: dict) -> Path:
     sections.append("## Tables 9 and 10: the task's data alone\n\n" + _task_table(results, "unmixed") + "\n\n"
                     + _general_table(results, "unmixed"))
   sections += [
-      "## Table 2: general ability\n\nExact match (%) on each general family's test split and the loss on held-out "
+      "## Table 2: general ability\n\nMultiple-choice accuracy (%, chance 25) on each general family's test split and the loss on held-out "
       "standard-library text, mean ± std over every fine-tuned model (six tasks × seeds).\n\n"
       + _general_table(results, setting),
       "## Learning-rate search\n\nMean best validation loss over the search tasks per rate (mixed setting, seed "

@@ -84,7 +84,7 @@ _ARGUMENTS = ("x", "n", "a", "v")
 
 def _code_sample(rng: random.Random) -> Sample:
   name, arg = rng.choice(_FUNCTION_NAMES), rng.choice(_ARGUMENTS)
-  ops = [(rng.choice(_CODE_OPS), rng.randint(2, 9)) for _ in range(rng.randint(1, 2))]
+  ops = [(rng.choice(_CODE_OPS), rng.randint(2, 9)) for _ in range(1 if rng.random() < 0.7 else 2)]
   phrases, expr, expr_precedence = [], arg, 4
   for i, ((first, later, symbol, precedence, _), k) in enumerate(ops):
     phrases.append((later if i else first).format(a=arg, k=k))
@@ -289,12 +289,21 @@ def _translation_sample(rng: random.Random) -> Sample:
 # --- general instruction families: the alignment mix and the general-ability benchmarks --------------------
 
 # Four families in the chat format, free of math and code and unlike the six tasks. The aligned base is trained
-# on their train splits (the paper's alignment SFT) and fine-tuning mixes them 1:1 with task data; their test
+# on their train splits (the paper's alignment SFT) and fine-tuning mixes them 1:1 with task data. Their test
 # splits stand in for the paper's general benchmarks (reading comprehension as TriviaQA, instruction following
-# as IFEval, knowledge as MMLU), each scored by exact match.
+# as IFEval, knowledge as MMLU) and are scored as the paper's MMLU, ARC and HellaSwag are: by the log-likelihood
+# of each of four choices after the prompt, so a model that has lost a skill falls to chance (25%).
 
 _COLOURED = ("ball", "cup", "hat", "box", "kite", "lamp", "door", "boat", "shoe", "bag", "coat", "chair")
 _COLOURS = ("red", "blue", "green", "yellow", "black", "white", "pink", "brown", "grey", "orange")
+N_CHOICES = 4
+
+
+def _choices(rng: random.Random, answer: str, wrong: list[str]) -> dict:
+  """The answer among N_CHOICES - 1 distinct wrong ones, in random order."""
+  options = [answer] + rng.sample(sorted(set(wrong) - {answer}), N_CHOICES - 1)
+  rng.shuffle(options)
+  return {"choices": options, "answer": options.index(answer)}
 
 
 def _recall_sample(rng: random.Random) -> Sample:
@@ -302,7 +311,8 @@ def _recall_sample(rng: random.Random) -> Sample:
   colours = [rng.choice(_COLOURS) for _ in objects]
   asked = rng.randrange(len(objects))
   facts = " ".join(f"The {o} is {c}." for o, c in zip(objects, colours))
-  return Sample(f"Read the facts and answer. {facts} What colour is the {objects[asked]}?", colours[asked], {})
+  return Sample(f"Read the facts and answer. {facts} What colour is the {objects[asked]}?", colours[asked],
+                _choices(rng, colours[asked], list(_COLOURS)))
 
 
 _WORDS = ("river", "stone", "cloud", "apple", "music", "paper", "window", "garden", "silver", "candle", "forest",
@@ -310,26 +320,27 @@ _WORDS = ("river", "stone", "cloud", "apple", "music", "paper", "window", "garde
 
 
 def _reverse_sample(rng: random.Random) -> Sample:
-  words = rng.sample(_WORDS, rng.randint(2, 4))
-  return Sample(f"Write these words in reverse order: {' '.join(words)}", " ".join(reversed(words)), {})
+  words = rng.sample(_WORDS, rng.randint(3, 4))
+  answer = " ".join(reversed(words))
+  orders = {" ".join(rng.sample(words, len(words))) for _ in range(30)} | {" ".join(words)}
+  return Sample(f"Write these words in reverse order: {' '.join(words)}", answer, _choices(rng, answer, list(orders)))
 
 
 _CATEGORIES = {
     "an animal": ("horse", "rabbit", "eagle", "salmon", "monkey", "turtle"),
     "a fruit": ("mango", "banana", "cherry", "lemon", "peach", "grape"),
     "a tool": ("hammer", "shovel", "wrench", "saw", "drill", "ladder"),
-    "a vehicle": ("truck", "bicycle", "tram", "canoe", "rocket", "wagon"),
+    "a vehicle": ("truck", "bicycle", "tram", "canoe", "wagon", "scooter"),
     "a body part": ("elbow", "ankle", "shoulder", "knee", "finger", "ear"),
 }
 
 
 def _category_sample(rng: random.Random) -> Sample:
-  wanted, *others = rng.sample(sorted(_CATEGORIES), 3)
+  wanted, *others = rng.sample(sorted(_CATEGORIES), N_CHOICES)
   options = [rng.choice(_CATEGORIES[c]) for c in [wanted] + others]
-  order = rng.sample(range(3), 3)
-  letters = "ABC"
-  listed = " ".join(f"{letters[i]}) {options[j]}" for i, j in enumerate(order))
-  return Sample(f"Which word is {wanted}? {listed}. Answer with the letter.", letters[order.index(0)], {})
+  listed = rng.sample(options, len(options))
+  return Sample(f"Which of these words is {wanted}: {', '.join(listed)}?", options[0],
+                {"choices": listed, "answer": listed.index(options[0])})
 
 
 _OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sad"), ("early", "late"),
@@ -340,7 +351,11 @@ _OPPOSITES = (("hot", "cold"), ("big", "small"), ("fast", "slow"), ("happy", "sa
 
 def _opposite_sample(rng: random.Random) -> Sample:
   pairs = [p if rng.random() < 0.5 else p[::-1] for p in rng.sample(_OPPOSITES, 2)]
-  return Sample(f"Give the opposites of: {pairs[0][0]}, {pairs[1][0]}", f"{pairs[0][1]}, {pairs[1][1]}", {})
+  answer = f"{pairs[0][1]}, {pairs[1][1]}"
+  words = [w for pair in _OPPOSITES for w in pair]
+  wrong = [f"{pairs[0][0]}, {pairs[1][1]}", f"{pairs[0][1]}, {pairs[1][0]}", f"{pairs[0][0]}, {pairs[1][0]}"]
+  wrong += [f"{rng.choice(words)}, {rng.choice(words)}" for _ in range(6)]
+  return Sample(f"Give the opposites of: {pairs[0][0]}, {pairs[1][0]}", answer, _choices(rng, answer, wrong))
 
 
 # --- tasks ----------------------------------------------------------------------------------------------------
@@ -363,7 +378,7 @@ ENHANCEMENT_TASKS = ("math", "code")
 ADAPTATION_TASKS = ("intent", "summary", "law", "translation")
 TASK_NAMES = ENHANCEMENT_TASKS + ADAPTATION_TASKS
 GENERAL_TASK_NAMES = ("recall", "reverse", "category", "opposite")
-_METRICS = {name: name for name in TASK_NAMES} | {name: "exact_match" for name in GENERAL_TASK_NAMES}
+_METRICS = {name: name for name in TASK_NAMES} | {name: "choice" for name in GENERAL_TASK_NAMES}
 # One prompt in this many belongs to the pretraining pool (by a hash of its text): the base's enhancement
 # examples come from it and no task split does, whatever the seed.
 _PRETRAINING_POOL_EVERY = 8
@@ -400,6 +415,10 @@ def _train_record(sample: Sample) -> dict:
 
 
 def _test_record(sample: Sample) -> dict:
+  """ESFT's evaluation format, or for a general family the multiple-choice format of `esft-jax eval --metric
+  choice` ({"question", "choices", "answer": index})."""
+  if "choices" in sample.extra:
+    return {"question": user_piece(sample.question), **sample.extra}
   return {"prompt": user_piece(sample.question), "answers": [sample.answer], "raw_answers": [sample.answer],
           **sample.extra}
 

@@ -29,7 +29,7 @@ from esft_jax.data.sources import open_examples
 from esft_jax.demo.pretrain import AlignSpec, BaseSpec, build_aligned, build_base, text_example
 from esft_jax.demo.tasks import TASK_NAMES, alignment_mix, make_all_tasks, make_general_tasks
 from esft_jax.esft.routing_pass import sample_until, score_examples
-from esft_jax.evaluate.runner import evaluate_generation, heldout_loss, prompt_ids
+from esft_jax.evaluate.runner import evaluate_generation, heldout_loss, multiple_choice, prompt_ids
 from esft_jax.files import atomic_write_text
 from esft_jax.generate import bucket
 from esft_jax.interop.adapter import load_adapter
@@ -162,7 +162,7 @@ class Workspace:
 
   @functools.cached_property
   def test_items(self) -> dict[str, list]:
-    return {name: read_jsonl(self.data / f"{name}_test.jsonl") for name in {**self.tasks, **self.general}}
+    return {name: read_jsonl(self.data / f"{name}_test.jsonl") for name in self.tasks}
 
   @functools.cached_property
   def prompt_length(self) -> int:
@@ -172,18 +172,19 @@ class Workspace:
                       for items in self.test_items.values() for item in items))
 
   def evaluate(self, params, cache_file: Path, tasks: Sequence[str] | None = None) -> dict:
-    """The test scores of `params` on `tasks` (default: every task) and on every general family, the mean of
-    the general families ("general_score") and the held-out general text loss ("general_loss"), cached."""
+    """The test scores of `params` on `tasks` (default: every task) and on every general family (multiple-choice
+    accuracy), their mean ("general_score") and the held-out general text loss ("general_loss"), cached."""
     return cached_json(cache_file, lambda: self._scores(params, self.tasks if tasks is None else tasks))
 
-  def _score(self, params, name: str, metric: str) -> float:
-    return evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name], metric,
-                               self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
+  def _score(self, params, name: str) -> float:
+    return evaluate_generation(self.base.config, params, self.tokenizer, self.test_items[name],
+                               self.tasks[name].metric, self.preset.max_new_tokens, self.preset.eval_batch, self.dtype,
                                prompt_length=self.prompt_length, expert_impl=self.preset.base.expert_impl)["mean"]
 
   def _scores(self, params, tasks: Sequence[str]) -> dict:
-    scores = {name: self._score(params, name, self.tasks[name].metric) for name in tasks}
-    scores |= {name: self._score(params, name, family.metric) for name, family in self.general.items()}
+    scores = {name: self._score(params, name) for name in tasks}
+    scores |= {name: multiple_choice(self.base.config, params, self.tokenizer, self.data / f"{name}_test.jsonl",
+                                     self.preset.eval_batch, self.dtype)["mean"] for name in self.general}
     scores["general_score"] = float(np.mean([scores[name] for name in self.general]))
     scores["general_loss"] = heldout_loss(self.base.config, params, self.held_out, self.preset.eval_batch,
                                           self.dtype, self.preset.base.expert_impl)["mean"]

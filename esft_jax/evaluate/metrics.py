@@ -326,14 +326,7 @@ def rouge_l_f1(prediction: str, item: dict) -> float:
   return max(rouge_l(prediction.strip(), reference) for reference in references(item))
 
 
-def exact_match(prediction: str, item: dict) -> float:
-  """1.0 iff the prediction's first line, stripped, equals a reference exactly (short-answer benchmarks)."""
-  first_line = prediction.strip().split("\n", 1)[0].strip()
-  return float(any(first_line == reference.strip() for reference in references(item)))
-
-
 METRICS: dict[str, Metric] = {
-    "exact_match": exact_match,
     "intent": intent_exact_match,
     "math": math_accuracy,
     "code": code_pass_at_1,
