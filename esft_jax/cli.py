@@ -158,7 +158,8 @@ def train_configs(args: argparse.Namespace):
       steps=args.steps, lr=DEFAULT_LR[args.method] if args.lr is None else args.lr, schedule=args.schedule,
       warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, grad_accum=args.grad_accum,
       eval_every=args.eval_every, save_every=args.save_every, log_every=args.log_every, seed=args.seed,
-      compute_dtype=args.compute_dtype, remat=args.remat, attention_impl=args.attention)
+      compute_dtype=args.compute_dtype, remat=args.remat, attention_impl=args.attention,
+      device_memory_gib=args.device_memory_gib)
   data_config = DataConfig(seq_length=args.seq_length, packing=args.packing,
                            validation_fraction=args.val_fraction, seed=args.seed)
   return train_config, data_config
@@ -170,6 +171,12 @@ def cmd_train(args: argparse.Namespace) -> None:
   from esft_jax.train.run import finetune
 
   mesh = mesh_from_flags(args.mesh, args.distributed)
+  if args.plan:
+    _plan_train(args, train_config, mesh)
+    return
+  missing = [flag for flag, value in (("--data", args.data), ("--out", args.out)) if value is None]
+  if missing:
+    raise ValueError(f"{' and '.join(missing)} required (only --plan runs without them)")
   result = finetune(args.model, args.data, args.method, args.out, train_config, data_config, args.batch_size,
                     args.expert_config, args.resume, args.data_dir, args.lora_rank, args.param_dtype, mesh,
                     overwrite=args.overwrite, check_weights=args.check_weights)
@@ -178,6 +185,22 @@ def cmd_train(args: argparse.Namespace) -> None:
                                                          if result.first_step else "")
   print(f"trained {result.trainable_params:,} parameters for {steps} in {result.wall_seconds:.0f}s; "
         f"best validation loss {best}; adapter in {args.out / 'adapter'}")
+
+
+def _plan_train(args: argparse.Namespace, train_config, mesh) -> None:
+  """`train --plan`: the step's memory per device, compiled from the model's config alone; exits 1 if it does not
+  fit, after the options that would make it fit."""
+  from esft_jax.train.memory_plan import advice, format_plan, plan_run
+
+  memory = plan_run(args.model, args.method, args.expert_config, train_config, args.batch_size, args.seq_length,
+                    args.lora_rank, args.param_dtype, mesh)
+  print(format_plan(memory))
+  if memory.fits is False:
+    devices = 1 if mesh is None else mesh.size
+    print("options that use less memory per device:")
+    for option in advice(memory, args.remat, args.batch_size, args.grad_accum, devices):
+      print(f"  - {option}")
+    sys.exit(1)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -406,12 +429,12 @@ def build_parser() -> argparse.ArgumentParser:
                                   "linear map. Writes OUT/adapter (best validation loss), OUT/checkpoints "
                                   "(orbax; --resume continues), OUT/metrics.jsonl and OUT/tensorboard.")
   tr.add_argument("--model", required=True, help="HF model directory (with tokenizer.json)")
-  tr.add_argument("--data", required=True, help="training JSONL or tfds:NAME[/CONFIG]:SPLIT")
+  tr.add_argument("--data", help="training JSONL or tfds:NAME[/CONFIG]:SPLIT (required unless --plan)")
   tr.add_argument("--data-dir", help="TFDS data directory")
   tr.add_argument("--method", required=True, choices=["esft", "fft", "lora"],
                   help="what trains: the experts of --expert-config, every parameter, or LoRA adapters")
   tr.add_argument("--expert-config", type=Path, help="expert config from `esft-jax select` (esft only)")
-  tr.add_argument("--out", required=True, type=Path, help="run directory (adapter, checkpoints, logs)")
+  tr.add_argument("--out", type=Path, help="run directory (adapter, checkpoints, logs; required unless --plan)")
   tr.add_argument("--steps", type=int, default=train_defaults.steps, help="optimizer steps")
   tr.add_argument("--seq-length", type=int, default=data_defaults.seq_length, help="tokens per packed sequence")
   tr.add_argument("--packing", default=data_defaults.packing, choices=list(PACKINGS),
@@ -456,6 +479,14 @@ def build_parser() -> argparse.ArgumentParser:
   tr.add_argument("--check-weights", action=argparse.BooleanOptionalAction, default=True,
                   help="refuse a model whose tensors hold NaN or infinite values, naming them (one pass over the "
                        "weights as they load)")
+  tr.add_argument("--plan", action="store_true",
+                  help="train nothing: compile the step on the mesh from the model's config.json (or a preset name) "
+                       "and print each device's bytes of weights, optimizer state, gradients and temporaries, and "
+                       "whether they fit (exit code 1 if not). A mesh larger than this machine plans on simulated "
+                       "devices: XLA_FLAGS=--xla_force_host_platform_device_count=N on a CPU")
+  tr.add_argument("--device-memory-gib", type=float,
+                  help="memory of one device to check the step against (default: what the device's allocator "
+                       "reports; a CPU reports none). A run that does not fit stops before its first step")
   _add_mesh_flags(tr)
   tr.set_defaults(func=cmd_train)
 

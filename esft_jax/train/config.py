@@ -52,9 +52,15 @@ class TrainConfig:
   max_segments: int = 1
   remat: bool = False  # recompute each decoder layer in the backward pass (less activation memory)
   max_checkpoints: int = 2
+  # What a device may hold, to check the compiled step against before the first step (None: the device's
+  # allocator limit, where it reports one).
+  device_memory_gib: float | None = None
 
   def __post_init__(self):
     _at_least(self, 1, "steps", "grad_accum", "eval_every", "save_every", "log_every")
+    if self.device_memory_gib is not None:
+      _require(math.isfinite(self.device_memory_gib) and self.device_memory_gib > 0, "device_memory_gib",
+               self.device_memory_gib, "--device-memory-gib", "must be a positive number of GiB")
     for name in ("max_segments", "max_checkpoints"):  # set by code, not by an option
       _require(getattr(self, name) >= 1, name, getattr(self, name), None, "must be at least 1")
     _at_least(self, 0, "warmup_steps")

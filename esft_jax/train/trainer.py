@@ -35,6 +35,7 @@ from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_
 from esft_jax.model.attention import check_segments, resolve_attention_impl
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.config import TrainConfig
+from esft_jax.train import memory_plan
 from esft_jax.train.loss import masked_mean_loss
 from esft_jax.train.metrics import MetricsWriter, progress
 from esft_jax.train.optimizer import learning_rate_schedule, make_optimizer
@@ -149,6 +150,20 @@ def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings
   return jax.jit(step, in_shardings=(shardings.state.trainable, written_shardings, frozen_shardings,
                                      shardings.eval_batch),
                  out_shardings=(written_shardings, replicated, replicated), donate_argnums=(1,))
+
+
+def train_model(model_config: ModelConfig, plan: TrainPlan, cfg: TrainConfig) -> Transformer:
+  """The model a run of `cfg` trains; `plan` names the experts whose weight gradients its kernels compute."""
+  return Transformer(model_config, expert_impl=cfg.expert_impl, attention_impl=cfg.attention_impl,
+                     max_segments=cfg.max_segments, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
+                     expert_weight_grads=expert_weight_grads(plan, model_config))
+
+
+def train_optimizer(plan: TrainPlan, cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The optimizer and learning-rate schedule of a run of `cfg` (`params`: arrays or their shapes)."""
+  schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
+  trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), params)
+  return make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm), schedule
 
 
 def _init_state(plan: TrainPlan, optimizer: optax.GradientTransformation, seed: int) -> Callable:
@@ -282,9 +297,7 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
-  model = Transformer(model_config, expert_impl=cfg.expert_impl, attention_impl=cfg.attention_impl,
-                      max_segments=cfg.max_segments, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                      expert_weight_grads=expert_weight_grads(plan, model_config))
+  model = train_model(model_config, plan, cfg)
   fused = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype) == "fused"
 
   def check(batch, where):  # the fused attention turns rows past its bound into NaN: stop with the reason first
@@ -293,9 +306,7 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
 
   for i, batch in enumerate(val_batches):
     check(batch, f"validation batch {i}")
-  schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.schedule, cfg.warmup_steps)
-  trainable_like = jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(cfg.seed)), frozen_params)
-  optimizer = make_optimizer(trainable_like, schedule, cfg.weight_decay, max_grad_norm=cfg.max_grad_norm)
+  optimizer, schedule = train_optimizer(plan, cfg, frozen_params)
   init = _init_state(plan, optimizer, cfg.seed)
   shardings = step_shardings(model_config, plan, mesh, jax.eval_shape(init, frozen_params))
   frozen_params = sharding.place(frozen_params, shardings.frozen)
@@ -359,6 +370,9 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
       if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
         compiled_step = train_step.lower(state, written, frozen, batch).compile()
         step_peak = planned_peak_bytes(compiled_step)
+        memory = memory_plan.plan_of_compiled(compiled_step, state, written, frozen, mesh,
+                                              memory_plan.device_memory_bytes(cfg.device_memory_gib))
+        memory_plan.check_fits(memory, cfg.remat, int(batch["inputs"].shape[1]), cfg.grad_accum, mesh.size)
       state, written, metrics = compiled_step(state, written, frozen, batch)
       step += 1
       if pending is not None:
