@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -54,7 +55,8 @@ import numpy as np
 
 from esft_jax.config import ModelConfig, config_from_hf, read_hf_config
 
-PEAK_TFLOPS = {"H200": (989.0, 802.0)}  # device name -> (dense bf16 spec, measured dense matmul)
+# device name -> (dense bf16 spec, measured dense matmul with jax; None where not measured)
+PEAK_TFLOPS = {"H200": (989.0, 802.0), "H100": (989.0, None)}
 RESULT = "RESULT "  # prefix of the worker's one result line on stdout
 
 
@@ -67,21 +69,29 @@ def model_config(args) -> ModelConfig:
   return config_from_hf(hf_config(args))
 
 
-def selected_experts(config: ModelConfig, per_layer: int) -> dict[int, list[int]]:
-  return {layer: list(range(per_layer)) for layer in config.moe_layer_ids}
+def selected_experts(config: ModelConfig, per_layer: float) -> dict[int, list[int]]:
+  """The first experts of every MoE layer, `per_layer` on average (a fractional average, as the paper's 5.7 for
+  ESFT-Token, gives the layers floor or ceil of it, in total the floor of per_layer x layers)."""
+  layers = config.moe_layer_ids
+  return {layer: list(range(math.floor((i + 1) * per_layer) - math.floor(i * per_layer)))
+          for i, layer in enumerate(layers)}
 
 
-def random_batch(args, vocab_size: int) -> dict[str, np.ndarray]:
-  """The step's batch [B, S]: random tokens (never the low special ids), whole rows, positions 0..S-1."""
-  tokens = np.random.default_rng(0).integers(3, vocab_size, size=(args.batch, args.seq + 1))
-  shape = (args.batch, args.seq)
-  return {"inputs": tokens[:, :-1].astype(np.int32), "targets": tokens[:, 1:].astype(np.int32),
+def random_batch(args, vocab_size: int, micro_batches: int = 1) -> dict[str, np.ndarray]:
+  """The step's batch [A, B, S] (A micro-batches; [B, S] for one with `micro_batches=0`): random tokens (never the
+  low special ids), whole rows, positions 0..S-1."""
+  lead = (micro_batches,) if micro_batches else ()
+  tokens = np.random.default_rng(0).integers(3, vocab_size, size=(*lead, args.batch, args.seq + 1))
+  shape = (*lead, args.batch, args.seq)
+  return {"inputs": tokens[..., :-1].astype(np.int32), "targets": tokens[..., 1:].astype(np.int32),
           "loss_mask": np.ones(shape, np.float32), "segment_ids": np.ones(shape, np.int32),
           "positions": np.broadcast_to(np.arange(args.seq, dtype=np.int32), shape).copy()}
 
 
-def flops_per_token(config: ModelConfig, seq: int, trainable_per_layer: int) -> dict[str, float]:
-  """The model FLOPs of one training token (see the module docstring), by part."""
+def flops_per_token(config: ModelConfig, seq: int, trainable_per_layer: float, lora: bool = False
+                    ) -> dict[str, float]:
+  """The model FLOPs of one training token (see the module docstring), by part. `lora`: every layer trains
+  (activation gradients reach layer 0) and the adapters' own weight gradients are left out (rank r: tiny)."""
   import jax
 
   jax.config.update("jax_platforms", "cpu")  # counting shapes must not claim the GPU the workers need
@@ -94,11 +104,11 @@ def flops_per_token(config: ModelConfig, seq: int, trainable_per_layer: int) -> 
   forward = 2 * counts.active_per_token + config.num_layers * attention
   # No gradient reaches the layers below the first MoE layer (all frozen): there the backward does nothing.
   shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-  below = [jax.tree_util.tree_leaves(shapes[f"layers_{layer}"]) for layer in range(moe[0])]
+  below = [jax.tree_util.tree_leaves(shapes[f"layers_{layer}"]) for layer in range(0 if lora else moe[0])]
   below_flops = sum(2 * sum(leaf.size for leaf in leaves) + 2 * attention for leaves in below)
   activation_grads = forward + config.num_layers * attention - below_flops
-  weight_grads = 2 * len(moe) * config.num_experts_per_tok * trainable_per_layer / config.num_experts \
-      * counts.per_expert
+  weight_grads = 0 if lora else \
+      2 * len(moe) * config.num_experts_per_tok * trainable_per_layer / config.num_experts * counts.per_expert
   return {"forward": forward, "activation_grads": activation_grads, "weight_grads": weight_grads,
           "total": forward + activation_grads + weight_grads}
 
@@ -107,10 +117,11 @@ def run_jax(args, path: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from esft_jax.esft.trainable import (count_parameters, expert_weight_grads, init_trainable, join_written,
-                                      plan_from_expert_config, split_written)
+  from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable,
+                                      join_written, plan_from_expert_config, split_written)
   from esft_jax.model.transformer import Transformer, init_params
   from esft_jax.sharding import single_device_mesh
+  from esft_jax.train.memory_plan import device_memory_bytes, format_plan, plan_of_compiled
   from esft_jax.train.optimizer import make_optimizer
   from esft_jax.train.trainer import TrainState, loss_fn, make_train_step, step_shardings
   from timing import median_call_ms, step_ms
@@ -119,9 +130,9 @@ def run_jax(args, path: str) -> dict:
   config = model_config(args)
   dtype = jnp.float32 if args.tiny else jnp.bfloat16
   params = init_params(config, jax.random.key(0), param_dtype=dtype)
-  plan = plan_from_expert_config({"experts": {str(l): ids for l, ids in
-                                              selected_experts(config, args.experts_per_layer).items()}})
-  batch = {k: v[None] for k, v in random_batch(args, config.vocab_size).items()}  # one micro-batch
+  plan = TrainPlan("lora", lora_rank=args.lora_rank) if args.method == "lora" else plan_from_expert_config(
+      {"experts": {str(l): ids for l, ids in selected_experts(config, args.experts_per_layer).items()}})
+  batch = random_batch(args, config.vocab_size, args.grad_accum)
   weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
   impl, _, attention = path.partition("+")
   model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads,
@@ -142,13 +153,16 @@ def run_jax(args, path: str) -> dict:
   del params
   start = time.perf_counter()
   step = step.lower(state, written, frozen, batch).compile()  # explicitly, so the profile can read its HLO
+  memory = plan_of_compiled(step, state, written, frozen, single_device_mesh(), device_memory_bytes())
+  print(format_plan(memory), file=sys.stderr, flush=True)
   state, written, metrics = step(state, written, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
   (state, written), ms, waited_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
   result = {"ms": ms, "waited_ms": waited_ms, "first_s": first_s, "first_loss": first_loss,
             "peak_bytes": peak_bytes(path), "device": jax.devices()[0].device_kind,
-            "software": f"jax {jax.__version__}", "trainable_params": count_parameters(state.trainable)}
+            "software": f"jax {jax.__version__}", "trainable_params": count_parameters(state.trainable),
+            "planned_bytes": memory.total, "temporaries_bytes": memory.temporaries}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
     # As in the step, the stacks' rows are used as written (here by the last step: for timing, values don't matter)
     loss = lambda trainable, params, micro: loss_fn(model, plan, rows_written=True)(trainable, params, micro)[0]
@@ -192,7 +206,7 @@ def run_torch(args) -> dict:
       weight.register_hook(lambda grad, keep=keep: grad * keep)
       trainable.append(weight)
   optimizer = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-  batch = random_batch(args, config.vocab_size)
+  batch = random_batch(args, config.vocab_size, micro_batches=0)
   inputs = torch.from_numpy(batch["inputs"]).to(device, torch.long)
   targets = torch.from_numpy(batch["targets"]).to(device, torch.long)
   sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -215,7 +229,8 @@ def run_torch(args) -> dict:
           "software": f"torch {torch.__version__}, transformers {transformers.__version__} "
                       f"(attention {model.config._attn_implementation}, "
                       f"experts {model.config._experts_implementation})",
-          "trainable_params": sum(int(w.numel()) for w in trainable) * args.experts_per_layer // config.num_experts}
+          "trainable_params": sum(len(ids) for ids in selected_experts(config, args.experts_per_layer).values())
+                              * 3 * config.hidden_size * config.moe_intermediate_size}
 
 
 def peak_bytes(path: str) -> int | None:
@@ -262,7 +277,8 @@ def run_path(args, path: str, profile: bool = False) -> dict:
   switches = {"--tiny": args.tiny, "--remat": args.remat, "--all-expert-grads": args.all_expert_grads,
               "--breakdown": args.breakdown and not profile}
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", path, "--layers", str(args.layers),
-         "--batch", str(args.batch), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
+         "--batch", str(args.batch), "--grad-accum", str(args.grad_accum), "--seq", str(args.seq), "--experts-per-layer", str(args.experts_per_layer),
+         "--method", args.method, "--lora-rank", str(args.lora_rank),
          "--iters", str(1 if profile else args.iters)] + [flag for flag, on in switches.items() if on]
   if profile:
     cmd += ["--profile", os.path.abspath(args.profile)]
@@ -284,9 +300,15 @@ def cell(value, fmt: str) -> str:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--layers", type=int, default=8, help="decoder layers (layer 0 dense, the rest MoE)")
-  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=8, help="sequences per micro-batch")
+  parser.add_argument("--grad-accum", type=int, default=1,
+                      help="micro-batches per step, their gradients averaged (JAX paths; torch runs one)")
   parser.add_argument("--seq", type=int, default=2048)
-  parser.add_argument("--experts-per-layer", type=int, default=8, help="trainable experts per MoE layer")
+  parser.add_argument("--experts-per-layer", type=float, default=8,
+                      help="trainable experts per MoE layer, on average (ESFT; e.g. 5.7: layers of 5 and 6)")
+  parser.add_argument("--method", default="esft", choices=["esft", "lora"],
+                      help="JAX paths: ESFT (--experts-per-layer) or LoRA on every linear map (--lora-rank)")
+  parser.add_argument("--lora-rank", type=int, default=8)
   parser.add_argument("--iters", type=int, default=5)
   parser.add_argument("--paths", default="grouped,auto,torch",
                       help="JAX expert implementations (grouped, auto, gpu, ...), each optionally with an attention "
@@ -315,19 +337,26 @@ def main() -> None:
     return
 
   config = model_config(args)
-  flops = flops_per_token(config, args.seq, args.experts_per_layer)
   paths = args.paths.split(",")
   paths.sort(key=lambda p: p != "torch")  # torch first, so every JAX row can print its ratio at once
-  tokens = args.batch * args.seq
+  if args.method == "lora" and "torch" in paths:
+    parser.error("--method lora: the torch path trains ESFT's experts only")
+  flops = flops_per_token(config, args.seq, args.experts_per_layer, lora=args.method == "lora")
+  if args.grad_accum > 1 and "torch" in paths:
+    parser.error("--grad-accum: the torch path runs one micro-batch; compare it at --grad-accum 1")
+  tokens = args.grad_accum * args.batch * args.seq
+  shape = f"{args.grad_accum} x {args.batch} x {args.seq}" if args.grad_accum > 1 else f"{args.batch} x {args.seq}"
   widths = "tiny-deepseek" if args.tiny else "DeepSeek-V2-Lite widths"
-  print(f"# {widths}, {args.layers} layers (layer 0 dense), batch {args.batch} x {args.seq}, "
-        f"{args.experts_per_layer} of {config.num_experts} experts trainable per MoE layer", flush=True)
+  print(f"# {widths}, {args.layers} layers (layer 0 dense), batch {shape}, "
+        + (f"LoRA rank {args.lora_rank} on every linear map" if args.method == "lora" else
+           f"{args.experts_per_layer:g} of {config.num_experts} experts trainable per MoE layer"), flush=True)
   print("# model FLOPs per token: forward F = 2*N_active + L*A, A = 2*H*(d_qk + d_v)*(S + 1)/2 (causal); "
         "activation gradients = F again with A twice, none below the first MoE layer; expert weight gradients = "
         "2*(trainable expert weights a token uses: K*n/E experts per MoE layer)")
   print(f"# model GFLOP per token: {flops['total'] / 1e9:.3f} = forward {flops['forward'] / 1e9:.3f} + "
         f"activation gradients {flops['activation_grads'] / 1e9:.3f} + expert weight gradients "
-        f"{flops['weight_grads'] / 1e9:.3f}; MFU against 989 TFLOP/s (H200 dense bf16 spec) and 802 (measured)",
+        f"{flops['weight_grads'] / 1e9:.3f}; MFU against 989 TFLOP/s (H100 and H200 dense bf16 spec) and 802 "
+        "(measured on an H200)",
         flush=True)
   print("| path | layers | batch x seq | ms/step | tokens/s | peak GiB | first loss | first s | vs torch "
         "| TFLOP/s | MFU (989) | MFU (802) |")
@@ -350,7 +379,9 @@ def main() -> None:
                f"{r['first_s']:.1f}", cell(torch_tps and tps / torch_tps, ".2f"), f"{tflops:.1f}",
                cell(spec and tflops / spec, ".1%"), cell(measured and tflops / measured, ".1%")]
       notes.append(f"# {path}: {r['device']}, {r['software']}, {r['trainable_params']:,} trainable parameters; "
-                   f"{r['waited_ms']:.1f} ms a step when each is waited for before the next is dispatched")
+                   f"{r['waited_ms']:.1f} ms a step when each is waited for before the next is dispatched"
+                   + (f"; XLA's plan of the step: {r['planned_bytes'] / 2**30:.1f} GiB, of which temporaries "
+                      f"{r['temporaries_bytes'] / 2**30:.1f} GiB" if "planned_bytes" in r else ""))
       if args.profile and path != "torch":
         traced = run_path(args, path, profile=True)
         profiles.append(traced.get("profile") or f"# {path} profile: {traced.get('error')}")
@@ -358,7 +389,7 @@ def main() -> None:
         notes.append(f"# {path} breakdown: forward {r['forward_ms']:.1f} ms, backward "
                      f"{r['grad_ms'] - r['forward_ms']:.1f} ms, optimizer and the rest {r['ms'] - r['grad_ms']:.1f} "
                      f"ms of the {r['ms']:.1f} ms step")
-    print("| " + " | ".join([path, str(args.layers), f"{args.batch} x {args.seq}", *cells]) + " |", flush=True)
+    print("| " + " | ".join([path, str(args.layers), shape, *cells]) + " |", flush=True)
   for note in notes:
     print(note)
   for r in profiles:
