@@ -99,8 +99,11 @@ def _rows_already_in_fwd(stack_ExDxF, rows_SxDxF, ids_S):
 def _rows_already_in_bwd(ids_S, grad_ExDxF):
   experts = grad_ExDxF.shape[0]
   held_S = (ids_S >= 0) & (ids_S < experts)
-  rows = grad_ExDxF[jnp.clip(ids_S, 0, experts - 1)]
-  return None, jnp.where(held_S[:, None, None], rows, 0).astype(grad_ExDxF.dtype), None
+  rows = jnp.where(held_S[:, None, None], grad_ExDxF[jnp.clip(ids_S, 0, experts - 1)], 0).astype(grad_ExDxF.dtype)
+  # The rows are made here, not fused into their consumers: XLA would otherwise gather them inside the optimizer's
+  # update (or the accumulator's add), which runs after the whole backward pass, holding every layer's
+  # stack-sized gradient until then.
+  return None, jax.lax.optimization_barrier(rows), None
 
 
 rows_already_in.defvjp(_rows_already_in_fwd, _rows_already_in_bwd)

@@ -7,7 +7,9 @@ needs neither the weights nor the devices' memory: a mesh larger than the machin
 the weights, the optimizer state and the batch are read off their shardings; the temporaries (activations, the
 gradients and whatever else the step makes and frees) are XLA's own plan of the compiled program
 (`memory_analysis`). Temporaries depend on the backend that compiles: a plan is exact for the device kind it was
-compiled on, and an estimate for others (XLA:CPU, for one, computes some bf16 operations in fp32 copies).
+compiled on. A plan compiled on a CPU has exact weights, optimizer state and gradients, but XLA:CPU's temporaries,
+which overstate an accelerator's for a large MoE: it computes `lax.ragged_dot` (the grouped expert matmuls)
+densely, with [experts, tokens, width] intermediates, and some bf16 operations in fp32 copies.
 """
 
 from __future__ import annotations
@@ -155,6 +157,9 @@ def format_plan(memory: MemoryPlan) -> str:
   lines = [f"memory plan of one training step, per device (compiled for {memory.device_kind}, mesh {memory.mesh})",
            f"| what | {unit} |", "|---|---|"]
   lines += [f"| {name} | {value / scale:.2f} |" for name, value in rows]
+  if memory.device_kind == "cpu":
+    lines.append("temporaries as XLA:CPU sizes them: for a large MoE far above a GPU's or TPU's (it runs the grouped "
+                 "expert matmuls densely); compile on the target device for its own")
   if memory.device_memory is None:
     lines.append("device memory: unknown (pass --device-memory-gib to check the fit)")
   else:
