@@ -9,10 +9,10 @@ Reads the scheduled text of an optimised program (XLA's `*after_optimizations.tx
 and walks its entry computation in schedule order: each instruction's result is live from where it is made to its
 last use (the program's arguments from the start, its outputs to the end). Tuples, get-tuple-element and bitcasts
 make no buffer: a use of one is a use of what it points to. A while loop's result is its operand's buffers
-(XLA updates the loop state in place), and the temporaries inside called computations are not counted: the
-figure is a lower bound on XLA's own plan (`compiled.memory_analysis()`), whose sum it should approach when the
-entry computation holds the large buffers, as a training step's does. It names what is live, which the memory
-analysis does not.
+(XLA updates the loop state in place). The sum is not XLA's plan (`compiled.memory_analysis()`): temporaries inside
+called computations are left out, and a result written in place over an operand (a scatter into a donated
+argument) counts as a buffer of its own. What it gives that the memory analysis does not is the names: which
+buffers are held at the peak, and which JAX operation made them.
 """
 
 from __future__ import annotations

@@ -117,3 +117,14 @@ def test_abstract_parameters_are_what_the_checkpoint_loader_returns(tmp_path):
     assert (leaf.shape, leaf.dtype, leaf.sharding) == (loaded[path].shape, loaded[path].dtype,
                                                        loaded[path].sharding), path
   assert {str(leaf.dtype) for path, leaf in planned.items() if "/mlp/gate/" in path} == {"float32"}
+
+
+def test_trained_rows_gradient_is_made_apart_from_its_readers():
+  """The rows' gradient is gathered behind an optimization barrier, so XLA cannot fuse the gather into the
+  optimizer's update and hold every layer's stack-sized gradient until it runs (see `rows_already_in`)."""
+  from esft_jax.model.experts import rows_already_in
+
+  stack, rows, ids = jnp.ones((6, 4, 3)), jnp.full((2, 4, 3), 2.0), jnp.array([4, 1])
+  grad = jax.grad(lambda r: jnp.sum(rows_already_in(stack, r, ids) * jnp.arange(6.0)[:, None, None]))
+  assert "optimization_barrier" in str(jax.make_jaxpr(grad)(rows))
+  np.testing.assert_array_equal(grad(rows), np.broadcast_to(np.array([4.0, 1.0])[:, None, None], (2, 4, 3)))
