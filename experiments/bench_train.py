@@ -3,6 +3,9 @@ model, in one invocation and one table.
 
     python experiments/bench_train.py --layers 8 --batch 8 --seq 2048 --paths torch,auto   # one GPU
     python experiments/bench_train.py --layers 27 --batch 2 --paths auto                   # the full 15.7B shape
+    python experiments/bench_train.py --layers 27 --seq 4096 --batch 1 --grad-accum 32 --paths auto  # the paper's
+    python experiments/bench_train.py --layers 27 --seq 4096 --batch 1 --grad-accum 32 --paths auto \
+        --experts-per-layer 5.7          # ESFT-Token's average count (7.1: ESFT-Gate); --method lora: LoRA rank 8
     python experiments/bench_train.py --paths auto+reference,auto  # reference vs (on a GPU) fused attention
     python experiments/bench_train.py --tiny                                               # CPU, seconds
 
@@ -34,8 +37,9 @@ Model FLOPs per token, counted analytically from the config (the same number for
               gradient), skipping the layers below the first one with a trainable parameter (no gradient
               reaches them); weight gradients = 2 * (trainable expert weights a token uses), where a token
               reaches a trainable expert K * n / E times per MoE layer on average (uniform routing)
-MFU = FLOPs/token * tokens/s over the dense bf16 peak: 989 TFLOP/s (H200 spec) and 802 TFLOP/s (a dense
-8192^3 bf16 matmul measured with jax on the H200, ../shared/baselines.md).
+MFU = FLOPs/token * tokens/s over the dense bf16 peak: 989 TFLOP/s (H100 and H200 spec) and 802 TFLOP/s (a dense
+8192^3 bf16 matmul measured with jax on the H200, ../shared/baselines.md). Each JAX path also prints XLA's memory
+plan of its compiled step (esft_jax/train/memory_plan.py) before the first step runs.
 """
 
 from __future__ import annotations
