@@ -70,11 +70,11 @@ def shard_bytes(tree) -> int:
 
 
 def device_memory_bytes(device_memory_gib: float | None = None) -> int | None:
-  """`device_memory_gib` when given, else what the first device's allocator may use (None where it does not say,
-  as on CPUs)."""
+  """`device_memory_gib` when given, else what this process's first device's allocator may use (None where it
+  does not say, as on CPUs)."""
   if device_memory_gib is not None:
     return int(device_memory_gib * GIB)
-  stats = jax.devices()[0].memory_stats()
+  stats = jax.local_devices()[0].memory_stats()  # another process's devices do not report theirs
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
