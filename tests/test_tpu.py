@@ -1,8 +1,14 @@
 """The TPU expert path (megablox grouped matmuls) against the reference in Pallas' TPU interpreter: values and
 gradients, skewed and empty groups, ESFT's trained experts alone getting weight gradients, one device's slice of
-the experts; "auto" choosing it on a TPU."""
+the experts; "auto" choosing it on a TPU; the ESFT step, scoring and generation exported for a TPU."""
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +19,8 @@ from esft_jax.model import experts as experts_module
 from esft_jax.model.experts import expert_ffn
 from esft_jax.model.kernels.megablox import megablox_matmul, tpu_expert_ffn
 from tests.test_kernels import moe_inputs, rel_err, routing
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _float32(tree):
@@ -121,3 +129,21 @@ def test_auto_is_tpu_on_a_tpu(monkeypatch):
   monkeypatch.setattr(experts_module, "hopper_available", lambda: False)
   monkeypatch.setattr(experts_module.jax, "default_backend", lambda: "tpu")
   assert experts_module._auto_impl(64, {"gate_proj": jnp.zeros((8, 16, 24))}) == "tpu"
+
+
+def test_esft_step_scoring_and_generation_lower_for_tpu():
+  """Tiny DeepSeek-V2 and V3 programs exported for platform "tpu" over 8 simulated devices (fsdp=4 x expert=2),
+  each with the megablox kernels in it as Mosaic TPU calls (tests/tpu_lowering.py); the train step's backward adds
+  its own. A program that cannot lower for a TPU fails here. Compiling for a TPU needs one."""
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  done = subprocess.run([sys.executable, "-m", "tests.tpu_lowering"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-4000:]
+  found = json.loads(done.stdout.strip().splitlines()[-1])
+  assert set(found) == {"deepseek_v2", "deepseek_v3"}
+  for model, programs in found.items():
+    assert set(programs) == {"train_step", "scoring", "prefill", "decode"}, model
+    for name, program in programs.items():
+      assert program["platforms"] == ["tpu"] and program["devices"] == 8, (model, name)
+      assert program["tpu_kernels"] > 0, (model, name)
+    assert programs["train_step"]["tpu_kernels"] > programs["scoring"]["tpu_kernels"], model
