@@ -147,3 +147,41 @@ def test_esft_step_scoring_and_generation_lower_for_tpu():
       assert program["platforms"] == ["tpu"] and program["devices"] == 8, (model, name)
       assert program["tpu_kernels"] > 0, (model, name)
     assert programs["train_step"]["tpu_kernels"] > programs["scoring"]["tpu_kernels"], model
+
+
+def test_deepseek_v3_preset_counts_and_reads_its_fp8_config():
+  """The preset is DeepSeek-V3's config.json: 671B parameters (the multi-token-prediction layer aside), 37B active
+  as DeepSeek reports, its FP8 block size read as the loader reads it."""
+  from esft_jax.config import load_config, read_hf_config
+  from esft_jax.interop import fp8
+  from esft_jax.model.transformer import parameter_counts
+
+  cfg = load_config("deepseek-v3")
+  counts = parameter_counts(cfg)
+  assert round(counts.total / 1e9) == 671 and round(counts.active_per_token / 1e9) == 37
+  assert cfg.moe_layer_ids == tuple(range(3, 61)) and cfg.num_experts == 256 and cfg.num_experts_per_tok == 8
+  assert (cfg.scoring_func, cfg.topk_method, cfg.n_group, cfg.topk_group) == ("sigmoid", "noaux_tc", 8, 4)
+  assert cfg.routed_scaling_factor == 2.5 and cfg.norm_topk_prob and cfg.shared_intermediate_size == 2048
+
+  class NoTensors:
+    def keys(self):
+      return []
+
+  hf = read_hf_config("deepseek-v3")
+  assert fp8.weight_block_size(hf, NoTensors(), "deepseek-v3") == (128, 128)
+
+
+def test_sizing_tiny_prints_a_table_with_compiled_temporaries():
+  """experiments/sizing.py on tiny-deepseek over 8 simulated devices: every column filled, the per-device bytes
+  adding up, the temporaries from XLA's compiled steps (the megablox kernels as opaque stand-ins)."""
+  done = subprocess.run([sys.executable, str(REPO / "experiments" / "sizing.py"), "--tiny", "--methods", "esft"],
+                        cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                        timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  header, _, row = [line for line in done.stdout.splitlines() if line.startswith("|")]
+  cells = dict(zip([c.strip() for c in header.strip("|").split("|")], [c.strip() for c in row.strip("|").split("|")]))
+  assert cells["candidate"] == "tiny x8" and cells["method"] == "esft"
+  parts = [float(cells[k]) for k in ("weights", "trainable", "optimizer", "temporaries (est.)")]
+  assert all(p > 0 for p in parts)
+  assert abs(sum(parts) - float(cells["total"])) < 0.2
+  assert float(cells["tokens/s (est.)"].replace(",", "")) > 0
