@@ -1,8 +1,8 @@
 """Per-device memory of ESFT and FFT training steps on candidate meshes, from abstract arrays (nothing allocated),
 and the step time those devices would take at the measured expert-kernel speed: DeepSeek-V3's sizing plan.
 
-    python experiments/sizing.py                      # DeepSeek-V3 on the four candidates below (minutes)
-    python experiments/sizing.py --candidates v5p-128 --methods esft
+    python experiments/sizing.py --remat --candidates "2x8 H200" "4x8 H100" v5p-128 v6e-256   # minutes
+    python experiments/sizing.py --remat --methods fft --no-temporaries       # the state of every candidate
     python experiments/sizing.py --tiny               # tiny-deepseek on 8 simulated CPU devices, seconds
 
 Columns, per device (GiB):
@@ -15,14 +15,18 @@ Columns, per device (GiB):
   matmuls are the TPU path ("tpu") with its megablox kernels replaced by opaque stand-ins of the same outputs
   (`OpaqueKernels`): XLA:CPU's own grouped matmul (`lax.ragged_dot`) materialises every expert's product, 238 GiB
   of temporaries for one [32768 x 7168] x [256 x 7168 x 2048] matmul, and Pallas' interpreter copies the weights.
-  XLA:CPU sizes some buffers unlike a TPU or GPU compiler; hence an estimate.
-- step s, tokens/s (estimates): the step's matmul FLOPs (6 x active parameters per token for FFT; for ESFT the routed experts'
-  weight gradients only for the trained fraction of assignments, `--trained-share`; attention's score FLOPs
-  included) at `--expert-tflops` (measured on an H200, BENCHMARKS.md) scaled by the device's bf16 peak against
-  the H200's 989, every device busy, no communication counted.
+  XLA:CPU sizes some buffers unlike a TPU or GPU compiler (it keeps fp32 copies of bf16 arrays, for one); hence
+  an estimate. Not compiled (nan) where the state alone exceeds a device's memory.
+- fits: state: weights, trainable, optimizer state and gradients (exact) within the device's memory, a necessary
+  condition; fits: est.: with the estimated temporaries instead of the gradients (n/c: not compiled).
+- step s, tokens/s (estimates): the step's matmul FLOPs (6 x active parameters per token for FFT; for ESFT the
+  weight gradients only of the routed experts, for the share of assignments routed to trained ones,
+  `--trained-share`; attention's score and value products included) at `--expert-tflops` (the expert matmuls'
+  rate measured on an H200, BENCHMARKS.md) scaled by the device's bf16 peak against the H200's 989, every device
+  busy, no communication counted.
 
 ESFT trains `--experts-per-layer` random routed experts of every MoE layer (seeded; the paper's selections train
-5-15% of a layer's experts), written to `--expert-config` for `esft-jax train --plan` to read.
+5-15% of a layer's experts), written to `--expert-config` for `esft-jax train` to read.
 """
 
 from __future__ import annotations
@@ -74,11 +78,18 @@ class Candidate:
 # HBM per device (the GPUs' as nvidia-smi reports it: 81,559 and 143,771 MiB) and bf16 dense peaks as their makers
 # publish them. Meshes: ESFT's trainable slices split over fsdp x tensor only (never over their few experts), so
 # no expert axis; tensor=8 splits each layer's gathered experts 8 ways (the routed experts are where the bytes are).
+H200, H100, V5P, V6E = (143771 / 1024, 989.0), (81559 / 1024, 989.0), (95.0, 459.0), (32.0, 918.0)
 CANDIDATES = (
-    Candidate("2x8 H200", {"fsdp": 2, "tensor": 8}, 143771 / 1024, 989.0),
-    Candidate("4x8 H100", {"fsdp": 4, "tensor": 8}, 81559 / 1024, 989.0),
-    Candidate("v5p-128", {"fsdp": 8, "tensor": 8}, 95.0, 459.0),
-    Candidate("v6e-256", {"fsdp": 32, "tensor": 8}, 32.0, 918.0),
+    Candidate("2x8 H200", {"fsdp": 2, "tensor": 8}, *H200),
+    Candidate("4x8 H100", {"fsdp": 4, "tensor": 8}, *H100),
+    Candidate("v5p-128", {"fsdp": 8, "tensor": 8}, *V5P),
+    Candidate("v6e-256", {"fsdp": 32, "tensor": 8}, *V6E),
+    # larger, for what FFT needs
+    Candidate("16x8 H200", {"fsdp": 16, "tensor": 8}, *H200),
+    Candidate("32x8 H100", {"fsdp": 32, "tensor": 8}, *H100),
+    Candidate("v5p-256", {"fsdp": 16, "tensor": 8}, *V5P),
+    Candidate("v5p-512", {"fsdp": 32, "tensor": 8}, *V5P),
+    Candidate("v6e-512", {"fsdp": 64, "tensor": 8}, *V6E),
 )
 TINY_CANDIDATES = (Candidate("tiny x8", {"fsdp": 4, "expert": 2}, 1.0, 989.0),)
 
@@ -109,7 +120,8 @@ def param_shapes(cfg: ModelConfig):
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), param_dtype=jnp.bfloat16))
 
 
-def step_parts(cfg: ModelConfig, plan: TrainPlan, mesh, tokens_per_device: tuple[int, int], expert_impl: str):
+def step_parts(cfg: ModelConfig, plan: TrainPlan, mesh, tokens_per_device: tuple[int, int], expert_impl: str,
+               remat: bool = False):
   """The jitted train step and its abstract arguments on `mesh` (bf16 weights, fp32 trainable and AdamW)."""
   params = _placed(param_shapes(cfg), sharding.param_shardings(cfg, mesh))
   schedule = learning_rate_schedule(1e-5, 100)
@@ -123,7 +135,7 @@ def step_parts(cfg: ModelConfig, plan: TrainPlan, mesh, tokens_per_device: tuple
   batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
                                      sharding=shardings.batch)
            for key in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
-  model = Transformer(cfg, expert_impl=expert_impl, dtype=jnp.bfloat16, max_segments=1,
+  model = Transformer(cfg, expert_impl=expert_impl, dtype=jnp.bfloat16, max_segments=1, remat=remat,
                       expert_weight_grads=expert_weight_grads(plan, cfg))
   return make_train_step(model, plan, optimizer, schedule, shardings), (state, written, frozen, batch)
 
@@ -178,26 +190,27 @@ def temporaries_gib(request: dict) -> float:
     plan = TrainPlan("fft") if request["method"] == "fft" else plan_from_expert_config(
         {"experts": {str(layer): ids for layer, ids in request["experts"].items() if int(layer) in
                      shallow.moe_layer_ids}, "shared_experts": False})
-    step, args = step_parts(shallow, plan, mesh, tuple(request["tokens"]), "tpu")
+    step, args = step_parts(shallow, plan, mesh, tuple(request["tokens"]), "tpu", request["remat"])
     found.append(step.lower(*args).compile().memory_analysis().temp_size_in_bytes)
   per_layer = found[1] - found[0]
   return (found[0] + per_layer * (len(cfg.moe_layer_ids) - 1)) / GIB
 
 
 def step_tflop(cfg: ModelConfig, method: str, tokens: int, seq: int, trained_share: float) -> float:
-  """Matmul TFLOP of one step over `tokens` tokens of sequences of `seq` (2 per multiply-add)."""
+  """Matmul TFLOP of one step over `tokens` tokens in sequences of `seq` (2 per multiply-add): the forward, the
+  input gradients (as many again; attention's score and value products twice, for dP and dV, dQ and dK), and the
+  weight gradients of what trains."""
   counts = parameter_counts(cfg)
-  routed_active = cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size * len(cfg.moe_layer_ids)
-  dense_active = counts.active_per_token - routed_active
+  routed = cfg.num_experts_per_tok * 3 * cfg.hidden_size * cfg.moe_intermediate_size * len(cfg.moe_layer_ids)
+  dense = counts.active_per_token - routed  # every other weight a token touches
   heads, qk, v = cfg.num_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
   attention = 2 * heads * (qk + v) * seq / 2 * cfg.num_layers  # scores and values, causal: half the pairs
-  forward = 2 * (dense_active + routed_active) + attention
+  linear = 2 * (dense + routed)
   if method == "fft":
-    weight_grads = 2 * (dense_active + routed_active)
+    weight_grads = linear
   else:  # only the trained experts, on the assignments routed to them
-    weight_grads = 2 * routed_active * trained_share
-  backward = forward + weight_grads  # input gradients through everything, plus the weight gradients
-  return (forward + backward) * tokens / 1e12
+    weight_grads = 2 * routed * trained_share
+  return (2 * linear + 3 * attention + weight_grads) * tokens / 1e12
 
 
 def main() -> None:
@@ -215,6 +228,8 @@ def main() -> None:
   parser.add_argument("--no-temporaries", action="store_true",
                       help="weights and state only (no compiling); a step whose state alone exceeds a device's memory "
                            "is never compiled")
+  parser.add_argument("--remat", action="store_true", help="recompute each decoder layer in the backward pass "
+                      "(`esft-jax train --remat`): a layer's input is kept, not its activations")
   parser.add_argument("--tiny", action="store_true")
   parser.add_argument("--temporaries-of", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -228,16 +243,20 @@ def main() -> None:
   experts = esft_config(cfg, args.experts_per_layer, seed=0)
   args.expert_config.parent.mkdir(parents=True, exist_ok=True)
   args.expert_config.write_text(json.dumps(experts, indent=1) + "\n")
-  candidates = [c for c in (TINY_CANDIDATES if args.tiny else CANDIDATES)
-                if not args.candidates or c.name in args.candidates]
+  known = TINY_CANDIDATES if args.tiny else CANDIDATES
+  unknown = set(args.candidates or ()) - {c.name for c in known}
+  if unknown:
+    raise SystemExit(f"--candidates {sorted(unknown)}: unknown; the candidates are {[c.name for c in known]}")
+  candidates = [c for c in known if not args.candidates or c.name in args.candidates]
   print(f"{args.model}: {parameter_counts(cfg).total / 1e9:.0f}B parameters; ESFT trains {args.experts_per_layer} "
         f"of {cfg.num_experts} routed experts in each of {len(cfg.moe_layer_ids)} MoE layers "
-        f"({args.expert_config}); {args.rows} x {args.seq} tokens per batch shard\n")
+        f"({args.expert_config}); {args.rows} x {args.seq} tokens per batch shard"
+        f"{'; layers recomputed in the backward (--remat)' if args.remat else ''}\n")
   unit, unit_name = (2**20, "MiB") if args.tiny else (GIB, "GiB")
   print(f"per device, in {unit_name}\n")
   print("| candidate | devices | mesh | method | weights | trainable | optimizer | gradients | temporaries (est.) "
-        "| total | HBM | fits | tokens/step | step s (est.) | tokens/s (est.) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+        "| total (est.) | HBM | fits: state | fits: est. | tokens/step | step s (est.) | tokens/s (est.) |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for candidate in candidates:
     devices = math.prod(candidate.mesh.values())
     memory = candidate.memory_gib * GIB
@@ -248,7 +267,7 @@ def main() -> None:
       # the gradients are among the step's temporaries: with the rest of the state, the least a step holds
       if not args.no_temporaries and sum(parts.values()) <= memory:  # else it cannot fit whatever XLA plans
         request = {"model": args.model, "mesh": candidate.mesh, "devices": devices, "method": method,
-                   "experts": experts["experts"], "tokens": [args.rows, args.seq]}
+                   "experts": experts["experts"], "tokens": [args.rows, args.seq], "remat": args.remat}
         done = subprocess.run([sys.executable, __file__, "--temporaries-of", json.dumps(request)],
                               capture_output=True, text=True)
         if done.returncode:
@@ -261,8 +280,10 @@ def main() -> None:
       seconds = step_tflop(cfg, method, tokens, args.seq, args.trained_share) / (rate * devices)
       mesh = ",".join(f"{k}={v}" for k, v in candidate.mesh.items())
       sizes = " | ".join(f"{value / unit:.1f}" for value in (*parts.values(), temporaries, total, memory))
-      print(f"| {candidate.name} | {devices} | {mesh} | {method} | {sizes} | {'yes' if total <= memory else 'no'} "
-            f"| {tokens} | {seconds:.2f} | {tokens / seconds:,.0f} |", flush=True)
+      state_fits = "yes" if sum(parts.values()) <= memory else "no"
+      fits = "n/c" if math.isnan(temporaries) and state_fits == "yes" else ("yes" if total <= memory else "no")
+      print(f"| {candidate.name} | {devices} | {mesh} | {method} | {sizes} | {state_fits} | {fits} | {tokens} "
+            f"| {seconds:.2f} | {tokens / seconds:,.0f} |", flush=True)
 
 if __name__ == "__main__":
   main()
