@@ -218,6 +218,7 @@ def main() -> None:
   parser.add_argument("--model", default="deepseek-v3")
   parser.add_argument("--candidates", nargs="*", help="names from the table (default: all)")
   parser.add_argument("--methods", nargs="*", default=["esft", "fft"], choices=["esft", "fft"])
+  parser.add_argument("--mesh", help="another mesh for the candidates named, e.g. fsdp=8,expert=32")
   parser.add_argument("--experts-per-layer", type=int, default=26)
   parser.add_argument("--expert-config", type=Path, default=Path("configs/sizing/deepseek-v3-esft-26.json"))
   parser.add_argument("--seq", type=int, default=4096)
@@ -248,6 +249,9 @@ def main() -> None:
   if unknown:
     raise SystemExit(f"--candidates {sorted(unknown)}: unknown; the candidates are {[c.name for c in known]}")
   candidates = [c for c in known if not args.candidates or c.name in args.candidates]
+  if args.mesh:
+    axes = {name: size for name, size in sharding.parse_mesh(args.mesh).items() if size != 1}
+    candidates = [dataclasses.replace(c, mesh=axes) for c in candidates]
   print(f"{args.model}: {parameter_counts(cfg).total / 1e9:.0f}B parameters; ESFT trains {args.experts_per_layer} "
         f"of {cfg.num_experts} routed experts in each of {len(cfg.moe_layer_ids)} MoE layers "
         f"({args.expert_config}); {args.rows} x {args.seq} tokens per batch shard"
