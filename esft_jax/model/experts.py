@@ -12,8 +12,8 @@ Expert parallelism: `experts` may hold a device's slice of the experts, global i
 first_expert + E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing: they
 become local id E, which the one-hot of "reference" leaves out (that path still runs every local expert on every
 token) and the grouped paths sort past the last group, where `lax.ragged_dot` and the "tiled" kernels compute
-nothing (the "ragged" kernels compute those rows as zeros; megablox skips them and "tpu" zeroes them). Ids stay global everywhere else
-(`weight_grad_experts` too).
+nothing (the "ragged" kernels compute those rows as zeros; megablox skips them and "tpu" zeroes them). Ids stay
+global everywhere else (`weight_grad_experts` too).
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
   kept as the oracle that the fast paths are tested against.
@@ -23,9 +23,9 @@ nothing (the "ragged" kernels compute those rows as zeros; megablox skips them a
   their own gradients; rows are padded per expert to whole tiles, still dropless.
 - "tpu": the same grouping on the Pallas TPU grouped matmuls that jax ships (megablox `gmm` / `tgmm`,
   `esft_jax.model.kernels.megablox`), with their own gradients.
-- "auto": "gpu" on a Hopper GPU, "tpu" on a TPU; on CPU "reference" unless its [E, T, F] intermediate is large (XLA:CPU runs
-  `lax.ragged_dot` 3-5x slower than the dense path even at 64 experts top-4, fwd+bwd, T=1024, D=128, F=64);
-  else "grouped".
+- "auto": "gpu" on a Hopper GPU, "tpu" on a TPU; on CPU "reference" unless its [E, T, F] intermediate is large
+  (XLA:CPU runs `lax.ragged_dot` 3-5x slower than the dense path even at 64 experts top-4, fwd+bwd, T=1024, D=128,
+  F=64); else "grouped".
 """
 
 from __future__ import annotations
