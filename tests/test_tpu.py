@@ -186,3 +186,13 @@ def test_sizing_tiny_prints_a_table_with_compiled_temporaries():
   assert abs(sum(parts) - float(cells["total (est.)"])) < 0.2
   assert cells["fits: state"] == "yes" and cells["fits: est."] in ("yes", "no")
   assert float(cells["tokens/s (est.)"].replace(",", "")) > 0
+
+
+@pytest.mark.parametrize("trained, weight_grad_kernels", [(None, 3), ((1, 5, 6), 9), ((), 0)])
+def test_tpu_backward_runs_weight_grad_kernels_only_for_trained_experts(trained, weight_grad_kernels):
+  """The backward's kernels, counted in its program: per projection a forward gmm and an input-gradient gmm, and
+  one tgmm over all experts (None) or one per trained expert, none with no expert trained."""
+  x, ids, weights, experts = _float32(moe_inputs(np.random.default_rng(3), 40, 3, 8, 16, 24, skewed=False))
+  loss = lambda x_, e_: jnp.sum(tpu_expert_ffn(x_, ids, weights, e_, interpret=True, weight_grad_experts=trained))
+  program = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, experts))  # each kernel a call of its jit
+  assert program.count("name=gmm") == 3 + 3 and program.count("name=tgmm") == weight_grad_kernels
