@@ -20,6 +20,7 @@ import numpy as np
 
 from esft_jax.config import ModelConfig, config_from_hf, read_hf_config
 from esft_jax.files import atomic_write_text
+from esft_jax.interop import fp8
 from esft_jax.interop.safetensors_io import CheckpointReader, write_checkpoint
 from esft_jax.paths import get_path
 
@@ -192,6 +193,7 @@ def _check_unused_tensors(reader: CheckpointReader, config: ModelConfig, hf_conf
   declares fewer layers or experts than the checkpoint holds would otherwise load a different, smaller model
   without a word."""
   used = {name for entry in table for name in entry.hf_names}
+  used |= {fp8.scale_name(name) for name in used}  # FP8 block scales, read with their weights (interop/fp8.py)
   used |= {entry.hf_names[0].rsplit(".experts.", 1)[0] + f".experts.{fused}"
            for entry in table if entry.kind == "experts" for fused in ("gate_up_proj", "down_proj")}
   unused = sorted((k for k in reader.keys() if k not in used and not _legitimately_unused(k, config, hf_config)),
@@ -227,7 +229,8 @@ class LoadedModel:
 def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = None,
                   check_finite: bool = False) -> LoadedModel:
   """Reads an HF model directory. `dtype` casts every parameter except the router (kept fp32, as transformers
-  keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32). `shardings` (a tree
+  keeps it); None keeps the checkpoint's dtypes exactly (the router still computes in fp32), except that FP8
+  block-scaled weights (DeepSeek-V3's release, `esft_jax.interop.fp8`) are dequantized to bf16. `shardings` (a tree
   like `esft_jax.sharding.param_shardings`) puts each tensor straight onto its devices, each receiving only its
   own shard: no device ever holds the whole model, and on several hosts each process fills only its devices.
   A checkpoint tensor the config does not use is an error (`_check_unused_tensors`). `check_finite` also
@@ -237,27 +240,30 @@ def load_hf_model(model_dir: str | Path, dtype: Any = None, shardings: Any = Non
   hf_config = read_hf_config(model_dir)
   config = config_from_hf(hf_config, str(model_dir / "config.json"))
   reader = CheckpointReader(model_dir)
-  quantized = [k for k in reader.keys() if k.endswith("weight_scale_inv")]
-  if quantized:
-    raise ValueError(f"{reader.file_of(quantized[0])}: FP8 block-quantized weights ({quantized[0]}); dequantize the "
-                     "checkpoint to bf16 first (DeepSeek's fp8_cast_bf16.py does this)")
+  block = fp8.weight_block_size(hf_config, reader, model_dir / "config.json")
+  if block is not None:  # the weights come out dequantized: a model written back from them is not FP8
+    hf_config = {k: v for k, v in hf_config.items() if k != "quantization_config"}
   table = tensor_table(config)
   _check_unused_tensors(reader, config, hf_config, table)
   shapes = expected_shapes(config)
   params: dict = {}
   non_finite: list[str] = []
   for entry in table:
-    array = _read_entry(reader, entry, shapes[entry.path])
+    # FP8 weights come as lazy views that dequantize only the slice each device receives.
+    array = fp8.dequantized_entry(reader, entry.hf_names, entry.kind, shapes[entry.path], block)
+    if array is None:
+      array = _read_entry(reader, entry, shapes[entry.path])
+      fp8.refuse_unscaled(array, reader, entry.hf_names[0])
     if check_finite:
       non_finite += _non_finite_names(entry, array)
     target = jnp.float32 if dtype is not None and _is_router(entry.path) else dtype
     node = params
     for key in entry.path[:-1]:
       node = node.setdefault(key, {})
+    host = array.astype(target or array.dtype, copy=False)
     if shardings is None:
-      node[entry.path[-1]] = jnp.asarray(array, dtype=target)
+      node[entry.path[-1]] = jnp.asarray(host)
     else:
-      host = array.astype(target or array.dtype, copy=False)
       node[entry.path[-1]] = jax.make_array_from_callback(host.shape, get_path(shardings, "/".join(entry.path)),
                                                           lambda index, host=host: host[index])
   if non_finite:

@@ -5,15 +5,15 @@
 `experts` holds the stacked SwiGLU weights of one MoE layer: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
 Each token's output is the sum over its K chosen experts of weight * expert(x), as in transformers.
 `weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
-all); "gpu" skips the others' weight-gradient matmuls and leaves their entries unwritten (arbitrary values: read
-only the experts named), the other paths compute them all.
+all); "gpu" and "tpu" skip the others' weight-gradient matmuls ("gpu" leaves their entries unwritten, arbitrary
+values; "tpu" zero: read only the experts named), the other paths compute them all.
 
 Expert parallelism: `experts` may hold a device's slice of the experts, global ids first_expert to
 first_expert + E - 1 (first_expert may be traced). Assignments to the other experts contribute nothing: they
 become local id E, which the one-hot of "reference" leaves out (that path still runs every local expert on every
 token) and the grouped paths sort past the last group, where `lax.ragged_dot` and the "tiled" kernels compute
-nothing (the "ragged" kernels compute those rows as zeros). Ids stay global everywhere else
-(`weight_grad_experts` too).
+nothing (the "ragged" kernels compute those rows as zeros; megablox skips them and "tpu" zeroes them). Ids stay
+global everywhere else (`weight_grad_experts` too).
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
   kept as the oracle that the fast paths are tested against.
@@ -21,14 +21,16 @@ nothing (the "ragged" kernels compute those rows as zeros). Ids stay global ever
   (`jax.lax.ragged_dot`); no capacity, so no token is ever dropped.
 - "gpu": the same grouping on Mosaic GPU grouped-matmul kernels for Hopper (`esft_jax.model.kernels`), with
   their own gradients; rows are padded per expert to whole tiles, still dropless.
-- "auto": "gpu" on a Hopper GPU; on CPU "reference" unless its [E, T, F] intermediate is large (XLA:CPU runs
-  `lax.ragged_dot` 3-5x slower than the dense path even at 64 experts top-4, fwd+bwd, T=1024, D=128, F=64);
-  else "grouped".
+- "tpu": the same grouping on the Pallas TPU grouped matmuls that jax ships (megablox `gmm` / `tgmm`,
+  `esft_jax.model.kernels.megablox`), with their own gradients.
+- "auto": "gpu" on a Hopper GPU, "tpu" on a TPU; on CPU "reference" unless its [E, T, F] intermediate is large
+  (XLA:CPU runs `lax.ragged_dot` 3-5x slower than the dense path even at 64 experts top-4, fwd+bwd, T=1024, D=128,
+  F=64); else "grouped".
 """
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import chex
 import jax
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 
 from esft_jax.model.kernels import hopper_available
 
-EXPERT_IMPLS = ("reference", "grouped", "gpu", "auto")
+EXPERT_IMPLS = ("reference", "grouped", "gpu", "tpu", "auto")
 
 
 def reference_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array]) -> jax.Array:
@@ -52,7 +54,9 @@ def reference_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.
   return jnp.einsum("etf,efd->td", hidden_ExTxF, experts["down_proj"])
 
 
-def grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array]) -> jax.Array:
+def grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array],
+                       matmul: Callable = jax.lax.ragged_dot) -> jax.Array:
+  """`matmul(lhs_PxK, rhs_GxKxN, group_sizes_G)`: a grouped matmul with `jax.lax.ragged_dot`'s contract."""
   t, k = ids_TxK.shape
   num_experts = experts["gate_proj"].shape[0]
   flat_ids = ids_TxK.reshape(-1)
@@ -60,9 +64,9 @@ def grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Ar
   # Ids E (experts elsewhere) sort last and fall outside every group.
   group_sizes = jnp.bincount(flat_ids, length=num_experts).astype(jnp.int32)
   x_sorted = x_TxD[order // k]
-  gate = jax.lax.ragged_dot(x_sorted, experts["gate_proj"], group_sizes)
-  up = jax.lax.ragged_dot(x_sorted, experts["up_proj"], group_sizes)
-  y_sorted = jax.lax.ragged_dot(jax.nn.silu(gate) * up, experts["down_proj"], group_sizes)
+  gate = matmul(x_sorted, experts["gate_proj"], group_sizes)
+  up = matmul(x_sorted, experts["up_proj"], group_sizes)
+  y_sorted = matmul(jax.nn.silu(gate) * up, experts["down_proj"], group_sizes)
   # Rows past the last group are zeroed here: ragged_dot's documentation does not say what it leaves there.
   y_sorted = jnp.where((jnp.arange(t * k) < jnp.sum(group_sizes))[:, None], y_sorted, 0)
   y_TxKxD = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(t, k, -1)
@@ -76,6 +80,8 @@ _CPU_DENSE_LIMIT = 2**28
 def _auto_impl(num_tokens: int, experts: Mapping[str, jax.Array]) -> str:
   if hopper_available():
     return "gpu"
+  if jax.default_backend() == "tpu":
+    return "tpu"
   num_experts, _, width = experts["gate_proj"].shape
   if jax.default_backend() == "cpu" and num_experts * num_tokens * width <= _CPU_DENSE_LIMIT:
     return "reference"
@@ -139,5 +145,10 @@ def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], im
     from esft_jax.model.kernels.ffn import gpu_expert_ffn  # imports Pallas' Mosaic GPU backend
 
     return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts,
+                          first_expert=first_expert)
+  if impl == "tpu":
+    from esft_jax.model.kernels.megablox import tpu_expert_ffn  # imports Pallas' TPU backend
+
+    return tpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts,
                           first_expert=first_expert)
   raise ValueError(f"expert implementation {impl!r} is unknown; use one of {EXPERT_IMPLS}")
