@@ -123,8 +123,10 @@ def test_dispatch_and_combine_match_take_in_values_and_gradients(align, gather):
     want, want_vjp = jax.vjp(simple, src, weights)
     np.testing.assert_allclose(out[compared], want[compared], rtol=1e-6, atol=1e-6)
     cotangent = jnp.asarray(rng.standard_normal(out.shape), jnp.float32)
+    # The weights' gradient sums d = 1024 products in fp32 in another order than the reference: rounding of a few
+    # 1e-5 on entries of size ~30.
     for grad, want_grad in zip(vjp(cotangent), want_vjp(cotangent)):
-      np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)
+      np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
