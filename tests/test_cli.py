@@ -269,6 +269,9 @@ def test_overwrite_removes_only_the_earlier_run(tmp_path):
     open_run_folder(run, {}, resume=False, overwrite=False)
   open_run_folder(run, {}, resume=False, overwrite=True).close()
   assert sorted(p.name for p in run.iterdir()) == [".lock", "notes.txt"]
+  # A run that stopped before its first step left only its run.json: a new try needs no --overwrite.
+  (run / "run.json").write_text("{}")
+  open_run_folder(run, {"method": "esft"}, resume=False, overwrite=False).close()
 
 
 def test_seed_sets_the_data_order(workspace):

@@ -66,8 +66,10 @@ def check_run_folder(out_dir: Path, record: dict, resume: bool, overwrite: bool)
     raise ValueError("--resume continues the run in --out and --overwrite replaces it: pass one of them")
   if out_dir.exists() and not out_dir.is_dir():
     raise ValueError(f"--out {out_dir}: exists and is not a folder")
+  # A run.json alone is a run that stopped before its first step (one that did not fit its device, say): the next
+  # try may change its settings without --overwrite.
   present = run_files(out_dir) if out_dir.is_dir() else []
-  if present and not (resume or overwrite):
+  if present and present != [RUN_JSON] and not (resume or overwrite):
     raise ValueError(f"--out {out_dir} already holds a run ({', '.join(present)}): pass --resume to continue it, "
                      "--overwrite to replace it, or choose another --out")
   if resume and (out_dir / RUN_JSON).exists():
