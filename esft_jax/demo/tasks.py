@@ -454,11 +454,16 @@ def pretraining_examples(name: str, k: int) -> list[dict]:
                                           pretraining=True)]
 
 
+def alignment_records(general: dict[str, Task]) -> list[dict]:
+  """The alignment SFT's records: every general family's train split."""
+  return [r for task in general.values() for r in task.train]
+
+
 def alignment_mix(general: dict[str, Task], n: int, seed: int) -> list[dict]:
   """n records drawn evenly from the general families' train splits, shuffled: what fine-tuning mixes 1:1 with a
   task's data."""
   rng = random.Random(f"esft-demo/alignment-mix/{seed}")
-  pool = [r for task in general.values() for r in task.train]
+  pool = alignment_records(general)
   if n > len(pool):
     raise ValueError(f"the alignment mix asks for {n} records but the general families hold {len(pool)}; "
                      "draw more general train items")

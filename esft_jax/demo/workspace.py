@@ -27,7 +27,8 @@ from esft_jax.data.jsonl import read_jsonl
 from esft_jax.data.pipeline import DataConfig, format_records
 from esft_jax.data.sources import open_examples
 from esft_jax.demo.pretrain import AlignSpec, BaseSpec, build_aligned, build_base, text_example
-from esft_jax.demo.tasks import TASK_NAMES, alignment_mix, make_all_tasks, make_general_tasks
+from esft_jax.demo.tasks import (TASK_NAMES, alignment_mix, alignment_records, make_all_tasks,
+                                 make_general_tasks)
 from esft_jax.esft.routing_pass import sample_until, score_examples
 from esft_jax.evaluate.runner import evaluate_generation, heldout_loss, multiple_choice, prompt_ids
 from esft_jax.files import atomic_write_text
@@ -129,8 +130,7 @@ class Workspace:
 
   @property
   def alignment(self) -> list[dict]:
-    """The alignment SFT's records: every general family's train split."""
-    return [r for family in self.general.values() for r in family.train]
+    return alignment_records(self.general)
 
   @functools.cached_property
   def held_out(self) -> list:
@@ -257,8 +257,7 @@ def prepare(out: Path, preset: DemoPreset, seed: int, cache_root: Path | None = 
     np.random.default_rng(seed).shuffle(mixed)
     _write_jsonl(data / f"{name}_mixed_train.jsonl", mixed)
 
-  alignment = [r for family in general.values() for r in family.train]  # as `Workspace.alignment`
-  base_dir = build_aligned(preset.base, preset.align, alignment, seed, cache_root, log)
+  base_dir = build_aligned(preset.base, preset.align, alignment_records(general), seed, cache_root, log)
   _, held_out = build_base(preset.base, cache_root, log)
   tokenizer = load_tokenizer(base_dir)
   base = load_hf_model(base_dir)
