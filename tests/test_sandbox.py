@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 import tempfile
 import time
 import uuid
@@ -143,3 +144,18 @@ def test_without_namespaces_code_still_runs_and_a_warning_says_so(monkeypatch):
     assert sandbox.isolation() == "limits only"
   assert run_python("import os\nassert os.getcwd().endswith('scratch')", 5.0)
   assert not run_python("raise SystemExit(3)", 5.0)
+
+
+@needs_namespaces
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's sandbox runs programs as another user")
+def test_an_interpreter_under_a_folder_closed_to_others_runs(tmp_path, monkeypatch):
+  # As a checkout in a 0700 temporary folder holds its virtual environment: `nobody` cannot look inside.
+  closed = tmp_path / "closed"
+  (closed / "venv" / "bin").mkdir(parents=True)
+  interpreter = closed / "venv" / "bin" / "python"
+  interpreter.symlink_to(os.path.realpath(sys.executable))
+  closed.chmod(0o700)
+  monkeypatch.setattr(sys, "executable", str(interpreter))
+  status, error = sandbox._run("import sys\nassert sys.executable.startswith(%r)" % str(closed), 10.0,
+                               isolated=True, keep_stderr=True)
+  assert status == 0, error

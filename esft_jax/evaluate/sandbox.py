@@ -231,7 +231,10 @@ def _launch(mode: str, scratch: str, program: str, limits_json: str, drop_to: st
     _set_limits(limits)
     _exec_program(scratch, program)
   libc = ctypes.CDLL(None, use_errno=True)
-  reachable = [Path(p).resolve() for p in (sys.executable, sys.prefix, sys.base_prefix, program)]
+  # The interpreter as it is named (a virtual environment's link, under a folder that may be closed to others, as
+  # a checkout in a 0700 temporary folder is), the file it links to, and the installations it reads.
+  reachable = [Path(os.path.abspath(sys.executable)),
+               *(Path(p).resolve() for p in (sys.executable, sys.prefix, sys.base_prefix, program))]
   try:
     _seal_file_system(libc, scratch, reachable)
   except OSError as e:
