@@ -335,7 +335,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
   run_demo(args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers,
-           seeds=tuple(args.seed) if args.seed else None)
+           seeds=tuple(args.seed) if args.seed else None, settings=tuple(args.setting) if args.setting else None)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -547,6 +547,10 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--seed", type=int, nargs="+", metavar="S",
                     help="the seeds to run (each draws its own tasks, alignment data and fine-tuning order; "
                          "default: 0 for tiny, 0 1 2 for small); a seed already run is read from OUT")
+  demo.add_argument("--setting", nargs="+", choices=["mixed", "unmixed"],
+                    help="the data settings to fine-tune in: mixed (the task's data 1:1 with alignment data, the "
+                         "paper's Table 1) and unmixed (the task's data alone, its Tables 9 and 10); default: mixed "
+                         "for tiny, both for small")
   demo.set_defaults(func=cmd_demo)
 
   ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",

@@ -6,6 +6,7 @@
 # machine's warm period resumes where the first stopped (finished stages are cached).
 #
 #   OUT=/tmp/out bash experiments/gpu_demo.sh                   # the demo; again until $OUT/demo.txt says "finished"
+#   OUT=/tmp/out bash experiments/gpu_demo.sh demo --setting mixed   # further arguments go to the command
 #   OUT=/tmp/out bash experiments/gpu_demo.sh random_experts    # an ablation on the demo's cached base
 #   (NAME is a config in configs/ablations/; granularity_groups_small fits the small preset's top-6)
 #
@@ -20,6 +21,7 @@
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 NAME=${1:-demo}
+shift || true
 OUT=$(realpath -m "${OUT:-build/gpu_demo}")
 DEADLINE=${DEADLINE:-540}
 CACHE=runs/demo-small/cache
@@ -51,7 +53,7 @@ fi
 left=$((DEADLINE - SECONDS))  # the wheels' install counts too
 ((left > 0)) || { echo "no time left before the deadline" | tee -a "$log"; exit 1; }
 timeout -k 10 "$left" python3 -m esft_jax.cli "${command[@]}" --preset small --out "$work" --cache "$CACHE" \
-  ${WORKERS:+--workers "$WORKERS"} 2>&1 \
+  ${WORKERS:+--workers "$WORKERS"} "$@" 2>&1 \
   | tee -a "$log"
 rc=${PIPESTATUS[0]}
 if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="stopped at the deadline"; else how="exit $rc"; fi

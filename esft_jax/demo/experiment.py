@@ -18,6 +18,7 @@ Every stage is cached under the output directory, so an interrupted demo resumes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -138,11 +139,13 @@ def _selected_share(scores_by_layer: dict, config: dict) -> float:
 def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = None, log=print,
              task_names: tuple[str, ...] = TASK_NAMES, methods: tuple[str, ...] = METHODS,
              preset: DemoPreset | None = None, workers: int | None = None,
-             seeds: tuple[int, ...] | None = None) -> dict:
+             seeds: tuple[int, ...] | None = None, settings: tuple[str, ...] | None = None) -> dict:
   """Runs (or resumes) the whole demo into `out`. `seeds` (default: the preset's) are run in order, the first
-  one's learning-rate search serving all. `task_names`, `methods` and `preset` narrow it for tests. `workers`
+  one's learning-rate search serving all. `settings` (default: the preset's) are the data settings fine-tuned. `task_names`, `methods` and `preset` narrow it for tests. `workers`
   (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once in worker processes."""
   preset = preset or PRESETS[preset_name]
+  if settings:
+    preset = dataclasses.replace(preset, settings=tuple(settings))
   seeds = tuple(seeds or preset.seeds)
   workers = workers or preset.workers
   share_device_with_workers(workers)
