@@ -335,7 +335,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
   from esft_jax.demo.experiment import run_demo
 
   run_demo(args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers,
-           seeds=tuple(args.seed) if args.seed else None, settings=tuple(args.setting) if args.setting else None)
+           seeds=tuple(args.seed) if args.seed else None, settings=tuple(args.setting) if args.setting else None,
+           lr_search_from=args.lr_search)
 
 
 def cmd_ablate(args: argparse.Namespace) -> None:
@@ -551,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data settings to fine-tune in: mixed (the task's data 1:1 with alignment data, the "
                          "paper's Table 1) and unmixed (the task's data alone, its Tables 9 and 10); default: mixed "
                          "for tiny, both for small")
+  demo.add_argument("--lr-search", type=Path, metavar="FILE",
+                    help="reuse the learning rates of an earlier run's search (its OUT/lr_search.json, e.g. a "
+                         "committed report's under experiments/results/) instead of searching; the report names it")
   demo.set_defaults(func=cmd_demo)
 
   ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",

@@ -8,7 +8,9 @@ import shutil
 
 import pytest
 
-from esft_jax.demo.experiment import PRESETS, run_demo
+from esft_jax.demo import experiment
+from esft_jax.demo.experiment import METHODS, PRESETS, run_demo
+from esft_jax.demo.report import protocol_text
 from esft_jax.demo.pretrain import AlignSpec, BaseSpec
 from esft_jax.demo.workspace import Job, prepare, run_jobs
 
@@ -117,3 +119,25 @@ def test_a_finding_holds_only_beyond_the_spread_over_seeds():
   assert not by_claim["ESFT comes near FFT on the trained tasks"]["held"]
   assert by_claim["Routing is concentrated per task"]["held"]
   assert by_claim["Little overlap across tasks"]["held"]
+
+
+def test_a_run_reuses_an_earlier_search_and_its_report_names_it(tmp_path, monkeypatch):
+  earlier = tmp_path / "earlier_lr_search.json"
+  search = {"grid": [1e-3, 3e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
+            "mean_val_loss": {m: {"0.001": 1.0, "0.003": 2.0} for m in METHODS},
+            "chosen": {m: 1e-3 for m in METHODS}}
+  earlier.write_text(json.dumps({**search, "chosen": {"FFT": 1e-3}}))
+  out = tmp_path / "out"
+  with pytest.raises(ValueError, match=r"earlier_lr_search.json: .*no chosen rate for \['LoRA'"):
+    run_demo(out, preset=MICRO, task_names=("intent",), log=lambda _: None, lr_search_from=earlier)
+  assert not out.exists()  # refused before anything was written
+
+  earlier.write_text(json.dumps(search))
+  monkeypatch.setattr(experiment, "search_learning_rates", lambda *a: pytest.fail("searched anyway"))
+  monkeypatch.setattr(experiment, "_seed_results", lambda ws, methods, lr, workers, log: {"lr": lr})
+  monkeypatch.setattr(experiment, "write_report", lambda out, results: None)
+  results = run_demo(out, preset=MICRO, task_names=("intent",), log=lambda _: None, lr_search_from=earlier)
+  assert results["per_seed"]["0"]["lr"] == search["chosen"]
+  assert json.loads((out / "lr_search.json").read_text())["reused_from"] == str(earlier)
+  assert f"those of the search in `{earlier}`" in protocol_text(results)
+  assert "not searched" not in protocol_text({**results, "lr_search": search})

@@ -19,6 +19,7 @@ Every stage is cached under the output directory, so an interrupted demo resumes
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from pathlib import Path
 
@@ -104,6 +105,20 @@ def search_learning_rates(ws: Workspace, methods: tuple[str, ...], workers: int,
           "val_loss": val_loss, "mean_val_loss": mean, "chosen": chosen}
 
 
+def reused_search(path: Path, methods: tuple[str, ...]) -> dict:
+  """An earlier run's learning-rate search (its OUT/lr_search.json), checked to name a rate for every method."""
+  try:
+    search = json.loads(Path(path).read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"--lr-search {path}: cannot read it as an earlier demo's lr_search.json ({e})") from e
+  missing = [m for m in methods if m not in search.get("chosen", {})]
+  if missing or not all(k in search for k in ("grid", "tasks", "seed", "mean_val_loss")):
+    raise ValueError(f"--lr-search {path}: not a complete learning-rate search (no chosen rate for {missing or '-'}, "
+                     "or no grid, tasks, seed or mean_val_loss); pass the lr_search.json an earlier `esft-jax demo` "
+                     "wrote in its OUT, or leave --lr-search out to search here")
+  return {**search, "reused_from": str(path)}
+
+
 def _seed_results(ws: Workspace, methods: tuple[str, ...], lr: dict, workers: int, log) -> dict:
   """Routing, selections, the base's evaluation and every (setting, task, method) run of one seed."""
   figures_dir = ws.dir / "figures"
@@ -139,14 +154,17 @@ def _selected_share(scores_by_layer: dict, config: dict) -> float:
 def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = None, log=print,
              task_names: tuple[str, ...] = TASK_NAMES, methods: tuple[str, ...] = METHODS,
              preset: DemoPreset | None = None, workers: int | None = None,
-             seeds: tuple[int, ...] | None = None, settings: tuple[str, ...] | None = None) -> dict:
+             seeds: tuple[int, ...] | None = None, settings: tuple[str, ...] | None = None,
+             lr_search_from: Path | None = None) -> dict:
   """Runs (or resumes) the whole demo into `out`. `seeds` (default: the preset's) are run in order, the first
-  one's learning-rate search serving all. `settings` (default: the preset's) are the data settings fine-tuned. `task_names`, `methods` and `preset` narrow it for tests. `workers`
+  one's learning-rate search serving all. `settings` (default: the preset's) are the data settings fine-tuned.
+  `lr_search_from`: an earlier run's lr_search.json, whose chosen rates are reused instead of searching. `task_names`, `methods` and `preset` narrow it for tests. `workers`
   (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once in worker processes."""
   preset = preset or PRESETS[preset_name]
   if settings:
     preset = dataclasses.replace(preset, settings=tuple(settings))
   seeds = tuple(seeds or preset.seeds)
+  reused = reused_search(lr_search_from, methods) if lr_search_from else None
   workers = workers or preset.workers
   share_device_with_workers(workers)
   started = time.time()
@@ -155,7 +173,11 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   for seed in seeds:
     ws = prepare(out, preset, seed, cache_root, log, task_names)
     if lr_search is None:
-      lr_search = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, methods, workers, log))
+      lr_search = cached_json(out / "lr_search.json",
+                              lambda: reused or search_learning_rates(ws, methods, workers, log))
+      if reused and lr_search["chosen"] != reused["chosen"]:
+        raise ValueError(f"{out / 'lr_search.json'} holds other learning rates than --lr-search {lr_search_from}; "
+                         "use another --out, or leave --lr-search out to continue with the rates already there")
       log("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lr_search["chosen"].items()))
     per_seed[str(seed)] = _seed_results(ws, methods, lr_search["chosen"], workers, log)
     base_parameters, top_k = count_parameters(ws.base.params), ws.base.config.num_experts_per_tok

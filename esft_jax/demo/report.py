@@ -27,7 +27,7 @@ The protocol follows the paper's section 3.1 and was fixed before any result was
   gate p=0.1); LoRA is rank 8.
 - **Learning rates.** One grid for every method ({grid}, the paper's 4-point grid scaled to the miniature's
   short runs), searched in the mixed setting on {search_tasks} with seed {search_seed}; each method takes the rate
-  of lowest mean validation loss on the training data's held-out split. Test scores play no part.
+  of lowest mean validation loss on the training data's held-out split. Test scores play no part.{reused}
 - **Evaluation.** Each fine-tuned model on its own task's test split (Table 1) and on general ability (Table 2:
   four-way multiple choice by log-likelihood on the general families' test splits, as the paper scores MMLU, ARC
   and HellaSwag, chance 25%; and the loss on held-out standard-library text).
@@ -82,6 +82,18 @@ def _finding(claim: str, margins: dict[str, list[float]], numbers: str, unit: st
           "evidence": f"{numbers}; margin {scale * mean:+.2f} {unit} against a spread of {scale * spread:.2f} "
                       f"({kind})",
           "margin": mean, "spread": spread}
+
+
+def protocol_text(results: dict) -> str:
+  """The report's protocol section for `results`' settings and learning-rate search."""
+  search = results["lr_search"]
+  unmixed = "unmixed" in results["settings"] and main_setting(results) == "mixed"
+  return PROTOCOL.format(
+      unmixed=", and unmixed, the task's data alone (Tables 9 and 10)" if unmixed else "",
+      grid=", ".join(f"{lr:g}" for lr in search["grid"]), search_tasks=" and ".join(search["tasks"]),
+      search_seed=search["seed"],
+      reused=(f" The rates were not searched in this run: they are those of the search in `{search['reused_from']}`, "
+              "run earlier on this preset." if "reused_from" in search else ""))
 
 
 def findings(results: dict) -> list[dict]:
@@ -245,10 +257,7 @@ def write_report(out: Path, results: dict) -> Path:
   _plot_validation_curves(out, results, figures / "validation_curves.png")
   setting, search = main_setting(results), results["lr_search"]
   unmixed = "unmixed" in results["settings"] and setting == "mixed"
-  protocol = PROTOCOL.format(
-      unmixed=", and unmixed, the task's data alone (Tables 9 and 10)" if unmixed else "",
-      grid=", ".join(f"{lr:g}" for lr in search["grid"]), search_tasks=" and ".join(search["tasks"]),
-      search_seed=search["seed"])
+  protocol = protocol_text(results)
   wall = f"{results['wall_seconds'] / 60:.1f} min"
   if results.get("resumed_runs"):
     wall += f" (this invocation only: {results['resumed_runs']} runs were finished by earlier invocations)"
@@ -257,7 +266,9 @@ def write_report(out: Path, results: dict) -> Path:
       f"# esft-jax demo: ESFT in miniature\n\nPreset `{results['preset']}`; seeds {results['seeds']}; aligned base "
       f"of {results['base_parameters']:,} parameters; total wall time {wall} on {jax.devices()[0].device_kind} "
       f"({platform.processor() or platform.machine()}), jax {jax.__version__}. Generated with `esft-jax demo "
-      f"--preset {results['preset']} --seed {' '.join(map(str, results['seeds']))}`.",
+      f"--preset {results['preset']} --seed {' '.join(map(str, results['seeds']))}"
+      f" --setting {' '.join(results['settings'])}"
+      + (f" --lr-search {search['reused_from']}" if "reused_from" in search else "") + "`.",
       "## Protocol\n\n" + protocol,
       "## The paper's findings, here\n\n" + "\n".join(
           f"- {f['finding']}. **{'held' if f['held'] else 'did not hold'}**: {f['evidence']}."
