@@ -23,10 +23,10 @@ layout's static row bound leaves a fifth of the rows there at 16k rows, and no c
   derivatives in gate and up; in the backward, dgate and dup as the hidden's gradient times those.
   Each saves an elementwise pass over [P, F] or [P, D] arrays.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
-  runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
+  runs zero steps and gets an exact zero. ESFT freezes most experts: `trained_experts` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
   Under expert parallelism rhs holds one device's experts, the first of them global expert `first_group` (traced:
-  the device's index), and `weight_grad_groups` names global experts, static for every device alike.
+  the device's index), and `trained_experts` names global experts, static for every device alike.
 """
 
 from __future__ import annotations
@@ -713,25 +713,25 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
-                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+                 trained_experts: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; rows past them are
   left unwritten (read only the groups' rows).
-  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
-  being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
+  The gradient of rhs is computed only for the experts in `trained_experts` (default: all; global ids, rhs[g]
+  being expert first_group + g) and left unwritten elsewhere: read only the experts named."""
   return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(),
                          interpret=interpret)
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
-  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group):
+  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group)
   return out, (lhs_PxK, rhs_GxKxN, group_sizes_G, first_group)
 
 
-def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
+def _tiled_matmul_bwd(interpret, trained_experts, residuals, dout_PxN):
   lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
   dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
   dlhs_PxK = _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret)
-  drhs_GxKxN = _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+  drhs_GxKxN = _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group)
   return dlhs_PxK, drhs_GxKxN, None, None
 
 
@@ -740,17 +740,17 @@ tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret: bool = False,
-                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+                 trained_experts: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """(silu(x[r] @ gate[g(r)]) * (x[r] @ up[g(r)])) @ down[g(r)], rows as in `tiled_matmul`, weight gradients as
   there. Forward: one kernel loads each x tile once for gate and up, applies the SiLU to their fp32 products and
   stores the hidden's partial derivatives in gate and up for the backward. Backward: dgate and dup (the hidden's
   gradient times those) are the epilogue of the hidden's input-gradient kernel, and x's gradient
   dgate @ gate.T + dup @ up.T is one kernel's sum of two terms."""
-  return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+  return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, trained_experts,
                            first_group)[0]
 
 
-def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, trained_experts,
                       first_group):
   *partials_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
                                               cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
@@ -760,7 +760,7 @@ def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, in
   return y_PxD, (x_PxD, weights, group_sizes_G, first_group, *partials_PxF, hidden_PxF)
 
 
-def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
+def _tiled_swiglu_bwd(interpret, trained_experts, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, *partials_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", tuple(partials_PxF))
@@ -769,7 +769,7 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
     terms_cfg = forward_config()
   dx_PxD = grouped_forward((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=True,
                            cfg=terms_cfg, interpret=interpret)
-  weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
+  weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, trained_experts,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
           weight_grad(hidden_PxF, dy_PxD, down_GxFxD), None, None)
@@ -784,9 +784,9 @@ def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="product
                          interpret=interpret, epilogue=epilogue, sides=sides)
 
 
-def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
+def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group):
   """rhs's gradient (see tiled_matmul): zeros without a kernel when nothing trains in the layer."""
-  if weight_grad_groups == ():
+  if trained_experts == ():
     return jnp.zeros_like(rhs_GxKxN)
   return grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=WEIGHT_GRAD_TILES, interpret=interpret,
-                             groups=weight_grad_groups, first_group=first_group)
+                             groups=trained_experts, first_group=first_group)
