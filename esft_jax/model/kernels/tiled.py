@@ -46,8 +46,8 @@ from esft_jax.model.kernels.mosaic import launch
 
 HALF_TILE_ROWS = 64  # M of one wgmma instruction
 # Every group's row count is a multiple of this. A row tile of 128 never spans two groups: a group's last tile may
-# hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Against groups
-# padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.28x (BENCHMARKS.md, kernel
+# hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Groups padded to 64
+# rather than 128 rows compute fewer padding rows where routing leaves many experts few rows (BENCHMARKS.md, kernel
 # choices); in blocks split by rows between the two compute warpgroups, a half tile leaves the lower one idle.
 ALIGN = HALF_TILE_ROWS
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
@@ -71,7 +71,7 @@ class TileConfig:
   # A persistent kernel visits output tiles in bands of this many column tiles (plgpu.planar_snake). 16 is wider
   # than any output here (11 column tiles of width 1408, 8 of 2048), so each row tile's columns come one after
   # another: each lhs row tile is read from HBM once, and the weights of the experts in flight stay in L2
-  # (narrower bands measured slower: BENCHMARKS.md, kernel choices).
+  # (narrower bands run slower: BENCHMARKS.md, kernel choices).
   grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
   # Output staging: None holds each slot (side array or output) as a whole warpgroup tile; a width stages the tile
@@ -123,9 +123,9 @@ def forward_config(epilogue: str = "products") -> TileConfig:
   """Tiles of the forward / input-gradient kernels for `epilogue`: ping-pong blocks of 128 x 128 (each compute
   warpgroup its own, in turn), outputs and side arrays staged in pieces of 32 columns (16 for swiglu_grad's two side
   arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
-  past it. In `bench_moe.py --sweep` at 16k and 32k rows these were at least as fast as the best tiling whose
-  blocks both warpgroups share, kernel by kernel, and faster where the epilogue is heavy (BENCHMARKS.md, kernel
-  choices)."""
+  past it. One warpgroup's epilogue overlaps the other's mainloop, so against the best tiling whose blocks both
+  warpgroups share these run about as fast kernel by kernel, and faster where the epilogue is heavy (BENCHMARKS.md,
+  kernel choices)."""
   return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
@@ -136,7 +136,7 @@ SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 # Tiles of x's input gradient in the SwiGLU's backward, dgate @ gate.T + dup @ up.T: two terms of F / 64 K blocks
 # each. Over such a long mainloop the epilogue weighs little, and 128 x 256 blocks shared by both warpgroups (fewer
-# operand bytes per flop) beat forward_config's ping-pong ones (BENCHMARKS.md, kernel choices).
+# operand bytes per flop) run faster than forward_config's ping-pong ones (BENCHMARKS.md, kernel choices).
 SUM_OF_TERMS_TILES = TileConfig(128, 128, "n", store_n=16)
 
 
@@ -184,8 +184,8 @@ def _sigmoid(x):
 
 def _swiglu(values, _):
   # hidden = silu(gate) * up, stored with its partial derivatives (all the backward needs of gate and up), so that
-  # the backward's epilogue is two products: its SiLU math, with two fast-math instructions per element, had made
-  # the hidden's input-gradient kernel the slowest of the SwiGLU (445 TFLOP/s against about 640 in a 27-layer step).
+  # the epilogue of the hidden's input-gradient kernel is two products per element rather than the SiLU's exp and
+  # rsqrt again: the forward computes them anyway.
   gate, up = values
   sigmoid = _sigmoid(gate)
   silu = gate * sigmoid
@@ -542,7 +542,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
-# per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
+# per layer.
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "epilogue"))
 def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
                     epilogue: str = "products", sides: tuple = ()):
