@@ -269,7 +269,8 @@ def _scratch(cfg: TileConfig, staging: _Staging, dtype, a_block: tuple, b_block:
              epilogue: Epilogue) -> dict:
   """The block's shared memory and barriers, by the names `_run_tiles`' kernel takes: the operand rings (one lhs,
   `products` rhs), `loaded` (a stage's blocks have arrived) and `consumed` (its wgmmas have read them) per stage,
-  the output staging, and with side arrays a barrier per compute warpgroup, set of slots and side."""
+  each compute warpgroup's output staging, and with side arrays a barrier per compute warpgroup, set of slots and
+  side."""
   operand_transforms = _swizzled(cfg.tile_k, dtype)
   pingpong = cfg.split == "pingpong"
   scratch = {
