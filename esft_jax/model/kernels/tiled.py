@@ -23,10 +23,10 @@ layout's static row bound leaves a fifth of the rows there at 16k rows, and no c
   derivatives in gate and up; in the backward, dgate and dup as the hidden's gradient times those.
   Each saves an elementwise pass over [P, F] or [P, D] arrays.
 - weight gradient dW_e = X_e^T dY_e: the same pipeline over each expert's own rows only; an expert with no rows
-  runs zero steps and gets an exact zero. ESFT freezes most experts: `weight_grad_groups` names the ones whose
+  runs zero steps and gets an exact zero. ESFT freezes most experts: `trained_experts` names the ones whose
   gradient is needed, and the others' tiles are skipped, neither computed nor written (unread by the caller).
   Under expert parallelism rhs holds one device's experts, the first of them global expert `first_group` (traced:
-  the device's index), and `weight_grad_groups` names global experts, static for every device alike.
+  the device's index), and `trained_experts` names global experts, static for every device alike.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-from typing import Callable, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -46,8 +46,8 @@ from esft_jax.model.kernels.mosaic import launch
 
 HALF_TILE_ROWS = 64  # M of one wgmma instruction
 # Every group's row count is a multiple of this. A row tile of 128 never spans two groups: a group's last tile may
-# hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Against groups
-# padded to 128, skewed routing at 16k rows computes 1.14x the real rows instead of 1.28x (BENCHMARKS.md, kernel
+# hold only its top 64 rows (the height of one wgmma), and then computes and stores those alone. Groups padded to 64
+# rather than 128 rows compute fewer padding rows where routing leaves many experts few rows (BENCHMARKS.md, kernel
 # choices); in blocks split by rows between the two compute warpgroups, a half tile leaves the lower one idle.
 ALIGN = HALF_TILE_ROWS
 _SMEM_BYTES = 227 * 1024  # shared memory one Hopper block may use
@@ -71,7 +71,7 @@ class TileConfig:
   # A persistent kernel visits output tiles in bands of this many column tiles (plgpu.planar_snake). 16 is wider
   # than any output here (11 column tiles of width 1408, 8 of 2048), so each row tile's columns come one after
   # another: each lhs row tile is read from HBM once, and the weights of the experts in flight stay in L2
-  # (narrower bands measured slower: BENCHMARKS.md, kernel choices).
+  # (narrower bands run slower: BENCHMARKS.md, kernel choices).
   grid_tile_width: int = 16
   delay_release: int = 1  # wgmma groups left in flight while the next step's operands are awaited
   # Output staging: None holds each slot (side array or output) as a whole warpgroup tile; a width stages the tile
@@ -123,9 +123,9 @@ def forward_config(epilogue: str = "products") -> TileConfig:
   """Tiles of the forward / input-gradient kernels for `epilogue`: ping-pong blocks of 128 x 128 (each compute
   warpgroup its own, in turn), outputs and side arrays staged in pieces of 32 columns (16 for swiglu_grad's two side
   arrays), leaving room for 5 pipeline stages. 128 divides every width the kernels take (`supported`), so no tile runs
-  past it. In `bench_moe.py --sweep` at 16k and 32k rows these were at least as fast as the best tiling whose
-  blocks both warpgroups share, kernel by kernel, and faster where the epilogue is heavy (BENCHMARKS.md, kernel
-  choices)."""
+  past it. One warpgroup's epilogue overlaps the other's mainloop, so against the best tiling whose blocks both
+  warpgroups share these run about as fast kernel by kernel, and faster where the epilogue is heavy (BENCHMARKS.md,
+  kernel choices)."""
   return TileConfig(128, 128, "pingpong", store_n=16 if _epilogue(epilogue).sides > 1 else 32, max_stages=8)
 
 
@@ -136,7 +136,7 @@ SHARED_LHS_TILES = TileConfig(64, 128, "m")
 
 # Tiles of x's input gradient in the SwiGLU's backward, dgate @ gate.T + dup @ up.T: two terms of F / 64 K blocks
 # each. Over such a long mainloop the epilogue weighs little, and 128 x 256 blocks shared by both warpgroups (fewer
-# operand bytes per flop) beat forward_config's ping-pong ones (BENCHMARKS.md, kernel choices).
+# operand bytes per flop) run faster than forward_config's ping-pong ones (BENCHMARKS.md, kernel choices).
 SUM_OF_TERMS_TILES = TileConfig(128, 128, "n", store_n=16)
 
 
@@ -184,8 +184,8 @@ def _sigmoid(x):
 
 def _swiglu(values, _):
   # hidden = silu(gate) * up, stored with its partial derivatives (all the backward needs of gate and up), so that
-  # the backward's epilogue is two products: its SiLU math, with two fast-math instructions per element, had made
-  # the hidden's input-gradient kernel the slowest of the SwiGLU (445 TFLOP/s against about 640 in a 27-layer step).
+  # the epilogue of the hidden's input-gradient kernel is two products per element rather than the SiLU's exp and
+  # rsqrt again: the forward computes them anyway.
   gate, up = values
   sigmoid = _sigmoid(gate)
   silu = gate * sigmoid
@@ -238,18 +238,22 @@ class TileWork(NamedTuple):
   rows: jax.Array | None = None  # rows the tile holds: block_m, or 64 (a group's last half tile); None: block_m
 
 
-def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: tuple, b_block: tuple,
-               mma: Callable, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> None:
-  """The body of a persistent kernel over `grid`'s output tiles (split among the blocks along "sm"): for each,
-  `work_at(index)` says what to accumulate and where the epilogue stores. The memory warpgroup streams operand
-  blocks (a_block and `products` b_block shapes) through one ring of stages for all the block's tiles, so the next
-  tile's first blocks arrive while the compute warpgroups finish the last one and store it. (Pallas' warp-specialized
-  pipeline, one per tile, waits for the tile's steps to be consumed before loading the next, and measured slower
-  with equal outputs; BENCHMARKS.md, kernel choices.) mma(wg, a_smem, b_smem) gives
-  warpgroup wg's wgmma operands. With cfg.split "pingpong" the block's tiles go to the compute warpgroups in turn,
-  and each stage's loads are signalled to its tile's warpgroup alone: Mosaic tracks a barrier's phase per thread,
-  so a warpgroup must await every phase of the barriers it waits on, and none of the others'."""
-  pingpong = cfg.split == "pingpong"
+class _Staging(NamedTuple):
+  """A persistent kernel's shared-memory plan: `stages` operand blocks in the ring, and each compute warpgroup's
+  output staging, `sets` sets of `slots` slots (one per product or side), each slot `columns` wide, the tile's
+  columns leaving in `pieces` of that width."""
+
+  stages: int
+  slots: int
+  sets: int
+  pieces: int
+  columns: int
+
+
+def _staging(cfg: TileConfig, dtype, products: int, epilogue: Epilogue) -> _Staging:
+  """The deepest pipeline that fits shared memory beside the output staging of `products` and `epilogue`. The
+  memory warpgroup reuses a stage once its blocks are released, which the compute warpgroups do delay_release steps
+  late: at least one stage more than that keeps the pipeline moving."""
   slots = _slots(products, epilogue)
   stages = cfg.stages(jnp.dtype(dtype).itemsize, products, slots)
   if stages <= cfg.delay_release:  # else the memory warpgroup would wait for a release that never comes
@@ -258,176 +262,280 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
                      f"{cfg.delay_release}: stage the outputs in pieces (store_n), use smaller tiles or a smaller "
                      "delay_release")
   buffers, columns = cfg.staging(slots)
-  pieces, sets = cfg.tile_n // columns, buffers // slots
+  return _Staging(stages, slots, buffers // slots, cfg.tile_n // columns, columns)
+
+
+def _scratch(cfg: TileConfig, staging: _Staging, dtype, a_block: tuple, b_block: tuple, products: int,
+             epilogue: Epilogue) -> dict:
+  """The block's shared memory and barriers, by the names `_run_tiles`' kernel takes: the operand rings (one lhs,
+  `products` rhs), `loaded` (a stage's blocks have arrived) and `consumed` (its wgmmas have read them) per stage,
+  each compute warpgroup's output staging, and with side arrays a barrier per compute warpgroup, set of slots and
+  side."""
   operand_transforms = _swizzled(cfg.tile_k, dtype)
+  pingpong = cfg.split == "pingpong"
   scratch = {
-    "a_ring": plgpu.SMEM((stages, *a_block), dtype, transforms=operand_transforms),
-    "b_rings": [plgpu.SMEM((stages, *b_block), dtype, transforms=operand_transforms) for _ in range(products)],
+    "a_ring": plgpu.SMEM((staging.stages, *a_block), dtype, transforms=operand_transforms),
+    "b_rings": [plgpu.SMEM((staging.stages, *b_block), dtype, transforms=operand_transforms) for _ in range(products)],
     # per stage, and in ping-pong per compute warpgroup too
-    "loaded": plgpu.Barrier(num_arrivals=1 + products, num_barriers=stages * (2 if pingpong else 1)),
-    "consumed": plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=stages),  # by the step's warpgroups
-    "out_smem": plgpu.SMEM((2, buffers, cfg.tile_m, columns), dtype, transforms=_swizzled(columns, dtype)),
+    "loaded": plgpu.Barrier(num_arrivals=1 + products, num_barriers=staging.stages * (2 if pingpong else 1)),
+    # by the step's warpgroups: both, or in ping-pong the tile's own
+    "consumed": plgpu.Barrier(num_arrivals=1 if pingpong else 2, num_barriers=staging.stages),
+    "out_smem": plgpu.SMEM((2, staging.sets * staging.slots, cfg.tile_m, staging.columns), dtype,
+                           transforms=_swizzled(staging.columns, dtype)),
   }
-  if epilogue.sides:  # one per warpgroup, set of slots and side
-    scratch["side_barriers"] = plgpu.Barrier(num_barriers=2 * sets * epilogue.sides)
+  if epilogue.sides:
+    scratch["side_barriers"] = plgpu.Barrier(num_barriers=2 * staging.sets * epilogue.sides)
+  return scratch
+
+
+@dataclasses.dataclass(frozen=True)
+class _Block:
+  """One block of a persistent tile kernel as warpgroup `wg` sees it (compute warpgroups 0 and 1, memory
+  warpgroup 2): the tiles' shape, the shared-memory pipeline and output staging, and where things are in them."""
+
+  cfg: TileConfig
+  dtype: Any
+  staging: _Staging
+  products: int
+  epilogue: Epilogue
+  wg: jax.Array
+  wg_first_row: jax.Array | int  # first row of the warpgroup's part of the block's tile
+  a_ring: Any
+  b_rings: list
+  loaded: Any
+  consumed: Any
+  out_smem: Any
+  side_barriers: Any = None
+
+  @property
+  def pingpong(self) -> bool:
+    return self.cfg.split == "pingpong"
+
+  def stage_of(self, step):
+    return lax.rem(step, self.staging.stages)
+
+  def owner_of(self, local_index):
+    """Which set of `loaded` barriers signals the block's local_index-th tile: in ping-pong a set per compute
+    warpgroup, the two taking tiles in turn; else one set, both warpgroups taking every tile."""
+    return lax.rem(local_index, 2) if self.pingpong else 0
+
+  @property
+  def awaited(self):
+    """The set of `loaded` barriers warpgroup wg awaits (see owner_of)."""
+    return self.wg if self.pingpong else 0
+
+  def loaded_at(self, owner, step):
+    return self.loaded.at[owner * self.staging.stages + self.stage_of(step)]
+
+  def await_consumed(self, step):
+    plgpu.barrier_wait(self.consumed.at[self.stage_of(step)])
+
+  def release(self, step):
+    plgpu.barrier_arrive(self.consumed.at[self.stage_of(step)])
+
+  def for_held_rows(self, work: TileWork, fn: Callable, or_none: bool = False) -> None:
+    """fn(r) for the r rows of the tile that warpgroup wg's part holds (static: tile_m, or 64 of a half tile's);
+    where it holds none (the lower part of a half tile), fn(0) if or_none, else nothing."""
+    if work.rows is None:
+      return fn(self.cfg.tile_m)
+    held = work.rows - self.wg_first_row  # of the part's tile_m rows: all if >= tile_m, none if <= 0
+    pl.when(held >= self.cfg.tile_m)(functools.partial(fn, self.cfg.tile_m))
+    if HALF_TILE_ROWS < self.cfg.tile_m:
+      pl.when(held == HALF_TILE_ROWS)(functools.partial(fn, HALF_TILE_ROWS))
+    if or_none:
+      pl.when(held <= 0)(functools.partial(fn, 0))
+
+  def piece_of(self, ref, work: TileWork, r: int, piece: int):
+    """GMEM: r rows of warpgroup wg's part of the tile, in the column piece's columns."""
+    columns = self.staging.columns
+    return ref.at[pl.ds(work.first_row + self.wg_first_row, r), _wg_slice(self.cfg, self.wg, "n")].at[
+      :, pl.ds(piece * columns, columns)]
+
+  def slot(self, piece: int, i: int):
+    """Slot i of the column piece's set, in warpgroup wg's output staging."""
+    return self.out_smem.at[self.wg, (piece % self.staging.sets) * self.staging.slots + i]
+
+  def side_loaded(self, piece: int, i: int):
+    """The barrier of side i's tile in the column piece's slots."""
+    return self.side_barriers.at[(self.wg * self.staging.sets + piece % self.staging.sets) * self.epilogue.sides + i]
+
+
+def _load_sides(block: _Block, work: TileWork, piece: int) -> None:
+  """Starts copying the side arrays' tiles of one column piece (the rows warpgroup wg holds) into its slots."""
+
+  def load(r):
+    for i, side_src in enumerate(work.sides):
+      plgpu.copy_gmem_to_smem(block.piece_of(side_src, work, r, piece), block.slot(piece, i).at[pl.ds(0, r)],
+                              block.side_loaded(piece, i))
+
+  block.for_held_rows(work, load)
+
+
+def _load_first_sides(block: _Block, work: TileWork) -> None:
+  """Starts the side arrays' first pieces, one per set of slots; the later pieces load in the epilogue."""
+  plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
+  for piece in range(min(block.staging.sets, block.staging.pieces)):
+    _load_sides(block, work, piece)
+
+
+def _store_tile(block: _Block, values: list, work: TileWork) -> None:
+  """Stores the epilogue of warpgroup wg's fp32 `values`, column piece by piece: each piece's sides (if any) are
+  read from its set, while the next piece's load into the other set, then its outputs leave from the same slots."""
+  staging, epilogue = block.staging, block.epilogue
+  if not epilogue.sides:  # (with side arrays, _load_first_sides has waited)
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
+  for piece in range(staging.pieces):
+    if epilogue.sides and 0 < piece < staging.pieces - 1:
+      # The next piece's sides go to the other set once the previous piece's stores have read it.
+      plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+      _load_sides(block, work, piece + 1)
+    sides = []
+    for i in range(epilogue.sides):
+      block.for_held_rows(work, lambda _, i=i: plgpu.barrier_wait(block.side_loaded(piece, i)))
+      sides.append(block.slot(piece, i)[...])  # (rows not held: whatever the slot held, never stored)
+    cols = slice(piece * staging.columns, (piece + 1) * staging.columns)
+    _store_piece(block, epilogue.fn([value[:, cols] for value in values], sides), work, piece)
+
+
+def _store_piece(block: _Block, outs: list, work: TileWork, piece: int) -> None:
+  """Copies one column piece's outputs to GMEM through its set's slots; outputs past the set's slots reuse them
+  once their copies have read them (copies finish in the order issued)."""
+  slots = block.staging.slots
+  if block.epilogue.sides:
+    plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
+  elif piece >= block.staging.sets:
+    # The stores of this set's last piece (piece - 2) have read it; piece - 1's may still be in flight.
+    plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)
+  for first in range(0, len(outs), slots):
+    chunk = outs[first:first + slots]
+    if first:
+      plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)
+    for i, out in enumerate(chunk):
+      block.slot(piece, i)[...] = out.astype(block.dtype)
+    plgpu.commit_smem()
+    for i in range(len(chunk)):
+      block.for_held_rows(work, lambda r, i=i: plgpu.copy_smem_to_gmem(
+        block.slot(piece, i).at[pl.ds(0, r)], block.piece_of(work.outs[first + i], work, r, piece)))
+
+
+def _memory_warpgroup(block: _Block, grid: tuple, work_at: Callable, block_rows: int) -> None:
+  """The memory warpgroup: streams every tile's operand blocks, tile after tile, through the one ring of stages,
+  each into a stage its blocks' last readers have released. block_rows: the rows of a whole tile's lhs block."""
+  plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
+
+  @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+  def loaded_steps(info, carry):  # (nd_loop passes the carry by this name)
+    first_step, work = carry, work_at(info.index)  # operand blocks loaded so far, which name the next stage
+    steps = jnp.maximum(work.steps, 0)
+    load = functools.partial(_load_tile, block, work, first_step, steps, info.local_index)
+    if work.rows is None:
+      load(block_rows)
+    else:  # once per tile, as the compute warpgroups choose their mainloop
+      for r in sorted({HALF_TILE_ROWS, block_rows}):
+        pl.when(work.rows == r)(functools.partial(load, r))
+    return first_step + steps
+
+  # The last stages' releases too: every phase of a barrier must be awaited (Pallas' interpreter checks this).
+  pl.loop(jnp.maximum(loaded_steps - block.staging.stages, 0), loaded_steps)(block.await_consumed)
+
+
+def _load_tile(block: _Block, work: TileWork, first_step, steps, local_index, r: int) -> None:
+  """Copies one tile's `steps` operand blocks (the lhs blocks' top r rows) into the ring's stages from first_step
+  on, each once its stage is released, signalling the `loaded` barrier of the tile's owner."""
+  stages = block.staging.stages
+
+  @pl.loop(0, steps)
+  def _(k):
+    step = first_step + k
+    stage = block.stage_of(step)
+    pl.when(step >= stages)(lambda: block.await_consumed(step - stages))  # the stage's last blocks were read
+    signal = block.loaded_at(block.owner_of(local_index), step)
+
+    def copy(a_src, b_srcs):
+      plgpu.copy_gmem_to_smem(a_src, block.a_ring.at[stage, pl.ds(0, r)], signal)
+      for b_src, b_ring in zip(b_srcs, block.b_rings):
+        plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
+
+    work.operands(k, r, copy)
+
+
+def _compute_warpgroup(block: _Block, grid: tuple, work_at: Callable, mma: Callable) -> None:
+  """A compute warpgroup: walks the block's tiles in the memory warpgroup's order, counting their steps to know
+  each one's stages, and accumulates and stores those it owns (all, or in ping-pong every other one)."""
+  cfg = block.cfg
+  plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
+
+  @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
+  def _(info, carry):
+    first_step, work = carry, work_at(info.index)  # as the memory warpgroup's
+    steps = jnp.maximum(work.steps, 0)
+    accumulate = functools.partial(_accumulate_tile, block, work, first_step, steps, mma)
+    pl.when((work.steps >= 0) & (block.owner_of(info.local_index) == block.awaited))(
+      lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
+                                           for i in range(block.products)}))
+    return first_step + steps
+
+
+def _accumulate_tile(block: _Block, work: TileWork, first_step, steps, mma: Callable, **accs) -> None:
+  """One tile on warpgroup wg: accumulates its products in fp32 `accs` (acc0, acc1, ...: one per product), releases
+  its stages, and stores the epilogue."""
+  accs = [accs[f"acc{i}"] for i in range(block.products)]
+  if block.epilogue.sides:
+    pl.when(steps == 0)(lambda: _load_first_sides(block, work))
+  # One loop per count of rows held, chosen once per tile: a branch around each wgmma would slow every tile, also
+  # under even routing, which has no half tiles.
+  block.for_held_rows(work, functools.partial(_mainloop, block, work, first_step, steps, mma, accs), or_none=True)
+  plgpu.wgmma_wait(0)
+  for late in range(block.cfg.delay_release):  # the tile's last blocks, still held by the mainloop
+    pl.when(steps > late)(lambda late=late: block.release(first_step + steps - 1 - late))
+  _store_tile(block, [acc[...] for acc in accs], work)
+
+
+def _mainloop(block: _Block, work: TileWork, first_step, steps, mma: Callable, accs: list, r: int) -> None:
+  """The tile's K steps for warpgroup wg's part holding r rows: await the stage, issue its wgmmas, and release the
+  stage delay_release steps later, once the wgmmas that read it have completed. With r = 0 (the lower part of a
+  half tile) no wgmma is issued, yet every stage is awaited and released: a block shared by both warpgroups frees
+  a stage on both their arrivals."""
+  cfg = block.cfg
+  top = lambda ref: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
+
+  @pl.loop(0, steps)
+  def _(k):
+    step = first_step + k
+    stage = block.stage_of(step)
+    plgpu.barrier_wait(block.loaded_at(block.awaited, step))
+    if block.epilogue.sides:
+      # Halfway through the mainloop, not before its first step: the loads wait for the previous tile's stores to
+      # leave the slots, and there they would hold back the tile's first wgmma.
+      pl.when(k == steps // 2)(lambda: _load_first_sides(block, work))
+    if r:
+      for acc, b_ring in zip(accs, block.b_rings):
+        a, b = mma(block.wg, block.a_ring.at[stage], b_ring.at[stage])
+        plgpu.wgmma(top(acc), top(a), b)
+      plgpu.wgmma_wait(cfg.delay_release * block.products)  # each wgmma is a group of its own
+    pl.when(k >= cfg.delay_release)(lambda: block.release(step - cfg.delay_release))
+
+
+def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: tuple, b_block: tuple,
+               mma: Callable, products: int = 1, epilogue: Epilogue = EPILOGUES["products"]) -> None:
+  """The body of a persistent kernel over `grid`'s output tiles (split among the blocks along "sm"): for each,
+  `work_at(index)` says what to accumulate and where the epilogue stores. The memory warpgroup streams operand
+  blocks (a_block and `products` b_block shapes) through one ring of stages for all the block's tiles, so the next
+  tile's first blocks arrive while the compute warpgroups finish the last one and store it, rather than after the
+  tile's last blocks are consumed, as a pipeline per tile would. mma(wg, a_smem, b_smem) gives warpgroup wg's wgmma
+  operands. With cfg.split "pingpong" the block's tiles go to the compute warpgroups in turn, and each stage's
+  loads are signalled to its tile's warpgroup alone: Mosaic tracks a barrier's phase per thread, so a warpgroup
+  must await every phase of the barriers it waits on, and none of the others'."""
+  staging = _staging(cfg, dtype, products, epilogue)
+  scratch = _scratch(cfg, staging, dtype, a_block, b_block, products, epilogue)
 
   def kernel(a_ring, b_rings, loaded, consumed, out_smem, side_barriers=None):
     wg = lax.axis_index("wg")
     wg_first_row = wg * cfg.tile_m if cfg.split == "m" else 0  # of the warpgroup's part, in the block
-
-    def for_held_rows(work, fn, or_none=False):
-      """fn(r) for the r rows of the tile that warpgroup wg's part holds (static: tile_m, or 64 of a half tile's);
-      where it holds none (the lower part of a half tile), fn(0) if or_none, else nothing."""
-      if work.rows is None:
-        return fn(cfg.tile_m)
-      held = work.rows - wg_first_row  # of the part's tile_m rows: all if >= tile_m, none if <= 0
-      pl.when(held >= cfg.tile_m)(functools.partial(fn, cfg.tile_m))
-      if HALF_TILE_ROWS < cfg.tile_m:
-        pl.when(held == HALF_TILE_ROWS)(functools.partial(fn, HALF_TILE_ROWS))
-      if or_none:
-        pl.when(held <= 0)(functools.partial(fn, 0))
-
-    # GMEM: r rows of warpgroup wg's part of the tile, in the piece's columns
-    piece_of = lambda ref, work, r, piece: ref.at[pl.ds(work.first_row + wg_first_row, r), _wg_slice(
-      cfg, wg, "n")].at[:, pl.ds(piece * columns, columns)]
-    slot = lambda piece, i: out_smem.at[wg, (piece % sets) * slots + i]  # slot i of the piece's set
-    side_loaded = lambda piece, i: side_barriers.at[(wg * sets + piece % sets) * epilogue.sides + i]
-    stage_of = lambda step: lax.rem(step, stages)
-    # Which set of `loaded` barriers signals the block's local_index-th tile, and which one warpgroup wg awaits: in
-    # ping-pong a set per compute warpgroup, taking tiles in turn; else one set, both warpgroups taking every tile
-    owner_of = lambda local_index: lax.rem(local_index, 2) if pingpong else 0
-    awaited = wg if pingpong else 0
-    loaded_at = lambda owner, step: loaded.at[owner * stages + stage_of(step)]
-
-    def load_sides(work, piece):
-      def load(r):
-        for i, side_src in enumerate(work.sides):
-          plgpu.copy_gmem_to_smem(piece_of(side_src, work, r, piece), slot(piece, i).at[pl.ds(0, r)],
-                                  side_loaded(piece, i))
-
-      for_held_rows(work, load)
-
-    def load_first_sides(work):  # one piece per set; the later pieces load in the epilogue
-      plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
-      for piece in range(min(sets, pieces)):
-        load_sides(work, piece)
-
-    def store(values, work):
-      """Column piece by piece: its sides (if any) are read from its set, then its outputs leave from the same
-      slots; outputs past the set's slots reuse them once their copies have read."""
-      if not epilogue.sides:  # (with side arrays, load_first_sides has waited)
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the previous tile's stores have read the buffers
-      for piece in range(pieces):
-        if epilogue.sides and 0 < piece < pieces - 1:
-          # The next piece's sides go to the other set once the previous piece's stores have read it.
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          load_sides(work, piece + 1)
-        sides = []
-        for i in range(epilogue.sides):
-          for_held_rows(work, lambda _, i=i: plgpu.barrier_wait(side_loaded(piece, i)))
-          sides.append(slot(piece, i)[...])  # (rows not held: whatever the slot held, never stored)
-        cols = slice(piece * columns, (piece + 1) * columns)
-        outs = epilogue.fn([value[:, cols] for value in values], sides)
-        if epilogue.sides:
-          plgpu.commit_smem()  # every thread has read the sides before the outputs overwrite them
-        elif piece >= sets:
-          # The stores of this set's last piece (piece - 2) have read it; piece - 1's may still be in flight.
-          plgpu.wait_smem_to_gmem(len(outs), wait_read_only=True)
-        for first in range(0, len(outs), slots):
-          chunk = outs[first:first + slots]
-          if first:
-            plgpu.wait_smem_to_gmem(slots - len(chunk), wait_read_only=True)  # copies finish in order
-          for i, out in enumerate(chunk):
-            slot(piece, i)[...] = out.astype(dtype)
-          plgpu.commit_smem()
-          for i in range(len(chunk)):
-            for_held_rows(work, lambda r, i=i: plgpu.copy_smem_to_gmem(
-              slot(piece, i).at[pl.ds(0, r)], piece_of(work.outs[first + i], work, r, piece)))
-
-    def memory():
-      plgpu.set_max_registers(_MEMORY_REGISTERS, action="decrease")
-
-      def await_consumed(step):
-        plgpu.barrier_wait(consumed.at[stage_of(step)])
-
-      @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
-      def loaded_steps(info, carry):  # (nd_loop passes the carry by this name)
-        first_step, work = carry, work_at(info.index)  # operand blocks loaded so far, which name the next stage
-        steps = jnp.maximum(work.steps, 0)
-
-        def load_loop(r):  # r: the rows the tile holds
-          @pl.loop(0, steps)
-          def _(k):
-            step = first_step + k
-            stage = stage_of(step)
-            pl.when(step >= stages)(lambda: await_consumed(step - stages))  # the stage's last blocks were read
-            signal = loaded_at(owner_of(info.local_index), step)
-
-            def copy(a_src, b_srcs):
-              plgpu.copy_gmem_to_smem(a_src, a_ring.at[stage, pl.ds(0, r)], signal)
-              for b_src, b_ring in zip(b_srcs, b_rings):
-                plgpu.copy_gmem_to_smem(b_src, b_ring.at[stage], signal)
-
-            work.operands(k, r, copy)
-
-        if work.rows is None:
-          load_loop(a_block[0])
-        else:  # once per tile, as the compute warpgroups choose their mainloop
-          for r in sorted({HALF_TILE_ROWS, a_block[0]}):
-            pl.when(work.rows == r)(functools.partial(load_loop, r))
-
-        return first_step + steps
-
-      # The last stages' releases too: every phase of a barrier must be awaited (Pallas' interpreter checks this).
-      pl.loop(jnp.maximum(loaded_steps - stages, 0), loaded_steps)(await_consumed)
-
-    def compute():
-      plgpu.set_max_registers(_COMPUTE_REGISTERS, action="increase")
-      release = lambda step: plgpu.barrier_arrive(consumed.at[stage_of(step)])
-
-      @plgpu.nd_loop(grid, collective_axes="sm", init_carry=jnp.int32(0))
-      def _(info, carry):
-        first_step, work = carry, work_at(info.index)  # as the memory warpgroup's
-        steps = jnp.maximum(work.steps, 0)
-
-        def accumulate(**accs):
-          accs = [accs[f"acc{i}"] for i in range(products)]
-          if epilogue.sides:
-            pl.when(steps == 0)(lambda: load_first_sides(work))
-
-          # One loop per count of rows held, chosen once per tile: a branch around each wgmma would slow every
-          # tile, also under even routing, which has no half tiles.
-          def mainloop(r):  # r: the rows held; 0: none, yet the pipeline's blocks are awaited and released
-            top = lambda ref: ref if r == cfg.tile_m else ref.at[pl.ds(0, r)]
-
-            @pl.loop(0, steps)
-            def _(k):
-              step = first_step + k
-              stage = stage_of(step)
-              plgpu.barrier_wait(loaded_at(awaited, step))
-              if epilogue.sides:
-                # Issued halfway rather than before the first step, where they had to wait for the previous tile's
-                # stores to leave the slots before the tile's first wgmma could start.
-                pl.when(k == steps // 2)(lambda: load_first_sides(work))
-              if r:
-                for acc, b_ring in zip(accs, b_rings):
-                  a, b = mma(wg, a_ring.at[stage], b_ring.at[stage])
-                  plgpu.wgmma(top(acc), top(a), b)
-                plgpu.wgmma_wait(cfg.delay_release * products)  # each wgmma is a group of its own
-              pl.when(k >= cfg.delay_release)(lambda: release(step - cfg.delay_release))
-
-          for_held_rows(work, mainloop, or_none=True)
-          plgpu.wgmma_wait(0)
-          for late in range(cfg.delay_release):  # the tile's last blocks, still held above
-            pl.when(steps > late)(lambda late=late: release(first_step + steps - 1 - late))
-          store([acc[...] for acc in accs], work)
-
-        pl.when((work.steps >= 0) & (owner_of(info.local_index) == awaited))(
-          lambda: pl.run_scoped(accumulate, **{f"acc{i}": plgpu.ACC((cfg.tile_m, cfg.tile_n), jnp.float32)
-                                               for i in range(products)}))
-        return first_step + steps
-
-    lax.cond(wg == 2, memory, compute)
+    block = _Block(cfg, dtype, staging, products, epilogue, wg, wg_first_row, a_ring, b_rings, loaded, consumed,
+                   out_smem, side_barriers)
+    lax.cond(wg == 2, functools.partial(_memory_warpgroup, block, grid, work_at, a_block[0]),
+             functools.partial(_compute_warpgroup, block, grid, work_at, mma))
     plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
   pl.run_scoped(kernel, **scratch, collective_axes="wg")
@@ -435,7 +543,7 @@ def _run_tiles(cfg: TileConfig, dtype, grid: tuple, work_at: Callable, a_block: 
 
 # Each kernel launch is a jitted function of its shapes and tiles: every layer of a model calls the same few, and a
 # jitted call's trace and lowering are reused, so each distinct kernel is lowered once per program rather than once
-# per layer (in Pallas' interpreter a chain of 16 forward kernels lowered in 0.05 s instead of 0.92 s).
+# per layer.
 @functools.partial(jax.jit, static_argnames=("transpose_rhs", "cfg", "interpret", "epilogue"))
 def grouped_forward(lhs, rhs, group_sizes_G, *, transpose_rhs: bool, cfg: TileConfig, interpret: bool = False,
                     epilogue: str = "products", sides: tuple = ()):
@@ -606,25 +714,25 @@ def _weight_grad_kernel(order_G, start_blocks_G, steps_G, lhs_PxK, rhs_PxN, *, c
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret: bool = False,
-                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+                 trained_experts: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """out[r] = lhs[r] @ rhs[g(r)] for rows grouped by expert, each group a multiple of ALIGN rows; rows past them are
   left unwritten (read only the groups' rows).
-  The gradient of rhs is computed only for the groups in `weight_grad_groups` (default: all; global ids, rhs[g]
-  being expert first_group + g) and left unwritten elsewhere: read only the groups named."""
+  The gradient of rhs is computed only for the experts in `trained_experts` (default: all; global ids, rhs[g]
+  being expert first_group + g) and left unwritten elsewhere: read only the experts named."""
   return grouped_forward(lhs_PxK, rhs_GxKxN, group_sizes_G, transpose_rhs=False, cfg=forward_config(),
                          interpret=interpret)
 
 
-def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
-  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+def _tiled_matmul_fwd(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group):
+  out = tiled_matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group)
   return out, (lhs_PxK, rhs_GxKxN, group_sizes_G, first_group)
 
 
-def _tiled_matmul_bwd(interpret, weight_grad_groups, residuals, dout_PxN):
+def _tiled_matmul_bwd(interpret, trained_experts, residuals, dout_PxN):
   lhs_PxK, rhs_GxKxN, group_sizes_G, first_group = residuals
   dout_PxN = dout_PxN.astype(lhs_PxK.dtype)
   dlhs_PxK = _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret)
-  drhs_GxKxN = _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group)
+  drhs_GxKxN = _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group)
   return dlhs_PxK, drhs_GxKxN, None, None
 
 
@@ -633,17 +741,17 @@ tiled_matmul.defvjp(_tiled_matmul_fwd, _tiled_matmul_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def tiled_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret: bool = False,
-                 weight_grad_groups: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
+                 trained_experts: tuple[int, ...] | None = None, first_group: jax.Array | int = 0):
   """(silu(x[r] @ gate[g(r)]) * (x[r] @ up[g(r)])) @ down[g(r)], rows as in `tiled_matmul`, weight gradients as
   there. Forward: one kernel loads each x tile once for gate and up, applies the SiLU to their fp32 products and
   stores the hidden's partial derivatives in gate and up for the backward. Backward: dgate and dup (the hidden's
   gradient times those) are the epilogue of the hidden's input-gradient kernel, and x's gradient
   dgate @ gate.T + dup @ up.T is one kernel's sum of two terms."""
-  return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+  return _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, trained_experts,
                            first_group)[0]
 
 
-def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, weight_grad_groups,
+def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, interpret, trained_experts,
                       first_group):
   *partials_PxF, hidden_PxF = grouped_forward(x_PxD, (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=False,
                                               cfg=SHARED_LHS_TILES, interpret=interpret, epilogue="swiglu")
@@ -653,7 +761,7 @@ def _tiled_swiglu_fwd(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, in
   return y_PxD, (x_PxD, weights, group_sizes_G, first_group, *partials_PxF, hidden_PxF)
 
 
-def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
+def _tiled_swiglu_bwd(interpret, trained_experts, residuals, dy_PxD):
   x_PxD, (gate_GxDxF, up_GxDxF, down_GxFxD), group_sizes_G, first_group, *partials_PxF, hidden_PxF = residuals
   dy_PxD = dy_PxD.astype(x_PxD.dtype)
   dgate_PxF, dup_PxF = _input_grad(dy_PxD, down_GxFxD, group_sizes_G, interpret, "swiglu_grad", tuple(partials_PxF))
@@ -662,7 +770,7 @@ def _tiled_swiglu_bwd(interpret, weight_grad_groups, residuals, dy_PxD):
     terms_cfg = forward_config()
   dx_PxD = grouped_forward((dgate_PxF, dup_PxF), (gate_GxDxF, up_GxDxF), group_sizes_G, transpose_rhs=True,
                            cfg=terms_cfg, interpret=interpret)
-  weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, weight_grad_groups,
+  weight_grad = lambda lhs, dout, rhs: _weight_grad(lhs, dout, rhs, group_sizes_G, interpret, trained_experts,
                                                     first_group)
   return (dx_PxD, weight_grad(x_PxD, dgate_PxF, gate_GxDxF), weight_grad(x_PxD, dup_PxF, up_GxDxF),
           weight_grad(hidden_PxF, dy_PxD, down_GxFxD), None, None)
@@ -677,9 +785,9 @@ def _input_grad(dout_PxN, rhs_GxKxN, group_sizes_G, interpret, epilogue="product
                          interpret=interpret, epilogue=epilogue, sides=sides)
 
 
-def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, weight_grad_groups, first_group):
+def _weight_grad(lhs_PxK, dout_PxN, rhs_GxKxN, group_sizes_G, interpret, trained_experts, first_group):
   """rhs's gradient (see tiled_matmul): zeros without a kernel when nothing trains in the layer."""
-  if weight_grad_groups == ():
+  if trained_experts == ():
     return jnp.zeros_like(rhs_GxKxN)
   return grouped_weight_grad(lhs_PxK, dout_PxN, group_sizes_G, cfg=WEIGHT_GRAD_TILES, interpret=interpret,
-                             groups=weight_grad_groups, first_group=first_group)
+                             groups=trained_experts, first_group=first_group)
