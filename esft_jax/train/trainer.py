@@ -1,12 +1,13 @@
 """The one training loop. FFT, LoRA and ESFT differ only in their `TrainPlan` (what is trainable).
 
 A step, `(state, frozen, batch) -> (state, metrics)`: write ESFT's trained rows into their stacks (held in the
-donated `TrainState`, so in place; `TrainedExperts`), run the model, take the masked next-token loss plus the model's balance loss (added to the gradient, not to the
-reported loss, as DeepSeek does), average gradients over `grad_accum` micro-batches (with `lax.scan` when there
-are several), and apply the multi-transform optimizer. Only the trainable tree has gradients and optimizer state.
+donated `TrainState`, so in place; `TrainedExperts`), run the model, take the masked next-token loss plus the
+model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average gradients over
+`grad_accum` micro-batches (with `lax.scan` when there are several), and apply the multi-transform optimizer. Only
+the trainable tree has gradients and optimizer state.
 
 Every run has a device mesh (one device without --mesh): the steps are jitted with NamedSharding in and out
-shardings from esft_jax.sharding (frozen parameters, trainable tree, optimizer state, batch), each process
+shardings from esft_jax.sharding (frozen parameters, state, batch), each process
 feeds its own rows of the global batch, and only process 0 writes logs and adapters. Orbax writes the
 checkpoint shards of every process and restores them onto whatever mesh the resuming run has.
 """
@@ -209,9 +210,10 @@ def evaluate_loss(eval_step: Callable, state: TrainState, frozen, batches: list[
 
 
 class Checkpoints:
-  """Orbax CheckpointManager over the state's `CHECKPOINTED` fields (step, trainable, optimizer state) plus a JSON record of the data position,
-  the best validation loss, the expert config and the run's arguments. Each process writes its own shards;
-  `restore` lays them out on the shardings of `like`, so a run may resume on another mesh."""
+  """Orbax CheckpointManager over the state's `CHECKPOINTED` fields (step, trainable, optimizer state) plus a JSON
+  record of the data position, the best validation loss, the expert config and the run's arguments. Each process
+  writes its own shards; `restore` lays them out on the shardings of `like` and keeps its stacks, so a run may
+  resume on another mesh."""
 
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = directory.resolve()
