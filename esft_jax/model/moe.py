@@ -14,7 +14,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from esft_jax.config import ModelConfig
 from esft_jax.model.experts import check_expert_inputs, expert_ffn, rows_already_in
@@ -90,7 +90,7 @@ def global_balance_loss(routings: list[Routing], num_experts: int, token_mask_Bx
   return num_experts * jnp.sum(jax.lax.stop_gradient(counts / rows) * prob_sum / rows)
 
 
-def _split_axes(mesh: Mesh, logical: str) -> tuple[str, ...]:
+def _split_axes(mesh: Mesh | AbstractMesh, logical: str) -> tuple[str, ...]:
   """The axes of `mesh`, of more than one device, that the logical rules (`esft_jax.sharding.LOGICAL_RULES`)
   split `logical` over."""
   from esft_jax.sharding import LOGICAL_RULES  # esft_jax.sharding imports the model
@@ -102,11 +102,12 @@ def _split_axes(mesh: Mesh, logical: str) -> tuple[str, ...]:
 
 
 def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str,
-                   trained_experts: tuple[int, ...] | None = None, mesh: Mesh | None = None) -> jax.Array:
-  """`expert_ffn`, with each device on its own tokens where `mesh` (None: one device) splits the batch under
-  `esft_jax.sharding.LOGICAL_RULES`. XLA's partitioner can split neither the dispatch (a sort over every token)
-  nor the Pallas kernels: left to it, every device runs the experts on the whole global batch, and data or expert
-  parallelism does not divide the MoE's work.
+                   trained_experts: tuple[int, ...] | None = None,
+                   mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+  """`expert_ffn`, with each device on its own tokens where `mesh` (None: one device; an AbstractMesh compiles
+  without the devices) splits the batch under `esft_jax.sharding.LOGICAL_RULES`. XLA's partitioner can split
+  neither the dispatch (a sort over every token) nor the Pallas kernels: left to it, every device runs the experts
+  on the whole global batch, and data or expert parallelism does not divide the MoE's work.
 
   The data axes (data, fsdp) move weights: each device gathers the expert weights from their FSDP shards and
   runs them on its own tokens. The expert axis moves tokens instead, as the weights are what is large there
