@@ -129,7 +129,8 @@ def describe(mesh: Mesh) -> str:
 @contextlib.contextmanager
 def logical_rules(mesh: Mesh) -> Iterator[None]:
   """Activates the model's activation constraints (`nn.with_logical_constraint`) on `mesh`; use inside
-  the traced function, so the jitted step carries its own mesh and rules."""
+  the traced function, so the jitted step carries its own mesh and rules. The routed experts do not read it: they
+  split their work by the mesh the model is built with (`Transformer(mesh=...)`)."""
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
     yield
 
