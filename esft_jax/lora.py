@@ -1,6 +1,7 @@
-"""LoRA, the paper's parameter-efficient baseline: W + scale * A @ B on every linear map except the embedding,
-the output head and the routers (which are not linear modules in transformers either), with routed experts
-adapted per expert (A [E, in, r], B [E, r, out]).
+"""LoRA, the paper's parameter-efficient baseline: W + scale * A @ B on every parameter whose role
+(esft_jax/param_roles.py) is a LoRA target: every linear map except the embedding, the output head and the routers
+(which are not linear modules in transformers either), with routed experts adapted per expert (A [E, in, r],
+B [E, r, out]).
 
 A starts uniform in ±1/sqrt(in) and B at zero (PEFT's initialisation), so training starts from the base model.
 """
@@ -12,18 +13,13 @@ import math
 import jax
 import jax.numpy as jnp
 
+from esft_jax.param_roles import role
 from esft_jax.paths import leaves_by_path
-
-
-def is_lora_target(path: str) -> bool:
-  if path.startswith(("embed_tokens", "lm_head")) or "/mlp/gate/" in path:
-    return False
-  return path.endswith("/kernel") or "/mlp/experts/" in path
 
 
 def init_lora(params, rank: int, rng: jax.Array, dtype=jnp.float32) -> dict:
   factors: dict = {}
-  targets = [(p, leaf) for p, leaf in leaves_by_path(params).items() if is_lora_target(p)]
+  targets = [(p, leaf) for p, leaf in leaves_by_path(params).items() if role(p).lora_target]
   for (path, kernel), key in zip(targets, jax.random.split(rng, max(len(targets), 1))):
     *lead, fan_in, fan_out = kernel.shape
     bound = 1.0 / math.sqrt(fan_in)

@@ -23,3 +23,8 @@ def get_path(tree: Mapping, path: str):
   for key in path.split("/"):
     tree = tree[key]
   return tree
+
+
+def layer_index(path: str) -> int:
+  """The decoder layer of a path under `layers_{i}/`."""
+  return int(path.split("/", 1)[0].removeprefix("layers_"))

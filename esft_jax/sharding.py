@@ -27,8 +27,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import TrainPlan, param_role
+from esft_jax.esft.trainable import TrainPlan
 from esft_jax.model.transformer import init_params, logical_axes
+from esft_jax.param_roles import role
 from esft_jax.paths import leaves_by_path, set_path
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
@@ -128,7 +129,8 @@ def describe(mesh: Mesh) -> str:
 @contextlib.contextmanager
 def logical_rules(mesh: Mesh) -> Iterator[None]:
   """Activates the model's activation constraints (`nn.with_logical_constraint`) on `mesh`; use inside
-  the traced function, so the jitted step carries its own mesh and rules."""
+  the traced function, so the jitted step carries its own mesh and rules. The routed experts do not read it: they
+  split their work by the mesh the model is built with (`Transformer(mesh=...)`)."""
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(LOGICAL_RULES):
     yield
 
@@ -182,7 +184,7 @@ def trainable_shardings(plan: TrainPlan, config: ModelConfig, mesh: Mesh, traina
     if plan.method == "lora":
       *lead, fan_in, fan_out = frozen[kernel]
       names = (*lead, fan_in, None) if factor == "lora_a" else (*lead, None, fan_out)
-    elif param_role(path) == "routed_experts" and not plan.trains_whole(path):
+    elif role(path).kind == "routed_experts" and not plan.trains_whole(path):
       names = (None, *frozen[path][1:])
     else:
       names = tuple(frozen[path])

@@ -48,8 +48,7 @@ import numpy as np  # noqa: E402
 
 from esft_jax import sharding  # noqa: E402
 from esft_jax.config import config_from_hf, read_hf_config  # noqa: E402
-from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable,  # noqa: E402
-                                    plan_from_expert_config, split_written)
+from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, plan_from_expert_config  # noqa: E402
 from esft_jax.model.transformer import Transformer, init_params  # noqa: E402
 from esft_jax.train.optimizer import DEFAULT_LR, learning_rate_schedule, make_optimizer  # noqa: E402
 from esft_jax.train.trainer import TrainState, make_train_step, planned_peak_bytes, step_shardings  # noqa: E402
@@ -146,21 +145,22 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
     schedule = learning_rate_schedule(DEFAULT_LR[method], steps=1)
     optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p, dtype=master), params), schedule)
 
-    def init_state(frozen) -> TrainState:
-      trainable = init_trainable(plan, frozen, dtype=master)
-      return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+    def init_state(frozen, stacks) -> TrainState:
+      trainable = init_trainable(plan, plan.experts.join(frozen, stacks), dtype=master)
+      return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), stacks)
 
-    shardings = step_shardings(config, plan, mesh, jax.eval_shape(init_state, params))
-    state = jax.jit(init_state, out_shardings=shardings.state)(params)
-    frozen, written = split_written(plan, params)  # the step donates `written`: params are not used again
+    frozen, stacks = plan.experts.split(params)  # the step donates the state and its stacks: params are not used again
+    del params
+    shardings = step_shardings(config, plan, mesh, jax.eval_shape(init_state, frozen, stacks))
+    state = jax.jit(init_state, out_shardings=shardings.state, donate_argnums=(1,))(frozen, stacks)
     row["trainable"] = count_parameters(state.trainable)
     batch = sharding.global_batch(_batch(global_batch, args.seq, config.vocab_size), shardings.batch)
     model = Transformer(config, expert_impl=args.expert_impl, dtype=dtype, remat=args.remat,
-                        expert_weight_grads=expert_weight_grads(plan, config), max_segments=1)
+                        trained_experts=plan.trained_experts, max_segments=1, mesh=mesh)
 
     stage = "compile"
     start = time.perf_counter()
-    step = make_train_step(model, plan, optimizer, schedule, shardings).lower(state, written, frozen, batch).compile()
+    step = make_train_step(model, plan, optimizer, schedule, shardings).lower(state, frozen, batch).compile()
     row["compile_s"] = time.perf_counter() - start
     planned, cost = planned_peak_bytes(step), step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost  # one entry per program in older jax
@@ -170,9 +170,9 @@ def measure(args: argparse.Namespace, method: str, spec: str) -> dict:
       row["tflop"] = cost["flops"] / 1e12
 
     stage = "step"
-    state, written, metrics = step(state, written, frozen, batch)
+    state, metrics = step(state, frozen, batch)
     row["first_loss"] = float(metrics["loss"])
-    _, row["ms"], _ = step_ms(step, (state, written), frozen, batch, iters=args.iters)
+    _, row["ms"], _ = step_ms(step, (state,), frozen, batch, iters=args.iters)
   except Exception as error:  # an out-of-memory row is a result; anything else is a bug
     if not _is_oom(error):
       raise

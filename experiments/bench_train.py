@@ -121,8 +121,7 @@ def run_jax(args, path: str) -> dict:
   import jax
   import jax.numpy as jnp
 
-  from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable,
-                                      join_written, plan_from_expert_config, split_written)
+  from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, plan_from_expert_config
   from esft_jax.model.transformer import Transformer, init_params
   from esft_jax.sharding import single_device_mesh
   from esft_jax.train.memory_plan import device_memory_bytes, format_plan, plan_of_compiled
@@ -137,41 +136,43 @@ def run_jax(args, path: str) -> dict:
   plan = TrainPlan("lora", lora_rank=args.lora_rank) if args.method == "lora" else plan_from_expert_config(
       {"experts": {str(l): ids for l, ids in selected_experts(config, args.experts_per_layer).items()}})
   batch = random_batch(args, config.vocab_size, args.grad_accum)
-  weight_grads = None if args.all_expert_grads else expert_weight_grads(plan, config)
+  trained_experts = None if args.all_expert_grads else plan.trained_experts
   impl, _, attention = path.partition("+")
-  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, expert_weight_grads=weight_grads,
-                      attention_impl=attention or "auto", max_segments=1)  # one document per row
+  mesh = single_device_mesh()
+  model = Transformer(config, expert_impl=impl, dtype=dtype, remat=args.remat, trained_experts=trained_experts,
+                      attention_impl=attention or "auto", max_segments=1, mesh=mesh)  # one document per row
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-5)
 
-  def init_state(frozen) -> TrainState:
-    trainable = init_trainable(plan, frozen)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  def init_state(frozen, stacks) -> TrainState:
+    trainable = init_trainable(plan, plan.experts.join(frozen, stacks))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), stacks)
 
-  shardings = step_shardings(config, plan, single_device_mesh(), jax.eval_shape(init_state, params))
+  # The step donates the state, which holds the stacks it writes the trained rows into, so from here on the
+  # stacks are read from there: `params` would hold deleted arrays.
+  frozen, stacks = plan.experts.split(params)
+  del params
+  shardings = step_shardings(config, plan, mesh, jax.eval_shape(init_state, frozen, stacks))
   step = make_train_step(model, plan, optimizer, lambda s: 1e-5, shardings)
   # Built with the shardings the step returns (as the trainer does), so the second step does not compile again.
-  state = jax.jit(init_state, out_shardings=shardings.state)(params)
-  # The step donates `written` (the stacks it writes the trained rows into), so from here on the stacks are
-  # read from there: `params` would hold deleted arrays.
-  frozen, written = split_written(plan, params)
-  del params
+  state = jax.jit(init_state, out_shardings=shardings.state, donate_argnums=(1,))(frozen, stacks)
   start = time.perf_counter()
-  step = step.lower(state, written, frozen, batch).compile()  # explicitly, so the profile can read its HLO
-  memory = plan_of_compiled(step, state, written, frozen, single_device_mesh(), device_memory_bytes())
+  step = step.lower(state, frozen, batch).compile()  # explicitly, so the profile can read its HLO
+  memory = plan_of_compiled(step, state, frozen, mesh, device_memory_bytes())
   print(format_plan(memory), file=sys.stderr, flush=True)
-  state, written, metrics = step(state, written, frozen, batch)
+  state, metrics = step(state, frozen, batch)
   first_loss = float(metrics["loss"])
   first_s = time.perf_counter() - start
-  (state, written), ms, waited_ms = step_ms(step, (state, written), frozen, batch, iters=args.iters)
+  (state,), ms, waited_ms = step_ms(step, (state,), frozen, batch, iters=args.iters)
   result = {"ms": ms, "waited_ms": waited_ms, "first_s": first_s, "first_loss": first_loss,
             "peak_bytes": peak_bytes(path), "device": jax.devices()[0].device_kind,
             "software": f"jax {jax.__version__}", "trainable_params": count_parameters(state.trainable),
             "planned_bytes": memory.total, "temporaries_bytes": memory.temporaries}
   if args.breakdown:  # the same loss alone, then with its gradients: where the step's time goes
     # As in the step, the stacks' rows are used as written (here by the last step: for timing, values don't matter)
-    loss = lambda trainable, params, micro: loss_fn(model, plan, rows_written=True)(trainable, params, micro)[0]
+    loss = lambda trainable, params, micro: loss_fn(model, plan, rows_already_written=True)(
+        trainable, params, micro)[0]
     micro = {k: v[0] for k, v in batch.items()}
-    params = join_written(frozen, written)
+    params = plan.experts.join(frozen, state.stacks)
     result["forward_ms"] = median_call_ms(jax.jit(loss), state.trainable, params, micro, iters=args.iters)
     result["grad_ms"] = median_call_ms(jax.jit(jax.grad(loss)), state.trainable, params, micro, iters=args.iters)
     del params
@@ -179,7 +180,7 @@ def run_jax(args, path: str) -> dict:
     trace_dir = os.path.join(args.profile, path)
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(2):
-        state, written, metrics = step(state, written, frozen, batch)
+        state, metrics = step(state, frozen, batch)
         jax.block_until_ready(metrics["loss"])
     hlo_text = step.as_text()
     Path(trace_dir, "step.hlo.txt").write_text(hlo_text)

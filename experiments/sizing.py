@@ -54,8 +54,7 @@ from jax.sharding import AbstractMesh, AxisType  # noqa: E402
 
 from esft_jax import sharding  # noqa: E402
 from esft_jax.config import ModelConfig, load_config  # noqa: E402
-from esft_jax.esft.trainable import (TrainPlan, expert_weight_grads, init_trainable,  # noqa: E402
-                                    plan_from_expert_config, split_written)
+from esft_jax.esft.trainable import TrainPlan, init_trainable, plan_from_expert_config  # noqa: E402
 from esft_jax.model.transformer import Transformer, init_params, parameter_counts  # noqa: E402
 from esft_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
 from esft_jax.train.trainer import _init_state, make_train_step, step_shardings  # noqa: E402
@@ -127,24 +126,25 @@ def step_parts(cfg: ModelConfig, plan: TrainPlan, mesh, tokens_per_device: tuple
   schedule = learning_rate_schedule(1e-5, 100)
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p, jax.random.key(0)), params), schedule)
   init = _init_state(plan, optimizer, 0)
-  shardings = step_shardings(cfg, plan, mesh, jax.eval_shape(init, params))
-  state = _placed(jax.eval_shape(init, params), shardings.state)
-  frozen, written = split_written(plan, params)
+  frozen, stacks = plan.experts.split(params)
+  state_like = jax.eval_shape(init, frozen, stacks)
+  shardings = step_shardings(cfg, plan, mesh, state_like)
+  state = _placed(state_like, shardings.state)
   rows, length = tokens_per_device
   shape = (1, rows * sharding.batch_parallelism(mesh), length)
   batch = {key: jax.ShapeDtypeStruct(shape, jnp.float32 if key == "loss_mask" else jnp.int32,
                                      sharding=shardings.batch)
            for key in ("inputs", "targets", "loss_mask", "segment_ids", "positions")}
   model = Transformer(cfg, expert_impl=expert_impl, dtype=jnp.bfloat16, max_segments=1, remat=remat,
-                      expert_weight_grads=expert_weight_grads(plan, cfg))
-  return make_train_step(model, plan, optimizer, schedule, shardings), (state, written, frozen, batch)
+                      trained_experts=plan.trained_experts, mesh=mesh)
+  return make_train_step(model, plan, optimizer, schedule, shardings), (state, frozen, batch)
 
 
 def state_bytes(cfg: ModelConfig, plan: TrainPlan, axes: dict[str, int]) -> dict[str, int]:
-  _, (state, written, frozen, _) = step_parts(cfg, plan, abstract_mesh(axes), (1, 8), "grouped")
+  _, (state, frozen, _) = step_parts(cfg, plan, abstract_mesh(axes), (1, 8), "grouped")
   gradients = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
                                      state.trainable)
-  return {"weights": shard_bytes(frozen) + shard_bytes(written), "trainable": shard_bytes(state.trainable),
+  return {"weights": shard_bytes(frozen) + shard_bytes(state.stacks), "trainable": shard_bytes(state.trainable),
           "optimizer": shard_bytes(state.opt_state), "gradients": shard_bytes(gradients)}
 
 

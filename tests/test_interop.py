@@ -17,6 +17,7 @@ import transformers
 from esft_jax.config import config_from_hf
 from esft_jax.cli import main
 from esft_jax.esft.trainable import TrainPlan, init_trainable
+from esft_jax.esft.trained_experts import TrainedExperts
 from esft_jax.interop.adapter import checkpoint_dtypes, load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model, save_hf_model
 from esft_jax.interop.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
@@ -264,7 +265,7 @@ def test_esft_adapter_is_stored_in_the_base_checkpoints_dtype(tmp_path):
   base = load_hf_model(tmp_path / "base", dtype=jnp.bfloat16)  # trained with bf16 frozen weights
   dtypes = checkpoint_dtypes(tmp_path / "base", base.config)
   assert set(dtypes.values()) == {np.dtype(np.float32)}
-  plan = TrainPlan("esft", experts=((1, (5, 2)), (2, (0,))), shared_experts=True)
+  plan = TrainPlan("esft", experts=TrainedExperts(((1, (5, 2)), (2, (0,)))), shared_experts=True)
   rng = np.random.default_rng(0)
   trainable = jax.tree_util.tree_map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
                                      jax.eval_shape(lambda: init_trainable(plan, base.params)))

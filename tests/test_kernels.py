@@ -389,8 +389,8 @@ def test_layers_share_one_lowered_kernel():
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="lowers for a GPU that is not there")
-@pytest.mark.parametrize("weight_grad_experts", [None, (1, 3)])
-def test_kernels_lower_for_hopper_on_a_cpu(monkeypatch, weight_grad_experts):
+@pytest.mark.parametrize("trained_experts", [None, (1, 3)])
+def test_kernels_lower_for_hopper_on_a_cpu(monkeypatch, trained_experts):
   """The expert FFN's value and gradients lower for CUDA from a CPU, through Mosaic GPU's Python lowering of every
   kernel (layouts, swizzles, barriers and TMA descriptors), where the interpreter checks none of that: widths 256
   and 384 (column tiles past the width), skewed routing, and weight gradients for all experts or two."""
@@ -401,7 +401,7 @@ def test_kernels_lower_for_hopper_on_a_cpu(monkeypatch, weight_grad_experts):
   x, ids, weights, experts = moe_inputs(np.random.default_rng(11), 300, 4, 8, 256, 384, skewed=True)
 
   def loss(x_, w_, e_):
-    y = ffn.gpu_expert_ffn(x_, ids, w_, e_, weight_grad_experts=weight_grad_experts)
+    y = ffn.gpu_expert_ffn(x_, ids, w_, e_, trained_experts=trained_experts)
     return jnp.sum(y.astype(jnp.float32))
 
   lowered = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(x, weights, experts).lower(lowering_platforms=("cuda",))
@@ -586,7 +586,7 @@ def test_gpu_expert_ffn_weight_grads_only_for_trained_experts():
   def loss(fn):
     return lambda x_, w_, e_: jnp.sum(fn(x_, ids, w_, e_).astype(jnp.float32) * cotangent)
 
-  esft = jax.jit(lambda *a: gpu_expert_ffn(*a, weight_grad_experts=trained))
+  esft = jax.jit(lambda *a: gpu_expert_ffn(*a, trained_experts=trained))
   grads = jax.jit(jax.grad(loss(esft), argnums=(0, 1, 2)))(x, weights, experts)
   want = jax.grad(loss(lambda *a: expert_ffn(*a, impl="reference")), argnums=(0, 1, 2))(x, weights, experts)
   assert rel_err(grads[0], want[0]) < 2e-2 and rel_err(grads[1], want[1]) < 2e-2
@@ -611,7 +611,7 @@ def test_gpu_expert_ffn_on_one_devices_experts(kernel):
   trained = (1, 9, 14)
 
   def esft(x_, w_, e_, first):
-    out = gpu_expert_ffn(x_, local_ids, w_, e_, kernel=kernel, weight_grad_experts=trained, first_expert=first)
+    out = gpu_expert_ffn(x_, local_ids, w_, e_, kernel=kernel, trained_experts=trained, first_expert=first)
     return jnp.sum(out.astype(jnp.float32) * cotangent)
 
   def reference(x_, w_, e_):

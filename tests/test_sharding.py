@@ -292,8 +292,7 @@ def test_gpu_expert_kernels_on_two_gpus_match_one(spec, trained):
     rows, stacks = NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P("expert"))
 
     def loss(x, weights, experts):
-      with sharding.logical_rules(mesh):
-        return jnp.sum(routed_experts(x, ids, weights, experts, "gpu", trained).astype(jnp.float32) ** 2)
+      return jnp.sum(routed_experts(x, ids, weights, experts, "gpu", trained, mesh).astype(jnp.float32) ** 2)
 
     args = (jax.device_put(x, rows), jax.device_put(weights, rows), jax.device_put(experts, stacks))
     return jax.device_get(jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(*args))

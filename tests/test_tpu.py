@@ -88,7 +88,7 @@ def test_tpu_weight_grads_only_for_trained_experts():
   def loss(fn):
     return lambda x_, w_, e_: jnp.sum(fn(x_, ids, w_, e_) * cotangent)
 
-  esft = lambda *a: tpu_expert_ffn(*a, interpret=True, weight_grad_experts=trained)
+  esft = lambda *a: tpu_expert_ffn(*a, interpret=True, trained_experts=trained)
   grads = jax.jit(jax.grad(loss(esft), argnums=(0, 1, 2)))(x, weights, experts)
   want = jax.grad(loss(lambda *a: expert_ffn(*a, impl="reference")), argnums=(0, 1, 2))(x, weights, experts)
   assert rel_err(grads[0], want[0]) < 1e-5 and rel_err(grads[1], want[1]) < 1e-5
@@ -109,7 +109,7 @@ def test_tpu_expert_ffn_on_one_devices_experts():
   trained = (1, 5, 7)
 
   def esft(x_, w_, e_, first):
-    out = tpu_expert_ffn(x_, local_ids, w_, e_, interpret=True, weight_grad_experts=trained, first_expert=first)
+    out = tpu_expert_ffn(x_, local_ids, w_, e_, interpret=True, trained_experts=trained, first_expert=first)
     return jnp.sum(out * cotangent)
 
   def reference(x_, w_, e_):
@@ -193,6 +193,6 @@ def test_tpu_backward_runs_weight_grad_kernels_only_for_trained_experts(trained,
   """The backward's kernels, counted in its program: per projection a forward gmm and an input-gradient gmm, and
   one tgmm over all experts (None) or one per trained expert, none with no expert trained."""
   x, ids, weights, experts = _float32(moe_inputs(np.random.default_rng(3), 40, 3, 8, 16, 24, skewed=False))
-  loss = lambda x_, e_: jnp.sum(tpu_expert_ffn(x_, ids, weights, e_, interpret=True, weight_grad_experts=trained))
+  loss = lambda x_, e_: jnp.sum(tpu_expert_ffn(x_, ids, weights, e_, interpret=True, trained_experts=trained))
   program = str(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(x, experts))  # each kernel a call of its jit
   assert program.count("name=gmm") == 3 + 3 and program.count("name=tgmm") == weight_grad_kernels

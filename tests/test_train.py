@@ -12,8 +12,8 @@ import torch
 import transformers
 
 from esft_jax.config import config_from_hf, load_config
-from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, join_written, merge_trainable,
-                                     plan_from_expert_config, split_written, tree_bytes, write_expert_rows)
+from esft_jax.esft.trainable import (TrainPlan, count_parameters, init_trainable, merge_trainable,
+                                     plan_from_expert_config, tree_bytes)
 from esft_jax.interop.adapter import load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.safetensors_io import CheckpointReader, write_safetensors
@@ -93,7 +93,7 @@ def test_slice_gradient_equals_rows_of_full_gradient_and_idle_experts_get_zero()
   fft = TrainPlan("fft")
   slice_grads, _ = jax.grad(loss_fn(model, plan), has_aux=True)(init_trainable(plan, params), params, batch)
   full_grads, _ = jax.grad(loss_fn(model, fft), has_aux=True)(init_trainable(fft, params), params, batch)
-  for layer, ids in plan.experts:
+  for layer, ids in plan.experts.layers:
     for proj in ("gate_proj", "up_proj", "down_proj"):
       got = slice_grads[f"layers_{layer}"]["mlp"]["experts"][proj]
       want = full_grads[f"layers_{layer}"]["mlp"]["experts"][proj][jnp.asarray(ids)]
@@ -125,39 +125,20 @@ def _moved(trainable, seed=1):
   return jax.tree_util.tree_map(lambda x: x + jnp.asarray(rng.standard_normal(x.shape) * 0.05, x.dtype), trainable)
 
 
-def test_split_written_holds_the_trained_stacks_and_joins_back():
-  cfg, params, _ = _setup()
-  plan = _esft_plan()
-  rest, written = split_written(plan, params)
-  assert sorted(written) == sorted(f"layers_{layer}/mlp/experts/{proj}" for layer in EXPERTS
-                                   for proj in ("down_proj", "gate_proj", "up_proj"))
-  assert not any("/mlp/experts/" in path and path.split("/")[0][7:] in EXPERTS for path in leaves_by_path(rest))
-  joined = join_written(rest, written)
-  assert jax.tree_util.tree_structure(joined) == jax.tree_util.tree_structure(params)
-  chex.assert_trees_all_equal(joined, params)
-  trainable = _moved(init_trainable(plan, params))
-  out = write_expert_rows(plan, written, trainable)
-  for path, stack in out.items():
-    ids = EXPERTS[path.split("/")[0].removeprefix("layers_")]
-    want = np.asarray(written[path]).copy()
-    want[ids] = np.asarray(leaves_by_path(trainable)[path]).astype(want.dtype)
-    np.testing.assert_array_equal(stack, want)
-
-
 def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
   cfg, params, _ = _setup()
   batch = jax.tree_util.tree_map(jnp.asarray, _batches(cfg, 1)[0])
   plan = _esft_plan()
   trainable = _moved(init_trainable(plan, params))
-  rest, written = split_written(plan, params)
-  written_params = join_written(rest, write_expert_rows(plan, written, trainable))
+  rest, stacks = plan.experts.split(params)
+  written_params = plan.experts.join(rest, plan.experts.write_rows(stacks, trainable))
   merged = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan)(t, params, batch)[0])
-  in_place = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan, rows_written=True)(
+  in_place = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan, rows_already_written=True)(
       t, written_params, batch)[0])
   (want_loss, want_grads), (got_loss, got_grads) = merged(trainable), in_place(trainable)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-8)
-  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan, rows_written=True)(
+  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan, rows_already_written=True)(
       t, written_params, batch)[0]))(trainable))
   full_size = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
   full_size.add((*batch["inputs"].shape, cfg.vocab_size))
@@ -172,26 +153,26 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-3)
   model = Transformer(cfg)
 
-  def init(frozen):
-    trainable = init_trainable(plan, frozen)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  def init(frozen, stacks):
+    trainable = init_trainable(plan, plan.experts.join(frozen, stacks))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), stacks)
 
-  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, params))
+  rest, stacks = plan.experts.split(params)
+  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, rest, stacks))
   step = make_train_step(model, plan, optimizer, lambda s: 1e-3, shardings)
   micro = _batches(cfg, 1)[0]
-  rest, written = split_written(plan, params)
-  compiled = step.lower(init(params), written, rest, {k: v[None] for k, v in micro.items()}).compile()
-  # The state and the written stacks are updated in place: XLA aliases each to its output.
-  assert compiled.memory_analysis().alias_size_in_bytes >= tree_bytes(init(params)) + tree_bytes(written)
+  compiled = step.lower(init(rest, stacks), rest, {k: v[None] for k, v in micro.items()}).compile()
+  # The state, its stacks included, is updated in place: XLA aliases it to its output.
+  assert compiled.memory_analysis().alias_size_in_bytes >= tree_bytes(init(rest, stacks))
   results = []
   for copies in (1, 2):
-    rest, written = split_written(plan, params)
-    written = jax.tree_util.tree_map(jnp.copy, written)  # donated by the step
+    rest, stacks = plan.experts.split(params)
+    stacks = jax.tree_util.tree_map(jnp.copy, stacks)  # donated by the step
     batch = {k: np.stack([v] * copies) for k, v in micro.items()}
-    state, written, metrics = step(init(params), written, rest, batch)
-    state, written, metrics = step(state, written, rest, batch)
+    state, metrics = step(init(rest, stacks), rest, batch)
+    state, metrics = step(state, rest, batch)
     results.append((state.trainable, metrics["loss"]))
-    for path, stack in written.items():
+    for path, stack in leaves_by_path(state.stacks).items():
       ids = EXPERTS[path.split("/")[0].removeprefix("layers_")]
       frozen_rows = np.setdiff1d(np.arange(cfg.num_experts), ids)
       before = np.asarray(leaves_by_path(params)[path])
@@ -202,41 +183,31 @@ def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_va
   chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-7)
 
 
-def test_trained_rows_of_another_plan_are_rejected():
-  """Rows for fewer experts than the plan selects would be broadcast into the stack; the shape check names them."""
-  cfg, params, _ = _setup()
-  plan = _esft_plan()
-  _, written = split_written(plan, params)
-  trainable = init_trainable(plan_from_expert_config({"experts": {"1": [3], "2": [5]}}), params)
-  with pytest.raises(AssertionError, match=r"trained rows of layers_1/mlp/experts/\w+ for experts \[\d, \d\]"):
-    write_expert_rows(plan, written, trainable)
-
-
 def test_train_step_is_traced_once_over_several_steps():
-  """Each step's state and written stacks go back in as the next step's arguments: their shapes, dtypes and
+  """Each step's state (its stacks included) goes back in as the next step's argument: its shapes, dtypes and
   shardings must equal what the step takes, or every step would trace and compile again. A batch of another
   length is a new program, and the guard says so."""
   cfg, params, _ = _setup()
   plan = _esft_plan()
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-3)
 
-  def init(frozen):
-    trainable = init_trainable(plan, frozen)
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  def init(frozen, stacks):
+    trainable = init_trainable(plan, plan.experts.join(frozen, stacks))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), stacks)
 
-  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, params))
+  rest, stacks = plan.experts.split(params)
+  shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, rest, stacks))
   chex.clear_trace_counter()
   step = make_train_step(Transformer(cfg), plan, optimizer, lambda s: 1e-3, shardings, max_traces=1)
-  params = place(params, shardings.frozen)  # as `train` lays them out
-  state = jax.jit(init, out_shardings=shardings.state)(params)
-  rest, written = split_written(plan, params)
-  written = jax.tree_util.tree_map(jnp.copy, written)  # donated by the step
+  rest = place(rest, shardings.frozen)  # as `train` lays them out
+  stacks = jax.tree_util.tree_map(jnp.copy, place(stacks, shardings.state.stacks))  # donated
+  state = jax.jit(init, out_shardings=shardings.state, donate_argnums=(1,))(rest, stacks)
   for batch in _batches(cfg, 3):
-    state, written, metrics = step(state, written, rest, {k: v[None] for k, v in batch.items()})
+    state, metrics = step(state, rest, {k: v[None] for k, v in batch.items()})
   assert int(state.step) == 3 and np.isfinite(float(metrics["loss"]))
   shorter = {k: v[None] for k, v in _batches(cfg, 1, length=8)[0].items()}
   with pytest.raises(AssertionError, match="traced > 1 times"):
-    step(state, written, rest, shorter)
+    step(state, rest, shorter)
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-6), (jnp.bfloat16, 1e-2)])
@@ -317,8 +288,8 @@ def test_donated_parameters_train_alike_and_give_up_only_the_stacks_with_trained
   donated = _run(cfg, given, plan, tmp_path / "donated", 3, batches, val=val, donate_params=True)
   assert donated.best_val_loss == kept.best_val_loss
   chex.assert_trees_all_equal(kept.trainable, donated.trainable)
-  rest, written = split_written(plan, given)
-  assert all(stack.is_deleted() for stack in written.values())  # trained in place: no copy was made
+  rest, stacks = plan.experts.split(given)
+  assert all(stack.is_deleted() for stack in jax.tree_util.tree_leaves(stacks))  # trained in place: no copy made
   assert not any(leaf.is_deleted() for leaf in jax.tree_util.tree_leaves(rest))
 
 
@@ -342,7 +313,7 @@ def test_frozen_parameters_stay_bit_identical_and_selected_experts_move(tmp_path
   for path, before in leaves_by_path(params).items():
     after = leaves_by_path(merged)[path]
     if "/mlp/experts/" in path and path.split("/")[0] in ("layers_1", "layers_2"):
-      ids = dict(plan.experts)[int(path.split("/")[0][7:])]
+      ids = plan.experts.of_layer(int(path.split("/")[0][7:]))
       others = np.setdiff1d(np.arange(cfg.num_experts), ids)
       np.testing.assert_array_equal(np.asarray(after)[others], np.asarray(before)[others])
       assert not np.array_equal(np.asarray(after)[list(ids)], np.asarray(before)[list(ids)])

@@ -24,8 +24,7 @@ from esft_jax import sharding  # noqa: E402
 from esft_jax.config import config_from_hf, load_config  # noqa: E402
 from esft_jax.esft.routing_pass import make_scoring_step  # noqa: E402
 from esft_jax.esft.scores import RoutingTotals  # noqa: E402
-from esft_jax.esft.trainable import expert_weight_grads, init_trainable, plan_from_expert_config  # noqa: E402
-from esft_jax.esft.trainable import split_written  # noqa: E402
+from esft_jax.esft.trainable import init_trainable, plan_from_expert_config  # noqa: E402
 from esft_jax.generate import _decode_chunk, _prefill  # noqa: E402
 from esft_jax.model.transformer import Transformer, init_cache, init_params  # noqa: E402
 from esft_jax.train.optimizer import learning_rate_schedule, make_optimizer  # noqa: E402
@@ -64,19 +63,19 @@ def train_step(cfg, mesh) -> dict:
   """`esft-jax train --method esft`'s step, bf16 compute, two micro-batches."""
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   model = Transformer(cfg, expert_impl=EXPERT_IMPL, dtype=jnp.bfloat16, max_segments=1,
-                      expert_weight_grads=expert_weight_grads(PLAN, cfg))
+                      trained_experts=PLAN.trained_experts, mesh=mesh)
   schedule = learning_rate_schedule(1e-5, 100)
   trainable = jax.eval_shape(lambda p: init_trainable(PLAN, p, jax.random.key(0)), params)
   optimizer = make_optimizer(trainable, schedule)
   init = _init_state(PLAN, optimizer, 0)
-  state = jax.eval_shape(init, params)
+  frozen, stacks = PLAN.experts.split(params)
+  state = jax.eval_shape(init, frozen, stacks)
   shardings = step_shardings(cfg, PLAN, mesh, state)
   step = make_train_step(model, PLAN, optimizer, schedule, shardings)
-  frozen, written = split_written(PLAN, params)
   tokens = jax.ShapeDtypeStruct((MICRO_BATCHES, BATCH, LENGTH), jnp.int32)
   batch = {"inputs": tokens, "targets": tokens, "segment_ids": tokens, "positions": tokens,
            "loss_mask": jax.ShapeDtypeStruct(tokens.shape, jnp.float32)}
-  return _exported(step, state, written, frozen, batch)
+  return _exported(step, state, frozen, batch)
 
 
 def scoring(cfg, mesh) -> dict:
@@ -89,9 +88,9 @@ def scoring(cfg, mesh) -> dict:
 
 def generation(cfg, mesh) -> dict:
   """The prefill and a chunk of 4 decoding steps, the parameters split as training splits them, rows over the
-  batch axes, traced under the mesh's rules as training and scoring are (the routed experts then run in a
-  shard_map: XLA cannot partition a Mosaic kernel, and without them lowering fails)."""
-  model = Transformer(cfg, expert_impl=EXPERT_IMPL, dtype=jnp.bfloat16)
+  batch axes, the model on the mesh and traced under its rules as training and scoring are (the routed experts
+  then run in a shard_map: XLA cannot partition a Mosaic kernel, and without it lowering fails)."""
+  model = Transformer(cfg, expert_impl=EXPERT_IMPL, dtype=jnp.bfloat16, mesh=mesh)
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
   params = _abstract(params, sharding.param_shardings(cfg, mesh))
   rows = sharding.batch_sharding(mesh)

@@ -82,7 +82,8 @@ def make_scoring_step(config: ModelConfig, expert_impl: str = "auto", dtype=jnp.
   step is traced more often, as it would be if the totals it returns did not match those it takes; tests set it
   after `chex.clear_trace_counter()`, since the count is kept per definition site, process-wide."""
   mesh = mesh or sharding.single_device_mesh()
-  model = Transformer(config, expert_impl=expert_impl, dtype=dtype, max_segments=1)  # one sample first per row
+  # max_segments=1: each row holds one sample, then padding.
+  model = Transformer(config, expert_impl=expert_impl, dtype=dtype, max_segments=1, mesh=mesh)
 
   def step(params, totals: RoutingTotals, tokens_BxL, segment_ids_BxL):
     chex.assert_rank(tokens_BxL, 2)

@@ -24,12 +24,12 @@ import ml_dtypes
 import numpy as np
 
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import TrainPlan, layer_index
+from esft_jax.esft.trainable import TrainPlan
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.hf import tensor_table
 from esft_jax.interop.safetensors_io import CheckpointReader, SafetensorsFile, write_safetensors
 from esft_jax.lora import apply_lora
-from esft_jax.paths import get_path, leaves_by_path, set_path
+from esft_jax.paths import get_path, layer_index, leaves_by_path, set_path
 
 EXPERT_CONFIG_FILE = "expert_cfg.json"
 ADAPTER_FILE = "model.safetensors"
@@ -76,7 +76,7 @@ def trained_hf_tensors(config: ModelConfig, plan: TrainPlan, trainable, dtypes: 
     elif entry.kind == "linear":
       yield entry.hf_names[0], np.ascontiguousarray(array.T)
     else:
-      experts = range(config.num_experts) if plan.trains_whole(path) else plan.expert_ids[layer_index(path)]
+      experts = range(config.num_experts) if plan.trains_whole(path) else plan.experts.of_layer(layer_index(path))
       for row, e in enumerate(experts):
         yield entry.hf_names[e], np.ascontiguousarray(array[row].T)
 
@@ -96,7 +96,7 @@ def save_adapter(out_dir: str | Path, config: ModelConfig, params, plan: TrainPl
   dtypes = dtypes or {path: leaf.dtype for path, leaf in leaves_by_path(params).items()}
   write_safetensors(out_dir / ADAPTER_FILE, dict(trained_hf_tensors(config, plan, trainable, dtypes)))
   if plan.method == "esft":
-    cfg = expert_config or {"experts": {str(l): list(ids) for l, ids in plan.experts},
+    cfg = expert_config or {"experts": {str(l): list(ids) for l, ids in plan.experts.layers},
                             "shared_experts": plan.shared_experts, "non_expert_modules": plan.non_expert_modules}
     _write_json(out_dir / EXPERT_CONFIG_FILE, cfg)
   return out_dir

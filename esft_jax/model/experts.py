@@ -1,10 +1,10 @@
 """Routed-expert compute behind one interface, dropless on every path.
 
-    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts=None, first_expert=0) -> out_TxD
+    expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts=None, first_expert=0) -> out_TxD
 
 `experts` holds the stacked SwiGLU weights of one MoE layer: gate_proj/up_proj [E, D, F], down_proj [E, F, D].
 Each token's output is the sum over its K chosen experts of weight * expert(x), as in transformers.
-`weight_grad_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
+`trained_experts` names the experts whose weight gradients the caller uses (ESFT: the trained ones; None:
 all); "gpu" and "tpu" skip the others' weight-gradient matmuls ("gpu" leaves their entries unwritten, arbitrary
 values; "tpu" zero: read only the experts named), the other paths compute them all.
 
@@ -13,7 +13,7 @@ first_expert + E - 1 (first_expert may be traced). Assignments to the other expe
 become local id E, which the one-hot of "reference" leaves out (that path still runs every local expert on every
 token) and the grouped paths sort past the last group, where `lax.ragged_dot` and the "tiled" kernels compute
 nothing (the "ragged" kernels compute those rows as zeros; megablox skips them and "tpu" zeroes them). Ids stay
-global everywhere else (`weight_grad_experts` too).
+global everywhere else (`trained_experts` too).
 
 - "reference": every expert on every token, zero weight where not chosen. Obviously correct, O(E) work;
   kept as the oracle that the fast paths are tested against.
@@ -130,7 +130,7 @@ def check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.A
 
 
 def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], impl: str = "grouped",
-               weight_grad_experts: tuple[int, ...] | None = None, first_expert: jax.Array | int = 0) -> jax.Array:
+               trained_experts: tuple[int, ...] | None = None, first_expert: jax.Array | int = 0) -> jax.Array:
   check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)
   if impl == "auto":
     impl = _auto_impl(x_TxD.shape[0], experts)
@@ -144,11 +144,11 @@ def expert_ffn(x_TxD, ids_TxK, weights_TxK, experts: Mapping[str, jax.Array], im
   if impl == "gpu":
     from esft_jax.model.kernels.ffn import gpu_expert_ffn  # imports Pallas' Mosaic GPU backend
 
-    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts,
+    return gpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, trained_experts=trained_experts,
                           first_expert=first_expert)
   if impl == "tpu":
     from esft_jax.model.kernels.megablox import tpu_expert_ffn  # imports Pallas' TPU backend
 
-    return tpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, weight_grad_experts=weight_grad_experts,
+    return tpu_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, trained_experts=trained_experts,
                           first_expert=first_expert)
   raise ValueError(f"expert implementation {impl!r} is unknown; use one of {EXPERT_IMPLS}")

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec
 
 from esft_jax.config import ModelConfig
 from esft_jax.model.experts import check_expert_inputs, expert_ffn, rows_already_in
@@ -90,20 +90,24 @@ def global_balance_loss(routings: list[Routing], num_experts: int, token_mask_Bx
   return num_experts * jnp.sum(jax.lax.stop_gradient(counts / rows) * prob_sum / rows)
 
 
-def _split_axes(mesh, logical: str) -> tuple[str, ...]:
-  """The axes of `mesh`, of more than one device, that the active logical rules split `logical` over."""
-  axes = nn.logical_to_mesh_axes((logical,))[0]
+def _split_axes(mesh: Mesh | AbstractMesh, logical: str) -> tuple[str, ...]:
+  """The axes of `mesh`, of more than one device, that the logical rules (`esft_jax.sharding.LOGICAL_RULES`)
+  split `logical` over."""
+  from esft_jax.sharding import LOGICAL_RULES  # esft_jax.sharding imports the model
+
+  axes = nn.logical_to_mesh_axes((logical,), LOGICAL_RULES)[0]
   if axes is None or mesh.empty:
     return ()
   return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if mesh.shape[a] > 1)
 
 
 def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str,
-                   weight_grad_experts: tuple[int, ...] | None = None) -> jax.Array:
-  """`expert_ffn`, with each device on its own tokens where the active mesh (`esft_jax.sharding.logical_rules`)
-  splits the batch. XLA's partitioner can split neither the dispatch (a sort over every token) nor the Pallas
-  kernels: left to it, every device runs the experts on the whole global batch, and data or expert parallelism
-  does not divide the MoE's work.
+                   trained_experts: tuple[int, ...] | None = None,
+                   mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+  """`expert_ffn`, with each device on its own tokens where `mesh` (None: one device; an AbstractMesh compiles
+  without the devices) splits the batch under `esft_jax.sharding.LOGICAL_RULES`. XLA's partitioner can split
+  neither the dispatch (a sort over every token) nor the Pallas kernels: left to it, every device runs the experts
+  on the whole global batch, and data or expert parallelism does not divide the MoE's work.
 
   The data axes (data, fsdp) move weights: each device gathers the expert weights from their FSDP shards and
   runs them on its own tokens. The expert axis moves tokens instead, as the weights are what is large there
@@ -114,14 +118,15 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   room for every assignment landing on one device. The tensor axis splits the hidden width: each shard computes
   its part and the partial outputs are summed.
 
-  The data axes sum the weight gradients over their devices. With `weight_grad_experts` named, those experts'
+  The data axes sum the weight gradients over their devices. With `trained_experts` named, those experts'
   alone are summed: 138 MB a layer for ESFT's 8 experts at DeepSeek-V2-Lite widths, against 1.1 GB for the whole
   stacks (BENCHMARKS.md, sharding)."""
   check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)  # the global shapes, before any split
-  mesh = jax.sharding.get_abstract_mesh()
+  if mesh is None:
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts)
   rows, width, ep = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts")
   if not rows and not width:
-    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, weight_grad_experts)
+    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts)
   tokens = PartitionSpec(rows or None, None)
   gate_up_spec = PartitionSpec(ep or None, None, width or None)  # [E, D, F]: experts over ep, F over tensor
   down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
@@ -130,11 +135,11 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # Where the data axes sum the stacks' gradients, only the trained experts' rows' gradients leave the shard_map
   # (and are summed there); the stacks' gradients outside are the rows' scattered back (see rows_already_in).
   trained_ids = None
-  if weight_grad_experts is not None:
-    if not weight_grad_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
+  if trained_experts is not None:
+    if not trained_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
       stacks = jax.lax.stop_gradient(stacks)
     elif any(axis not in ep for axis in rows):
-      trained_ids = tuple(weight_grad_experts)
+      trained_ids = tuple(trained_experts)
 
   def local(x, ids, weights, gate, up, down, *trained_rows):
     first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
@@ -145,7 +150,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
     if ep:  # the expert group's tokens
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
     out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl,
-                     weight_grad_experts, first)
+                     trained_experts, first)
     if ep:
       out = jax.lax.psum_scatter(out, ep, tiled=True)
     return jax.lax.psum(out, width) if width else out
@@ -155,7 +160,7 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
   row_specs = (PartitionSpec(None, None, width or None),) * 2 + (PartitionSpec(None, width or None, None),)
   trained_rows = tuple(stack[jnp.asarray(trained_ids, jnp.int32)] for stack in stacks) if trained_ids else ()
-  return jax.shard_map(local, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
                        out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
 
 
@@ -182,7 +187,8 @@ class MoEBlock(nn.Module):
   expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
+  trained_experts: tuple[int, ...] | None = None  # see `expert_ffn`
+  mesh: Mesh | None = None  # see `routed_experts`
 
   @nn.compact
   def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Routing]:
@@ -202,7 +208,7 @@ class MoEBlock(nn.Module):
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
     with jax.named_scope("routed_experts"):  # a module of their own in profiles (they are a function here)
       out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl,
-                           self.weight_grad_experts)
+                           self.trained_experts, self.mesh)
 
     if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
       shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)

@@ -11,8 +11,10 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from esft_jax.config import ModelConfig
+from esft_jax.esft.trained_experts import TrainedExperts
 from esft_jax.model.attention import CacheView, GroupedQueryAttention, LayerCache, MultiHeadLatentAttention
 from esft_jax.model.layers import Linear, RMSNorm, SwiGLU, logical_param, rope_angles
 from esft_jax.model.moe import MoEBlock, Routing, batch_aux_loss, global_balance_loss, sequence_aux_loss
@@ -50,9 +52,10 @@ class DecoderLayer(nn.Module):
   expert_impl: str = "auto"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  weight_grad_experts: tuple[int, ...] | None = None  # see `expert_ffn`
+  trained_experts: tuple[int, ...] | None = None  # this layer's; see `expert_ffn`
   attention_impl: str = "auto"  # see esft_jax.model.attention.ATTENTION_IMPLS
   max_segments: int | None = None  # see esft_jax.model.attention.attend
+  mesh: Mesh | None = None  # see `esft_jax.model.moe.routed_experts`
 
   @nn.compact
   def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
@@ -68,8 +71,8 @@ class DecoderLayer(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, param_dtype=self.param_dtype, name="post_attention_layernorm")(x_BxLxD)
     routing = None
     if cfg.moe_layers[self.layer]:
-      y, routing = MoEBlock(cfg, self.expert_impl, weight_grad_experts=self.weight_grad_experts, name="mlp",
-                            **kw)(h)
+      y, routing = MoEBlock(cfg, self.expert_impl, trained_experts=self.trained_experts, mesh=self.mesh,
+                            name="mlp", **kw)(h)
     else:
       y = SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + y, ("batch", "length", "embed"))
@@ -85,13 +88,16 @@ class Transformer(nn.Module):
   # memory of one layer instead of all, for about a third more compute. Training only (no cache).
   remat: bool = False
   # Per MoE layer, the routed experts whose weight gradients the backward pass must produce (ESFT's trained
-  # ones: `esft_jax.esft.trainable.expert_weight_grads`); the GPU kernels skip the others' work. None: all.
-  expert_weight_grads: tuple[tuple[int, tuple[int, ...]], ...] | None = None
+  # ones, `TrainPlan.trained_experts`); the expert kernels skip the others' work. None: all.
+  trained_experts: TrainedExperts | None = None
   # How training and scoring attend: `esft_jax.model.attention.ATTENTION_IMPLS` (decoding uses the reference).
   attention_impl: str = "auto"
   # The most segments (packed documents) a row may hold, a static bound that makes the fused attention on a GPU
   # 2.5x faster; callers check their batches (`esft_jax.model.attention.check_segments`). None: any packing.
   max_segments: int | None = None
+  # The device mesh the model runs on, which splits the routed experts' work (`esft_jax.model.moe.routed_experts`).
+  # None: one device. The activation constraints take the mesh and rules of `esft_jax.sharding.logical_rules`.
+  mesh: Mesh | None = None
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
@@ -114,12 +120,11 @@ class Transformer(nn.Module):
     if cache is not None:
       valid = jax.lax.dynamic_update_slice(cache.valid_BxS, segment_ids_BxL != 0, (0, cache.index))
     layer_cls = nn.remat(DecoderLayer) if self.remat and cache is None else DecoderLayer
-    weight_grads = None if self.expert_weight_grads is None else dict(self.expert_weight_grads)
     for i in range(cfg.num_layers):
       view = None if cache is None else CacheView(cache.layers[i], cache.index, valid)
-      layer_grads = None if weight_grads is None else weight_grads.get(i, ())
-      layer = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, layer_grads, self.attention_impl,
-                        self.max_segments, name=f"layers_{i}")
+      trained = None if self.trained_experts is None else self.trained_experts.of_layer(i)
+      layer = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, trained, self.attention_impl,
+                        self.max_segments, self.mesh, name=f"layers_{i}")
       x, routing, layer_cache = layer(x, cos, sin, segment_ids_BxL, view)
       new_layers.append(layer_cache)
       if routing is not None:

@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 
 from esft_jax import sharding
 from esft_jax.config import ModelConfig, load_config
-from esft_jax.esft.trainable import TrainPlan, split_written
+from esft_jax.esft.trainable import TrainPlan
 from esft_jax.model.transformer import init_params
 
 GIB = 2**30
@@ -78,12 +78,13 @@ def device_memory_bytes(device_memory_gib: float | None = None) -> int | None:
   return int(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
 
 
-def plan_of_compiled(compiled: jax.stages.Compiled, state, written, frozen, mesh: Mesh,
+def plan_of_compiled(compiled: jax.stages.Compiled, state, frozen, mesh: Mesh,
                      device_memory: int | None) -> MemoryPlan:
-  """The plan of a compiled train step (`make_train_step(...).lower(state, written, frozen, batch).compile()`),
-  with `state`, `written` and `frozen` the arrays (or abstract arrays) it was lowered with."""
+  """The plan of a compiled train step (`make_train_step(...).lower(state, frozen, batch).compile()`), with
+  `state` and `frozen` the arrays (or abstract arrays) it was lowered with. The state's stacks count as frozen
+  weights: only their trained rows change."""
   stats = compiled.memory_analysis()
-  frozen_bytes = shard_bytes(frozen) + shard_bytes(written)
+  frozen_bytes = shard_bytes(frozen) + shard_bytes(state.stacks)
   trainable, optimizer = shard_bytes(state.trainable), shard_bytes(state.opt_state)
   held = stats.argument_size_in_bytes + stats.output_size_in_bytes - stats.alias_size_in_bytes
   gradients = shard_bytes(jax.tree_util.tree_map(
@@ -118,14 +119,15 @@ def plan_train_step(config: ModelConfig, plan: TrainPlan, cfg, mesh: Mesh, batch
   params = abstract_params(config, mesh, param_dtype)
   optimizer, schedule = train_optimizer(plan, cfg, params)
   init = _init_state(plan, optimizer, cfg.seed)
-  shardings = step_shardings(config, plan, mesh, jax.eval_shape(init, params))
+  frozen, stacks = plan.experts.split(params)
+  state_like = jax.eval_shape(init, frozen, stacks)
+  shardings = step_shardings(config, plan, mesh, state_like)
   state = jax.tree_util.tree_map(lambda leaf, where: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=where),
-                                 jax.eval_shape(init, params), shardings.state)
-  frozen, written = split_written(plan, params)
+                                 state_like, shardings.state)
   batch = abstract_batch(cfg.grad_accum, batch_size, seq_length, shardings.batch)
-  step = make_train_step(train_model(config, plan, cfg), plan, optimizer, schedule, shardings)
-  compiled = step.lower(state, written, frozen, batch).compile()
-  return plan_of_compiled(compiled, state, written, frozen, mesh, device_memory_bytes(cfg.device_memory_gib))
+  step = make_train_step(train_model(config, plan, cfg, mesh), plan, optimizer, schedule, shardings)
+  compiled = step.lower(state, frozen, batch).compile()
+  return plan_of_compiled(compiled, state, frozen, mesh, device_memory_bytes(cfg.device_memory_gib))
 
 
 def plan_run(model: str | Path, method: str, expert_config_path: str | Path | None, cfg, batch_size: int,

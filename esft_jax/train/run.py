@@ -16,12 +16,13 @@ from esft_jax import sharding
 from esft_jax.config import load_config
 from esft_jax.data.pipeline import build_datasets
 from esft_jax.esft.selection import load_expert_config
-from esft_jax.esft.trainable import TrainPlan, param_role, plan_from_expert_config, validate_plan
+from esft_jax.esft.trainable import TrainPlan, plan_from_expert_config, validate_plan
 from esft_jax.files import atomic_write_text
 from esft_jax.interop.adapter import checkpoint_dtypes, load_adapter, save_adapter
 from esft_jax.interop.hf import load_hf_model
 from esft_jax.interop.tokenizer import load_tokenizer
 from esft_jax.model.attention import most_segments, resolve_attention_impl
+from esft_jax.param_roles import role
 from esft_jax.paths import leaves_by_path, set_path
 from esft_jax.train.config import DataConfig, TrainConfig
 from esft_jax.train.run_folder import RUN_JSON, open_run_folder
@@ -36,7 +37,7 @@ def make_plan(method: str, config, expert_config_path: str | Path | None, lora_r
     expert_config = load_expert_config(expert_config_path, config.num_experts, config.moe_layer_ids)
     plan = plan_from_expert_config(expert_config)
     validate_plan(plan, config, str(expert_config_path))
-    if not any(ids for _, ids in plan.experts) and not (plan.shared_experts or plan.non_expert_modules):
+    if not any(ids for _, ids in plan.experts.layers) and not (plan.shared_experts or plan.non_expert_modules):
       raise ValueError(f"{expert_config_path}: the expert config selects no expert in any layer (and neither "
                        "shared experts nor non-expert modules), so nothing would train; select experts with a "
                        "larger --top-p in `esft-jax select`")
@@ -105,7 +106,7 @@ def _adapter_base(params_like, trainable) -> dict:
   trained = leaves_by_path(trainable)
   base: dict = {}
   for path, leaf in leaves_by_path(params_like).items():
-    if path in trained and param_role(path) == "routed_experts":  # ESFT slices, even a layer's full selection
+    if path in trained and role(path).kind == "routed_experts":  # ESFT slices, even a layer's full selection
       set_path(base, path, jnp.zeros(leaf.shape, leaf.dtype, device=host))
     else:
       set_path(base, path, np.broadcast_to(np.zeros((), leaf.dtype), leaf.shape))

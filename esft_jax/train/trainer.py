@@ -1,12 +1,13 @@
 """The one training loop. FFT, LoRA and ESFT differ only in their `TrainPlan` (what is trainable).
 
-A step: merge the trainable tree into the frozen parameters (ESFT's rows written into their stacks in place), run
-the model, take the masked next-token loss plus the model's balance loss (added to the gradient, not to the
-reported loss, as DeepSeek does), average gradients over `grad_accum` micro-batches (with `lax.scan` when there
-are several), and apply the multi-transform optimizer. Only the trainable tree has gradients and optimizer state.
+A step, `(state, frozen, batch) -> (state, metrics)`: write ESFT's trained rows into their stacks (held in the
+donated `TrainState`, so in place; `TrainedExperts`), run the model, take the masked next-token loss plus the
+model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average gradients over
+`grad_accum` micro-batches (with `lax.scan` when there are several), and apply the multi-transform optimizer. Only
+the trainable tree has gradients and optimizer state.
 
 Every run has a device mesh (one device without --mesh): the steps are jitted with NamedSharding in and out
-shardings from esft_jax.sharding (frozen parameters, trainable tree, optimizer state, batch), each process
+shardings from esft_jax.sharding (frozen parameters, state, batch), each process
 feeds its own rows of the global batch, and only process 0 writes logs and adapters. Orbax writes the
 checkpoint shards of every process and restores them onto whatever mesh the resuming run has.
 """
@@ -30,8 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from esft_jax import sharding
 from esft_jax.config import ModelConfig
-from esft_jax.esft.trainable import (TrainPlan, count_parameters, expert_weight_grads, init_trainable, join_written,
-                                    merge_trainable, split_written, tree_bytes, write_expert_rows)
+from esft_jax.esft.trainable import TrainPlan, count_parameters, init_trainable, merge_trainable, tree_bytes
 from esft_jax.model.attention import check_segments, resolve_attention_impl
 from esft_jax.model.transformer import Transformer
 from esft_jax.train.config import TrainConfig
@@ -44,15 +44,24 @@ Batch = dict[str, np.ndarray]  # inputs, targets, loss_mask, segment_ids, positi
 
 
 class TrainState(NamedTuple):
+  """What a step changes; the steps take it donated and return it. `stacks`: the routed-expert stacks that get
+  trained rows (`TrainedExperts.split`; empty for FFT and LoRA), which every step writes the current rows into in
+  place: held twice, frozen and written, they would take twice their memory, and a copy of them would be read and
+  written in full every step. Checkpoints hold the other fields (`CHECKPOINTED`): the stacks are the frozen
+  model's, with rows the trainable tree holds."""
   step: jax.Array
   trainable: Any
   opt_state: Any
+  stacks: Any
+
+
+CHECKPOINTED = ("step", "trainable", "opt_state")
 
 
 class StepShardings(NamedTuple):
   """Where every input and output of the jitted steps lives."""
   mesh: Mesh
-  frozen: Any
+  frozen: Any  # the parameters but the stacks in `state.stacks`
   state: TrainState
   batch: NamedSharding  # [A, B, L] micro-batches, split on B
   eval_batch: NamedSharding  # [B, L]
@@ -60,17 +69,18 @@ class StepShardings(NamedTuple):
 
 def step_shardings(config: ModelConfig, plan: TrainPlan, mesh: Mesh, state_like: TrainState) -> StepShardings:
   """All shardings of a run, checked against the model's shapes before anything compiles."""
+  frozen, stacks = plan.experts.split(sharding.param_shardings(config, mesh))
   trainable = sharding.trainable_shardings(plan, config, mesh, state_like.trainable)
   opt_state = sharding.opt_state_shardings(state_like.opt_state, state_like.trainable, trainable, mesh)
-  state = TrainState(sharding.replicated(mesh), trainable, opt_state)
-  return StepShardings(mesh, sharding.param_shardings(config, mesh), state, sharding.batch_sharding(mesh, 1),
-                       sharding.batch_sharding(mesh))
+  state = TrainState(sharding.replicated(mesh), trainable, opt_state, stacks)
+  return StepShardings(mesh, frozen, state, sharding.batch_sharding(mesh, 1), sharding.batch_sharding(mesh))
 
 
-def loss_fn(model: Transformer, plan: TrainPlan, rows_written: bool = False):
-  """(trainable, frozen, batch) -> (loss with the balance loss, metrics). `rows_written`: see `merge_trainable`."""
-  def loss(trainable, frozen, batch):
-    params = merge_trainable(plan, frozen, trainable, rows_written)
+def loss_fn(model: Transformer, plan: TrainPlan, rows_already_written: bool = False):
+  """(trainable, params, batch) -> (loss with the balance loss, metrics). `rows_already_written`: see
+  `TrainedExperts.merge`."""
+  def loss(trainable, params, batch):
+    params = merge_trainable(plan, params, trainable, rows_already_written)
     out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
     lm_loss = masked_mean_loss(out.logits, batch["targets"], batch["loss_mask"])
     valid = (batch["segment_ids"] != 0).astype(jnp.float32)
@@ -86,29 +96,28 @@ def _load_imbalance(ids_BxLxK, valid_BxL, num_experts):
   return jnp.max(counts) / jnp.maximum(counts.sum(), 1.0) * num_experts
 
 
-def _with_current_rows(plan: TrainPlan, written, frozen, trainable) -> tuple[dict, dict]:
-  """`written` with the trained rows of `trainable` written in (in place where donated), and the whole parameter
-  tree around it, for a loss with `rows_written`."""
-  written = write_expert_rows(plan, written, trainable)
-  return written, join_written(frozen, written)
+def _with_current_rows(plan: TrainPlan, state: TrainState, frozen) -> tuple[TrainState, dict]:
+  """`state` with the trained rows written into its stacks (in place: the steps donate it), and the whole parameter
+  tree around them, for a loss with `rows_already_written`."""
+  stacks = plan.experts.write_rows(state.stacks, state.trainable)
+  return state._replace(stacks=stacks), plan.experts.join(frozen, stacks)
 
 
 def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.GradientTransformation,
                     schedule: optax.Schedule, shardings: StepShardings, max_traces: int | None = None) -> Callable:
-  """(state, written, frozen, batch [A, B, L]) -> (state, written, metrics); A micro-batches are averaged equally.
+  """(state, frozen, batch [A, B, L]) -> (state, metrics); A micro-batches are averaged equally.
 
-  `frozen, written = split_written(plan, params)`: `written` holds the stacks the step writes the trained expert
-  rows into, and is donated and returned, so the rows are written in place and no stack is copied (a copy would
-  hold every such stack twice, and read and write it in full every step). Pass the returned `written` to the next step; the
-  arrays passed in are gone after the call. Every frozen value stays as it was.
+  `frozen, stacks = plan.experts.split(params)`, the stacks in `state.stacks`: the state is donated and returned,
+  so the trained rows are written into the stacks in place. Pass the returned state to the next step; the arrays
+  passed in are gone after the call. Every frozen value stays as it was.
 
   `max_traces`: fail (`chex.assert_max_traces`) when the step is traced more often, as it would be if the state
   or stacks it returns did not match those it takes (shape, dtype, sharding) and every step recompiled; tests
   set it after `chex.clear_trace_counter()`, since the count is kept per definition site, process-wide."""
-  grad_fn = jax.grad(loss_fn(model, plan, rows_written=True), has_aux=True)
+  grad_fn = jax.grad(loss_fn(model, plan, rows_already_written=True), has_aux=True)
 
-  def step(state: TrainState, written, frozen, batch):
-    written, params = _with_current_rows(plan, written, frozen, state.trainable)
+  def step(state: TrainState, frozen, batch):
+    state, params = _with_current_rows(plan, state, frozen)
     n = batch["inputs"].shape[0]
     with sharding.logical_rules(shardings.mesh):
       if n == 1:  # no accumulator: saves a full-size fp32 buffer and its add
@@ -124,39 +133,36 @@ def make_train_step(model: Transformer, plan: TrainPlan, optimizer: optax.Gradie
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     metrics = dict(metrics, grad_norm=optax.tree.norm(grads), lr=schedule(state.step))
-    return TrainState(state.step + 1, trainable, opt_state), written, metrics
+    return TrainState(state.step + 1, trainable, opt_state, state.stacks), metrics
 
   if max_traces is not None:
     step = chex.assert_max_traces(step, n=max_traces)
-  frozen_shardings, written_shardings = split_written(plan, shardings.frozen)
-  return jax.jit(step, in_shardings=(shardings.state, written_shardings, frozen_shardings, shardings.batch),
-                 out_shardings=(shardings.state, written_shardings, sharding.replicated(shardings.mesh)),
-                 donate_argnums=(0, 1))
+  return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+                 out_shardings=(shardings.state, sharding.replicated(shardings.mesh)), donate_argnums=(0,))
 
 
 def make_eval_step(model: Transformer, plan: TrainPlan, shardings: StepShardings) -> Callable:
-  """(trainable, written, frozen, batch [B, L]) -> (written, mean loss, loss tokens) over the global batch, with
-  `written` and `frozen` as in `make_train_step` (`written` donated: the current rows are written in place)."""
-  loss = loss_fn(model, plan, rows_written=True)
+  """(state, frozen, batch [B, L]) -> (state, mean loss, loss tokens) over the global batch, with `state` and
+  `frozen` as in `make_train_step` (the state donated: the current rows are written into its stacks in place)."""
+  loss = loss_fn(model, plan, rows_already_written=True)
 
-  def step(trainable, written, frozen, batch):
-    written, params = _with_current_rows(plan, written, frozen, trainable)
+  def step(state: TrainState, frozen, batch):
+    state, params = _with_current_rows(plan, state, frozen)
     with sharding.logical_rules(shardings.mesh):
-      _, metrics = loss(trainable, params, batch)
-    return written, metrics["loss"], jnp.sum(batch["loss_mask"])
+      _, metrics = loss(state.trainable, params, batch)
+    return state, metrics["loss"], jnp.sum(batch["loss_mask"])
 
-  frozen_shardings, written_shardings = split_written(plan, shardings.frozen)
   replicated = sharding.replicated(shardings.mesh)
-  return jax.jit(step, in_shardings=(shardings.state.trainable, written_shardings, frozen_shardings,
-                                     shardings.eval_batch),
-                 out_shardings=(written_shardings, replicated, replicated), donate_argnums=(1,))
+  return jax.jit(step, in_shardings=(shardings.state, shardings.frozen, shardings.eval_batch),
+                 out_shardings=(shardings.state, replicated, replicated), donate_argnums=(0,))
 
 
-def train_model(model_config: ModelConfig, plan: TrainPlan, cfg: TrainConfig) -> Transformer:
-  """The model a run of `cfg` trains; `plan` names the experts whose weight gradients its kernels compute."""
+def train_model(model_config: ModelConfig, plan: TrainPlan, cfg: TrainConfig, mesh: Mesh) -> Transformer:
+  """The model a run of `cfg` trains on `mesh`; `plan` names the experts whose weight gradients its kernels
+  compute."""
   return Transformer(model_config, expert_impl=cfg.expert_impl, attention_impl=cfg.attention_impl,
                      max_segments=cfg.max_segments, dtype=jnp.dtype(cfg.compute_dtype), remat=cfg.remat,
-                     expert_weight_grads=expert_weight_grads(plan, model_config))
+                     trained_experts=plan.trained_experts, mesh=mesh)
 
 
 def train_optimizer(plan: TrainPlan, cfg: TrainConfig, params) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -167,10 +173,11 @@ def train_optimizer(plan: TrainPlan, cfg: TrainConfig, params) -> tuple[optax.Gr
 
 
 def _init_state(plan: TrainPlan, optimizer: optax.GradientTransformation, seed: int) -> Callable:
-  """frozen -> the step-0 state: the trainable tree and its optimizer state."""
-  def init(frozen) -> TrainState:
-    trainable = init_trainable(plan, frozen, jax.random.key(seed))
-    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable))
+  """(frozen, stacks) -> the step-0 state: the trainable tree, its optimizer state and `stacks` (jit it with the
+  stacks donated, so they are passed through, not copied)."""
+  def init(frozen, stacks) -> TrainState:
+    trainable = init_trainable(plan, plan.experts.join(frozen, stacks), jax.random.key(seed))
+    return TrainState(jnp.zeros((), jnp.int32), trainable, optimizer.init(trainable), stacks)
 
   return init
 
@@ -190,22 +197,23 @@ def _stack_micro_batches(batches: list[Batch]) -> Batch:
   return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
 
 
-def evaluate_loss(eval_step: Callable, trainable, written, frozen, batches: list[Batch],
-                  batch_sharding: NamedSharding) -> tuple[float, Any]:
+def evaluate_loss(eval_step: Callable, state: TrainState, frozen, batches: list[Batch],
+                  batch_sharding: NamedSharding) -> tuple[float, TrainState]:
   """Token-weighted mean validation loss over the global batches (each process passes its own rows), and the
-  `written` stacks to use from now on (the eval step donates them)."""
+  state to use from now on (the eval step donates it)."""
   total, weight = 0.0, 0.0
   for batch in batches:
-    written, loss, n = eval_step(trainable, written, frozen, sharding.global_batch(batch, batch_sharding))
+    state, loss, n = eval_step(state, frozen, sharding.global_batch(batch, batch_sharding))
     total += float(loss) * float(n)
     weight += float(n)
-  return total / max(weight, 1.0), written
+  return total / max(weight, 1.0), state
 
 
 class Checkpoints:
-  """Orbax CheckpointManager over (step, trainable, optimizer state) plus a JSON record of the data position,
-  the best validation loss, the expert config and the run's arguments. Each process writes its own shards;
-  `restore` lays them out on the shardings of `like`, so a run may resume on another mesh."""
+  """Orbax CheckpointManager over the state's `CHECKPOINTED` fields (step, trainable, optimizer state) plus a JSON
+  record of the data position, the best validation loss, the expert config and the run's arguments. Each process
+  writes its own shards; `restore` lays them out on the shardings of `like` and keeps its stacks, so a run may
+  resume on another mesh."""
 
   def __init__(self, directory: Path, max_to_keep: int):
     self.directory = directory.resolve()
@@ -214,7 +222,7 @@ class Checkpoints:
 
   def save(self, state: TrainState, record: dict) -> None:
     self.manager.save(int(state.step), args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state._asdict()), record=ocp.args.JsonSave(record)), force=True)
+        state=ocp.args.StandardSave(_checkpointed(state)), record=ocp.args.JsonSave(record)), force=True)
     self.manager.wait_until_finished()
 
   def latest(self) -> int | None:
@@ -224,7 +232,7 @@ class Checkpoints:
     """The newest checkpoint that restores, or None where there is none. A step that fails to restore (damaged
     or half-copied files) is moved to `corrupt_checkpoints/` beside the checkpoints, saying so, and the step
     before it is tried: left in place, it would collide with the save of that step number."""
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, like._asdict())
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, _checkpointed(like))
     failures = []
     for step in sorted(self.manager.all_steps(), reverse=True):
       try:
@@ -237,7 +245,7 @@ class Checkpoints:
       if failures:
         print(f"checkpoints in {self.directory} that failed to restore, moved to {self._corrupt_dir}: "
               + "; ".join(failures) + f". Resuming from step {step}, the newest that restores.", flush=True)
-      return TrainState(**restored.state), restored.record
+      return like._replace(**restored.state), restored.record
     if failures:
       raise ValueError(f"no checkpoint in {self.directory} restores ({'; '.join(failures)}; moved to "
                        f"{self._corrupt_dir}); start the run again with --overwrite")
@@ -261,6 +269,10 @@ class Checkpoints:
       multihost_utils.sync_global_devices(f"esft-jax: checkpoint {step} set aside")
     self.manager.close()
     self.manager = ocp.CheckpointManager(self.directory, options=self.options)
+
+
+def _checkpointed(state: TrainState) -> dict:
+  return {name: getattr(state, name) for name in CHECKPOINTED}
 
 
 class NonFiniteError(ValueError):
@@ -293,11 +305,11 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
   position through `restore_data`. `train_batches` and `val_batches` yield this process's rows.
   `donate_params`: the caller will not use `frozen_params` again, so the stacks that get trained rows are trained
   in place and deleted from it; otherwise training works on a copy of those stacks (ESFT: all routed experts of
-  the layers with a selection)."""
+  the layers with trained experts)."""
   out_dir = Path(out_dir)
   mesh = mesh or sharding.single_device_mesh()
   is_main = jax.process_index() == 0
-  model = train_model(model_config, plan, cfg)
+  model = train_model(model_config, plan, cfg, mesh)
   fused = resolve_attention_impl(cfg.attention_impl, cfg.compute_dtype) == "fused"
 
   def check(batch, where):  # the fused attention turns rows past its bound into NaN: stop with the reason first
@@ -308,13 +320,14 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
     check(batch, f"validation batch {i}")
   optimizer, schedule = train_optimizer(plan, cfg, frozen_params)
   init = _init_state(plan, optimizer, cfg.seed)
-  shardings = step_shardings(model_config, plan, mesh, jax.eval_shape(init, frozen_params))
-  frozen_params = sharding.place(frozen_params, shardings.frozen)
-  state = jax.jit(init, out_shardings=shardings.state)(frozen_params)
-  frozen, written = split_written(plan, frozen_params)
+  frozen, stacks = plan.experts.split(frozen_params)
+  del frozen_params  # from here on the stacks with trained rows are read from the state
+  shardings = step_shardings(model_config, plan, mesh, jax.eval_shape(init, frozen, stacks))
+  frozen = sharding.place(frozen, shardings.frozen)
+  stacks = sharding.place(stacks, shardings.state.stacks)
   if not donate_params:
-    written = jax.tree_util.tree_map(jnp.copy, written)  # the steps donate these; the caller's stay intact
-  del frozen_params  # from here on the stacks with trained rows are read from `written`
+    stacks = jax.tree_util.tree_map(jnp.copy, stacks)  # the steps donate these; the caller's stay intact
+  state = jax.jit(init, out_shardings=shardings.state, donate_argnums=(1,))(frozen, stacks)
   checkpoints = Checkpoints(out_dir / "checkpoints", cfg.max_checkpoints)
   best = None
   restored = checkpoints.restore(state) if resume else None
@@ -368,12 +381,12 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
         check(batch, f"a training batch of step {step + 1}")
       batch = sharding.global_batch(_stack_micro_batches(micro), shardings.batch)
       if compiled_step is None:  # compiled explicitly once, so its memory plan can be read
-        compiled_step = train_step.lower(state, written, frozen, batch).compile()
+        compiled_step = train_step.lower(state, frozen, batch).compile()
         step_peak = planned_peak_bytes(compiled_step)
-        memory = memory_plan.plan_of_compiled(compiled_step, state, written, frozen, mesh,
+        memory = memory_plan.plan_of_compiled(compiled_step, state, frozen, mesh,
                                               memory_plan.device_memory_bytes(cfg.device_memory_gib))
         memory_plan.check_fits(memory, cfg.remat, int(batch["inputs"].shape[1]), cfg.grad_accum, mesh.size)
-      state, written, metrics = compiled_step(state, written, frozen, batch)
+      state, metrics = compiled_step(state, frozen, batch)
       step += 1
       if pending is not None:
         stop_if_not_finite(*pending)
@@ -394,8 +407,7 @@ def train(model_config: ModelConfig, frozen_params, plan: TrainPlan, train_batch
         writer.scalars(step, metrics)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
       if evaluates:
-        val_loss, written = evaluate_loss(eval_step, state.trainable, written, frozen, val_batches,
-                                          shardings.eval_batch)
+        val_loss, state = evaluate_loss(eval_step, state, frozen, val_batches, shardings.eval_batch)
         stop_if_not_finite(step, {"val_loss": val_loss})
         if writer:
           writer.scalars(step, {"val_loss": val_loss})

@@ -18,8 +18,8 @@ KERNELS = ("tiled", "ragged")
 
 class KernelOps(NamedTuple):
   """A kernel family's grouped matmuls on rows grouped by expert, each group a multiple of `align` rows (rows past
-  sum(group_sizes): unspecified, never read). Both take (..., group_sizes, weight_grad_groups=None, first_group=0):
-  `weight_grad_groups` names the experts whose weight gradient the caller uses (None: all; global ids, a stack's
+  sum(group_sizes): unspecified, never read). Both take (..., group_sizes, trained_experts=None, first_group=0):
+  `trained_experts` names the experts whose weight gradient the caller uses (None: all; global ids, a stack's
   row g being expert first_group + g); the "tiled" kernels skip the others' (left unwritten), "ragged" computes
   every one."""
 
@@ -49,13 +49,13 @@ def kernel_ops(kernel: str, interpret: bool = False) -> KernelOps:
   def runs_fast(lhs_PxK, rhs_GxKxN):
     return tiled.supported(rhs_GxKxN.shape[1], rhs_GxKxN.shape[2], lhs_PxK.dtype) and lhs_PxK.dtype == rhs_GxKxN.dtype
 
-  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups=None, first_group=0):
+  def matmul(lhs_PxK, rhs_GxKxN, group_sizes_G, trained_experts=None, first_group=0):
     if runs_fast(lhs_PxK, rhs_GxKxN):
-      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, weight_grad_groups, first_group)
+      return fast(lhs_PxK, rhs_GxKxN, group_sizes_G, trained_experts, first_group)
     return jax.lax.ragged_dot(lhs_PxK, rhs_GxKxN, group_sizes_G)
 
-  def swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, weight_grad_groups=None, first_group=0):
-    groups = (group_sizes_G, weight_grad_groups, first_group)
+  def swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, group_sizes_G, trained_experts=None, first_group=0):
+    groups = (group_sizes_G, trained_experts, first_group)
     if fast_swiglu is not None and all(runs_fast(x_PxD, w) for w in (gate_GxDxF, up_GxDxF, down_GxFxD)):
       return fast_swiglu(x_PxD, gate_GxDxF, up_GxDxF, down_GxFxD, *groups)
     gate_PxF, up_PxF = (matmul(x_PxD, w, *groups) for w in (gate_GxDxF, up_GxDxF))
@@ -71,13 +71,13 @@ def gpu_expert_ffn(
   experts: Mapping[str, jax.Array],
   kernel: str = "tiled",
   interpret: bool = False,
-  weight_grad_experts: tuple[int, ...] | None = None,
+  trained_experts: tuple[int, ...] | None = None,
   first_expert: jax.Array | int = 0,
 ) -> jax.Array:
   """Each token's sum over its K experts of weight * SwiGLU_e(x), on the grouped-matmul kernels of `kernel`.
   `interpret` runs the "tiled" kernels in Pallas' GPU interpreter (CPU tests). `ids_TxK` index `experts`; ids
   outside them (expert parallelism: experts on other devices) get no row and contribute nothing.
-  `weight_grad_experts` (global ids, experts[e] being expert first_expert + e): see
+  `trained_experts` (global ids, experts[e] being expert first_expert + e): see
   `esft_jax.model.experts.expert_ffn`."""
   if not (interpret or hopper_available()):
     raise ValueError(f"the GPU expert kernels need a Hopper GPU, found {jax.devices()[0]}; use impl='auto'")
@@ -87,5 +87,5 @@ def gpu_expert_ffn(
   gather_rows = functools.partial(gather.gather_rows, interpret=interpret) if rows_kernel else take_rows
   x_PxD = dispatch(x_TxD, layout, gather_rows)
   y_PxD = ops.swiglu(x_PxD, experts["gate_proj"], experts["up_proj"], experts["down_proj"], layout.group_sizes_G,
-                     weight_grad_experts, first_expert)
+                     trained_experts, first_expert)
   return combine(y_PxD, weights_TxK, layout, gather_rows)

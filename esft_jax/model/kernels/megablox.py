@@ -108,15 +108,15 @@ def megablox_matmul(lhs_PxK: jax.Array, rhs_GxKxN: jax.Array, group_sizes_G: jax
 
 
 def tpu_expert_ffn(x_TxD: jax.Array, ids_TxK: jax.Array, weights_TxK: jax.Array, experts, interpret: bool = False,
-                   weight_grad_experts: tuple[int, ...] | None = None,
+                   trained_experts: tuple[int, ...] | None = None,
                    first_expert: jax.Array | int = 0) -> jax.Array:
   """`esft_jax.model.experts.expert_ffn` on the megablox kernels: the "grouped" path's sort and combine, its
   three grouped matmuls on `megablox_matmul`. `ids_TxK` index `experts` (ids outside them: other devices'
-  experts, no row); `weight_grad_experts` are global ids, experts[e] being expert first_expert + e."""
+  experts, no row); `trained_experts` are global ids, experts[e] being expert first_expert + e."""
   from esft_jax.model.experts import grouped_expert_ffn  # the model module imports this one lazily
 
   trained_S = None
-  if weight_grad_experts is not None:
-    trained_S = jnp.asarray(weight_grad_experts, jnp.int32).reshape(-1) - first_expert
+  if trained_experts is not None:
+    trained_S = jnp.asarray(trained_experts, jnp.int32).reshape(-1) - first_expert
   matmul = functools.partial(megablox_matmul, trained_S=trained_S, interpret=interpret)
   return grouped_expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, matmul)
