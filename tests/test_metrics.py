@@ -151,6 +151,14 @@ def test_code_pass_and_fail():
   assert code_pass_at_1("def add(a, b):\n  return a - b\n", ADD_TESTS) == 0.0
 
 
+def test_a_chat_answer_runs_after_its_separating_space_and_a_continuation_keeps_its_indent():
+  # Generations continue "...Assistant:", so a whole function comes as " def ...".
+  assert code_pass_at_1(" def add(a, b):\n  return a + b", ADD_TESTS) == 1.0
+  continuation = {**ADD_TESTS, "code_prefix": "def add(a, b):\n"}
+  assert code_pass_at_1("  return a + b", continuation) == 1.0
+  assert code_pass_at_1("return a + b", continuation) == 0.0  # the body's indent is the model's to write
+
+
 def test_code_syntax_error_and_missing_function():
   assert code_pass_at_1("```python\ndef add(a, b) return a + b\n```", ADD_TESTS) == 0.0
   assert code_pass_at_1("print('no function')", ADD_TESTS) == 0.0

@@ -240,7 +240,12 @@ def code_pass_at_1(prediction: str, item: dict) -> float:
     tests = "\n".join(tests)
   if not isinstance(tests, str) or not tests.strip():
     raise ValueError(f"code item needs 'tests' (a string of asserts or a list of them), got {tests!r}")
-  program = f"{item.get('code_prefix', '')}{extract_code(prediction)}\n\n{tests}\n"
+  code = extract_code(prediction)
+  if "code_prefix" not in item:
+    # A whole program: its first line starts at column 0. A chat model's answer follows "Assistant:" after one
+    # space (the chat format's), which would otherwise be an IndentationError.
+    code = code.lstrip(" \t")
+  program = f"{item.get('code_prefix', '')}{code}\n\n{tests}\n"
   timeout_s = item.get("timeout_s", CODE_TIMEOUT_S)
   if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not timeout_s > 0:
     raise ValueError(f"code item 'timeout_s' must be a positive number of seconds, got {timeout_s!r}")
