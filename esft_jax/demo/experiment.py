@@ -58,7 +58,7 @@ PRESETS = {
                       steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16", expert_impl="reference"),
         align=AlignSpec(examples_per_family=1000, steps=300, batch_size=32, lr=5e-4),
         n_train=2000, n_test=100, n_general_test=50, score_tokens=8_192, finetune_steps=200, finetune_batch=16,
-        finetune_seq_length=512, lr_grid=(3e-5, 1e-4, 3e-4, 1e-3), search_tasks=("math", "intent"),
+        finetune_seq_length=512, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3), search_tasks=("math", "intent"),
         settings=("mixed", "unmixed"), seeds=(0, 1, 2), max_new_tokens=64, eval_batch=50, workers=4),
 }
 
