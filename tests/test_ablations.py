@@ -155,10 +155,12 @@ def _check_report(workspace: Path, name: str, results: dict) -> dict:
 
 def test_random_experts_over_two_seeds_resumes_per_seed(workspace):
   one = _run(workspace, "random_experts", seeds=(0,))
-  logs = []
-  both = _run(workspace, "random_experts", seeds=(0, 1), log=logs.append)
-  assert both["per_seed"]["0"] == one["per_seed"]["0"]  # seed 0 read back from its cache
-  assert sum("fine-tuning" in line for line in logs) == 2  # seed 1's scored and random runs only
+  runs = workspace / "ablations/random_experts/seed-0/runs"
+  seed0 = [path for name in ("summary.json", "eval.json") for path in runs.glob(f"*/{name}")]
+  written = {path: path.stat().st_mtime_ns for path in seed0}
+  both = _run(workspace, "random_experts", seeds=(0, 1))
+  assert both["per_seed"]["0"] == one["per_seed"]["0"]  # seed 0 read back from its cache, not run again
+  assert len(seed0) == 4 and all(path.stat().st_mtime_ns == written[path] for path in seed0)
   rows = _check_report(workspace, "random_experts", both)
   assert rows["random"]["trainable_params"] == rows["scored"]["trainable_params"]
   seed1 = {r["variant"]: r for r in both["per_seed"]["1"]["rows"]}

@@ -553,13 +553,16 @@ def write_ablation_report(root: Path, results: dict) -> Path:
     extra = (f"\n\nThe paper's Figure 7 view, with every granularity ablation of this workspace (ESFT minus FFT; "
              f"the paper finds the gap widens as experts coarsen): ![](../{GRANULARITY_PNG})")
   seeds = " ".join(map(str, results["seeds"]))
+  wall = f"{results['wall_seconds'] / 60:.1f} min"
+  if results.get("resumed_runs"):
+    wall += f" (this invocation only: {results['resumed_runs']} runs were finished by earlier invocations)"
   text = f"""# Ablation: {_TITLES[name]}
 
 Preset `{results['preset']}` ({results['num_experts']} routed experts, top-{results['top_k']}); tasks
 {', '.join(config['tasks'])}; seeds {seeds} (each seed draws its own tasks, alignment data and fine-tuning data
 order, with the learning rates the demo's search chose: {', '.join(f'{m} {lr:g}' for m, lr in results['lr'].items())}).
 Generated with `esft-jax ablate configs/ablations/{results['config_file']} --preset {results['preset']} --seed
-{seeds}` in {results['wall_seconds'] / 60:.1f} min. Scores are percentages, mean over the tasks, then mean ± std
+{seeds}` in {wall}. Scores are percentages, mean over the tasks, then mean ± std
 over seeds; "general tasks" is the mean multiple-choice accuracy on the demo's general instruction families
 (general ability); general loss is on held-out standard-library text.
 {_INTROS.get(name, '')}

@@ -44,6 +44,7 @@ from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
 from esft_jax.demo.experiment import METHODS, PRESETS, SELECTION, search_learning_rates
 from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_aligned, build_base
+from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.demo.workspace import (Job, Workspace, cached_json, in_worker_processes, prepare, run_jobs,
                                      share_device_with_workers)
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
@@ -88,6 +89,11 @@ class _Runner:
       self.rows.append({**row, "trainable_params": summary["trainable_params"], "task_score": scores[job.task],
                         "general_loss": scores["general_loss"], "general_score": scores["general_score"]})
     self.queue.clear()
+
+  @property
+  def base_eval(self) -> Path:
+    """Where the seed's aligned base is evaluated on the ablation's tasks and general ability."""
+    return self.root / "runs" / "base_eval.json"
 
 
 def _experts_per_layer(config: dict) -> float:
@@ -169,7 +175,7 @@ def _granularity_groups(runner: _Runner, config: GranularityGroupsConfig) -> dic
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1 and active == ws.base.config.num_experts_per_tok:
       group_ws = ws  # singleton groups: the base itself, with the demo's scores
-      base_eval = ws.dir / "runs" / "base_eval.json"
+      base_eval = runner.base_eval
     else:
       base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
@@ -182,7 +188,7 @@ def _granularity_groups(runner: _Runner, config: GranularityGroupsConfig) -> dic
     # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
     gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
                                           for t in config.tasks]))
-    bases[str(size)] = group_ws.evaluate(group_ws.base.params, base_eval)
+    bases[str(size)] = group_ws.evaluate(group_ws.base.params, base_eval, config.tasks)
     for task in config.tasks:
       _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size,
                     routed_experts=ws.base.config.num_experts // size)
@@ -237,7 +243,8 @@ def _granularity_scratch(runner: _Runner, config: GranularityScratchConfig) -> d
     fields = dict(experts=spec.routed_experts, top_k=top_k, width=spec.expert_width,
                   shared_width=variant.shared_width)
     bases[name] = {**fields, "concentration": concentration,
-                   **variant_ws.evaluate(variant_ws.base.params, runner.root / "runs" / f"base-{name}_eval.json")}
+                   **variant_ws.evaluate(variant_ws.base.params, runner.root / "runs" / f"base-{name}_eval.json",
+                                         config.tasks)}
     for task in config.tasks:
       _esft_and_fft(runner.on(variant_ws), task, name, concentration=concentration[task], **fields)
   return {"bases": bases}
@@ -294,20 +301,25 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   # Its folder is named after the config file: two configs of one ablation (granularity_groups and
   # granularity_groups_small, say) keep their runs and reports apart in one workspace.
   root = out / "ablations" / Path(config_path).stem
+  resumed_runs = sum(1 for _ in root.glob("seed-*/runs/*/eval.json"))
   per_seed, lr = {}, None
+  # The workspaces hold the ablation's tasks and the learning-rate search's (so a search run from here is the
+  # demo's), not all six: each seed scores routing only where it is used.
+  task_names = tuple(t for t in TASK_NAMES if t in config.tasks or t in preset.search_tasks)
   for seed in seeds:
-    ws = prepare(out, preset, seed, cache_root, log)
+    ws = prepare(out, preset, seed, cache_root, log, task_names)
     if lr is None:  # the demo's learning-rate search, shared through the workspace (run here if the demo has not)
       lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
     runner = _Runner(ws, root / f"seed-{seed}", lr, log, workers)
-    base = ws.evaluate(ws.base.params, ws.dir / "runs" / "base_eval.json")
+    base = ws.evaluate(ws.base.params, runner.base_eval, config.tasks)
     extra = _ABLATION_RUNS[config.ablation](runner, config) or {}
     runner.finish()
     per_seed[str(seed)] = {"rows": runner.rows, "base": base, **extra}
   results = {"ablation": config.ablation, "config": config_json(config), "config_file": Path(config_path).name,
              "preset": preset_name, "seeds": list(seeds), "tasks": list(config.tasks), "lr": lr,
              "per_seed": per_seed, "top_k": ws.base.config.num_experts_per_tok,
-             "num_experts": ws.base.config.num_experts, "wall_seconds": time.time() - started}
+             "num_experts": ws.base.config.num_experts, "wall_seconds": time.time() - started,
+             "resumed_runs": resumed_runs}
   root.mkdir(parents=True, exist_ok=True)
   report = write_ablation_report(root, results)  # adds the findings and writes results.json beside REPORT.md
   log(f"wrote {report}")
