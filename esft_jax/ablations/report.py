@@ -75,7 +75,8 @@ def _pm(table: Table, scale: float = 100, digits: int = 1) -> str:
 
 def _esft(cells: Cells, prefix: str, key: str) -> Table:
   """Mean of ESFT-Token and ESFT-Gate, per seed and task."""
-  return combine(lambda a, b: (a + b) / 2, cells.get(f"{prefix} ESFT-Token", key), cells.get(f"{prefix} ESFT-Gate", key))
+  return combine(lambda a, b: (a + b) / 2, cells.get(f"{prefix} ESFT-Token", key),
+                 cells.get(f"{prefix} ESFT-Gate", key))
 
 
 def _table(cells: Cells, paper: Callable[[str], str] | None = None, paper_header: str = "") -> str:
@@ -140,7 +141,8 @@ def _what_to_train_findings(cells: Cells) -> list[dict]:
   return [
       finding("Training only the relevant experts keeps general ability best of the trained variants: its general "
               "loss is below every other's (the paper: general 61.5, the next best 61.2 for shared experts only)",
-              combine(lambda r, *o: min(o) - r, get(relevant, "general_loss"), *(get(v, "general_loss") for v in others)),
+              combine(lambda r, *o: min(o) - r, get(relevant, "general_loss"),
+                      *(get(v, "general_loss") for v in others)),
               f"general loss: relevant experts {loss(relevant)}, the best other ({best_other}) {loss(best_other)}, "
               f"everything {loss('everything (FFT)')}", unit="loss", scale=1),
       finding(f"Training more raises the task score: everything (FFT) scores above the relevant experts (the paper: "
@@ -252,7 +254,8 @@ def _groups_base(cells: Cells, size: int, key: str | None = None) -> Table:
 
 def _groups_table(cells: Cells) -> str:
   results = cells.results
-  lines = [f"Fine experts active per token in every model below: A = {results['per_seed'][cells.seeds[0]]['active_experts']}.",
+  active = results["per_seed"][cells.seeds[0]]["active_experts"]
+  lines = [f"Fine experts active per token in every model below: A = {active}.",
            "", "| group size G | model | trained fine experts per layer | trainable parameters | task score (↑) | "
            "general loss (↓) | general tasks (↑) |", "|---|---|---|---|---|---|---|"]
   for size in results["config"]["group_sizes"]:
@@ -287,7 +290,8 @@ def _groups_findings(cells: Cells) -> tuple[list[dict], list[str]]:
   found.append(finding(
       "Coarser experts make ESFT train more fine experts (the paper's Figure 7: the trained-expert count rises with "
       "the group size)", trained,
-      f"trained fine experts per layer (mean of token and gate) {fine} {_pm(_esft(cells, fine, 'fine_experts_per_layer'), 1, 2)}"
+      f"trained fine experts per layer (mean of token and gate) {fine} "
+      f"{_pm(_esft(cells, fine, 'fine_experts_per_layer'), 1, 2)}"
       f", {coarse} {_pm(_esft(cells, coarse, 'fine_experts_per_layer'), 1, 2)} (of {results['num_experts']})",
       unit="fine experts per layer", scale=1))
   if sizes[-1] > 1:
@@ -396,7 +400,8 @@ def _scratch_findings(cells: Cells) -> list[dict]:
                 unit="share", scale=1),
         finding(f"Finer experts let ESFT keep more general ability ({span}): its general loss rises less over its "
                 "own base", combine(lambda a, b: a - b, rise(few), rise(many)),
-                f"ESFT's rise over the base (mean of token and gate) {_pm(rise(few), 1, 3)} → {_pm(rise(many), 1, 3)}",
+                f"ESFT's rise over the base (mean of token and gate) {_pm(rise(few), 1, 3)} → "
+                f"{_pm(rise(many), 1, 3)}",
                 unit="loss", scale=1),
         finding(f"Coarse experts hurt ESFT more than FFT ({span}; the paper's Figure 7 claim, on bases pretrained "
                 "at each granularity)", combine(lambda e, f: e - f, esft_gain, fft_gain),
@@ -478,7 +483,7 @@ def write_granularity_figure(ablations_root: Path) -> Path | None:
   for results in runs:
     for label, (x, task, loss) in granularity_curves(results).items():
       style = ("o-" if "Token" in label else "s--")
-      label = f"{label} ({results['config_file']}, {len(results['seeds'])} seeds)"
+      label = f"{label} ({results['config_file']}, seeds {' '.join(map(str, results['seeds']))})"
       _errorbar(ax_task, x, task, 100, style, label=label)
       _errorbar(ax_loss, x, loss, 1, style, label=label)
       experts |= set(x)
