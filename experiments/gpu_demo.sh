@@ -61,5 +61,5 @@ if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="st
 echo "$NAME call: $how after $((SECONDS - start)) s" | tee -a "$log"
 (cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json lr_search.json \
   figures *.png seed-*/figures seed-*/runs/*/summary.json seed-*/runs/*/eval.json seed-*/runs/*/metrics.jsonl \
-  seed-*/runs/*_eval.json seed-*/scores/*/summary.json seed-*/scores/*/experts_*.json \
+  seed-*/runs/*_eval.json seed-*/runs/*_eval-*.json seed-*/scores/*/summary.json seed-*/scores/*/experts_*.json \
   seed-*/scores/*/*/summary.json seed-*/expert_configs seed-*/cooccurrence.json ../granularity.png 2>/dev/null) || true

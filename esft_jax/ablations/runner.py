@@ -90,10 +90,10 @@ class _Runner:
                         "general_loss": scores["general_loss"], "general_score": scores["general_score"]})
     self.queue.clear()
 
-  @property
-  def base_eval(self) -> Path:
-    """Where the seed's aligned base is evaluated on the ablation's tasks and general ability."""
-    return self.root / "runs" / "base_eval.json"
+  def evaluate_base(self, ws: Workspace, name: str, tasks: tuple[str, ...]) -> dict:
+    """`ws`'s base model on `tasks` and general ability, cached under a name that holds the tasks (a config whose
+    tasks change evaluates anew)."""
+    return ws.evaluate(ws.base.params, self.root / "runs" / f"{name}_eval-{'-'.join(tasks)}.json", tasks)
 
 
 def _experts_per_layer(config: dict) -> float:
@@ -174,8 +174,7 @@ def _granularity_groups(runner: _Runner, config: GranularityGroupsConfig) -> dic
     groups[size] = {layer: greedy_groups(similarity[layer], size) for layer in layers}
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1 and active == ws.base.config.num_experts_per_tok:
-      group_ws = ws  # singleton groups: the base itself, with the demo's scores
-      base_eval = runner.base_eval
+      group_ws, base_name = ws, "base"  # singleton groups: the base itself, with the workspace's scores
     else:
       base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
@@ -184,11 +183,11 @@ def _granularity_groups(runner: _Runner, config: GranularityGroupsConfig) -> dic
         save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
         work.rename(base_dir)
       group_ws = ws.for_base(base_dir, runner.root / "scores" / base_dir.name, config.tasks, runner.log)
-      base_eval = runner.root / "runs" / f"base-{base_dir.name}_eval.json"
+      base_name = f"base-{base_dir.name}"
     # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
     gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
                                           for t in config.tasks]))
-    bases[str(size)] = group_ws.evaluate(group_ws.base.params, base_eval, config.tasks)
+    bases[str(size)] = runner.evaluate_base(group_ws, base_name, config.tasks)
     for task in config.tasks:
       _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size,
                     routed_experts=ws.base.config.num_experts // size)
@@ -243,8 +242,7 @@ def _granularity_scratch(runner: _Runner, config: GranularityScratchConfig) -> d
     fields = dict(experts=spec.routed_experts, top_k=top_k, width=spec.expert_width,
                   shared_width=variant.shared_width)
     bases[name] = {**fields, "concentration": concentration,
-                   **variant_ws.evaluate(variant_ws.base.params, runner.root / "runs" / f"base-{name}_eval.json",
-                                         config.tasks)}
+                   **runner.evaluate_base(variant_ws, f"base-{name}", config.tasks)}
     for task in config.tasks:
       _esft_and_fft(runner.on(variant_ws), task, name, concentration=concentration[task], **fields)
   return {"bases": bases}
@@ -311,7 +309,7 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
     if lr is None:  # the demo's learning-rate search, shared through the workspace (run here if the demo has not)
       lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
     runner = _Runner(ws, root / f"seed-{seed}", lr, log, workers)
-    base = ws.evaluate(ws.base.params, runner.base_eval, config.tasks)
+    base = runner.evaluate_base(ws, "base", config.tasks)
     extra = _ABLATION_RUNS[config.ablation](runner, config) or {}
     runner.finish()
     per_seed[str(seed)] = {"rows": runner.rows, "base": base, **extra}
