@@ -83,6 +83,8 @@ def test_configs_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
   with pytest.raises(ValueError, match=r"granularity_scratch.json: experts=4: the base's 64 experts of width 128, "
                                        r"top-6, do not split evenly into 4 experts"):
     run_ablation(REPO / "configs/ablations/granularity_scratch.json", tmp_path / "out", preset_name="small")
+  with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] name seed 0 more than once"):
+    run_ablation(REPO / "configs/ablations/threshold.json", tmp_path / "out", seeds=(0, 1, 0))
   assert not (tmp_path / "out").exists()
   for name in ("granularity_groups.json", "granularity_groups_small.json", "granularity_scratch.json",
                "granularity_scratch_small.json"):  # each fits the preset it is for

@@ -293,6 +293,9 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   preset = preset or PRESETS[preset_name]
   check_fits_preset(config, config_path, preset)
   seeds = tuple(seeds or preset.seeds)
+  repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+  if repeated:
+    raise ValueError(f"seeds {list(seeds)} name seed {repeated[0]} more than once; list each seed once")
   workers = workers or preset.workers
   share_device_with_workers(workers)
   started = time.time()
