@@ -96,6 +96,12 @@ def _table(cells: Cells, paper: Callable[[str], str] | None = None, paper_header
   return "\n".join(lines)
 
 
+def _over_seeds(cells: Cells) -> str:
+  """What a figure's points are, for its title."""
+  n = len(cells.seeds)
+  return f"mean ± std over {n} seeds" if n > 1 else "one seed"
+
+
 def _slope(x: list[float], y: list[float]) -> float:
   return float(np.polyfit(x, y, 1)[0]) if len(set(x)) > 1 else 0.0
 
@@ -111,22 +117,30 @@ def _threshold_findings(cells: Cells) -> list[dict]:
             for s in cells.seeds}
 
   mean_of = lambda variants, key: combine(lambda *v: np.mean(v), *(cells.get(v, key) for v in variants))
-  found = [
+
+  def ends(key: str, scale: float, digits: int) -> str:  # each score's smallest p against its largest
+    return ", ".join(
+        f"ESFT-{score.title()} p={cells.fields(runs[0])['p']} {_pm(cells.get(runs[0], key), scale, digits)} → "
+        f"p={cells.fields(runs[-1])['p']} {_pm(cells.get(runs[-1], key), scale, digits)}"
+        for score in ("token", "gate")
+        for runs in [sorted((v for v in esft if cells.fields(v)["score"] == score),
+                            key=lambda v: cells.fields(v)["p"])])
+
+  return [
       finding("Training more experts (larger p) costs general ability: general loss rises with the trained experts "
               "per layer", slope("general_loss"),
-              "least-squares slope of general loss over the token and gate runs, per seed and task",
-              unit="loss per expert per layer", scale=1),
+              f"general loss {ends('general_loss', 1, 3)}; the margin is the least-squares slope over the token "
+              "and gate runs, per seed and task", unit="loss per expert per layer", scale=1),
       finding("Task score rises with the trained experts per layer (the paper: it rises and saturates by p = 0.2 for "
               "ESFT-Token and p = 0.1 for ESFT-Gate, the defaults; Token peaks at p = 0.5, Gate at p = 0.3)",
-              slope("task_score"), "least-squares slope of the task score over the token and gate runs",
-              unit="points per expert per layer")]
-  if lora:
-    found.append(finding(
-        "ESFT scores above LoRA on the task, mean over the sweep (the paper: ESFT-Token and ESFT-Gate beat LoRA at "
-        "every point of it)", combine(lambda a, b: a - b, mean_of(esft, "task_score"), mean_of(lora, "task_score")),
-        f"ESFT {_pm(mean_of(esft, 'task_score'))} over its {len(esft)} thresholds, LoRA "
-        f"{_pm(mean_of(lora, 'task_score'))} over its {len(lora)} ranks"))
-  return found
+              slope("task_score"), f"task score {ends('task_score', 100, 1)}; the margin is the least-squares "
+              "slope over the token and gate runs", unit="points per expert per layer"),
+      finding("ESFT scores above LoRA on the task, mean over the sweep (the paper: ESFT-Token and ESFT-Gate beat LoRA "
+              "at every point of it)",
+              combine(lambda a, b: a - b, mean_of(esft, "task_score"), mean_of(lora, "task_score")),
+              f"ESFT {_pm(mean_of(esft, 'task_score'))} over its {len(esft)} thresholds, LoRA "
+              f"{_pm(mean_of(lora, 'task_score'))} over its {len(lora)} ranks"),
+  ]
 
 
 def _what_to_train_findings(cells: Cells) -> list[dict]:
@@ -210,7 +224,7 @@ def _plot_threshold(cells: Cells, path: Path) -> None:
     ax.set_xlabel("average trained experts per layer")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-  fig.suptitle(f"Figure 6: threshold p, trained experts and performance (mean ± std over {len(cells.seeds)} seeds)")
+  fig.suptitle(f"Figure 6: threshold p, trained experts and performance ({_over_seeds(cells)})")
   save_figure(fig, path)
 
 
@@ -232,7 +246,7 @@ def _plot_bars(cells: Cells, title: str, path: Path) -> None:
   low = min(cell(cells.get(v, "general_loss"))[0] for v in names)
   low = min(low, cell(cells.base("general_loss"))[0])
   ax_loss.set_xlim(left=low - 0.05 * abs(low))
-  fig.suptitle(f"{title} (mean ± std over {len(cells.seeds)} seeds)")
+  fig.suptitle(f"{title} ({_over_seeds(cells)})")
   save_figure(fig, path)
 
 
@@ -336,8 +350,7 @@ def _plot_groups(cells: Cells, path: Path) -> None:
   for ax in (ax_task, ax_loss, ax_experts):
     _log2_axis(ax, sizes, "group size G")
     ax.legend(fontsize="x-small")
-  fig.suptitle(f"Figure 7: expert granularity by grouping, ESFT on whole groups (mean ± std over "
-               f"{len(cells.seeds)} seeds)")
+  fig.suptitle(f"Figure 7: expert granularity by grouping, ESFT on whole groups ({_over_seeds(cells)})")
   save_figure(fig, path)
 
 
@@ -443,7 +456,7 @@ def _plot_scratch(cells: Cells, path: Path) -> None:
   for ax in (ax_conc, ax_sel, ax_task, ax_loss):
     _log2_axis(ax, sorted(all_experts), "routed experts (equal total and active parameters)")
     ax.legend(fontsize="x-small")
-  fig.suptitle(f"Bases of other granularity, pretrained alike (mean ± std over {len(cells.seeds)} seeds)")
+  fig.suptitle(f"Bases of other granularity, pretrained alike ({_over_seeds(cells)})")
   save_figure(fig, path)
 
 
