@@ -342,7 +342,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
   from esft_jax.ablations.runner import run_ablation
 
-  run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers)
+  run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers,
+               seeds=tuple(args.seed) if args.seed else None)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -565,10 +566,16 @@ def build_parser() -> argparse.ArgumentParser:
                                       "alike; the *_small.json configs fit --preset small) in a demo workspace: "
                                       "the tasks, the cached base and the routing scores are shared with "
                                       "`esft-jax demo --out OUT`. Writes "
-                                      "OUT/ablations/NAME/REPORT.md, results.json and figure.png (NAME: the "
-                                      "config file's name); resumes.")
+                                      "OUT/ablations/NAME/REPORT.md (mean ± std over seeds, each finding tested "
+                                      "beyond the spread), results.json and figure.png (NAME: the config file's "
+                                      "name), and for the granularity ablations OUT/ablations/granularity.png; "
+                                      "resumes, per seed.")
   ablate.add_argument("config", type=Path, help="e.g. configs/ablations/threshold.json")
   _add_workspace_flags(ablate)
+  ablate.add_argument("--seed", type=int, nargs="+", metavar="S",
+                      help="the seeds to run (each the demo's workspace of that seed: its tasks, aligned base and "
+                           "fine-tuning order, and for granularity_scratch its own pretraining of every base; "
+                           "default: 0 for tiny, 0 1 2 for small); a seed already run is read from OUT")
   ablate.set_defaults(func=cmd_ablate)
 
   data = sub.add_parser("data", help="data utilities").add_subparsers(dest="data_command", required=True,

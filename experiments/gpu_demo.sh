@@ -9,6 +9,7 @@
 #   OUT=/tmp/out bash experiments/gpu_demo.sh demo --setting mixed   # further arguments go to the command
 #   OUT=/tmp/out bash experiments/gpu_demo.sh random_experts    # an ablation on the demo's cached base
 #   (NAME is a config in configs/ablations/; granularity_groups_small fits the small preset's top-6)
+#   OUT=/tmp/out bash experiments/gpu_demo.sh threshold --seed 0 1   # these seeds (default: the preset's 0 1 2)
 #
 # The demo and the ablations share one pretrained base (runs/demo-small/cache): whichever asks first pretrains it
 # and the others wait for it (a lock file beside it), so several can start together, on one GPU or on two:
@@ -60,5 +61,5 @@ if ((rc == 0)); then how=finished; elif ((rc == 124 || rc == 137)); then how="st
 echo "$NAME call: $how after $((SECONDS - start)) s" | tee -a "$log"
 (cd "$report" && tar czf "$OUT/${NAME}_small.tar.gz" --ignore-failed-read REPORT.md results.json lr_search.json \
   figures *.png seed-*/figures seed-*/runs/*/summary.json seed-*/runs/*/eval.json seed-*/runs/*/metrics.jsonl \
-  seed-*/runs/*_eval.json seed-*/scores/*/summary.json seed-*/scores/*/experts_*.json runs/*/summary.json \
-  runs/*/eval.json runs/*_eval.json scores/*/*/summary.json expert_configs cooccurrence.json 2>/dev/null) || true
+  seed-*/runs/*_eval.json seed-*/runs/*_eval-*.json seed-*/scores/*/summary.json seed-*/scores/*/experts_*.json \
+  seed-*/scores/*/*/summary.json seed-*/expert_configs seed-*/cooccurrence.json ../granularity.png 2>/dev/null) || true

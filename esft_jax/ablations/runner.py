@@ -1,87 +1,63 @@
 """The paper's ablations on the demo's miniature: one config under configs/ablations/ per experiment.
 
-Each ablation reuses the demo's workspace (tasks, the cached base, routing scores), fine-tunes the variants it
-compares on the tasks its config names, evaluates each on every task and on held-out general text, and writes
-REPORT.md, results.json and a figure into its own folder. Runs and evaluations are cached like the demo's, so an
-interrupted ablation resumes.
+Each ablation runs over seeds on the demo's workspaces (one per seed: its tasks, aligned base and routing scores;
+the seed also orders the fine-tuning data) with the learning rates the demo's search chose, fine-tunes the
+variants it compares on the tasks its config names, evaluates each on its task and on general ability, and writes
+REPORT.md (mean ± std over seeds, each finding tested beyond the spread), results.json and figures into its own
+folder. Runs and evaluations are cached per seed like the demo's, so an interrupted ablation resumes and a seed
+already run is read back.
 
     threshold       Figure 6: task and general scores against the average trained experts per layer, token and
                     gate scores over a range of p, LoRA ranks beside them.
     what_to_train   Table 3: relevant experts only; + shared experts; + non-expert modules; shared only;
                     shared + non-expert; everything (FFT).
-    random_experts  Table 4: the scored selection against as many experts per layer drawn at random, per seed.
+    random_experts  Table 4: the scored selection against as many experts per layer drawn at random (the seed
+                    draws them).
     granularity_groups
                     Figure 7 (appendix B): the base's experts grouped G at a time by how often they are routed
                     together on general text, each group one coarse expert; ESFT (token and gate) on whole groups
                     and FFT against G, with the fine experts trained per layer.
     granularity_scratch
-                    Beyond the paper: bases of equal total and active routed parameters, pretrained alike, from
-                    a few wide experts to many narrow ones, with and without a shared expert; how concentrated
-                    their routing is, what ESFT selects, and task and general scores against granularity.
+                    Beyond the paper: bases of equal total and active routed parameters, pretrained alike (each
+                    seed pretrains each anew), from a few wide experts to many narrow ones, with and without a
+                    shared expert; how concentrated their routing is, what ESFT selects, and task and general
+                    scores against granularity.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import numpy as np
 
+from esft_jax.ablations.config import (AblationConfig, GranularityGroupsConfig, GranularityScratchConfig,
+                                        RandomExpertsConfig, ThresholdConfig, WhatToTrainConfig, config_json,
+                                        load_ablation_config)
 from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, greedy_groups, grouped_model,
                                             scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
 from esft_jax.demo.experiment import METHODS, PRESETS, SELECTION, search_learning_rates
 from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_aligned, build_base
+from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.demo.workspace import (Job, Workspace, cached_json, in_worker_processes, prepare, run_jobs,
                                      share_device_with_workers)
-from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
-from esft_jax.files import atomic_write_text, read_json
+from esft_jax.files import atomic_write_text
 from esft_jax.interop.hf import save_hf_model
 
-ABLATIONS = ("threshold", "what_to_train", "random_experts", "granularity_groups", "granularity_scratch")
-
-
-def load_ablation_config(path: str | Path) -> dict[str, Any]:
-  config = read_json(path, "see configs/ablations/ for the ablation configs")
-  if config.get("ablation") not in ABLATIONS:
-    raise ValueError(f"{path}: 'ablation' must be one of {ABLATIONS}, got {config.get('ablation')!r}")
-  unknown = sorted(set(config.get("tasks", [])) - set(TASK_NAMES))
-  if not config.get("tasks") or unknown:
-    raise ValueError(f"{path}: 'tasks' must be a non-empty list of {TASK_NAMES}; unknown: {unknown}")
-  if config["ablation"] == "granularity_groups":
-    sizes = config.get("group_sizes")
-    if not isinstance(sizes, list) or not sizes or not all(_positive_int(g) for g in sizes):
-      raise ValueError(f"{path}: 'group_sizes' must be a non-empty list of positive integers (1 is the base "
-                       f"itself), got {sizes!r}")
-    if "active_experts" in config and not _positive_int(config["active_experts"]):
-      raise ValueError(f"{path}: 'active_experts' (fine experts active per token in every grouped model; default "
-                       f"the base's top-k) must be a positive integer, got {config['active_experts']!r}")
-  if config["ablation"] == "granularity_scratch":
-    variants = config.get("variants")
-    if not isinstance(variants, list) or not variants or not all(
-        isinstance(v, dict) and set(v) == {"experts", "shared_width"} and _positive_int(v["experts"])
-        and _positive_int(v["shared_width"], zero=True) for v in variants):
-      raise ValueError(f"{path}: 'variants' must be a non-empty list of {{\"experts\": E, \"shared_width\": W}} "
-                       f"(E > 0 routed experts sharing the preset's routed width, W >= 0 shared width), got "
-                       f"{variants!r}")
-  return config
-
-
-def _positive_int(value: Any, zero: bool = False) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool) and value >= (0 if zero else 1)
-
-
 class _Runner:
-  """Fine-tunes and evaluates named variants of one ablation on each of its tasks: `run` queues a variant,
-  `finish` runs the queue (in worker processes where the preset has them) and records a row per variant."""
+  """Fine-tunes and evaluates named variants of one ablation on each of its tasks, for one seed's workspace:
+  `run` queues a variant, `finish` runs the queue (in worker processes where the preset has them) and records a
+  row per variant and task."""
 
-  def __init__(self, ws: Workspace, name: str, lr: dict, log, workers: int):  # name: OUT/ablations/NAME
-    self.ws, self.lr, self.log, self.workers = ws, lr, log, workers
-    self.root = ws.out / "ablations" / name
+  def __init__(self, ws: Workspace, root: Path, lr: dict, log, workers: int):  # root: OUT/ablations/NAME/seed-S
+    self.ws, self.root, self.lr, self.log, self.workers = ws, root, lr, log, workers
     self.rows: list[dict] = []
     self.queue: list[tuple[Workspace, Job, dict]] = []
 
@@ -98,12 +74,12 @@ class _Runner:
 
   def run(self, task: str, variant: str, kind: str, lr: float, expert_config: dict | None = None,
           lora_rank: int = 8, **fields) -> None:
-    """Queues one variant on `task`; its row holds the variant's fields, trainable parameters, experts per
-    layer, own-task score, general loss and general-benchmark score."""
+    """Queues one variant on `task`; its row holds the seed, the variant's fields, trainable parameters, experts
+    per layer, own-task score, general loss and general-benchmark score."""
     config_path = self.expert_config(task, variant, expert_config) if expert_config is not None else None
-    job = Job(f"{variant} on {task}", task, kind, self.root / "runs" / f"{task}-{variant}", lr, config_path,
-              lora_rank)
-    row = {"task": task, "variant": variant, **fields,
+    job = Job(f"{variant} on {task} (seed {self.ws.seed})", task, kind, self.root / "runs" / f"{task}-{variant}", lr,
+              config_path, lora_rank)
+    row = {"seed": self.ws.seed, "task": task, "variant": variant, **fields,
            "experts_per_layer": _experts_per_layer(expert_config) if expert_config is not None else None}
     self.queue.append((self.ws, job, row))
 
@@ -114,52 +90,57 @@ class _Runner:
                         "general_loss": scores["general_loss"], "general_score": scores["general_score"]})
     self.queue.clear()
 
+  def evaluate_base(self, ws: Workspace, name: str, tasks: tuple[str, ...]) -> dict:
+    """`ws`'s base model on `tasks` and general ability, cached under a name that holds the tasks (a config whose
+    tasks change evaluates anew)."""
+    return ws.evaluate(ws.base.params, self.root / "runs" / f"{name}_eval-{'-'.join(tasks)}.json", tasks)
+
 
 def _experts_per_layer(config: dict) -> float:
   return float(np.mean([len(ids) for ids in config["experts"].values()]))
 
 
-def _threshold(runner: _Runner, config: dict) -> None:
+def _threshold(runner: _Runner, config: ThresholdConfig) -> None:
   lr = runner.lr
-  for task in config["tasks"]:
-    for score in ("token", "gate"):
-      for p in config[f"{score}_p"]:
+  for task in config.tasks:
+    for score, thresholds in (("token", config.token_p), ("gate", config.gate_p)):
+      for p in thresholds:
         selection = select_experts(runner.ws.summaries[task], score, p)
         runner.run(task, f"{score}-p{p}", "esft", lr[f"ESFT-{score.title()}"], selection, score=score, p=p)
-    for rank in config["lora_ranks"]:
+    for rank in config.lora_ranks:
       runner.run(task, f"lora-r{rank}", "lora", lr["LoRA"], lora_rank=rank, score="lora", rank=rank)
 
 
-WHAT_TO_TRAIN = (  # (variant, trains the selected experts, shared experts, non-expert modules)
+WHAT_TO_TRAIN = (  # the paper's Table 3: (variant, trains the selected experts, shared experts, non-expert modules)
     ("relevant experts", True, False, False),
     ("+ shared experts", True, True, False),
-    ("+ non-expert modules", True, False, True),
+    ("+ shared + non-expert", True, True, True),
     ("shared experts only", False, True, False),
     ("shared + non-expert", False, True, True),
 )
 
 
-def _what_to_train(runner: _Runner, config: dict) -> None:
+def _what_to_train(runner: _Runner, config: WhatToTrainConfig) -> None:
   lr = runner.lr
-  for task in config["tasks"]:
-    selection = select_experts(runner.ws.summaries[task], config["score"], config["p"])
+  for task in config.tasks:
+    selection = select_experts(runner.ws.summaries[task], config.score, config.p)
     for variant, experts, shared, non_expert in WHAT_TO_TRAIN:
       chosen = selection["experts"] if experts else {layer: [] for layer in selection["experts"]}
       expert_config = {"experts": chosen, "shared_experts": shared, "non_expert_modules": non_expert}
       # Variants that train non-expert modules take FFT's learning rate, as the paper's FFT-like settings do.
-      rate = lr["FFT"] if non_expert else lr[f"ESFT-{config['score'].title()}"]
+      rate = lr["FFT"] if non_expert else lr[f"ESFT-{config.score.title()}"]
       runner.run(task, variant, "esft", rate, expert_config)
     runner.run(task, "everything (FFT)", "fft", lr["FFT"])
 
 
-def _random_experts(runner: _Runner, config: dict) -> None:
-  lr = runner.lr[f"ESFT-{config['score'].title()}"]
+def _random_experts(runner: _Runner, config: RandomExpertsConfig) -> None:
+  """The scored selection and, drawn with the run's seed, as many experts per layer at random."""
+  lr = runner.lr[f"ESFT-{config.score.title()}"]
   num_experts = runner.ws.base.config.num_experts
-  for task in config["tasks"]:
-    selection = select_experts(runner.ws.summaries[task], config["score"], config["p"])
-    runner.run(task, f"scored ({config['score']} p={config['p']})", "esft", lr, selection, seed=None)
-    for seed in config["seeds"]:
-      runner.run(task, f"random seed {seed}", "esft", lr, random_like(selection, num_experts, seed), seed=seed)
+  for task in config.tasks:
+    selection = select_experts(runner.ws.summaries[task], config.score, config.p)
+    runner.run(task, "scored", "esft", lr, selection)
+    runner.run(task, "random", "esft", lr, random_like(selection, num_experts, runner.ws.seed))
 
 
 def _esft_and_fft(runner: _Runner, task: str, prefix: str, **fields) -> None:
@@ -176,11 +157,11 @@ def _esft_and_fft(runner: _Runner, task: str, prefix: str, **fields) -> None:
              fine_experts_per_layer=float(config.num_experts * group), selected_fraction=1.0, **fields)
 
 
-def _granularity_groups(runner: _Runner, config: dict) -> dict:
+def _granularity_groups(runner: _Runner, config: GranularityGroupsConfig) -> dict:
   ws = runner.ws
   counts_path = runner.root / "cooccurrence.json"
   if not counts_path.exists():
-    runner.log("routing held-out general text for the expert co-occurrence")
+    runner.log(f"routing held-out general text for the expert co-occurrence (seed {ws.seed})")
     counts = cooccurrence(ws.base.config, ws.base.params, ws.held_out, ws.preset.eval_batch, ws.dtype)
     runner.root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(counts_path, json.dumps(counts.tolist()))
@@ -188,13 +169,12 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
   layers = ws.base.config.moe_layer_ids
   similarity = {layer: cosine_similarity(c) for layer, c in zip(layers, counts_NxExE)}
   bases, groups, cohesion, gate_mass = {}, {}, {}, {}
-  active = config.get("active_experts", ws.base.config.num_experts_per_tok)
-  for size in config["group_sizes"]:
+  active = config.active_experts or ws.base.config.num_experts_per_tok
+  for size in config.group_sizes:
     groups[size] = {layer: greedy_groups(similarity[layer], size) for layer in layers}
     cohesion[str(size)] = _mean_group_similarity(similarity, groups[size])
     if size == 1 and active == ws.base.config.num_experts_per_tok:
-      group_ws = ws  # singleton groups: the base itself, with the demo's scores
-      base_eval = ws.dir / "runs" / "base_eval.json"
+      group_ws, base_name = ws, "base"  # singleton groups: the base itself, with the workspace's scores
     else:
       base_dir = runner.root / "bases" / f"group{size}-active{active}"
       if not (base_dir / "config.json").exists():
@@ -202,14 +182,15 @@ def _granularity_groups(runner: _Runner, config: dict) -> dict:
         work = base_dir.with_name(base_dir.name + ".building")
         save_hf_model(work, *coarse, tokenizer_dir=ws.base_dir)
         work.rename(base_dir)
-      group_ws = ws.for_base(base_dir, runner.root / "scores" / base_dir.name, config["tasks"], runner.log)
-      base_eval = runner.root / "runs" / f"base-{base_dir.name}_eval.json"
+      group_ws = ws.for_base(base_dir, runner.root / "scores" / base_dir.name, config.tasks, runner.log)
+      base_name = f"base-{base_dir.name}"
     # A token's summed gate weights, mean over layers and tasks: what ESFT-Gate's p is a share of.
     gate_mass[str(size)] = float(np.mean([_gate_table(group_ws.summaries[t]).sum(axis=1).mean()
-                                          for t in config["tasks"]]))
-    bases[str(size)] = group_ws.evaluate(group_ws.base.params, base_eval)
-    for task in config["tasks"]:
-      _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size)
+                                          for t in config.tasks]))
+    bases[str(size)] = runner.evaluate_base(group_ws, base_name, config.tasks)
+    for task in config.tasks:
+      _esft_and_fft(runner.on(group_ws), task, f"G={size}", group_size=size,
+                    routed_experts=ws.base.config.num_experts // size)
   pairs = [float(m[np.triu_indices(len(m), 1)].mean()) for m in similarity.values()]
   return {"bases": bases, "active_experts": active,
           "groups": {str(size): {str(layer): g for layer, g in by_layer.items()} for size, by_layer in groups.items()},
@@ -237,26 +218,32 @@ def _mean_group_similarity(similarity: dict, groups: dict) -> float | None:
   return float(np.mean(means)) if means else None
 
 
-def _granularity_scratch(runner: _Runner, config: dict) -> dict:
+def scratch_name(spec: BaseSpec, shared_width: int) -> str:
+  return f"E{spec.routed_experts}-k{spec.experts_per_token}-shared{shared_width}"
+
+
+def _granularity_scratch(runner: _Runner, config: GranularityScratchConfig) -> dict:
   ws = runner.ws
-  specs = [scratch_spec(ws.preset.base, v["experts"], v["shared_width"]) for v in config["variants"]]
-  # Every base is pretrained like the workspace's own (same text, steps and seed) and cached beside it.
+  # Every base is pretrained like the workspace's own (same text and steps), with the run's seed: each seed is
+  # another pretraining of each base (seed 0 is the demo's own). Cached beside the workspace's base.
+  specs = [dataclasses.replace(scratch_spec(ws.preset.base, v.experts, v.shared_width), seed=ws.seed)
+           for v in config.variants]
   cache_root = ws.base_dir.parent
   pretrain_bases(specs, cache_root, runner.workers, runner.log)
   bases = {}
-  for variant, spec in zip(config["variants"], specs):
-    name = f"E{spec.routed_experts}-k{spec.experts_per_token}-shared{variant['shared_width']}"
+  for variant, spec in zip(config.variants, specs):
+    name = scratch_name(spec, variant.shared_width)
     base_dir = build_aligned(spec, ws.preset.align, ws.alignment, ws.seed, cache_root, runner.log)
-    variant_ws = ws.for_base(base_dir, runner.root / "scores" / name, config["tasks"], runner.log)
+    variant_ws = ws.for_base(base_dir, runner.root / "scores" / name, config.tasks, runner.log)
     top_k = variant_ws.base.config.num_experts_per_tok
     # Top-k share: the part of the task's gate mass on its k busiest experts, mean over layers (k/E = uniform).
     concentration = {task: float(rank_shares(_gate_table(variant_ws.summaries[task]))[:, :top_k].sum(axis=1).mean())
-                     for task in config["tasks"]}
+                     for task in config.tasks}
     fields = dict(experts=spec.routed_experts, top_k=top_k, width=spec.expert_width,
-                  shared_width=variant["shared_width"])
+                  shared_width=variant.shared_width)
     bases[name] = {**fields, "concentration": concentration,
-                   **variant_ws.evaluate(variant_ws.base.params, runner.root / "runs" / f"base-{name}_eval.json")}
-    for task in config["tasks"]:
+                   **runner.evaluate_base(variant_ws, f"base-{name}", config.tasks)}
+    for task in config.tasks:
       _esft_and_fft(runner.on(variant_ws), task, name, concentration=concentration[task], **fields)
   return {"bases": bases}
 
@@ -267,29 +254,29 @@ def _gate_table(summary: dict) -> np.ndarray:
   return np.array([[table[layer][e] for e in sorted(table[layer], key=int)] for layer in sorted(table, key=int)])
 
 
-_ABLATION_RUNS: dict[str, Callable[[_Runner, dict], dict | None]] = {
+_ABLATION_RUNS: dict[str, Callable[[_Runner, AblationConfig], dict | None]] = {
     "threshold": _threshold, "what_to_train": _what_to_train, "random_experts": _random_experts,
     "granularity_groups": _granularity_groups, "granularity_scratch": _granularity_scratch}
 
 
-def _check_fits_preset(config: dict, path: str | Path, preset) -> None:
+def check_fits_preset(config: AblationConfig, path: str | Path, preset) -> None:
   """Before anything runs, so a config written for another preset fails at once: a scratch variant must split the
   preset's routed width evenly, and groups of G keep A/G groups active (A active experts, default the preset's
   top-k), so G must divide the preset's E and A."""
-  if config["ablation"] == "granularity_scratch":
-    for variant in config["variants"]:
+  if isinstance(config, GranularityScratchConfig):
+    for variant in config.variants:
       try:
-        scratch_spec(preset.base, variant["experts"], variant["shared_width"])
+        scratch_spec(preset.base, variant.experts, variant.shared_width)
       except ValueError as e:
         raise ValueError(f"{path}: {e} (configs/ablations/granularity_scratch.json fits the tiny preset, "
                          "granularity_scratch_small.json the small one)") from None
-  if config["ablation"] != "granularity_groups":
+  if not isinstance(config, GranularityGroupsConfig):
     return
   e = preset.base.routed_experts
-  a = config.get("active_experts", preset.base.experts_per_token)
+  a = config.active_experts or preset.base.experts_per_token
   if a > e:
     raise ValueError(f"{path}: 'active_experts' is {a}, more than this preset's {e} routed experts")
-  bad = [g for g in config["group_sizes"] if e % g or a % g]
+  bad = [g for g in config.group_sizes if e % g or a % g]
   if bad:
     fits = [g for g in range(1, a + 1) if e % g == 0 and a % g == 0]
     raise ValueError(f"{path}: group sizes {bad} do not divide this preset's {e} routed experts and the {a} active "
@@ -298,29 +285,43 @@ def _check_fits_preset(config: dict, path: str | Path, preset) -> None:
 
 
 def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", cache_root: Path | None = None,
-                 log=print, preset=None, workers: int | None = None) -> dict:
-  """Runs (or resumes) one ablation in the demo workspace `out` (shared with `esft-jax demo --out`). `workers`
-  (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once, as the demo does."""
+                 log=print, preset=None, workers: int | None = None, seeds: tuple[int, ...] | None = None) -> dict:
+  """Runs (or resumes) one ablation over `seeds` (default: the preset's) in the demo workspace `out` (shared with
+  `esft-jax demo --out`). `workers` (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at
+  once, as the demo does."""
   config = load_ablation_config(config_path)
   preset = preset or PRESETS[preset_name]
-  _check_fits_preset(config, config_path, preset)
+  check_fits_preset(config, config_path, preset)
+  seeds = tuple(seeds or preset.seeds)
+  repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+  if repeated:
+    raise ValueError(f"seeds {list(seeds)} name seed {repeated[0]} more than once; list each seed once")
   workers = workers or preset.workers
   share_device_with_workers(workers)
-  ws = prepare(out, preset, preset.seeds[0], cache_root, log)
-  # The demo's learning-rate search, shared through the workspace (run here if the demo has not run).
-  lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
+  started = time.time()
   # Its folder is named after the config file: two configs of one ablation (granularity_groups and
   # granularity_groups_small, say) keep their runs and reports apart in one workspace.
-  runner = _Runner(ws, Path(config_path).stem, lr, log, workers)
-  base = ws.evaluate(ws.base.params, ws.dir / "runs" / "base_eval.json")
-  extra = _ABLATION_RUNS[config["ablation"]](runner, config) or {}
-  runner.finish()
-  results = {"ablation": config["ablation"], "config": config, "config_file": Path(config_path).name,
-             "preset": preset_name, "rows": runner.rows,
-             "base": base, "top_k": ws.base.config.num_experts_per_tok, "num_experts": ws.base.config.num_experts,
-             **extra}
-  runner.root.mkdir(parents=True, exist_ok=True)
-  atomic_write_text(runner.root / "results.json", json.dumps(results, indent=1))
-  report = write_ablation_report(runner.root, results)
+  root = out / "ablations" / Path(config_path).stem
+  resumed_runs = sum(1 for _ in root.glob("seed-*/runs/*/eval.json"))
+  per_seed, lr = {}, None
+  # The workspaces hold the ablation's tasks and the learning-rate search's (so a search run from here is the
+  # demo's), not all six: each seed scores routing only where it is used.
+  task_names = tuple(t for t in TASK_NAMES if t in config.tasks or t in preset.search_tasks)
+  for seed in seeds:
+    ws = prepare(out, preset, seed, cache_root, log, task_names)
+    if lr is None:  # the demo's learning-rate search, shared through the workspace (run here if the demo has not)
+      lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
+    runner = _Runner(ws, root / f"seed-{seed}", lr, log, workers)
+    base = runner.evaluate_base(ws, "base", config.tasks)
+    extra = _ABLATION_RUNS[config.ablation](runner, config) or {}
+    runner.finish()
+    per_seed[str(seed)] = {"rows": runner.rows, "base": base, **extra}
+  results = {"ablation": config.ablation, "config": config_json(config), "config_file": Path(config_path).name,
+             "preset": preset_name, "seeds": list(seeds), "tasks": list(config.tasks), "lr": lr,
+             "per_seed": per_seed, "top_k": ws.base.config.num_experts_per_tok,
+             "num_experts": ws.base.config.num_experts, "wall_seconds": time.time() - started,
+             "resumed_runs": resumed_runs}
+  root.mkdir(parents=True, exist_ok=True)
+  report = write_ablation_report(root, results)  # adds the findings and writes results.json beside REPORT.md
   log(f"wrote {report}")
   return results

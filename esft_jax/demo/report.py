@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from esft_jax.analysis.figures import figure, save_figure
+from esft_jax.demo.spread import finding, pm
 from esft_jax.files import atomic_write_text
 
 PROTOCOL = """\
@@ -40,11 +41,6 @@ def _pct(x: float) -> str:
   return f"{100 * x:.1f}"
 
 
-def _pm(values, scale: float = 100, digits: int = 1) -> str:
-  values = np.asarray(values, float) * scale
-  return f"{values.mean():.{digits}f} ± {values.std(ddof=1) if len(values) > 1 else 0.0:.{digits}f}"
-
-
 def _table(header: list[str], rows: list[list[str]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -62,26 +58,6 @@ def _runs(results: dict, seed: str, setting: str) -> dict:
 def task_average(results: dict, seed: str, setting: str, method: str) -> float:
   runs = _runs(results, seed, setting)
   return float(np.mean([runs[t][method]["scores"][t] for t in results["tasks"]]))
-
-
-def _verdict(margins: dict[str, list[float]]) -> tuple[float, float, str]:
-  """(mean margin, spread, what the spread is) from each seed's per-task margins."""
-  per_seed = [float(np.mean(m)) for m in margins.values()]
-  if len(per_seed) > 1:
-    return float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)), f"std over {len(per_seed)} seeds"
-  values = next(iter(margins.values()))
-  spread = float(np.std(values, ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
-  return float(np.mean(values)), spread, f"standard error over {len(values)} tasks, one seed"
-
-
-def _finding(claim: str, margins: dict[str, list[float]], numbers: str, unit: str = "points",
-             scale: float = 100) -> dict:
-  mean, spread, kind = _verdict(margins)
-  held = mean > spread
-  return {"finding": claim, "held": held,
-          "evidence": f"{numbers}; margin {scale * mean:+.2f} {unit} against a spread of {scale * spread:.2f} "
-                      f"({kind})",
-          "margin": mean, "spread": spread}
 
 
 def protocol_text(results: dict) -> str:
@@ -119,11 +95,11 @@ def findings(results: dict) -> list[dict]:
 
   mean_share = np.mean([share(s, t) for s in seeds for t in tasks])
   found = [
-      _finding(f"Routing is concentrated per task: the top {k} of {n_experts} experts carry more than 1.5x the "
+      finding(f"Routing is concentrated per task: the top {k} of {n_experts} experts carry more than 1.5x the "
                "uniform share of the gate mass",
                margins(lambda s, t: share(s, t) - 1.5 * uniform),
                f"top-{k} share {_pct(mean_share)}% against {_pct(uniform)}% uniform"),
-      _finding(f"Little overlap across tasks: two halves of one task share more of their top-{k} experts than two "
+      finding(f"Little overlap across tasks: two halves of one task share more of their top-{k} experts than two "
                "different tasks do", margins(overlap_gap),
                "shared top experts, same task {:.2f}, different tasks {:.2f}".format(
                    np.mean([per_seed[s]["routing"]["overlap"][t][t] for s in seeds for t in tasks]),
@@ -132,21 +108,21 @@ def findings(results: dict) -> list[dict]:
   ]
   averages = {m: [task_average(results, s, setting, m) for s in seeds] for m in results["methods"]}
   esft = [m for m in ("ESFT-Token", "ESFT-Gate") if m in results["methods"]]
-  fmt = lambda m: f"{m} {_pm(averages[m])}"
-  found.append(_finding(
+  fmt = lambda m: f"{m} {pm(averages[m])}"
+  found.append(finding(
       "ESFT comes near FFT on the trained tasks: every ESFT variant reaches at least 90% of FFT's score",
       margins(lambda s, t: min(score(s, t, m) for m in esft) - 0.9 * score(s, t, "FFT")),
       "task average " + ", ".join(fmt(m) for m in ["FFT"] + esft) + " (worse ESFT variant per task against 0.9 FFT)"))
   general = {m: [np.mean([score(s, t, m, "general_score") for t in tasks]) for s in seeds] for m in results["methods"]}
   loss = {m: [np.mean([score(s, t, m, "general_loss") for t in tasks]) for s in seeds] for m in results["methods"]}
   base_general = np.mean([per_seed[s]["base"]["general_score"] for s in seeds])
-  found.append(_finding(
+  found.append(finding(
       "ESFT keeps more general ability than FFT: every ESFT variant's general-benchmark score is above FFT's",
       margins(lambda s, t: min(score(s, t, m, "general_score") for m in esft) - score(s, t, "FFT", "general_score")),
-      "general score " + ", ".join(f"{m} {_pm(general[m])}" for m in ["FFT"] + esft)
+      "general score " + ", ".join(f"{m} {pm(general[m])}" for m in ["FFT"] + esft)
       + f" (aligned base {_pct(base_general)}); held-out text loss "
       + ", ".join(f"{m} {np.mean(loss[m]):.3f}" for m in ["FFT"] + esft)))
-  found.append(_finding(
+  found.append(finding(
       "LoRA is behind ESFT on the trained tasks: every ESFT variant scores above LoRA",
       margins(lambda s, t: min(score(s, t, m) for m in esft) - score(s, t, "LoRA")),
       "task average " + ", ".join(fmt(m) for m in ["LoRA"] + esft)))
@@ -155,23 +131,23 @@ def findings(results: dict) -> list[dict]:
 
 def _task_table(results: dict, setting: str) -> str:
   seeds, tasks = [str(s) for s in results["seeds"]], results["tasks"]
-  rows = [["Base (aligned)"] + [_pm([results["per_seed"][s]["base"][t] for s in seeds]) for t in tasks]
-          + [_pm([np.mean([results["per_seed"][s]["base"][t] for t in tasks]) for s in seeds])]]
+  rows = [["Base (aligned)"] + [pm([results["per_seed"][s]["base"][t] for s in seeds]) for t in tasks]
+          + [pm([np.mean([results["per_seed"][s]["base"][t] for t in tasks]) for s in seeds])]]
   for m in results["methods"]:
-    rows.append([m] + [_pm([_runs(results, s, setting)[t][m]["scores"][t] for s in seeds]) for t in tasks]
-                + [_pm([task_average(results, s, setting, m) for s in seeds])])
+    rows.append([m] + [pm([_runs(results, s, setting)[t][m]["scores"][t] for s in seeds]) for t in tasks]
+                + [pm([task_average(results, s, setting, m) for s in seeds])])
   return _table(["method"] + tasks + ["average"], rows)
 
 
 def _general_table(results: dict, setting: str) -> str:
   seeds, tasks, general = [str(s) for s in results["seeds"]], results["tasks"], results["general_tasks"]
   base = [results["per_seed"][s]["base"] for s in seeds]
-  rows = [["Base (aligned)"] + [_pm([b[g] for b in base]) for g in general]
-          + [_pm([b["general_score"] for b in base]), _pm([b["general_loss"] for b in base], 1, 3)]]
+  rows = [["Base (aligned)"] + [pm([b[g] for b in base]) for g in general]
+          + [pm([b["general_score"] for b in base]), pm([b["general_loss"] for b in base], 1, 3)]]
   for m in results["methods"]:
     scores = [_runs(results, s, setting)[t][m]["scores"] for s in seeds for t in tasks]
-    rows.append([m] + [_pm([x[g] for x in scores]) for g in general]
-                + [_pm([x["general_score"] for x in scores]), _pm([x["general_loss"] for x in scores], 1, 3)])
+    rows.append([m] + [pm([x[g] for x in scores]) for g in general]
+                + [pm([x["general_score"] for x in scores]), pm([x["general_loss"] for x in scores], 1, 3)])
   return _table(["method"] + general + ["general average (↑)", "held-out text loss (↓)"], rows)
 
 
@@ -201,7 +177,7 @@ def _selected_share_table(results: dict) -> str:
   for kind in ("token", "gate"):
     shares = [results["per_seed"][s]["selected_share"][f"{t}-{kind}"] for s in seeds for t in tasks]
     experts = [results["per_seed"][s]["selected_per_layer"][f"{t}-{kind}"] for s in seeds for t in tasks]
-    rows.append([f"ESFT-{kind.title()}", f"{np.mean(experts):.2f}", _pm(shares)])
+    rows.append([f"ESFT-{kind.title()}", f"{np.mean(experts):.2f}", pm(shares)])
   return _table(["method", "experts selected per layer", "share of the task's gate mass they carry (%)"], rows)
 
 
