@@ -51,6 +51,9 @@ def test_demo_runs_end_to_end_resumes_and_adds_seeds(tmp_path, monkeypatch):
   scores = runs["intent"]["ESFT-Token"]["scores"]
   assert set(scores) == {"intent", "recall", "reverse", "category", "opposite", "general_score", "general_loss"}
   assert set(stored["per_seed"]["0"]["base"]) >= set(tasks) | {"general_score", "general_loss"}
+  # The alignment's validation curve, at each of its evaluations, is kept and shown: whether it had flattened.
+  assert [step for step, _ in stored["per_seed"]["0"]["alignment_val_loss"]] == [1, 2]
+  assert "The alignment's validation loss" in report and f"for {MICRO.align.steps} steps" in report
   assert 0 < runs["intent"]["ESFT-Token"]["trainable_params"] < runs["intent"]["FFT"]["trainable_params"]
   # Mixed training data: the task's records and as many alignment records, shuffled together.
   mixed = (tmp_path / "seed-0" / "data" / "intent_mixed_train.jsonl").read_text().splitlines()

@@ -27,7 +27,7 @@ import numpy as np
 
 from esft_jax.analysis.figures import plot_routing_figures, plot_selected_experts
 from esft_jax.analysis.routing import routing_figures_from_logs
-from esft_jax.demo.pretrain import AlignSpec, BaseSpec
+from esft_jax.demo.pretrain import AlignSpec, BaseSpec, validation_curve
 from esft_jax.demo.report import write_report
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.demo.workspace import (DemoPreset, Job, Workspace, cached_json, prepare, run_jobs,
@@ -56,7 +56,9 @@ PRESETS = {
                       experts_per_token=6, shared_experts=2, expert_width=128, dense_width=1408, kv_lora_rank=128,
                       seq_length=512, general_chars=6_000_000, held_out_chars=60_000, enhancement_examples=1000,
                       steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16", expert_impl="reference"),
-        align=AlignSpec(examples_per_family=1000, steps=300, batch_size=32, lr=5e-4),
+        # The paper's vanilla model is a finished chat model: the alignment runs until its validation loss has
+        # flattened (the report shows the curve), so that fine-tuning's alignment mix does not go on teaching it.
+        align=AlignSpec(examples_per_family=1000, steps=1200, batch_size=32, lr=1e-3),
         n_train=2000, n_test=100, n_general_test=50, score_tokens=8_192, finetune_steps=200, finetune_batch=16,
         finetune_seq_length=512, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3), search_tasks=("math", "intent"),
         settings=("mixed", "unmixed"), seeds=(0, 1, 2), max_new_tokens=64, eval_batch=50, workers=4),
@@ -135,7 +137,7 @@ def _seed_results(ws: Workspace, methods: tuple[str, ...], lr: dict, workers: in
   runs: dict = {}
   for (s, t, m), (summary, scores) in zip(keys, outcomes):
     runs.setdefault(s, {}).setdefault(t, {})[m] = {**summary, "scores": scores, "lr": lr[m]}
-  return {"base": base, "runs": runs, "routing": routing,
+  return {"base": base, "alignment_val_loss": validation_curve(ws.base_dir), "runs": runs, "routing": routing,
           "selected_experts": {f"{t}-{kind}": {l: len(ids) for l, ids in c["experts"].items()}
                                for (t, kind), c in selections.items()},
           "selected_per_layer": {f"{t}-{kind}": float(np.mean([len(ids) for ids in c["experts"].values()]))
@@ -183,6 +185,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
     base_parameters, top_k = count_parameters(ws.base.params), ws.base.config.num_experts_per_tok
   results = {"preset": preset_name, "seeds": list(seeds), "tasks": list(task_names), "methods": list(methods),
              "settings": list(preset.settings), "general_tasks": list(ws.general), "lr_search": lr_search,
+             "alignment": dataclasses.asdict(preset.align),
              "per_seed": per_seed, "base_parameters": base_parameters, "top_k": top_k,
              "wall_seconds": time.time() - started, "resumed_runs": resumed_runs}
   write_report(out, results)  # adds the findings to `results` and writes results.json beside REPORT.md

@@ -20,8 +20,9 @@ The protocol follows the paper's section 3.1 and was fixed before any result was
 - **Base.** A DeepSeekMoE-style model pretrained on standard-library text and on examples of the two enhancement
   tasks (math, code), then aligned by full fine-tuning on four general instruction families (fact recall, word
   reversal, categories, opposites) that exclude math and code, with as many pretraining examples replayed beside
-  them: the paper's "vanilla" model, which has partial skill on the enhancement tasks and little on the adaptation
-  tasks (intent, summary, law, translation).
+  them, for {align_steps} steps at lr {align_lr:g}, the checkpoint of lowest validation loss kept (its curve is under
+  Diagnostics): the paper's "vanilla" model, which has partial skill on the enhancement tasks and little on the
+  adaptation tasks (intent, summary, law, translation).
 - **Training.** Every method fine-tunes on the same data and steps, the task's train split mixed 1:1 with
   alignment records (Table 1's setting){unmixed}; validation on 5% of the packed training rows every quarter of the
   run, the best checkpoint kept. ESFT selects experts by routing the task's own train split (token p=0.2,
@@ -65,6 +66,7 @@ def protocol_text(results: dict) -> str:
   search = results["lr_search"]
   unmixed = "unmixed" in results["settings"] and main_setting(results) == "mixed"
   return PROTOCOL.format(
+      align_steps=results["alignment"]["steps"], align_lr=results["alignment"]["lr"],
       unmixed=", and unmixed, the task's data alone (Tables 9 and 10)" if unmixed else "",
       grid=", ".join(f"{lr:g}" for lr in search["grid"]), search_tasks=" and ".join(search["tasks"]),
       search_seed=search["seed"],
@@ -181,6 +183,21 @@ def _selected_share_table(results: dict) -> str:
   return _table(["method", "experts selected per layer", "share of the task's gate mass they carry (%)"], rows)
 
 
+def _alignment_table(results: dict) -> str:
+  """Per seed, the alignment's validation loss at its first evaluation, halfway, at its best and at the end:
+  whether the aligned base had finished learning the general families."""
+  rows = []
+  for s in map(str, results["seeds"]):
+    curve = results["per_seed"][s]["alignment_val_loss"]
+    if not curve:
+      rows.append([s] + ["–"] * 4)
+      continue
+    best = min(curve, key=lambda point: point[1])
+    half = curve[(len(curve) - 1) // 2]
+    rows.append([s] + [f"{loss:.3f} (step {step})" for step, loss in (curve[0], half, best, curve[-1])])
+  return _table(["seed", "first evaluation", "halfway", "best (kept)", "last"], rows)
+
+
 def _plot_summary(results: dict, path: Path) -> Path:
   """Task average and general score per method, mean and std over seeds, with the aligned base's level."""
   seeds, tasks, setting = [str(s) for s in results["seeds"]], results["tasks"], main_setting(results)
@@ -261,7 +278,8 @@ def write_report(out: Path, results: dict) -> Path:
       + _general_table(results, setting),
       "## Learning-rate search\n\nMean best validation loss over the search tasks per rate (mixed setting, seed "
       f"{search['seed']}):\n\n{_lr_table(search)}",
-      "## Diagnostics\n\nHow much of each task's routing the selected experts carry (mean ± std over tasks and "
+      "## Diagnostics\n\nThe alignment's validation loss (general families and replayed pretraining examples), per "
+      f"seed:\n\n{_alignment_table(results)}\n\nHow much of each task's routing the selected experts carry (mean ± std over tasks and "
       f"seeds):\n\n{_selected_share_table(results)}\n\nValidation loss during fine-tuning (seed {first}; a method "
       "whose curve is still falling at the end is held back by its step budget, one that is flat by its "
       "capacity):\n\n![](figures/validation_curves.png)",
