@@ -318,6 +318,10 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workers", type=at_least_one,
                       help="fine-tune-and-evaluate jobs run at once in worker processes (default: 1 for tiny, 4 for "
                            "small, where compilation would otherwise dominate)")
+  parser.add_argument("--lr-search", type=Path, metavar="FILE",
+                      help="where OUT has no learning-rate search yet, reuse an earlier demo's (its OUT/lr_search.json, "
+                           "e.g. experiments/results/2026-12-08-demo-small-h100/lr_search.json for --preset small) "
+                           "instead of searching; the report names it")
 
 
 def _timed_log():
@@ -343,7 +347,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
   from esft_jax.ablations.runner import run_ablation
 
   run_ablation(args.config, args.out, args.preset, args.cache, log=_timed_log(), workers=args.workers,
-               seeds=tuple(args.seed) if args.seed else None)
+               seeds=tuple(args.seed) if args.seed else None, lr_search_from=args.lr_search)
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -553,9 +557,6 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the data settings to fine-tune in: mixed (the task's data 1:1 with alignment data, the "
                          "paper's Table 1) and unmixed (the task's data alone, its Tables 9 and 10); default: mixed "
                          "for tiny, both for small")
-  demo.add_argument("--lr-search", type=Path, metavar="FILE",
-                    help="reuse the learning rates of an earlier run's search (its OUT/lr_search.json, e.g. a "
-                         "committed report's under experiments/results/) instead of searching; the report names it")
   demo.set_defaults(func=cmd_demo)
 
   ablate = sub.add_parser("ablate", help="one of the paper's ablations on the demo's miniature",

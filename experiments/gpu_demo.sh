@@ -10,6 +10,8 @@
 #   OUT=/tmp/out bash experiments/gpu_demo.sh random_experts    # an ablation on the demo's cached base
 #   (NAME is a config in configs/ablations/; granularity_groups_small fits the small preset's top-6)
 #   OUT=/tmp/out bash experiments/gpu_demo.sh threshold --seed 0 1   # these seeds (default: the preset's 0 1 2)
+#   OUT=/tmp/out bash experiments/gpu_demo.sh threshold \
+#     --lr-search experiments/results/2026-12-08-demo-small-h100/lr_search.json   # the committed search's rates
 #
 # The demo and the ablations share one pretrained base (runs/demo-small/cache): whichever asks first pretrains it
 # and the others wait for it (a lock file beside it), so several can start together, on one GPU or on two:

@@ -11,7 +11,7 @@ from esft_jax.ablations.config import (AblationConfigError, GranularityScratchCo
                                        load_ablation_config)
 from esft_jax.ablations.report import GRANULARITY_PNG, Cells, _random_findings, cell, combine
 from esft_jax.ablations.runner import WHAT_TO_TRAIN, check_fits_preset, run_ablation
-from esft_jax.demo.experiment import PRESETS
+from esft_jax.demo.experiment import METHODS, PRESETS
 from tests.test_demo import MICRO
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +85,8 @@ def test_configs_that_do_not_fit_the_preset_fail_before_any_work(tmp_path):
     run_ablation(REPO / "configs/ablations/granularity_scratch.json", tmp_path / "out", preset_name="small")
   with pytest.raises(ValueError, match=r"seeds \[0, 1, 0\] name seed 0 more than once"):
     run_ablation(REPO / "configs/ablations/threshold.json", tmp_path / "out", seeds=(0, 1, 0))
+  with pytest.raises(ValueError, match=r"--lr-search .*missing.json: cannot read it"):
+    run_ablation(REPO / "configs/ablations/threshold.json", tmp_path / "out", lr_search_from=tmp_path / "missing.json")
   assert not (tmp_path / "out").exists()
   for name in ("granularity_groups.json", "granularity_groups_small.json", "granularity_scratch.json",
                "granularity_scratch_small.json"):  # each fits the preset it is for
@@ -156,7 +158,14 @@ def _check_report(workspace: Path, name: str, results: dict) -> dict:
 
 
 def test_random_experts_over_two_seeds_resumes_per_seed(workspace):
-  one = _run(workspace, "random_experts", seeds=(0,))
+  # The rates of an earlier demo's search, reused: no search runs here, and the report names where they come from.
+  earlier = workspace / "earlier_lr_search.json"
+  earlier.write_text(json.dumps({"grid": [1e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
+                                 "mean_val_loss": {m: {"0.001": 1.0} for m in METHODS},
+                                 "chosen": {m: 1e-3 for m in METHODS}}))
+  one = _run(workspace, "random_experts", seeds=(0,), lr_search_from=earlier)
+  assert not (workspace / "seed-0" / "runs").exists()  # the search's runs
+  assert f"in the search of `{earlier}`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
   runs = workspace / "ablations/random_experts/seed-0/runs"
   seed0 = [path for name in ("summary.json", "eval.json") for path in runs.glob(f"*/{name}")]
   written = {path: path.stat().st_mtime_ns for path in seed0}
@@ -171,7 +180,8 @@ def test_random_experts_over_two_seeds_resumes_per_seed(workspace):
                         .read_text())["experts"] for s in (0, 1)]
   assert configs[0] != configs[1] and seed1["scored"]["task_score"] is not None
   assert "std over 2 seeds" in both["findings"][0]["evidence"]
-  assert "--seed\n0 1`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
+  # The workspace keeps the reused rates, so the command that reproduces the report names their file.
+  assert f"--seed\n0 1 --lr-search {earlier}`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "random_experts"])

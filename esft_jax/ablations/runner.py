@@ -42,10 +42,10 @@ from esft_jax.ablations.granularity import (cooccurrence, cosine_similarity, gre
                                             scratch_spec)
 from esft_jax.ablations.report import write_ablation_report
 from esft_jax.analysis.routing import rank_shares
-from esft_jax.demo.experiment import METHODS, PRESETS, SELECTION, search_learning_rates
+from esft_jax.demo.experiment import METHODS, PRESETS, SELECTION, reused_search, workspace_search
 from esft_jax.demo.pretrain import BaseSpec, base_is_built, build_aligned, build_base
 from esft_jax.demo.tasks import TASK_NAMES
-from esft_jax.demo.workspace import (Job, Workspace, cached_json, in_worker_processes, prepare, run_jobs,
+from esft_jax.demo.workspace import (Job, Workspace, in_worker_processes, prepare, run_jobs,
                                      share_device_with_workers)
 from esft_jax.esft.selection import random_like, select_experts, write_expert_config
 from esft_jax.files import atomic_write_text
@@ -285,10 +285,12 @@ def check_fits_preset(config: AblationConfig, path: str | Path, preset) -> None:
 
 
 def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", cache_root: Path | None = None,
-                 log=print, preset=None, workers: int | None = None, seeds: tuple[int, ...] | None = None) -> dict:
+                 log=print, preset=None, workers: int | None = None, seeds: tuple[int, ...] | None = None,
+                 lr_search_from: Path | None = None) -> dict:
   """Runs (or resumes) one ablation over `seeds` (default: the preset's) in the demo workspace `out` (shared with
-  `esft-jax demo --out`). `workers` (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at
-  once, as the demo does."""
+  `esft-jax demo --out`), at the learning rates of the workspace's search, of `lr_search_from` (an earlier demo's
+  lr_search.json) where it has none, else of a search run here. `workers` (default: the preset's) > 1 runs that
+  many fine-tune-and-evaluate jobs at once, as the demo does."""
   config = load_ablation_config(config_path)
   preset = preset or PRESETS[preset_name]
   check_fits_preset(config, config_path, preset)
@@ -296,6 +298,7 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   repeated = sorted({s for s in seeds if seeds.count(s) > 1})
   if repeated:
     raise ValueError(f"seeds {list(seeds)} name seed {repeated[0]} more than once; list each seed once")
+  reused = reused_search(lr_search_from, METHODS) if lr_search_from else None
   workers = workers or preset.workers
   share_device_with_workers(workers)
   started = time.time()
@@ -303,21 +306,22 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   # granularity_groups_small, say) keep their runs and reports apart in one workspace.
   root = out / "ablations" / Path(config_path).stem
   resumed_runs = sum(1 for _ in root.glob("seed-*/runs/*/eval.json"))
-  per_seed, lr = {}, None
+  per_seed, search = {}, None
   # The workspaces hold the ablation's tasks and the learning-rate search's (so a search run from here is the
   # demo's), not all six: each seed scores routing only where it is used.
   task_names = tuple(t for t in TASK_NAMES if t in config.tasks or t in preset.search_tasks)
   for seed in seeds:
     ws = prepare(out, preset, seed, cache_root, log, task_names)
-    if lr is None:  # the demo's learning-rate search, shared through the workspace (run here if the demo has not)
-      lr = cached_json(out / "lr_search.json", lambda: search_learning_rates(ws, METHODS, workers, log))["chosen"]
-    runner = _Runner(ws, root / f"seed-{seed}", lr, log, workers)
+    if search is None:  # the demo's learning-rate search, shared through the workspace
+      search = workspace_search(ws, METHODS, workers, log, reused)
+    runner = _Runner(ws, root / f"seed-{seed}", search["chosen"], log, workers)
     base = runner.evaluate_base(ws, "base", config.tasks)
     extra = _ABLATION_RUNS[config.ablation](runner, config) or {}
     runner.finish()
     per_seed[str(seed)] = {"rows": runner.rows, "base": base, **extra}
   results = {"ablation": config.ablation, "config": config_json(config), "config_file": Path(config_path).name,
-             "preset": preset_name, "seeds": list(seeds), "tasks": list(config.tasks), "lr": lr,
+             "preset": preset_name, "seeds": list(seeds), "tasks": list(config.tasks), "lr": search["chosen"],
+             "lr_search_from": search.get("reused_from"),
              "per_seed": per_seed, "top_k": ws.base.config.num_experts_per_tok,
              "num_experts": ws.base.config.num_experts, "wall_seconds": time.time() - started,
              "resumed_runs": resumed_runs}

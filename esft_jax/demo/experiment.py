@@ -121,6 +121,18 @@ def reused_search(path: Path, methods: tuple[str, ...]) -> dict:
   return {**search, "reused_from": str(path)}
 
 
+def workspace_search(ws: Workspace, methods: tuple[str, ...], workers: int, log, reused: dict | None) -> dict:
+  """The learning-rate search of the workspace `ws.out` (its lr_search.json): the one already there, else
+  `reused` (from `reused_search`), else a search run now. Refuses a workspace holding other rates than `reused`."""
+  path = ws.out / "lr_search.json"
+  search = cached_json(path, lambda: reused or search_learning_rates(ws, methods, workers, log))
+  if reused and search["chosen"] != reused["chosen"]:
+    raise ValueError(f"{path} holds other learning rates than --lr-search {reused['reused_from']}; use another "
+                     "--out, or leave --lr-search out to continue with the rates already there")
+  log("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in search["chosen"].items()))
+  return search
+
+
 def _seed_results(ws: Workspace, methods: tuple[str, ...], lr: dict, workers: int, log) -> dict:
   """Routing, selections, the base's evaluation and every (setting, task, method) run of one seed."""
   figures_dir = ws.dir / "figures"
@@ -160,7 +172,8 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
              lr_search_from: Path | None = None) -> dict:
   """Runs (or resumes) the whole demo into `out`. `seeds` (default: the preset's) are run in order, the first
   one's learning-rate search serving all. `settings` (default: the preset's) are the data settings fine-tuned.
-  `lr_search_from`: an earlier run's lr_search.json, whose chosen rates are reused instead of searching. `task_names`, `methods` and `preset` narrow it for tests. `workers`
+  `lr_search_from`: an earlier run's lr_search.json, whose chosen rates are reused instead of searching.
+  `task_names`, `methods` and `preset` narrow it for tests. `workers`
   (default: the preset's) > 1 runs that many fine-tune-and-evaluate jobs at once in worker processes."""
   preset = preset or PRESETS[preset_name]
   if settings:
@@ -175,12 +188,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   for seed in seeds:
     ws = prepare(out, preset, seed, cache_root, log, task_names)
     if lr_search is None:
-      lr_search = cached_json(out / "lr_search.json",
-                              lambda: reused or search_learning_rates(ws, methods, workers, log))
-      if reused and lr_search["chosen"] != reused["chosen"]:
-        raise ValueError(f"{out / 'lr_search.json'} holds other learning rates than --lr-search {lr_search_from}; "
-                         "use another --out, or leave --lr-search out to continue with the rates already there")
-      log("learning rates: " + ", ".join(f"{m} {lr:g}" for m, lr in lr_search["chosen"].items()))
+      lr_search = workspace_search(ws, methods, workers, log, reused)
     per_seed[str(seed)] = _seed_results(ws, methods, lr_search["chosen"], workers, log)
     base_parameters, top_k = count_parameters(ws.base.params), ws.base.config.num_experts_per_tok
   results = {"preset": preset_name, "seeds": list(seeds), "tasks": list(task_names), "methods": list(methods),
