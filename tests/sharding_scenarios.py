@@ -276,28 +276,33 @@ def expert_parallel() -> dict:
   difference from one device, relative to the largest value, of the output and the gradients of the input, the
   router and the expert weights (random values, a linear loss so every assignment counts); the shapes of every
   all-gather in the compiled gradient; and for ESFT (3 experts trained) the same differences ("trained_diffs", the
-  trained experts' weight gradients only) and the shapes every sum over devices reduces ("reduced")."""
+  trained experts' weight gradients only) and the shapes every sum over devices reduces ("reduced"); and the
+  same with the trained rows given apart from the stacks, as the train step gives them ("rows_diffs",
+  "rows_reduced")."""
   rng = np.random.default_rng(5)
   t, k, e, d, f = 32, 3, 8, 16, 12
   normal = lambda *shape: jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[-2]), jnp.float32)
   x, router, cotangent = normal(t, d), normal(d, e), normal(t, d)
   experts = {"gate_proj": normal(e, d, f), "up_proj": normal(e, d, f), "down_proj": normal(e, f, d)}
 
-  def out_and_grads(mesh, impl, trained=None):
-    def loss(x, router, experts):
+  def out_and_grads(mesh, impl, trained=None, rows_apart=False):
+    """With `rows_apart`, the gradients of the trained rows given apart from the stacks, in place of the stacks'."""
+    def loss(x, router, differentiated):
       weights, ids = jax.lax.top_k(jax.nn.softmax(x @ router), k)
-      out = routed_experts(x, ids.astype(jnp.int32), weights, experts, impl, trained, mesh)
+      stacks, rows = (experts, differentiated) if rows_apart else (differentiated, None)
+      out = routed_experts(x, ids.astype(jnp.int32), weights, stacks, impl, trained, mesh, rows)
       return jnp.sum(out * cotangent), out
 
     def step(*args):
       return jax.grad(loss, argnums=(0, 1, 2), has_aux=True)(*args)
 
-    args = (x, router, experts)
+    differentiated = {n: stack[jnp.asarray(trained)] for n, stack in experts.items()} if rows_apart else experts
+    args = (x, router, differentiated)
     if mesh is not None:
       stacks = jax.sharding.NamedSharding(mesh, sharding.mesh_axes(jax.sharding.PartitionSpec("experts", "embed",
                                                                                               "mlp")))
       args = (sharding.place(x, sharding.batch_sharding(mesh)), sharding.place(router, sharding.replicated(mesh)),
-              sharding.place(experts, stacks))
+              sharding.place(differentiated, sharding.replicated(mesh) if rows_apart else stacks))
     return jax.jit(step), args
 
   def largest_diff(a, b) -> float:
@@ -325,20 +330,24 @@ def expert_parallel() -> dict:
   # and the trained experts' weight gradients, as on one device; and the shapes every sum over devices reduces
   trained = (1, 5, 6)
 
-  def used(grads_and_out):  # the trained experts' rows of the weight gradients
+  def used(grads_and_out, rows_apart=False):  # the trained experts' rows of the weight gradients
     (grad_x, grad_router, grad_experts), out = grads_and_out
-    return grad_x, grad_router, {n: np.asarray(g)[list(trained)] for n, g in grad_experts.items()}, out
+    if not rows_apart:
+      grad_experts = {n: np.asarray(g)[list(trained)] for n, g in grad_experts.items()}
+    return grad_x, grad_router, grad_experts, out
 
   step, args = out_and_grads(None, "grouped", trained)
   whole = used(step(*args))
-  trained_diffs, reduced = {}, {}
+  found = {"trained_diffs": {}, "reduced": {}, "rows_diffs": {}, "rows_reduced": {}}
   for spec in ("data=2", "fsdp=2", "data=2,tensor=2", "data=2,expert=2", "fsdp=2,expert=2", "expert=2"):
-    step, args = out_and_grads(_mesh_of_first(spec), "grouped", trained)
-    compiled = step.lower(*args).compile()  # run and read alike, compiled once
-    trained_diffs[spec] = largest_diff(used(compiled(*args)), whole)
-    hlo = compiled.as_text()
-    reduced[spec] = shapes_of("all-reduce", hlo) + shapes_of("reduce-scatter", hlo)
-  return {"diffs": diffs, "gathers": gathers, "trained_diffs": trained_diffs, "reduced": reduced}
+    for rows_apart, diffs_key, reduced_key in ((False, "trained_diffs", "reduced"),
+                                               (True, "rows_diffs", "rows_reduced")):
+      step, args = out_and_grads(_mesh_of_first(spec), "grouped", trained, rows_apart)
+      compiled = step.lower(*args).compile()  # run and read alike, compiled once
+      found[diffs_key][spec] = largest_diff(used(compiled(*args), rows_apart), whole)
+      hlo = compiled.as_text()
+      found[reduced_key][spec] = shapes_of("all-reduce", hlo) + shapes_of("reduce-scatter", hlo)
+  return {"diffs": diffs, "gathers": gathers, **found}
 
 
 def _hf_config(**overrides) -> dict:

@@ -25,11 +25,16 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding, PartitionSpec as
 
 from esft_jax import sharding
 from esft_jax.cli import main
-from esft_jax.config import load_config
+from esft_jax.config import config_from_hf, load_config, read_hf_config
+from esft_jax.esft.trainable import init_trainable, plan_from_expert_config
 from esft_jax.interop.safetensors_io import CheckpointReader
 from esft_jax.model.kernels import hopper_available
 from esft_jax.model.moe import routed_experts
+from esft_jax.model.transformer import Transformer, init_params
 from esft_jax.paths import leaves_by_path
+from esft_jax.train.memory_plan import BATCH_KEYS
+from esft_jax.train.trainer import loss_fn
+from tests.jaxprs import arrays_made
 
 REPO = Path(__file__).resolve().parents[1]
 MESHES = ("data=8", "fsdp=8", "data=2,fsdp=2,expert=2", "data=2,tensor=4")
@@ -256,18 +261,40 @@ def test_expert_axis_moves_tokens_not_expert_weights(expert_parallel):
   assert [4, 16, 12] in gathers["fsdp=2,expert=2"]  # a device's own 4 experts, from their FSDP shards
 
 
+@pytest.mark.parametrize("rows", ["", "rows_"], ids=["rows_of_the_stacks", "rows_apart"])
 @pytest.mark.parametrize("mesh", ["data=2", "fsdp=2", "data=2,tensor=2", "data=2,expert=2", "fsdp=2,expert=2"])
-def test_data_axes_sum_only_the_trained_experts_weight_gradients(expert_parallel, mesh):
+def test_data_axes_sum_only_the_trained_experts_weight_gradients(expert_parallel, mesh, rows):
   """ESFT (3 of 8 experts trained) where data axes sum the weight gradients over devices: every sum in the compiled
   gradient that holds weights holds the 3 trained experts' rows, never a stack (8 experts, or an expert group's 4);
-  the trained experts' gradients, the input's and the router's as on one device."""
-  weights = [shape for shape in expert_parallel["reduced"][mesh] if len(shape) == 3]
+  the trained experts' gradients, the input's and the router's as on one device. The rows differentiated through
+  the stacks, or given apart from them as the train step gives them."""
+  weights = [shape for shape in expert_parallel[f"{rows}reduced"][mesh] if len(shape) == 3]
   assert weights and all(shape[0] == 3 for shape in weights), weights
-  assert expert_parallel["trained_diffs"][mesh] < 1e-5
+  assert expert_parallel["rows_diffs" if rows else "trained_diffs"][mesh] < 1e-5
 
 
-def test_expert_axis_alone_trains_the_named_experts_as_one_device(expert_parallel):
-  assert expert_parallel["trained_diffs"]["expert=2"] < 1e-5
+@pytest.mark.parametrize("diffs", ["trained_diffs", "rows_diffs"], ids=["rows_of_the_stacks", "rows_apart"])
+def test_expert_axis_alone_trains_the_named_experts_as_one_device(expert_parallel, diffs):
+  assert expert_parallel[diffs]["expert=2"] < 1e-5
+
+
+@pytest.mark.parametrize("mesh", [{"data": 2}, {"fsdp": 2, "tensor": 2}], ids=["data=2", "fsdp=2,tensor=2"])
+def test_sharded_esft_gradient_makes_no_stack_sized_cotangent(mesh):
+  """The ESFT loss's gradient on a mesh whose data axes sum the expert weight gradients, 2 of 64 experts trained:
+  the trained rows reach the routed experts' per-device program as values of their own, so outside it nothing of
+  a stack's shape is made. Rows sliced from the stacks inside the differentiated program would scatter their
+  gradient into a zero stack of each: at DeepSeek-V3's size, fp32 stacks' worth of cotangent per MoE layer."""
+  cfg = config_from_hf({**read_hf_config("tiny-deepseek"), "num_hidden_layers": 2, "n_routed_experts": 64})
+  plan = plan_from_expert_config({"experts": {"1": [5, 40]}})
+  params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+  trainable = jax.eval_shape(lambda p: init_trainable(plan, p), params)
+  batch = {key: jax.ShapeDtypeStruct((4, 8), dtype) for key, dtype in BATCH_KEYS.items()}
+  model = Transformer(cfg, trained_experts=plan.trained_experts, mesh=_abstract_mesh(**mesh))
+  grad = jax.grad(lambda t, p, b: loss_fn(model, plan, rows_already_written=True)(t, p, b)[0])
+  made = arrays_made(jax.make_jaxpr(grad)(trainable, params, batch), outside="shard_map")
+  assert "shard_map" in [name for name, _ in made]  # the routed experts split over the mesh
+  stacks = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
+  assert not [(name, aval) for name, aval in made if aval.shape in stacks]
 
 
 @pytest.mark.skipif(not (hopper_available() and jax.device_count() >= 2), reason="needs two Hopper GPUs")

@@ -132,13 +132,14 @@ def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
   trainable = _moved(init_trainable(plan, params))
   rest, stacks = plan.experts.split(params)
   written_params = plan.experts.join(rest, plan.experts.write_rows(stacks, trainable))
+  model = Transformer(cfg, trained_experts=plan.trained_experts)
   merged = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan)(t, params, batch)[0])
-  in_place = jax.value_and_grad(lambda t: loss_fn(Transformer(cfg), plan, rows_already_written=True)(
+  in_place = jax.value_and_grad(lambda t: loss_fn(model, plan, rows_already_written=True)(
       t, written_params, batch)[0])
   (want_loss, want_grads), (got_loss, got_grads) = merged(trainable), in_place(trainable)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   chex.assert_trees_all_close(got_grads, want_grads, rtol=1e-5, atol=1e-8)
-  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(Transformer(cfg), plan, rows_already_written=True)(
+  found = scatters(jax.make_jaxpr(jax.grad(lambda t: loss_fn(model, plan, rows_already_written=True)(
       t, written_params, batch)[0]))(trainable))
   full_size = {leaf.shape for path, leaf in leaves_by_path(params).items() if "/mlp/experts/" in path}
   full_size.add((*batch["inputs"].shape, cfg.vocab_size))

@@ -85,10 +85,14 @@ def init_trainable(plan: TrainPlan, params, rng: jax.Array | None = None, dtype=
 
 def merge_trainable(plan: TrainPlan, params, trainable, rows_already_written: bool = False) -> dict:
   """The full parameter tree the model runs with: frozen parameters with the trainable ones written in.
-  `rows_already_written`: see `TrainedExperts.merge`."""
+  `rows_already_written`: the stacks of `params` hold ESFT's trained rows already (`TrainedExperts.write_rows`)
+  and are left as they are; the model takes the rows as values of their own (`TrainedExperts.rows_by_layer`)."""
   if plan.method == "lora":
     return lora.apply_lora(params, trainable, plan.lora_scale)
-  merged = plan.experts.merge(params, trainable, rows_already_written)
+  if rows_already_written:
+    merged = jax.tree_util.tree_map(lambda x: x, params)  # new containers; leaves shared, not copied
+  else:
+    merged = plan.experts.merge(params, trainable)
   frozen = leaves_by_path(params)
   for path, value in leaves_by_path(trainable).items():
     if plan.trains_whole(path):

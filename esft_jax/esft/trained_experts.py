@@ -5,8 +5,10 @@ It owns everything that depends on which rows of the stacked `[E, D, F]` expert 
 - `split` / `join`: the parameters as (the rest, the stacks that get trained rows), so a train step can take the
   stacks as a value of their own that it donates;
 - `write_rows`: the trained rows written into those stacks (in place, where the stacks are donated);
-- `merge`: the parameters the model runs with, the rows written in by a scatter or, where `write_rows` already put
-  them there, taken as they are with only the rows' gradients flowing back (`rows_already_in`).
+- `merge`: the parameters the model runs with, the rows written in by a scatter;
+- `rows_by_layer`: the rows as the model takes them where `write_rows` already put them in the stacks
+  (`Transformer`'s `trained_rows`): values of their own, which alone get gradients, so no stack-sized gradient is
+  made for them.
 The model takes it too (`Transformer.trained_experts`): the expert kernels compute weight gradients only for the
 trained experts.
 
@@ -22,7 +24,6 @@ import chex
 import jax
 import jax.numpy as jnp
 
-from esft_jax.model.experts import rows_already_in
 from esft_jax.param_roles import role
 from esft_jax.paths import get_path, layer_index, leaves_by_path, set_path
 
@@ -90,17 +91,22 @@ class TrainedExperts:
       set_path(out, path, _scatter(stack, self._rows_of(path, trainable, stack), self._ids(path)))
     return out
 
-  def merge(self, params, trainable, rows_already_written: bool = False) -> dict:
-    """`params` with the trained rows of `trainable` in their stacks, differentiable in the rows.
-    `rows_already_written`: the stacks of `params` hold the rows already (`write_rows`), so they are used as they
-    are, with no full-size copy, and only the rows' gradients flow back."""
+  def merge(self, params, trainable) -> dict:
+    """`params` with the trained rows of `trainable` in their stacks, differentiable in the rows."""
     merged = jax.tree_util.tree_map(lambda x: x, params)  # new containers; leaves shared, not copied
     for path, stack in leaves_by_path(params).items():
       if self.has_rows(path):
-        rows, ids = self._rows_of(path, trainable, stack), self._ids(path)
-        set_path(merged, path, rows_already_in(stack, rows, ids) if rows_already_written
-                 else _scatter(stack, rows, ids))
+        set_path(merged, path, _scatter(stack, self._rows_of(path, trainable, stack), self._ids(path)))
     return merged
+
+  def rows_by_layer(self, params, trainable) -> dict[int, dict[str, jax.Array]]:
+    """The trained rows of `trainable` as the model takes them (`Transformer`'s `trained_rows`) where the stacks
+    of `params` hold them already (`write_rows`): {layer: {stack name: rows}}, as the stacks' dtype."""
+    out: dict = {}
+    for path, stack in leaves_by_path(params).items():
+      if self.has_rows(path):
+        out.setdefault(layer_index(path), {})[path.rsplit("/", 1)[1]] = self._rows_of(path, trainable, stack)
+    return out
 
   def _ids(self, path: str) -> jax.Array:
     return jnp.asarray(self.of_layer(layer_index(path)), jnp.int32)

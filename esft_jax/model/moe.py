@@ -9,8 +9,9 @@ an expert's probability is the mean of its G fine ones.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -21,6 +22,7 @@ from esft_jax.model.experts import check_expert_inputs, expert_ffn, rows_already
 from esft_jax.model.layers import Linear, SwiGLU, logical_param
 
 Dtype = jnp.dtype
+EXPERT_STACKS = ("gate_proj", "up_proj", "down_proj")  # one MoE layer's routed experts (`StackedExperts`)
 
 
 class Routing(NamedTuple):
@@ -103,7 +105,8 @@ def _split_axes(mesh: Mesh | AbstractMesh, logical: str) -> tuple[str, ...]:
 
 def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], impl: str,
                    trained_experts: tuple[int, ...] | None = None,
-                   mesh: Mesh | AbstractMesh | None = None) -> jax.Array:
+                   mesh: Mesh | AbstractMesh | None = None,
+                   trained_rows: Mapping[str, jax.Array] | None = None) -> jax.Array:
   """`expert_ffn`, with each device on its own tokens where `mesh` (None: one device; an AbstractMesh compiles
   without the devices) splits the batch under `esft_jax.sharding.LOGICAL_RULES`. XLA's partitioner can split
   neither the dispatch (a sort over every token) nor the Pallas kernels: left to it, every device runs the experts
@@ -120,33 +123,43 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   The data axes sum the weight gradients over their devices. With `trained_experts` named, those experts'
   alone are summed: 138 MB a layer for ESFT's 8 experts at DeepSeek-V2-Lite widths, against 1.1 GB for the whole
-  stacks (BENCHMARKS.md, sharding)."""
+  stacks (BENCHMARKS.md, sharding).
+
+  `trained_rows` (gate_proj, up_proj, down_proj: the `trained_experts`' rows, [S, D, F] and [S, F, D], which the
+  stacks already hold; ESFT's train step writes them in): the gradient reaches these values and not the stacks,
+  and where the data axes sum it, they enter the per-device program as they are, so no stack-sized cotangent is
+  made for them. None: the rows are the stacks' own, and the gradient reaches the stacks."""
   check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)  # the global shapes, before any split
-  if mesh is None:
+  if trained_rows is not None:
+    _check_trained_rows(trained_rows, trained_experts, experts)
+  batch, width, ep = ((), (), ()) if mesh is None else (
+      _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts"))
+  # Where the data axes sum the stacks' gradients, only the trained experts' rows enter and leave the shard_map as
+  # values with a gradient (and are summed there); the stacks' gradients inside are the rows' (see rows_already_in).
+  rows_per_device = bool(batch or width) and bool(trained_experts) and any(axis not in ep for axis in batch)
+  if trained_rows is not None and not rows_per_device:  # the rows take their gradient from the whole stacks'
+    ids_S = jnp.asarray(trained_experts, jnp.int32)
+    experts = {name: rows_already_in(experts[name], trained_rows[name], ids_S) for name in EXPERT_STACKS}
+  if not batch and not width:
     return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts)
-  rows, width, ep = _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts")
-  if not rows and not width:
-    return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts)
-  tokens = PartitionSpec(rows or None, None)
+  tokens = PartitionSpec(batch or None, None)
   gate_up_spec = PartitionSpec(ep or None, None, width or None)  # [E, D, F]: experts over ep, F over tensor
   down_spec = PartitionSpec(ep or None, width or None, None)  # [E, F, D]
 
-  stacks = tuple(experts[name] for name in ("gate_proj", "up_proj", "down_proj"))
-  # Where the data axes sum the stacks' gradients, only the trained experts' rows' gradients leave the shard_map
-  # (and are summed there); the stacks' gradients outside are the rows' scattered back (see rows_already_in).
-  trained_ids = None
-  if trained_experts is not None:
-    if not trained_experts:  # no weight gradient is used (and a shard_map input of no rows does not compile)
-      stacks = jax.lax.stop_gradient(stacks)
-    elif any(axis not in ep for axis in rows):
-      trained_ids = tuple(trained_experts)
+  stacks = tuple(experts[name] for name in EXPERT_STACKS)
+  if trained_experts is not None and not trained_experts:
+    stacks = jax.lax.stop_gradient(stacks)  # no weight gradient is used
+  row_values = ()
+  if rows_per_device:
+    row_values = (tuple(trained_rows[name] for name in EXPERT_STACKS) if trained_rows is not None
+                  else tuple(stack[jnp.asarray(trained_experts, jnp.int32)] for stack in stacks))
 
-  def local(x, ids, weights, gate, up, down, *trained_rows):
+  def local(x, ids, weights, gate, up, down, *trained_rows_S):
     first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
-    if trained_ids:  # (ids of the rows local to this device's stack; the others are held elsewhere)
-      local_ids_S = jnp.asarray(trained_ids, jnp.int32) - first
+    if trained_rows_S:  # (ids of the rows local to this device's stack; the others are held elsewhere)
+      local_ids_S = jnp.asarray(trained_experts, jnp.int32) - first
       gate, up, down = (rows_already_in(stack, rows_S, local_ids_S)
-                        for stack, rows_S in zip((gate, up, down), trained_rows))
+                        for stack, rows_S in zip((gate, up, down), trained_rows_S))
     if ep:  # the expert group's tokens
       x, ids, weights = (jax.lax.all_gather(a, ep, tiled=True) for a in (x, ids, weights))
     out = expert_ffn(x, ids, weights, {"gate_proj": gate, "up_proj": up, "down_proj": down}, impl,
@@ -159,9 +172,24 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   # gathered expert weights are summed over the devices all the same.
   stack_specs = (gate_up_spec, gate_up_spec, down_spec)
   row_specs = (PartitionSpec(None, None, width or None),) * 2 + (PartitionSpec(None, width or None, None),)
-  trained_rows = tuple(stack[jnp.asarray(trained_ids, jnp.int32)] for stack in stacks) if trained_ids else ()
-  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(trained_rows)],
-                       out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *trained_rows)
+  return jax.shard_map(local, mesh=mesh, in_specs=(tokens,) * 3 + stack_specs + row_specs[:len(row_values)],
+                       out_specs=tokens, check_vma=False)(x_TxD, ids_TxK, weights_TxK, *stacks, *row_values)
+
+
+def _check_trained_rows(trained_rows: Mapping[str, jax.Array], trained_experts: tuple[int, ...] | None,
+                        experts: Mapping[str, jax.Array]) -> None:
+  """Rows for each stack, one per trained expert, in the stack's shape and dtype: checked before they meet the
+  stacks, where a mismatch would fail inside a gather or a shard_map."""
+  if not trained_experts:
+    raise ValueError(f"trained rows are given, but trained_experts is {trained_experts!r}: name the experts "
+                     "whose rows they are")
+  if sorted(trained_rows) != sorted(EXPERT_STACKS):
+    raise ValueError(f"trained rows name {sorted(trained_rows)}; give one array for each of {list(EXPERT_STACKS)}")
+  for name in EXPERT_STACKS:
+    stack, rows_S = experts[name], trained_rows[name]
+    chex.assert_shape(rows_S, (len(trained_experts), *stack.shape[1:]),
+                      custom_message=f"trained rows of {name} for experts {list(trained_experts)}")
+    chex.assert_type(rows_S, stack.dtype, custom_message=f"trained rows of {name}, as their stack's dtype")
 
 
 class StackedExperts(nn.Module):
@@ -191,7 +219,9 @@ class MoEBlock(nn.Module):
   mesh: Mesh | None = None  # see `routed_experts`
 
   @nn.compact
-  def __call__(self, x_BxLxD: jax.Array) -> tuple[jax.Array, Routing]:
+  def __call__(self, x_BxLxD: jax.Array, trained_rows: Mapping[str, jax.Array] | None = None
+               ) -> tuple[jax.Array, Routing]:
+    """`trained_rows`: this layer's, see `routed_experts`."""
     cfg = self.config
     b, length, d = x_BxLxD.shape
     e, f = cfg.num_experts, cfg.moe_intermediate_size
@@ -206,9 +236,11 @@ class MoEBlock(nn.Module):
 
     experts = StackedExperts(e, d, f, self.param_dtype, name="experts")()
     experts = {k: v.astype(self.dtype) for k, v in experts.items()}
+    if trained_rows is not None:
+      trained_rows = {k: v.astype(self.dtype) for k, v in trained_rows.items()}
     with jax.named_scope("routed_experts"):  # a module of their own in profiles (they are a function here)
       out = routed_experts(x_TxD.astype(self.dtype), ids, weights, experts, self.expert_impl,
-                           self.trained_experts, self.mesh)
+                           self.trained_experts, self.mesh, trained_rows)
 
     if cfg.shared_intermediate_size:  # on [B, L, D]: SwiGLU's activation constraint names batch and length
       shared = SwiGLU(cfg.shared_intermediate_size, self.dtype, self.param_dtype, name="shared_experts")(x_BxLxD)

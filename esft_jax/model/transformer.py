@@ -6,7 +6,7 @@ Used functionally: `Transformer(config).apply({"params": params}, tokens)` is a 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -58,8 +58,10 @@ class DecoderLayer(nn.Module):
   mesh: Mesh | None = None  # see `esft_jax.model.moe.routed_experts`
 
   @nn.compact
-  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None
+  def __call__(self, x_BxLxD, cos, sin, segment_ids_BxL, cache: CacheView | None = None,
+               trained_rows: Mapping[str, jax.Array] | None = None
                ) -> tuple[jax.Array, Routing | None, LayerCache | None]:
+    """`trained_rows`: see `esft_jax.model.moe.routed_experts`."""
     cfg = self.config
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     attention_cls = MultiHeadLatentAttention if cfg.attention == "mla" else GroupedQueryAttention
@@ -72,7 +74,7 @@ class DecoderLayer(nn.Module):
     routing = None
     if cfg.moe_layers[self.layer]:
       y, routing = MoEBlock(cfg, self.expert_impl, trained_experts=self.trained_experts, mesh=self.mesh,
-                            name="mlp", **kw)(h)
+                            name="mlp", **kw)(h, trained_rows)
     else:
       y = SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
     x_BxLxD = nn.with_logical_constraint(x_BxLxD + y, ("batch", "length", "embed"))
@@ -101,11 +103,18 @@ class Transformer(nn.Module):
 
   @nn.compact
   def __call__(self, tokens_BxL: jax.Array, segment_ids_BxL: jax.Array | None = None,
-               positions_BxL: jax.Array | None = None, cache: Cache | None = None) -> ModelOutput:
+               positions_BxL: jax.Array | None = None, cache: Cache | None = None,
+               trained_rows: Mapping[int, Mapping[str, jax.Array]] | None = None) -> ModelOutput:
     """`segment_ids`: 0 marks padding; packed documents carry distinct ids and never attend to each other.
     `positions` default to 0..L-1 (pass per-document positions for packed batches). With a `cache`, the
-    tokens fill its next L slots and attend to every earlier non-padding slot (decoding)."""
+    tokens fill its next L slots and attend to every earlier non-padding slot (decoding).
+
+    `trained_rows`: per layer with trained experts, the rows of `trained_experts` in its three expert stacks,
+    which the parameters' stacks already hold (`TrainedExperts.rows_by_layer`, after `write_rows`): the gradient
+    reaches them and not the stacks (`esft_jax.model.moe.routed_experts`). None: the stacks' own rows."""
     cfg = self.config
+    if trained_rows is not None:
+      self._check_trained_rows(trained_rows)
     b, length = tokens_BxL.shape
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, length), jnp.int32)
@@ -125,7 +134,8 @@ class Transformer(nn.Module):
       trained = None if self.trained_experts is None else self.trained_experts.of_layer(i)
       layer = layer_cls(cfg, i, self.expert_impl, self.dtype, self.param_dtype, trained, self.attention_impl,
                         self.max_segments, self.mesh, name=f"layers_{i}")
-      x, routing, layer_cache = layer(x, cos, sin, segment_ids_BxL, view)
+      rows = None if trained_rows is None else trained_rows.get(i)
+      x, routing, layer_cache = layer(x, cos, sin, segment_ids_BxL, view, rows)
       new_layers.append(layer_cache)
       if routing is not None:
         routings.append(routing)
@@ -138,6 +148,13 @@ class Transformer(nn.Module):
     logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", "length", "vocab"))
     new_cache = None if cache is None else Cache(tuple(new_layers), cache.index + length, valid)
     return ModelOutput(logits, tuple(routings), self._aux_loss(routings, segment_ids_BxL), new_cache)
+
+  def _check_trained_rows(self, trained_rows: Mapping[int, Mapping[str, jax.Array]]) -> None:
+    trained = [] if self.trained_experts is None else [layer for layer, ids in self.trained_experts.layers if ids]
+    if sorted(trained_rows) != trained:
+      raise ValueError(f"trained rows are given for layers {sorted(trained_rows)}, but the model's trained_experts "
+                       f"name experts in layers {trained}: build the model with the plan's trained experts "
+                       "(Transformer(trained_experts=plan.trained_experts))")
 
   def _aux_loss(self, routings: list[Routing], segment_ids_BxL: jax.Array) -> jax.Array:
     cfg = self.config

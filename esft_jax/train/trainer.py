@@ -1,10 +1,11 @@
 """The one training loop. FFT, LoRA and ESFT differ only in their `TrainPlan` (what is trainable).
 
 A step, `(state, frozen, batch) -> (state, metrics)`: write ESFT's trained rows into their stacks (held in the
-donated `TrainState`, so in place; `TrainedExperts`), run the model, take the masked next-token loss plus the
-model's balance loss (added to the gradient, not to the reported loss, as DeepSeek does), average gradients over
-`grad_accum` micro-batches (with `lax.scan` when there are several), and apply the multi-transform optimizer. Only
-the trainable tree has gradients and optimizer state.
+donated `TrainState`, so in place; `TrainedExperts`), run the model with the rows also as inputs of their own
+(they alone get gradients), take the masked next-token loss plus the model's balance loss (added to the gradient,
+not to the reported loss, as DeepSeek does), average gradients over `grad_accum` micro-batches (with `lax.scan`
+when there are several), and apply the multi-transform optimizer. Only the trainable tree has gradients and
+optimizer state.
 
 Every run has a device mesh (one device without --mesh): the steps are jitted with NamedSharding in and out
 shardings from esft_jax.sharding (frozen parameters, state, batch), each process
@@ -77,11 +78,18 @@ def step_shardings(config: ModelConfig, plan: TrainPlan, mesh: Mesh, state_like:
 
 
 def loss_fn(model: Transformer, plan: TrainPlan, rows_already_written: bool = False):
-  """(trainable, params, batch) -> (loss with the balance loss, metrics). `rows_already_written`: see
-  `TrainedExperts.merge`."""
+  """(trainable, params, batch) -> (loss with the balance loss, metrics). `rows_already_written`: the stacks of
+  `params` hold the trained rows (`TrainedExperts.write_rows`); the model takes the rows apart from them, as
+  values that alone get gradients (`TrainedExperts.rows_by_layer`), and must name the plan's trained experts."""
+  if rows_already_written and plan.experts.layers and model.trained_experts != plan.trained_experts:
+    raise ValueError(f"the model trains experts {model.trained_experts}, but the plan {plan.experts}: build it with "
+                     "Transformer(trained_experts=plan.trained_experts), so that its trained rows are the plan's")
+
   def loss(trainable, params, batch):
+    trained_rows = plan.experts.rows_by_layer(params, trainable) if rows_already_written else None
     params = merge_trainable(plan, params, trainable, rows_already_written)
-    out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"])
+    out = model.apply({"params": params}, batch["inputs"], batch["segment_ids"], batch["positions"],
+                      trained_rows=trained_rows)
     lm_loss = masked_mean_loss(out.logits, batch["targets"], batch["loss_mask"])
     valid = (batch["segment_ids"] != 0).astype(jnp.float32)
     loads = [_load_imbalance(r.expert_ids, valid, model.config.num_experts) for r in out.routing]
