@@ -146,13 +146,19 @@ def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
   assert found and not [operand for _, operand in found if operand.shape in full_size], found  # small counts only
 
 
+def test_loss_on_written_rows_needs_the_plans_trained_experts_in_the_model():
+  cfg, _, _ = _setup()
+  with pytest.raises(ValueError, match=r"build it with Transformer\(trained_experts=plan.trained_experts\)"):
+    loss_fn(Transformer(cfg), _esft_plan(), rows_already_written=True)
+
+
 def test_train_step_of_one_micro_batch_equals_two_equal_ones_and_keeps_frozen_values():
   """The step without an accumulator (one micro-batch) against the scan that averages two copies of it; the stacks
   it is handed come back with only the trained rows changed."""
   cfg, params, _ = _setup()
   plan = _esft_plan()
   optimizer = make_optimizer(jax.eval_shape(lambda p: init_trainable(plan, p), params), lambda step: 1e-3)
-  model = Transformer(cfg)
+  model = Transformer(cfg, trained_experts=plan.trained_experts)
 
   def init(frozen, stacks):
     trainable = init_trainable(plan, plan.experts.join(frozen, stacks))
@@ -199,7 +205,8 @@ def test_train_step_is_traced_once_over_several_steps():
   rest, stacks = plan.experts.split(params)
   shardings = step_shardings(cfg, plan, single_device_mesh(), jax.eval_shape(init, rest, stacks))
   chex.clear_trace_counter()
-  step = make_train_step(Transformer(cfg), plan, optimizer, lambda s: 1e-3, shardings, max_traces=1)
+  step = make_train_step(Transformer(cfg, trained_experts=plan.trained_experts), plan, optimizer, lambda s: 1e-3,
+                         shardings, max_traces=1)
   rest = place(rest, shardings.frozen)  # as `train` lays them out
   stacks = jax.tree_util.tree_map(jnp.copy, place(stacks, shardings.state.stacks))  # donated
   state = jax.jit(init, out_shardings=shardings.state, donate_argnums=(1,))(rest, stacks)

@@ -40,17 +40,24 @@ def test_split_holds_the_stacks_with_trained_rows_and_join_restores_the_tree():
   chex.assert_trees_all_equal(joined, params)
 
 
-def test_written_rows_equal_a_reference_scatter_and_the_merge():
+def test_written_rows_equal_a_reference_scatter_and_the_merge_and_the_rows_the_model_takes():
   params = _params()
   rows = _moved_rows(params)
   _, stacks = TRAINED.split(params)
   written = leaves_by_path(TRAINED.write_rows(stacks, rows))
   merged = leaves_by_path(TRAINED.merge(params, rows))
+  by_layer = TRAINED.rows_by_layer(jax.tree_util.tree_map(lambda x: x.astype(jnp.bfloat16), params), rows)
+  assert {layer: sorted(stacks) for layer, stacks in by_layer.items()} == {
+      layer: ["down_proj", "gate_proj", "up_proj"] for layer in (1, 2)}
   for path, stack in leaves_by_path(stacks).items():
+    ids = list(TRAINED.of_layer(int(path[7])))
     want = np.array(stack)
-    want[list(TRAINED.of_layer(int(path[7]))), ...] = np.asarray(leaves_by_path(rows)[path])
+    want[ids, ...] = np.asarray(leaves_by_path(rows)[path])
     np.testing.assert_array_equal(written[path], want)
     np.testing.assert_array_equal(merged[path], want)
+    model_rows = by_layer[int(path[7])][path.rsplit("/", 1)[1]]
+    assert model_rows.dtype == jnp.bfloat16  # the stacks' dtype
+    np.testing.assert_array_equal(model_rows, want[ids].astype(jnp.bfloat16))
 
 
 def test_rows_sliced_at_init_write_back_to_the_same_stacks():
@@ -75,6 +82,8 @@ def test_rows_of_another_selection_are_rejected():
   fewer = TrainedExperts(((1, (3,)), (2, (5,)))).rows(params)
   with pytest.raises(AssertionError, match=r"trained rows of layers_1/mlp/experts/\w+ for experts \[3, 0\]"):
     TRAINED.write_rows(stacks, fewer)
+  with pytest.raises(AssertionError, match=r"trained rows of layers_1/mlp/experts/\w+ for experts \[3, 0\]"):
+    TRAINED.rows_by_layer(params, fewer)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
