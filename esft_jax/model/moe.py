@@ -126,21 +126,18 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   stacks (BENCHMARKS.md, sharding).
 
   `trained_rows` (gate_proj, up_proj, down_proj: the `trained_experts`' rows, [S, D, F] and [S, F, D], which the
-  stacks already hold; ESFT's train step writes them in): the gradient reaches these values and not the stacks,
-  and where the data axes sum it, they enter the per-device program as they are, so no stack-sized cotangent is
-  made for them. None: the rows are the stacks' own, and the gradient reaches the stacks."""
+  stacks already hold; ESFT's train step writes them in): the gradient reaches these values and not the stacks.
+  On a mesh they enter the per-device program as they are, so no stack-sized cotangent is made for them. None:
+  the rows are the stacks' own, and the gradient reaches the stacks."""
   check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)  # the global shapes, before any split
   if trained_rows is not None:
     _check_trained_rows(trained_rows, trained_experts, experts)
   batch, width, ep = ((), (), ()) if mesh is None else (
       _split_axes(mesh, "batch"), _split_axes(mesh, "mlp"), _split_axes(mesh, "experts"))
-  # Where the data axes sum the stacks' gradients, only the trained experts' rows enter and leave the shard_map as
-  # values with a gradient (and are summed there); the stacks' gradients inside are the rows' (see rows_already_in).
-  rows_per_device = bool(batch or width) and bool(trained_experts) and any(axis not in ep for axis in batch)
-  if trained_rows is not None and not rows_per_device:  # the rows take their gradient from the whole stacks'
-    ids_S = jnp.asarray(trained_experts, jnp.int32)
-    experts = {name: rows_already_in(experts[name], trained_rows[name], ids_S) for name in EXPERT_STACKS}
   if not batch and not width:
+    if trained_rows is not None:  # the rows take their gradient from the stacks' (see rows_already_in)
+      ids_S = jnp.asarray(trained_experts, jnp.int32)
+      experts = {name: rows_already_in(experts[name], trained_rows[name], ids_S) for name in EXPERT_STACKS}
     return expert_ffn(x_TxD, ids_TxK, weights_TxK, experts, impl, trained_experts)
   tokens = PartitionSpec(batch or None, None)
   gate_up_spec = PartitionSpec(ep or None, None, width or None)  # [E, D, F]: experts over ep, F over tensor
@@ -149,10 +146,14 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
   stacks = tuple(experts[name] for name in EXPERT_STACKS)
   if trained_experts is not None and not trained_experts:
     stacks = jax.lax.stop_gradient(stacks)  # no weight gradient is used
+  # The trained rows enter the shard_map as values with a gradient of their own, summed over the devices there,
+  # the stacks' gradients inside being theirs (see rows_already_in): given apart, or sliced from the stacks where
+  # the data axes would otherwise sum the whole stacks' gradients.
   row_values = ()
-  if rows_per_device:
-    row_values = (tuple(trained_rows[name] for name in EXPERT_STACKS) if trained_rows is not None
-                  else tuple(stack[jnp.asarray(trained_experts, jnp.int32)] for stack in stacks))
+  if trained_rows is not None:
+    row_values = tuple(trained_rows[name] for name in EXPERT_STACKS)
+  elif trained_experts and any(axis not in ep for axis in batch):
+    row_values = tuple(stack[jnp.asarray(trained_experts, jnp.int32)] for stack in stacks)
 
   def local(x, ids, weights, gate, up, down, *trained_rows_S):
     first = jax.lax.axis_index(ep) * gate.shape[0] if ep else 0  # this device's first expert (global id)
