@@ -148,7 +148,7 @@ def test_loss_on_written_rows_equals_the_merged_loss_and_writes_no_stack():
 
 def test_loss_on_written_rows_needs_the_plans_trained_experts_in_the_model():
   cfg, _, _ = _setup()
-  with pytest.raises(ValueError, match=r"build it with Transformer\(trained_experts=plan.trained_experts\)"):
+  with pytest.raises(ValueError, match=r"build the model with Transformer\(trained_experts=plan.trained_experts\)"):
     loss_fn(Transformer(cfg), _esft_plan(), rows_already_written=True)
 
 

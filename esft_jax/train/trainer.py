@@ -82,8 +82,9 @@ def loss_fn(model: Transformer, plan: TrainPlan, rows_already_written: bool = Fa
   `params` hold the trained rows (`TrainedExperts.write_rows`); the model takes the rows apart from them, as
   values that alone get gradients (`TrainedExperts.rows_by_layer`), and must name the plan's trained experts."""
   if rows_already_written and plan.experts.layers and model.trained_experts != plan.trained_experts:
-    raise ValueError(f"the model trains experts {model.trained_experts}, but the plan {plan.experts}: build it with "
-                     "Transformer(trained_experts=plan.trained_experts), so that its trained rows are the plan's")
+    raise ValueError(f"the model's trained_experts are {model.trained_experts}, the plan's {plan.trained_experts}: "
+                     "build the model with Transformer(trained_experts=plan.trained_experts) (as `train_model` does), "
+                     "so that the rows it is given are those of the experts it trains")
 
   def loss(trainable, params, batch):
     trained_rows = plan.experts.rows_by_layer(params, trainable) if rows_already_written else None
