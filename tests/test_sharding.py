@@ -289,8 +289,8 @@ def test_trained_rows_given_apart_train_as_one_device(expert_parallel, mesh):
 def test_sharded_esft_gradient_makes_no_stack_sized_cotangent(mesh):
   """The ESFT loss's gradient on a mesh, 2 of 64 experts trained: the trained rows reach the routed experts'
   per-device program as values of their own, so outside it nothing of a stack's shape is made. Rows sliced from
-  the stacks inside the differentiated program would scatter their gradient into a zero stack of each: at
-  DeepSeek-V3's size, fp32 stacks' worth of cotangent per MoE layer."""
+  the stacks inside the differentiated program would scatter their gradient into a zero fp32 stack of each, for
+  every MoE layer."""
   cfg = config_from_hf({**read_hf_config("tiny-deepseek"), "num_hidden_layers": 2, "n_routed_experts": 64})
   plan = plan_from_expert_config({"experts": {"1": [5, 40]}})
   params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))

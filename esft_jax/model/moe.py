@@ -127,8 +127,8 @@ def routed_experts(x_TxD, ids_TxK, weights_TxK, experts: dict[str, jax.Array], i
 
   `trained_rows` (gate_proj, up_proj, down_proj: the `trained_experts`' rows, [S, D, F] and [S, F, D], which the
   stacks already hold; ESFT's train step writes them in): the gradient reaches these values and not the stacks.
-  On a mesh they enter the per-device program as they are, so no stack-sized cotangent is made for them. None:
-  the rows are the stacks' own, and the gradient reaches the stacks."""
+  On a mesh they enter the per-device program as they are, so no stack-sized cotangent is made for them outside
+  it. None: the rows are the stacks' own, and the gradient reaches the stacks."""
   check_expert_inputs(x_TxD, ids_TxK, weights_TxK, experts)  # the global shapes, before any split
   if trained_rows is not None:
     _check_trained_rows(trained_rows, trained_experts, experts)
