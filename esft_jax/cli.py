@@ -319,9 +319,11 @@ def _add_workspace_flags(parser: argparse.ArgumentParser) -> None:
                       help="fine-tune-and-evaluate jobs run at once in worker processes (default: 1 for tiny, 4 for "
                            "small, where compilation would otherwise dominate)")
   parser.add_argument("--lr-search", type=Path, metavar="FILE",
-                      help="where OUT has no learning-rate search yet, reuse an earlier demo's (its OUT/lr_search.json, "
-                           "e.g. experiments/results/2026-12-08-demo-small-h100/lr_search.json for --preset small) "
-                           "instead of searching; the report names it")
+                      help="the learning rates of an earlier demo's search at the same --preset (the lr_search.json "
+                           "in that demo's --out; for --preset small, the committed "
+                           "experiments/results/2026-12-08-demo-small-h100/lr_search.json), used instead of searching "
+                           "where OUT has no search yet; an OUT whose search chose other rates is refused; the "
+                           "report names the file")
 
 
 def _timed_log():

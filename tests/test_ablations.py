@@ -158,14 +158,15 @@ def _check_report(workspace: Path, name: str, results: dict) -> dict:
 
 
 def test_random_experts_over_two_seeds_resumes_per_seed(workspace):
-  # The rates of an earlier demo's search, reused: no search runs here, and the report names where they come from.
-  earlier = workspace / "earlier_lr_search.json"
-  earlier.write_text(json.dumps({"grid": [1e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
-                                 "mean_val_loss": {m: {"0.001": 1.0} for m in METHODS},
-                                 "chosen": {m: 1e-3 for m in METHODS}}))
-  one = _run(workspace, "random_experts", seeds=(0,), lr_search_from=earlier)
-  assert not (workspace / "seed-0" / "runs").exists()  # the search's runs
-  assert f"in the search of `{earlier}`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
+  one = _run(workspace, "random_experts", seeds=(0,))  # the workspace's learning-rate search runs first
+  # An earlier demo's search with other rates than the workspace's is refused before anything runs.
+  other = workspace / "other_lr_search.json"
+  other.write_text(json.dumps({"grid": [1e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
+                               "mean_val_loss": {m: {"0.001": 1.0} for m in METHODS},
+                               "chosen": {m: 1e-3 if m != "FFT" else 3e-3 for m in METHODS}}))
+  with pytest.raises(ValueError, match=r"lr_search.json holds other learning rates than --lr-search .*other_lr"):
+    _run(workspace, "random_experts", seeds=(0, 1), lr_search_from=other)
+  assert not (workspace / "seed-1").exists()
   runs = workspace / "ablations/random_experts/seed-0/runs"
   seed0 = [path for name in ("summary.json", "eval.json") for path in runs.glob(f"*/{name}")]
   written = {path: path.stat().st_mtime_ns for path in seed0}
@@ -180,8 +181,7 @@ def test_random_experts_over_two_seeds_resumes_per_seed(workspace):
                         .read_text())["experts"] for s in (0, 1)]
   assert configs[0] != configs[1] and seed1["scored"]["task_score"] is not None
   assert "std over 2 seeds" in both["findings"][0]["evidence"]
-  # The workspace keeps the reused rates, so the command that reproduces the report names their file.
-  assert f"--seed\n0 1 --lr-search {earlier}`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
+  assert "--seed\n0 1`" in (workspace / "ablations/random_experts/REPORT.md").read_text()
 
 
 @pytest.mark.parametrize("name", [n for n in CONFIGS if n != "random_experts"])

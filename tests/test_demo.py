@@ -126,14 +126,20 @@ def test_a_finding_holds_only_beyond_the_spread_over_seeds():
 
 def test_a_run_reuses_an_earlier_search_and_its_report_names_it(tmp_path, monkeypatch):
   earlier = tmp_path / "earlier_lr_search.json"
-  search = {"grid": [1e-3, 3e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
-            "mean_val_loss": {m: {"0.001": 1.0, "0.003": 2.0} for m in METHODS},
-            "chosen": {m: 1e-3 for m in METHODS}}
+  search = {"grid": [1e-3], "tasks": ["intent"], "seed": 0, "setting": "mixed",
+            "mean_val_loss": {m: {"0.001": 1.0} for m in METHODS}, "chosen": {m: 1e-3 for m in METHODS}}
   earlier.write_text(json.dumps({**search, "chosen": {"FFT": 1e-3}}))
   out = tmp_path / "out"
   with pytest.raises(ValueError, match=r"earlier_lr_search.json: .*no chosen rate for \['LoRA'"):
     run_demo(out, preset=MICRO, task_names=("intent",), log=lambda _: None, lr_search_from=earlier)
   assert not out.exists()  # refused before anything was written
+
+  # Another preset's search (its grid is not this preset's) is refused too.
+  earlier.write_text(json.dumps({**search, "grid": [3e-4, 1e-3]}))
+  with pytest.raises(ValueError, match=r"earlier_lr_search.json: its grid \[0.0003, 0.001\] is not preset tiny's "
+                                       r"\[0.001\]; pass a search an `esft-jax demo --preset tiny` ran"):
+    run_demo(out, preset=MICRO, task_names=("intent",), log=lambda _: None, lr_search_from=earlier)
+  assert not out.exists()
 
   earlier.write_text(json.dumps(search))
   monkeypatch.setattr(experiment, "search_learning_rates", lambda *a: pytest.fail("searched anyway"))

@@ -575,13 +575,14 @@ def write_ablation_report(root: Path, results: dict) -> Path:
   if results.get("resumed_runs"):
     wall += f" (this invocation only: {results['resumed_runs']} runs were finished by earlier invocations)"
   source = results["lr_search_from"]
-  reused = f", in the search of `{source}`" if source else ""
+  rates = ", ".join(f"{m} {lr:g}" for m, lr in results["lr"].items())
+  chosen_by = f"chosen by the search in `{source}`, reused" if source else "the demo's search chose"
   reuse_flag = f" --lr-search {source}" if source else ""
   text = f"""# Ablation: {_TITLES[name]}
 
 Preset `{results['preset']}` ({results['num_experts']} routed experts, top-{results['top_k']}); tasks
 {', '.join(config['tasks'])}; seeds {seeds} (each seed draws its own tasks, alignment data and fine-tuning data
-order, with the learning rates the demo's search chose: {', '.join(f'{m} {lr:g}' for m, lr in results['lr'].items())}{reused}).
+order, with the learning rates {chosen_by}: {rates}).
 Generated with `esft-jax ablate configs/ablations/{results['config_file']} --preset {results['preset']} --seed
 {seeds}{reuse_flag}` in {wall}. Scores are percentages, mean over the tasks, then mean ± std
 over seeds; "general tasks" is the mean multiple-choice accuracy on the demo's general instruction families

@@ -298,7 +298,7 @@ def run_ablation(config_path: str | Path, out: Path, preset_name: str = "tiny", 
   repeated = sorted({s for s in seeds if seeds.count(s) > 1})
   if repeated:
     raise ValueError(f"seeds {list(seeds)} name seed {repeated[0]} more than once; list each seed once")
-  reused = reused_search(lr_search_from, METHODS) if lr_search_from else None
+  reused = reused_search(lr_search_from, METHODS, preset_name, preset) if lr_search_from else None
   workers = workers or preset.workers
   share_device_with_workers(workers)
   started = time.time()

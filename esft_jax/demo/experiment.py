@@ -27,13 +27,14 @@ import numpy as np
 
 from esft_jax.analysis.figures import plot_routing_figures, plot_selected_experts
 from esft_jax.analysis.routing import routing_figures_from_logs
-from esft_jax.demo.pretrain import AlignSpec, BaseSpec, validation_curve
+from esft_jax.demo.pretrain import AlignSpec, BaseSpec
 from esft_jax.demo.report import write_report
 from esft_jax.demo.tasks import TASK_NAMES
 from esft_jax.demo.workspace import (DemoPreset, Job, Workspace, cached_json, prepare, run_jobs,
                                      share_device_with_workers)
 from esft_jax.esft.selection import select_experts, write_expert_config
 from esft_jax.esft.trainable import count_parameters
+from esft_jax.train.metrics import validation_losses
 
 METHODS = ("FFT", "LoRA", "ESFT-Token", "ESFT-Gate")
 KINDS = {"FFT": "fft", "LoRA": "lora", "ESFT-Token": "esft", "ESFT-Gate": "esft"}
@@ -107,8 +108,9 @@ def search_learning_rates(ws: Workspace, methods: tuple[str, ...], workers: int,
           "val_loss": val_loss, "mean_val_loss": mean, "chosen": chosen}
 
 
-def reused_search(path: Path, methods: tuple[str, ...]) -> dict:
-  """An earlier run's learning-rate search (its OUT/lr_search.json), checked to name a rate for every method."""
+def reused_search(path: Path, methods: tuple[str, ...], preset_name: str, preset: DemoPreset) -> dict:
+  """An earlier run's learning-rate search (its OUT/lr_search.json), checked to name a rate for every method and
+  to have searched `preset`'s grid: another preset's rates do not carry over."""
   try:
     search = json.loads(Path(path).read_text())
   except (OSError, ValueError) as e:
@@ -118,6 +120,9 @@ def reused_search(path: Path, methods: tuple[str, ...]) -> dict:
     raise ValueError(f"--lr-search {path}: not a complete learning-rate search (no chosen rate for {missing or '-'}, "
                      "or no grid, tasks, seed or mean_val_loss); pass the lr_search.json an earlier `esft-jax demo` "
                      "wrote in its OUT, or leave --lr-search out to search here")
+  if [float(lr) for lr in search["grid"]] != [float(lr) for lr in preset.lr_grid]:
+    raise ValueError(f"--lr-search {path}: its grid {search['grid']} is not preset {preset_name}'s "
+                     f"{list(preset.lr_grid)}; pass a search an `esft-jax demo --preset {preset_name}` ran")
   return {**search, "reused_from": str(path)}
 
 
@@ -149,7 +154,8 @@ def _seed_results(ws: Workspace, methods: tuple[str, ...], lr: dict, workers: in
   runs: dict = {}
   for (s, t, m), (summary, scores) in zip(keys, outcomes):
     runs.setdefault(s, {}).setdefault(t, {})[m] = {**summary, "scores": scores, "lr": lr[m]}
-  return {"base": base, "alignment_val_loss": validation_curve(ws.base_dir), "runs": runs, "routing": routing,
+  alignment = validation_losses(ws.base_dir / "training" / "metrics.jsonl")
+  return {"base": base, "alignment_val_loss": alignment, "runs": runs, "routing": routing,
           "selected_experts": {f"{t}-{kind}": {l: len(ids) for l, ids in c["experts"].items()}
                                for (t, kind), c in selections.items()},
           "selected_per_layer": {f"{t}-{kind}": float(np.mean([len(ids) for ids in c["experts"].values()]))
@@ -179,7 +185,7 @@ def run_demo(out: Path, preset_name: str = "tiny", cache_root: Path | None = Non
   if settings:
     preset = dataclasses.replace(preset, settings=tuple(settings))
   seeds = tuple(seeds or preset.seeds)
-  reused = reused_search(lr_search_from, methods) if lr_search_from else None
+  reused = reused_search(lr_search_from, methods, preset_name, preset) if lr_search_from else None
   workers = workers or preset.workers
   share_device_with_workers(workers)
   started = time.time()

@@ -155,13 +155,6 @@ def build_base(spec: BaseSpec, cache_root: Path, log=print) -> tuple[Path, list[
   return model_dir, held_out
 
 
-def validation_curve(model_dir: Path) -> list[list[float]]:
-  """[step, validation loss] at every evaluation of the run that trained `model_dir`: whether it had flattened."""
-  metrics = model_dir / "training" / "metrics.jsonl"
-  records = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-  return [[r["step"], r["val_loss"]] for r in records if "val_loss" in r]
-
-
 def build_aligned(spec: BaseSpec, align: AlignSpec, alignment_records: list[dict], seed: int, cache_root: Path,
                   log=print) -> Path:
   """The pretrained base after the alignment SFT on `alignment_records` (built once per spec, align and seed)."""

@@ -14,6 +14,7 @@ import numpy as np
 from esft_jax.analysis.figures import figure, save_figure
 from esft_jax.demo.spread import finding, pm
 from esft_jax.files import atomic_write_text
+from esft_jax.train.metrics import validation_losses
 
 PROTOCOL = """\
 The protocol follows the paper's section 3.1 and was fixed before any result was seen:
@@ -184,14 +185,11 @@ def _selected_share_table(results: dict) -> str:
 
 
 def _alignment_table(results: dict) -> str:
-  """Per seed, the alignment's validation loss at its first evaluation, halfway, at its best and at the end:
-  whether the aligned base had finished learning the general families."""
+  """Per seed, the alignment's validation loss (general instructions and replayed pretraining text) at its first
+  evaluation, halfway, at its best (the checkpoint kept) and at the end."""
   rows = []
   for s in map(str, results["seeds"]):
     curve = results["per_seed"][s]["alignment_val_loss"]
-    if not curve:
-      rows.append([s] + ["–"] * 4)
-      continue
     best = min(curve, key=lambda point: point[1])
     half = curve[(len(curve) - 1) // 2]
     rows.append([s] + [f"{loss:.3f} (step {step})" for step, loss in (curve[0], half, best, curve[-1])])
@@ -227,11 +225,8 @@ def _plot_validation_curves(out: Path, results: dict, path: Path) -> Path:
     ax = fig.add_subplot(1, len(tasks), i + 1)
     for m in results["methods"]:
       lr = _runs(results, seed, setting)[task][m]["lr"]
-      metrics = out / f"seed-{seed}" / "runs" / f"{task}-{m}-{setting}-lr{lr:g}" / "metrics.jsonl"
-      points = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
-      points = [(p["step"], p["val_loss"]) for p in points if "val_loss" in p]
-      if points:
-        ax.plot(*zip(*points), marker=".", label=m)
+      points = validation_losses(out / f"seed-{seed}" / "runs" / f"{task}-{m}-{setting}-lr{lr:g}" / "metrics.jsonl")
+      ax.plot(*zip(*points), marker=".", label=m)
     ax.set_title(task)
     ax.set_xlabel("step")
     if i == 0:
@@ -273,16 +268,17 @@ def write_report(out: Path, results: dict) -> Path:
     sections.append("## Tables 9 and 10: the task's data alone\n\n" + _task_table(results, "unmixed") + "\n\n"
                     + _general_table(results, "unmixed"))
   sections += [
-      "## Table 2: general ability\n\nMultiple-choice accuracy (%, chance 25) on each general family's test split and the loss on held-out "
-      "standard-library text, mean ± std over every fine-tuned model (six tasks × seeds).\n\n"
+      "## Table 2: general ability\n\nMultiple-choice accuracy (%, chance 25) on each general family's test split "
+      "and the loss on held-out standard-library text, mean ± std over every fine-tuned model (six tasks × "
+      "seeds).\n\n"
       + _general_table(results, setting),
       "## Learning-rate search\n\nMean best validation loss over the search tasks per rate (mixed setting, seed "
       f"{search['seed']}):\n\n{_lr_table(search)}",
       "## Diagnostics\n\nThe alignment's validation loss (general families and replayed pretraining examples), per "
-      f"seed:\n\n{_alignment_table(results)}\n\nHow much of each task's routing the selected experts carry (mean ± std over tasks and "
-      f"seeds):\n\n{_selected_share_table(results)}\n\nValidation loss during fine-tuning (seed {first}; a method "
-      "whose curve is still falling at the end is held back by its step budget, one that is flat by its "
-      "capacity):\n\n![](figures/validation_curves.png)",
+      f"seed:\n\n{_alignment_table(results)}\n\nHow much of each task's routing the selected experts carry (mean ± "
+      f"std over tasks and seeds):\n\n{_selected_share_table(results)}\n\nValidation loss during fine-tuning (seed "
+      f"{first}; a method whose curve is still falling at the end is held back by its step budget, one whose curve "
+      "is flat is not):\n\n![](figures/validation_curves.png)",
       "## Efficiency\n\nPer run, mean over tasks and seeds. \"Optimizer state\" is AdamW's measured moments for the "
       "trainable parameters; \"peak memory\" is the compiled training step's peak device memory as XLA plans it.\n\n"
       + _efficiency_table(results, setting),

@@ -26,6 +26,15 @@ def keep_lines_through(path: Path, step: int) -> None:
   atomic_write_text(path, "".join(kept))
 
 
+def validation_losses(path: Path) -> list[tuple[int, float]]:
+  """(step, validation loss) at every evaluation a run's metrics.jsonl (`path`) records."""
+  if not path.exists():
+    raise FileNotFoundError(f"{path}: no such metrics file; the run that should have written it did not finish "
+                            f"or was moved; delete its folder ({path.parent}) to run it again")
+  records = [json.loads(line) for line in path.read_text().splitlines()]
+  return [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+
+
 def progress(total: int, initial: int = 0, desc: str = "") -> tqdm.tqdm:
   return tqdm.tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
