@@ -58,7 +58,7 @@ PRESETS = {
                       seq_length=512, general_chars=6_000_000, held_out_chars=60_000, enhancement_examples=1000,
                       steps=1500, batch_size=32, lr=1.5e-3, compute_dtype="bfloat16", expert_impl="reference"),
         # The paper's vanilla model is a finished chat model: the alignment runs past its validation optimum and
-        # keeps the best checkpoint (the report shows the curve), so the fine-tuning mix does not go on teaching it.
+        # keeps the best of its ten evaluations (the report shows the curve).
         align=AlignSpec(examples_per_family=1000, steps=1200, batch_size=32, lr=1e-3),
         n_train=2000, n_test=100, n_general_test=50, score_tokens=8_192, finetune_steps=200, finetune_batch=16,
         finetune_seq_length=512, lr_grid=(1e-4, 3e-4, 1e-3, 3e-3), search_tasks=("math", "intent"),
