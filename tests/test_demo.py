@@ -51,6 +51,9 @@ def test_demo_runs_end_to_end_resumes_and_adds_seeds(tmp_path, monkeypatch):
   scores = runs["intent"]["ESFT-Token"]["scores"]
   assert set(scores) == {"intent", "recall", "reverse", "category", "opposite", "general_score", "general_loss"}
   assert set(stored["per_seed"]["0"]["base"]) >= set(tasks) | {"general_score", "general_loss"}
+  # The efficiency table's wall time leaves out the search's runs (intent here): translation's runs alone.
+  fft_row = next(line for line in report.splitlines() if line.startswith("| FFT |") and line.count("|") == 7)
+  assert fft_row.split("|")[2].strip() == f"{runs['translation']['FFT']['seconds']:.1f}"
   # The alignment's validation curve, at each of its evaluations, is kept and shown: whether it had flattened.
   assert [step for step, _ in stored["per_seed"]["0"]["alignment_val_loss"]] == [1, 2]
   assert "The alignment's validation loss" in report and f"for {MICRO.align.steps} steps" in report

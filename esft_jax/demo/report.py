@@ -160,14 +160,24 @@ def _lr_table(search: dict) -> str:
   return _table(["method"] + [f"lr {lr:g}" for lr in search["grid"]] + ["chosen"], rows)
 
 
+def _made_by_search(results: dict, seed: str, setting: str, task: str) -> bool:
+  """Whether the run of (seed, setting, task) at its method's chosen rate is one the learning-rate search made
+  (and the main runs read back): it ran beside the search's other runs, of its own method only."""
+  search = results["lr_search"]
+  return ("reused_from" not in search and str(search["seed"]) == seed and setting == search["setting"]
+          and task in search["tasks"])
+
+
 def _efficiency_table(results: dict, setting: str) -> str:
   seeds, tasks = [str(s) for s in results["seeds"]], results["tasks"]
   rows = []
   for m in results["methods"]:
     runs = [_runs(results, s, setting)[t][m] for s in seeds for t in tasks]
     mean = lambda key: float(np.mean([r[key] for r in runs]))
+    timed = [_runs(results, s, setting)[t][m]["seconds"] for s in seeds for t in tasks
+             if not _made_by_search(results, s, setting, t)]
     peaks = [r["step_peak_bytes"] for r in runs if r["step_peak_bytes"] is not None]
-    rows.append([m, f"{mean('seconds'):.1f}", f"{mean('trainable_params'):,.0f}",
+    rows.append([m, f"{np.mean(timed):.1f}" if timed else "–", f"{mean('trainable_params'):,.0f}",
                  f"{mean('adapter_bytes') / 2**20:.2f}", f"{mean('optimizer_state_bytes') / 2**20:.2f}",
                  f"{np.mean(peaks) / 2**20:.1f}" if peaks else "–"])
   return _table(["method", "wall time per run (s)", "trainable parameters", "adapter on disk (MiB)",
@@ -279,8 +289,10 @@ def write_report(out: Path, results: dict) -> Path:
       f"std over tasks and seeds):\n\n{_selected_share_table(results)}\n\nValidation loss during fine-tuning (seed "
       f"{first}; a method whose curve is still falling at the end is held back by its step budget, one whose curve "
       "is flat is not):\n\n![](figures/validation_curves.png)",
-      "## Efficiency\n\nPer run, mean over tasks and seeds. \"Optimizer state\" is AdamW's measured moments for the "
-      "trainable parameters; \"peak memory\" is the compiled training step's peak device memory as XLA plans it.\n\n"
+      "## Efficiency\n\nPer run, mean over tasks and seeds. Wall time leaves out the runs the learning-rate search "
+      "made, which ran beside runs of their own method only. \"Optimizer state\" is AdamW's measured moments for "
+      "the trainable parameters; \"peak memory\" is the compiled training step's peak device memory as XLA plans "
+      "it.\n\n"
       + _efficiency_table(results, setting),
       f"## Routing figures (seed {first})\n\n"
       f"- Figure 2, routing concentration: ![](seed-{first}/figures/figure2_concentration.png)\n"
