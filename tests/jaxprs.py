@@ -2,36 +2,33 @@
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import jax
 import jax.extend
 
 
-def scatters(closed_jaxpr) -> list[tuple[str, jax.core.ShapedArray]]:
-  """(primitive name, operand's abstract value) of every scatter in the program, nested programs included."""
-  found = []
+def equations(closed_jaxpr, outside: str | None = None) -> Iterator:
+  """Every equation of the program, nested programs included but those of primitive `outside` (e.g. "shard_map":
+  what the program does outside its per-device parts)."""
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if "scatter" in eqn.primitive.name:
-        found.append((eqn.primitive.name, eqn.invars[0].aval))
-      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-        walk(sub)
+      yield eqn
+      if eqn.primitive.name != outside:
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          yield from walk(sub)
 
-  walk(closed_jaxpr.jaxpr)
-  return found
+  return walk(closed_jaxpr.jaxpr)
+
+
+def scatters(closed_jaxpr) -> list[tuple[str, jax.core.ShapedArray]]:
+  """(primitive name, operand's abstract value) of every scatter in the program, nested programs included."""
+  return [(eqn.primitive.name, eqn.invars[0].aval) for eqn in equations(closed_jaxpr)
+          if "scatter" in eqn.primitive.name]
 
 
 def arrays_made(closed_jaxpr, outside: str) -> list[tuple[str, jax.core.ShapedArray]]:
-  """(primitive name, result's abstract value) of every result in the program, nested programs included but those
-  of primitive `outside` (e.g. "shard_map": what the program makes outside its per-device parts)."""
-  found = []
-
-  def walk(jaxpr):
-    for eqn in jaxpr.eqns:
-      found.extend((eqn.primitive.name, var.aval) for var in eqn.outvars)
-      if eqn.primitive.name != outside:
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-          walk(sub)
-
-  walk(closed_jaxpr.jaxpr)
-  return found
+  """(primitive name, result's abstract value) of every result in the program outside primitive `outside`'s
+  nested programs."""
+  return [(eqn.primitive.name, var.aval) for eqn in equations(closed_jaxpr, outside) for var in eqn.outvars]
